@@ -1,0 +1,41 @@
+"""convtrain: from-scratch ConvNet training with Cython kernels and MLflow tracking.
+
+The top-level names are resolved lazily so that `import convtrain` (and with it
+`convtrain --help`) stays fast: numpy-heavy engine modules and MLflow load only
+when first used.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "build_info": "convtrain._build",
+    "set_num_threads": "convtrain._build",
+    "get_num_threads": "convtrain._build",
+    "Network": "convtrain.network",
+    "SGD": "convtrain.optim",
+    "Trainer": "convtrain.train",
+    "History": "convtrain.train",
+    "Callback": "convtrain.callbacks",
+    "FitConfig": "convtrain.config",
+    "fit": "convtrain.api",
+    "FitResult": "convtrain.api",
+    "load_dataset": "convtrain.data",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convtrain' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
