@@ -1,0 +1,94 @@
+"""Atomic, pickle-free .npz I/O shared by saved models and training checkpoints.
+
+A file is a plain numpy .npz: arrays under their names, and JSON documents stored as
+0-d unicode arrays (so `allow_pickle=False` can read everything). Writes go to a temp
+file in the same directory, are flushed and fsynced, then renamed over the target and
+the directory is fsynced: a reader sees either the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convtrain.errors import CheckpointError
+
+
+def json_entry(value: Any) -> np.ndarray:
+    """A JSON document as a 0-d unicode array (loadable without pickle)."""
+    return np.array(json.dumps(value, sort_keys=True))
+
+
+def text_entry(text: str) -> np.ndarray:
+    return np.array(text)
+
+
+def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write `arrays` to `path` as an uncompressed .npz; all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_npz(path: str | Path, what: str = "model") -> dict[str, np.ndarray]:
+    """Every array of an .npz, fully read; CheckpointError (one line) on any defect."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} file {str(path)!r} not found")
+    if path.is_dir():
+        raise CheckpointError(f"{what} file {str(path)!r} is a directory, expected an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            # Reading each member here surfaces truncation and CRC errors now, not later.
+            return {name: archive[name] for name in archive.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise CheckpointError(f"{what} file {str(path)!r} holds pickled objects, refused") from None
+        raise CheckpointError(f"{what} file {str(path)!r} is unreadable: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise CheckpointError(
+            f"{what} file {str(path)!r} is truncated or not an .npz file ({reason})") from None
+
+
+def read_json(arrays: dict[str, np.ndarray], key: str, path: str | Path, what: str = "model") -> Any:
+    if key not in arrays:
+        raise CheckpointError(f"{what} file {str(path)!r} has no {key!r} entry: not a convtrain {what}")
+    try:
+        return json.loads(str(arrays[key][()]))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{what} file {str(path)!r}: entry {key!r} is not valid JSON ({exc})") from None

@@ -1,0 +1,39 @@
+"""Softmax and softmax cross-entropy, numerically stable through log-sum-exp."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise probabilities for scores (N, K); shifting by the row max avoids overflow."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of scores (N, K) against labels y (N,) and its gradient dscores (N, K).
+
+    loss = mean_i( logsumexp(s_i) - s_i[y_i] ),  dscores = (softmax(s) - onehot(y)) / N
+    """
+    n = scores.shape[0]
+    rows = np.arange(n)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    sum_exp = exp.sum(axis=1)
+    log_probs_true = shifted[rows, y] - np.log(sum_exp)
+    loss = -float(log_probs_true.mean(dtype=np.float64))
+    dscores = exp
+    dscores /= sum_exp[:, None]
+    dscores[rows, y] -= 1.0
+    dscores /= n
+    return loss, dscores
+
+
+def cross_entropy_sum(scores: np.ndarray, y: np.ndarray) -> float:
+    """The summed loss alone, for evaluating a data set batch by batch (no gradient kept)."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_sum_exp = np.log(np.exp(shifted).sum(axis=1))
+    return float((log_sum_exp - shifted[np.arange(scores.shape[0]), y]).sum(dtype=np.float64))
