@@ -1,0 +1,366 @@
+"""Fast 2-D convolution and max pooling: checked, typed wrappers over the compiled ext/_conv.
+
+Conventions (as in PyTorch and Caffe):
+
+* images are NCHW ``(N, C, H, W)``; filters ``(F, C, kh, kw)``; biases ``(F,)``;
+* float32 or float64, all arguments of one call in the same dtype (no silent casts);
+* ``kernel_size``, ``stride`` and ``padding`` are an int or an ``(h, w)`` pair; padding is zero
+  padding on both sides; the output is ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise Wo);
+* "convolution" is the lecture's ``*``: a correlation, ``S[f, l, m] = sum_{c,i,j}
+  X[c, l*sh + i - ph, m*sw + j - pw] F[f, c, i, j]`` (no filter flip).
+
+im2col column order (the lecture's vec ordering): ``cols[n]`` has one row per filter tap
+``(c, i, j)``, row index ``(c*kh + i)*kw + j`` (channel blocks, then the kernel row-major), and one
+column per output position ``(oh, ow)``, column index ``oh*Wo + ow``. So ``cols[n].T`` is the
+lecture's M_X^im of image n, ``(M_X1 M_X2 ...)`` of size (Ho*Wo) x (C*kh*kw); for a 6x6 X and a
+3x3 F its first row is (X11 X12 X13 X21 X22 X23 X31 X32 X33). Then
+``out[n].reshape(F, -1) = w.reshape(F, -1) @ cols[n]`` (vec(S_f) = M_X^im vec(F_f)),
+``dw = sum_n dout[n] @ cols[n].T`` (dL/dF = X * G) and
+``dx[n] = col2im(w.reshape(F, -1).T @ dout[n])`` (dL/dX = G_zero-pad * F_rot180).
+
+Inputs that are not C-contiguous (or not in native byte order) are copied once; outputs are
+new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels split the batch
+over OpenMP threads and pin BLAS to one thread while they run (see convtrain._build).
+"""
+
+import operator
+
+import numpy as np
+
+from convtrain import _conv
+from convtrain._build import blas_pinned_to_one_thread
+
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv2d_forward",
+    "conv2d_backward_filter",
+    "conv2d_backward_input",
+    "conv2d_output_shape",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+    "maxpool2d_output_shape",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_BLAS_INT_MAX = 2**31 - 1  # GEMM dimensions are Fortran INTEGER (32-bit) in scipy's BLAS
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _pair(name, value, minimum):
+    """An int or a pair of ints, each >= minimum -> (h, w)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        items = value
+    else:
+        items = (value, value)
+    pair = []
+    for item in items:
+        if isinstance(item, (bool, np.bool_)):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        try:
+            pair.append(operator.index(item))
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int or a pair of ints, got {value!r} "
+                f"of type {type(value).__name__}"
+            ) from None
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (an int or a pair), got {value!r}")
+    return tuple(pair)
+
+
+def _array(name, value, ndim, dtype=None):
+    """A C-contiguous, native-order float32/float64 ndarray of the given ndim (and dtype)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}"
+        )
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but the other arguments are {dtype}; "
+            f"convert explicitly (no silent casts)"
+        )
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {value.shape} ({value.ndim}-D)")
+    if not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
+    return np.ascontiguousarray(value)
+
+
+def _shape(name, value, length):
+    """A tuple of `length` non-negative ints."""
+    try:
+        shape = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of {length} ints, got {value!r}") from None
+    if len(shape) != length or min(shape) < 0:
+        raise ValueError(f"{name} must be {length} non-negative ints, got {value!r}")
+    return shape
+
+
+def _output_hw(H, W, kernel, stride, padding, what="kernel_size"):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise ValueError(
+            f"{what} {kernel} is larger than the padded input {(H + 2 * ph, W + 2 * pw)} "
+            f"(input {(H, W)}, padding {padding}); expected {what} <= input + 2*padding"
+        )
+    return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+
+
+def _check_positive(name, value, what):
+    if value < 1:
+        raise ValueError(f"{name} must have at least one {what}, got shape {value}")
+
+
+def _check_blas_dims(*dims):
+    if max(dims) > _BLAS_INT_MAX:
+        raise ValueError(
+            f"a GEMM dimension of this convolution exceeds 2**31 - 1 ({max(dims)}); "
+            f"split the input"
+        )
+
+
+def _threads(n_items):
+    """OpenMP threads for a batch of n_items (no idle threads with private scratch)."""
+    return max(1, min(_conv.get_num_threads(), n_items))
+
+
+def conv2d_output_shape(x_shape, w_shape, stride=1, padding=0):
+    """(N, F, Ho, Wo) of conv2d_forward for x (N, C, H, W) and w (F, C, kh, kw)."""
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    F, Cw, kh, kw = _shape("w_shape", w_shape, 4)
+    if C != Cw:
+        raise ValueError(f"w_shape {tuple(w_shape)} has {Cw} input channels, x_shape has {C}")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    return (N, F) + _output_hw(H, W, _pair("kernel_size", (kh, kw), 1), stride, padding)
+
+
+# ----------------------------------------------------------------------------- im2col / col2im
+
+def im2col(x, kernel_size, stride=1, padding=0):
+    """cols (N, C*kh*kw, Ho*Wo): cols[n] = (M_X^im of x[n])^T, see the module docstring.
+
+    cols[n, (c*kh + i)*kw + j, oh*Wo + ow] = x[n, c, oh*sh - ph + i, ow*sw - pw + j]
+    (0 where that index falls into the padding).
+    """
+    x = _array("x", x, 4)
+    kernel = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    N, C, H, W = x.shape
+    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    cols = np.empty((N, C * kernel[0] * kernel[1], Ho * Wo), dtype=x.dtype)
+    _conv.im2col(x, cols, *kernel, *stride, *padding)
+    return cols
+
+
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
+    """x (N, C, H, W): the exact adjoint of im2col (x = 0, then x[...] += cols[...]).
+
+    <im2col(x), cols> == <x, col2im(cols)> for all x and cols; entries of cols that belong to
+    the padding are dropped. cols must be (N, C*kh*kw, Ho*Wo).
+    """
+    cols = _array("cols", cols, 3)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    kernel = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    expected = (N, C * kernel[0] * kernel[1], Ho * Wo)
+    if cols.shape != expected:
+        raise ValueError(
+            f"cols has shape {cols.shape}, expected {expected} for x_shape {(N, C, H, W)}, "
+            f"kernel_size {kernel}, stride {stride}, padding {padding}"
+        )
+    x = np.empty((N, C, H, W), dtype=cols.dtype)
+    _conv.col2im(cols, x, *kernel, *stride, *padding)
+    return x
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def _scratch(threads, K, P, dtype, pointwise):
+    return np.empty((threads, 0 if pointwise else K * P), dtype=dtype)
+
+
+def _is_pointwise(kernel, stride, padding):
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+
+def conv2d_forward(x, w, b, stride=1, padding=0):
+    """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image).
+
+    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
+    Per image: out[n] = w.reshape(F, -1) @ im2col(x[n]) (+ b), a (F x C*kh*kw) . (C*kh*kw x Ho*Wo)
+    GEMM. Scratch: one im2col matrix per thread, threads * C*kh*kw * Ho*Wo elements of x's dtype,
+    independent of N (none for a 1x1 kernel with stride 1 and no padding).
+    """
+    x = _array("x", x, 4)
+    w = _array("w", w, 4, x.dtype)
+    N, C, H, W = x.shape
+    F, Cw, kh, kw = w.shape
+    _check_positive("x", C, "channel")
+    _check_positive("w", F, "filter")
+    if Cw != C:
+        raise ValueError(
+            f"w has shape {w.shape} with {Cw} input channels but x has {C} (shape {x.shape}); "
+            f"expected w of shape (F, {C}, kh, kw)"
+        )
+    if min(kh, kw) < 1:
+        raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
+    if b is None:
+        bias, has_bias = np.empty(0, dtype=x.dtype), False
+    else:
+        bias, has_bias = _array("b", b, 1, x.dtype), True
+        if bias.shape != (F,):
+            raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    K, P = C * kh * kw, Ho * Wo
+    _check_blas_dims(F, K, P)
+    out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
+    if N == 0:
+        return out
+    threads = _threads(N)
+    scratch = _scratch(threads, K, P, x.dtype, _is_pointwise((kh, kw), stride, padding))
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_forward(x, w, bias, has_bias, out, scratch, *stride, *padding, threads)
+    return out
+
+
+def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
+    """(dw (F, C, kh, kw), db (F,)): the gradients of the loss w.r.t. the filters and biases.
+
+    dw[f] = sum_n x[n] * dout[n, f] (the lecture's dL/dF = X * G, i.e. g^T M_X^im),
+    db[f] = sum_{n, oh, ow} dout[n, f, oh, ow]. x (N, C, H, W), dout (N, F, Ho, Wo), same dtype.
+    Race-free: each thread accumulates its images into its own (F, C*kh*kw) buffer, and the
+    buffers are summed in a fixed order afterwards. Scratch: threads * (C*kh*kw*Ho*Wo +
+    F*C*kh*kw) elements of x's dtype plus threads * F doubles, independent of N.
+    """
+    x = _array("x", x, 4)
+    dout = _array("dout", dout, 4, x.dtype)
+    N, C, H, W = x.shape
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    _check_positive("x", C, "channel")
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    F = dout.shape[1]
+    _check_positive("dout", F, "channel (filter)")
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
+            f"kernel_size {(kh, kw)}, stride {stride}, padding {padding}"
+        )
+    K, P = C * kh * kw, Ho * Wo
+    _check_blas_dims(F, K, P)
+    if N == 0:
+        return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    threads = _threads(N)
+    dw_per_thread = np.zeros((threads, F * K), dtype=x.dtype)
+    db_per_thread = np.zeros((threads, F), dtype=np.float64)
+    scratch = _scratch(threads, K, P, x.dtype, _is_pointwise((kh, kw), stride, padding))
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward_filter(
+            x, dout, kh, kw, dw_per_thread, db_per_thread, scratch, *stride, *padding, threads
+        )
+    dw = dw_per_thread[0] if threads == 1 else dw_per_thread.sum(axis=0)
+    db = db_per_thread.sum(axis=0).astype(x.dtype)
+    return dw.reshape(F, C, kh, kw), db
+
+
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
+    """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
+
+    dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
+    convolution G_zero-pad * F_rot180 summed over filters. dout (N, F, Ho, Wo), w (F, C, kh, kw),
+    x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
+    Scratch: threads * C*kh*kw * Ho*Wo elements of dout's dtype, independent of N.
+    """
+    dout = _array("dout", dout, 4)
+    w = _array("w", w, 4, dout.dtype)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    F, Cw, kh, kw = w.shape
+    _check_positive("x_shape", C, "channel")
+    _check_positive("w", F, "filter")
+    if min(kh, kw) < 1:
+        raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
+    if Cw != C:
+        raise ValueError(
+            f"w has shape {w.shape} with {Cw} input channels but x_shape {(N, C, H, W)} has {C}"
+        )
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
+            f"w of shape {w.shape}, stride {stride}, padding {padding}"
+        )
+    K, P = C * kh * kw, Ho * Wo
+    _check_blas_dims(F, K, P)
+    dx = np.empty((N, C, H, W), dtype=dout.dtype)
+    if N == 0:
+        return dx
+    threads = _threads(N)
+    scratch = _scratch(threads, K, P, dout.dtype, _is_pointwise((kh, kw), stride, padding))
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward_input(dout, w, dx, scratch, *stride, *padding, threads)
+    return dx
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+def maxpool2d_output_shape(x_shape, size, stride=None):
+    """(N, C, Ho, Wo) of maxpool2d_forward: Ho = (H - size_h) // stride_h + 1 (no padding)."""
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    size = _pair("size", size, 1)
+    stride = size if stride is None else _pair("stride", stride, 1)
+    return (N, C) + _output_hw(H, W, size, stride, (0, 0), what="size")
+
+
+def maxpool2d_forward(x, size, stride=None):
+    """(out (N, C, Ho, Wo), argmax (N, C, Ho, Wo) intp): max over each size window.
+
+    out[n, c, oh, ow] = max_{i<kh, j<kw} x[n, c, oh*sh + i, ow*sw + j]; no padding, the output is
+    floored: Ho = (H - kh) // sh + 1. argmax is the flat index h*W + w of the maximum inside its
+    (H, W) plane (the first one on ties; NaN propagates). stride defaults to size.
+    """
+    x = _array("x", x, 4)
+    N, C, H, W = x.shape
+    size = _pair("size", size, 1)
+    stride = size if stride is None else _pair("stride", stride, 1)
+    Ho, Wo = _output_hw(H, W, size, stride, (0, 0), what="size")
+    out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
+    argmax = np.empty((N, C, Ho, Wo), dtype=np.intp)
+    _conv.maxpool2d_forward(x, out, argmax, *size, *stride)
+    return out, argmax
+
+
+def maxpool2d_backward(dout, argmax, x_shape):
+    """dx (N, C, H, W): dx = 0, then dx[n, c].flat[argmax[n, c, oh, ow]] += dout[n, c, oh, ow].
+
+    dout and argmax as returned with out by maxpool2d_forward; overlapping windows accumulate.
+    """
+    dout = _array("dout", dout, 4)
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.intp:
+        raise TypeError(
+            f"argmax must be the intp ndarray returned by maxpool2d_forward, got "
+            f"{type(argmax).__name__}{'' if not isinstance(argmax, np.ndarray) else ' of dtype ' + str(argmax.dtype)}"
+        )
+    if argmax.shape != dout.shape:
+        raise ValueError(f"argmax has shape {argmax.shape}, expected dout's shape {dout.shape}")
+    argmax = np.ascontiguousarray(argmax)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    if dout.shape[:2] != (N, C):
+        raise ValueError(f"dout has shape {dout.shape}, expected ({N}, {C}, Ho, Wo) for x_shape")
+    dx = np.empty((N, C, H, W), dtype=dout.dtype)
+    outside = _conv.maxpool2d_backward(dout, argmax, dx)
+    if outside:
+        raise ValueError(
+            f"argmax has {outside} entries outside [0, {H * W}) (H*W of x_shape {(N, C, H, W)}); "
+            f"expected flat indices into the (H, W) planes, as returned by maxpool2d_forward"
+        )
+    return dx
