@@ -1,0 +1,180 @@
+"""Surnames labelled by language (DD2424's ConvNet assignment), as one-hot "images".
+
+A name becomes a (1, d, n_len) array: one row per letter of the alphabet (d letters, learnt from
+the training names), one column per position (n_len, the longest name), a 1 where letter meets
+position and zeros after the end of the name. A first conv layer of kernel (d, k) then spans
+the whole alphabet, exactly the assignment's full-height filter.
+
+Two layouts are read:
+- a directory of <Language>.txt files, one name per line (the PyTorch tutorial data);
+- DD2424's own files: ascii_names.txt ("<name> <class>"), category_labels.txt ("<class> <Language>")
+  and Validation_Inds.txt, the course's held-out names. Those are returned as the test set, so
+  the reported test numbers compare with the course's, while val_fraction carves a validation
+  set from the rest exactly as for every other data set (val_fraction=0 trains on all the rest).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from .base import RawData, data_error, existing_dir
+
+DD2424_NAMES = "ascii_names.txt"
+DD2424_CLASSES = "category_labels.txt"
+DD2424_HELD_OUT = "Validation_Inds.txt"
+
+# Letters that Unicode does not decompose into an ASCII base letter plus accents.
+_UNDECOMPOSABLE = str.maketrans({"ß": "ss", "ł": "l", "ø": "o", "æ": "ae", "œ": "oe",
+                                 "đ": "d", "ð": "d", "þ": "th", "ı": "i"})
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase ASCII spelling of a name: 'Groß' -> 'gross', 'Ñáñez' -> 'nanez'.
+
+    NFKD rather than NFD so that compatibility characters fold too (a no-break space becomes
+    a space). Characters with no ASCII form are kept; the alphabet decides what is used.
+    """
+    decomposed = unicodedata.normalize("NFKD", name.strip().lower())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).translate(_UNDECOMPOSABLE)
+
+
+def encode_names(names: list[str], alphabet: str, max_len: int) -> np.ndarray:
+    """(N, 1, len(alphabet), max_len) float32 one-hot of the normalized names.
+
+    Letters outside the alphabet leave their column empty (keeping the positions of the
+    others); names longer than max_len are cut to max_len letters.
+    """
+    row_of = {letter: row for row, letter in enumerate(alphabet)}
+    which, rows, columns = [], [], []
+    for n, name in enumerate(names):
+        for column, letter in enumerate(normalize_name(name)[:max_len]):
+            row = row_of.get(letter)
+            if row is not None:
+                which.append(n)
+                rows.append(row)
+                columns.append(column)
+    encoded = np.zeros((len(names), 1, len(alphabet), max_len), dtype=np.float32)
+    encoded[which, 0, rows, columns] = 1.0
+    return encoded
+
+
+def fit_name_encoder(max_len: int):
+    """RawData.fit_encoder for names: the alphabet is every letter of the training names."""
+    def fit(names: np.ndarray, train_idx: np.ndarray):
+        alphabet = "".join(sorted(set("".join(names[train_idx].tolist()))))
+        encode = partial(encode_names, alphabet=alphabet, max_len=max_len)
+        return encode, {"alphabet": alphabet, "max_len": max_len}
+    return fit
+
+
+def load_names(path: str | Path | None) -> RawData:
+    directory = existing_dir(path, "<Language>.txt files, or DD2424's ascii_names.txt")
+    if (directory / DD2424_NAMES).is_file():
+        return _load_dd2424(directory)
+    files = sorted((p for p in directory.glob("*.txt") if p.is_file()), key=lambda p: p.stem)
+    if not files:
+        raise data_error(directory, f"no <Language>.txt files and no {DD2424_NAMES}")
+    names, labels = [], []
+    for label, file in enumerate(files):
+        lines = _read_lines(file)
+        if not lines:
+            raise data_error(file, "empty file (no names)")
+        names += [normalize_name(line) for line in lines]
+        labels += [label] * len(lines)
+    source = (f"{directory}: {len(files)} language files {files[0].name}..{files[-1].name} "
+              f"({len(names)} names)")
+    return _raw_names(names, labels, [file.stem for file in files], source)
+
+
+def _load_dd2424(directory: Path) -> RawData:
+    class_names = _read_class_names(directory / DD2424_CLASSES)
+    names_path = directory / DD2424_NAMES
+    names, labels = [], []
+    for number, line in enumerate(_read_lines(names_path, keep_blank=True), start=1):
+        if not line:
+            continue
+        # Names may contain spaces ("De La Cruz 17"): the class is after the last one.
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise data_error(names_path, f"line {number}: {line!r} is not '<name> <class number>'")
+        names.append(normalize_name(parts[0]))
+        labels.append(int(parts[1]) - 1)
+    if not names:
+        raise data_error(names_path, "empty file (no names)")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        bad = int(labels.min() if labels.min() < 0 else labels.max()) + 1
+        raise data_error(names_path, f"class {bad} out of range, {DD2424_CLASSES} has 1..{len(class_names)}")
+
+    held_out_path = directory / DD2424_HELD_OUT
+    if not held_out_path.is_file():
+        source = f"{directory}: {DD2424_NAMES} ({len(names)} names); no {DD2424_HELD_OUT}, no test set"
+        return _raw_names(names, labels, class_names, source)
+    held_out = _read_held_out(held_out_path, len(names))
+    is_held_out = np.zeros(len(names), dtype=bool)
+    is_held_out[held_out] = True
+    names = np.asarray(names)
+    source = (f"{directory}: {DD2424_NAMES} ({len(names)} names); the {len(held_out)} names of "
+              f"{DD2424_HELD_OUT} held out as the test set")
+    return _raw_names(names[~is_held_out], labels[~is_held_out], class_names, source,
+                      names[is_held_out], labels[is_held_out])
+
+
+def _raw_names(names, labels, class_names, source, test_names=None, test_labels=None) -> RawData:
+    names = np.asarray(names, dtype=str)
+    max_len = max(len(name) for name in names.tolist())
+    if test_names is not None:
+        test_names = np.asarray(test_names, dtype=str)
+        max_len = max([max_len, *(len(name) for name in test_names.tolist())])
+    return RawData(x=names, y=np.asarray(labels, dtype=np.int64), class_names=class_names, source=source,
+                   x_test=test_names,
+                   y_test=None if test_labels is None else np.asarray(test_labels, dtype=np.int64),
+                   fit_encoder=fit_name_encoder(max_len))
+
+
+def _read_class_names(path: Path) -> list[str]:
+    numbered = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise data_error(path, f"line {number}: {line!r} is not '<class number> <language>'")
+        numbered[int(parts[0])] = parts[1].strip()
+    if not numbered:
+        raise data_error(path, "empty file (no classes)")
+    if sorted(numbered) != list(range(1, len(numbered) + 1)):
+        raise data_error(path, f"class numbers {sorted(numbered)} are not 1..{len(numbered)}")
+    return [numbered[number] for number in range(1, len(numbered) + 1)]
+
+
+def _read_held_out(path: Path, count: int) -> np.ndarray:
+    tokens = " ".join(_read_lines(path)).split()
+    if not tokens:
+        raise data_error(path, "empty file (no indices)")
+    if not all(token.isdigit() for token in tokens):
+        bad = next(token for token in tokens if not token.isdigit())
+        raise data_error(path, f"{bad!r} is not an index")
+    rows = np.asarray([int(token) for token in tokens], dtype=np.int64) - 1  # the indices are 1-based
+    if rows.min() < 0 or rows.max() >= count:
+        bad = int(rows.min() if rows.min() < 0 else rows.max()) + 1
+        raise data_error(path, f"index {bad} out of range, {DD2424_NAMES} has names 1..{count}")
+    if len(np.unique(rows)) != len(rows):
+        raise data_error(path, "repeats an index")
+    return rows
+
+
+def _read_lines(path: Path, keep_blank: bool = False) -> list[str]:
+    """Stripped lines of a UTF-8 text file (blank ones dropped unless keep_blank)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise data_error(path, f"cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise data_error(path, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return lines if keep_blank else [line for line in lines if line]

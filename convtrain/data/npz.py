@@ -1,0 +1,105 @@
+"""A user's own data set as an .npz: arrays x, y, optionally x_test, y_test and class_names."""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .base import RawData, check_labels, data_error
+
+
+def load_npz(path: str | Path | None) -> RawData:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise data_error(path, "no such file (expected an .npz with arrays x and y)")
+    try:
+        # allow_pickle=False: object arrays would be unpickled, i.e. could run code.
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise data_error(path, f"not a readable .npz ({exc})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise data_error(path, "holds a single array (.npy), expected an .npz with arrays x and y")
+    with archive:
+        for required in ("x", "y"):
+            if required not in archive.files:
+                raise data_error(path, f"no array {required!r} (found: {', '.join(archive.files) or 'none'})")
+        if ("x_test" in archive.files) != ("y_test" in archive.files):
+            raise data_error(path, "has only one of x_test and y_test; give both or neither")
+        x = _images(path, "x", _read(path, archive, "x"))
+        y = _labels(path, "y", _read(path, archive, "y"), len(x))
+        x_test = y_test = None
+        if "x_test" in archive.files:
+            x_test = _images(path, "x_test", _read(path, archive, "x_test"))
+            y_test = _labels(path, "y_test", _read(path, archive, "y_test"), len(x_test))
+            if x_test.shape[1:] != x.shape[1:]:
+                raise data_error(path, f"x_test images are {x_test.shape[1:]}, but x images are {x.shape[1:]}")
+        class_names = _class_names(path, archive)
+
+    if class_names is None:
+        highest = max(int(y.max()), int(y_test.max()) if y_test is not None and y_test.size else 0)
+        class_names = [str(label) for label in range(highest + 1)]
+    check_labels(f"{path} (y)", y, len(class_names))
+    if y_test is not None:
+        check_labels(f"{path} (y_test)", y_test, len(class_names))
+    shape = "x".join(str(size) for size in x.shape)
+    test = f", test {len(x_test)}" if x_test is not None else ", no test arrays"
+    return RawData(x=x, y=y, x_test=x_test, y_test=y_test, class_names=class_names,
+                   source=f"{path}: x {shape} {x.dtype}{test}")
+
+
+def _read(path: Path, archive, key: str) -> np.ndarray:
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise data_error(path, f"array {key!r} holds Python objects (dtype=object); "
+                                   "store plain numeric or string arrays") from None
+        raise data_error(path, f"array {key!r} is unreadable ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise data_error(path, f"array {key!r} is corrupt ({exc})") from None
+
+
+def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W): (N, H, W) gains a channel axis; floats become float32 and must be finite."""
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise data_error(path, f"{key!r} has shape {x.shape}, expected (N, C, H, W) or (N, H, W)")
+    if 0 in x.shape:
+        raise data_error(path, f"{key!r} is empty (shape {x.shape})")
+    if x.dtype.kind == "b":
+        return x.astype(np.uint8)
+    if x.dtype.kind in "iu":
+        return x  # converted to float32 after the split, so only the kept rows are copied
+    if x.dtype.kind != "f":
+        raise data_error(path, f"{key!r} has dtype {x.dtype}, expected numbers")
+    x = x.astype(np.float32, copy=False)
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise data_error(path, f"{key!r} has {bad} NaN or infinite value(s) (as float32)")
+    return x
+
+
+def _labels(path: Path, key: str, y: np.ndarray, count: int) -> np.ndarray:
+    if y.ndim != 1 or len(y) != count:
+        raise data_error(path, f"{key!r} has shape {y.shape}, expected ({count},) to match the images")
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        # Whole-valued floats (as MATLAB or pandas often write labels) are accepted.
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            raise data_error(path, f"{key!r} holds labels that are not whole numbers")
+        return y.astype(np.int64)
+    raise data_error(path, f"{key!r} has dtype {y.dtype}, expected whole-number class labels")
+
+
+def _class_names(path: Path, archive) -> list[str] | None:
+    if "class_names" not in archive.files:
+        return None
+    names = _read(path, archive, "class_names")
+    if names.ndim != 1 or names.dtype.kind not in "US" or names.size == 0:
+        raise data_error(path, f"'class_names' is {names.dtype} of shape {names.shape}, expected a 1-D string array")
+    return [name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name) for name in names.tolist()]
