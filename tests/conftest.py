@@ -1,0 +1,16 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def test_data_dir() -> Path:
+    """The real data sets (../shared/data in CI), from CONVTRAIN_TEST_DATA; skips when unset."""
+    value = os.environ.get("CONVTRAIN_TEST_DATA")
+    if not value:
+        pytest.skip("CONVTRAIN_TEST_DATA is not set")
+    path = Path(value)
+    # Set but wrong is a broken setup, not a reason to skip silently.
+    assert path.is_dir(), f"CONVTRAIN_TEST_DATA={value} is not a directory"
+    return path
