@@ -59,10 +59,26 @@ class Network:
             raise ArchitectureError(f"dtype: got {architecture['dtype']!r}, expected float32 or float64")
         self.layers: list[Layer] = self._build_layers(architecture)
         self.class_names: list[str] | None = None
-        self.normalization: dict | None = None
+        self.normalization = None
         self.meta: dict = {}
         if seed is not None:
             self.initialize(seed)
+
+    @property
+    def normalization(self) -> dict | None:
+        """{"mean": [...], "std": [...]} per input channel, applied by normalize(); None = identity."""
+        return self._normalization
+
+    @normalization.setter
+    def normalization(self, value) -> None:
+        if value is None:
+            self._normalization = None
+            return
+        if "mean" not in value or "std" not in value:
+            raise DataError(f"normalization: expected a dict with 'mean' and 'std', got keys {sorted(value)}")
+        # Stored as plain lists so it is JSON (e.g. Standardizer.to_dict() gives arrays).
+        self._normalization = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, list, tuple)) else v
+                               for k, v in value.items()}
 
     # ---- construction -------------------------------------------------------------
 
