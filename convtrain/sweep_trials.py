@@ -1,0 +1,209 @@
+"""A sweep worker: take a trial ticket, fit its config, tell Optuna how it went; repeat.
+
+One worker is one process (the `--workers` launcher starts several, other machines start
+their own). How a trial ends decides what happens next:
+
+    the fit returns            -> COMPLETE with the objective the fit ended with
+    the pruner stops it        -> PRUNED (its MLflow child run is tagged so)
+    its config is impossible,  -> FAIL, and the sweep goes on: this point is bad, the
+      or the loss diverged        others may not be
+    Ctrl-C / SIGTERM           -> FAIL, its ticket is re-enqueued, the worker stops
+    anything else (data,       -> FAIL, its ticket is re-enqueued, the worker stops with the
+      tracking, disk, a bug)      error: it would fail every other trial the same way
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rich.console import Console
+
+from convtrain.callbacks import Callback
+from convtrain.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from convtrain.sweep_file import Choices, SweepSpec, load_sweep
+from convtrain import sweep_study, sweep_tracking
+from convtrain.sweep_tracking import SWEEP_TAG, TRIAL_TAG
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker process needs; picklable, so it crosses a spawn boundary."""
+
+    sweep_path: str
+    storage_url: str
+    n_trials: int | None = None
+    study_name: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    threads: int | None = None
+    quiet: bool = False
+    fit_progress: bool = False  # the fit's own epoch lines (one worker in a terminal)
+    label: str = ""  # prefix of this worker's lines when several share a terminal
+    fit: Callable | None = field(default=None, repr=False)  # tests inject a fast stand-in
+
+
+class PruningCallback(Callback):
+    """Reports the objective after every epoch and stops the fit when the pruner says so."""
+
+    def __init__(self, trial, objective: str):
+        self.trial = trial
+        self.objective = objective
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        import optuna
+        value = logs.get(self.objective)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.objective} {value:.4f}")
+
+
+def run_worker(plan: WorkerPlan) -> int:
+    """Run trials until no ticket is left; returns how many this worker ran."""
+    spec = load_sweep(plan.sweep_path, n_trials=plan.n_trials, study_name=plan.study_name)
+    reclaimed: list = []
+    storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
+    handle = sweep_study.load(spec, storage)
+    console = Console(highlight=False, soft_wrap=True)
+    fit = plan.fit or _api_fit()
+    ran = 0
+    while True:
+        reclaimed.extend(sweep_study.reclaim_dead_trials(handle))
+        sweep_study.fail_stale_trials(handle)
+        if reclaimed and plan.parent_run_id:
+            sweep_tracking.close_killed_children(plan.tracking_uri, plan.parent_run_id, spec,
+                                                [t.number for t in reclaimed])
+        reclaimed.clear()
+        trial = sweep_study.take_ticket(handle, spec)
+        if trial is None:
+            return ran
+        run_trial(trial, handle, spec, plan, fit, console)
+        ran += 1
+
+
+def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, console: Console) -> None:
+    import optuna
+    from optuna.trial import TrialState
+    params = suggest(trial, spec)
+    config = spec.trial_config(params, **_run_fields(spec, trial.number, plan))
+    callbacks = [PruningCallback(trial, spec.objective)] if spec.pruner != "none" else []
+    tags = {SWEEP_TAG: spec.name, TRIAL_TAG: str(trial.number)}
+    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
+    started = time.monotonic()
+    outcome: dict[str, Any] = {}
+    with sweep_study.Heartbeat(handle.storage, trial_id):
+        try:
+            result = fit(config, callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
+                         progress="auto" if plan.fit_progress else "none")
+        except optuna.TrialPruned as exc:
+            outcome = {"state": TrialState.PRUNED, "note": str(exc)}
+        except (ConfigError, TrainingDiverged) as exc:
+            outcome = {"state": TrialState.FAIL, "note": _one_line(exc)}
+        except (TrainingInterrupted, KeyboardInterrupt) as exc:
+            _give_back(trial, trial_id, handle, f"interrupted: {_one_line(exc) or 'Ctrl-C'}")
+            raise
+        except BaseException as exc:
+            _give_back(trial, trial_id, handle, _one_line(exc) or type(exc).__name__)
+            raise
+        else:
+            value = _objective_value(result, spec.objective)
+            if value is None:
+                outcome = {"state": TrialState.FAIL,
+                           "note": f"the fit reported no finite {spec.objective}"}
+            else:
+                outcome = {"state": TrialState.COMPLETE, "value": value,
+                           "run_id": getattr(result, "run_id", None)}
+    seconds = time.monotonic() - started
+    trial.set_user_attr("seconds", round(seconds, 3))
+    if outcome.get("note"):
+        trial.set_user_attr("note", outcome["note"])
+    run_id = outcome.get("run_id")
+    if plan.parent_run_id:
+        run_id = run_id or sweep_tracking.find_child(plan.tracking_uri, plan.parent_run_id, spec, trial.number)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            sweep_tracking.tag_child(plan.tracking_uri, run_id, outcome["state"].name, outcome.get("value"))
+    if outcome["state"] == TrialState.COMPLETE:
+        handle.study.tell(trial, outcome["value"])
+    else:
+        handle.study.tell(trial, state=outcome["state"])
+    _report(console, plan, spec, trial.number, params, outcome, seconds)
+
+
+def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
+    """Ask the trial for every swept parameter (a ticket's fixed values come back as they are)."""
+    params = {}
+    for name, p in spec.space.items():
+        if isinstance(p, Choices):
+            params[name] = trial.suggest_categorical(name, list(p.labels))
+        elif p.integer:
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def _run_fields(spec: SweepSpec, number: int, plan: WorkerPlan) -> dict[str, Any]:
+    """Per-trial names and places; threads only when the base config leaves them open."""
+    fields: dict[str, Any] = {
+        "run_name": f"{spec.name}-trial-{number:03d}",
+        "out": str(spec.out / f"trial-{number:03d}"),
+    }
+    if plan.tracking_uri:
+        fields["tracking_uri"] = plan.tracking_uri
+    if spec.base.threads is None and plan.threads:
+        fields["threads"] = plan.threads
+    return fields
+
+
+def _objective_value(result, objective: str) -> float | None:
+    value = (getattr(result, "metrics", None) or {}).get(objective)
+    if value is None:
+        history = getattr(result, "history", None)
+        epochs = getattr(history, "epochs", None) or []
+        value = epochs[-1].get(objective) if epochs else None
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def _give_back(trial, trial_id: int, handle, reason: str) -> None:
+    """Fail a trial this worker cannot finish and put its ticket back for a later run."""
+    from optuna.trial import TrialState
+    try:
+        trial.set_user_attr("note", reason)
+        handle.study.tell(trial, state=TrialState.FAIL)
+        frozen = handle.storage.get_trial(trial_id)
+        sweep_study.requeue(handle.study, frozen, reason=reason, count_retry=False)
+    except Exception:
+        pass  # the storage may be what failed; the next run's reclaim finds the trial instead
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _report(console: Console, plan: WorkerPlan, spec: SweepSpec, number: int, params: dict,
+            outcome: dict, seconds: float) -> None:
+    if plan.quiet:
+        return
+    state = outcome["state"].name
+    value = outcome.get("value")
+    score = f"{spec.objective} {value:.4f}" if value is not None else outcome.get("note", "")
+    shown = " ".join(f"{k}={v}" for k, v in params.items())
+    console.print(f"{plan.label}trial {number:>3} {state:<8} {score}  ({seconds:.1f}s)  {shown}", markup=False)
+
+
+def _api_fit() -> Callable:
+    from convtrain.api import fit
+    return fit
+
+
+def default_threads(workers: int) -> int:
+    """Each of N workers gets an equal share of the cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -1,0 +1,69 @@
+"""A stand-in for convtrain.api.fit in sweep tests: instant, deterministic, observable.
+
+It walks the epochs through the callbacks (so pruning runs) and appends one JSON line per
+call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on request:
+- $SWEEP_FAKE_INTERRUPT names a file: if it exists, it is removed and the fit raises
+  KeyboardInterrupt (Ctrl-C mid-trial);
+- $SWEEP_FAKE_HANG_AFTER=k: the (k+1)-th call logged hangs until the process is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+
+def score(config) -> float:
+    """Best at l2 = 1e-3 and more filters; in (0, 1)."""
+    return round(0.9 - 0.05 * abs(math.log10(config.l2) + 3) + 0.001 * sum(config.filters) - 0.01 * config.lr, 6)
+
+
+def calls(log_path) -> list[dict]:
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="none", resume=None):
+    log = os.environ.get("SWEEP_FAKE_LOG")
+    record = {"pid": os.getpid(), "trial": int((tags or {}).get("convtrain.sweep.trial", -1)),
+              "filters": config.filters, "l2": config.l2, "lr": config.lr, "threads": config.threads,
+              "out": config.out}
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    interrupt = os.environ.get("SWEEP_FAKE_INTERRUPT")
+    if interrupt and os.path.exists(interrupt):
+        os.unlink(interrupt)
+        raise KeyboardInterrupt
+    hang_after = os.environ.get("SWEEP_FAKE_HANG_AFTER")
+    if hang_after and log and len(calls(log)) > int(hang_after):
+        time.sleep(600)
+    if os.environ.get("SWEEP_FAKE_SLEEP"):
+        time.sleep(float(os.environ["SWEEP_FAKE_SLEEP"]))
+    final = score(config)
+    epochs = []
+    for epoch in range(1, config.epochs + 1):
+        logs = {"val_accuracy": final * epoch / config.epochs, "val_loss": 1 - final * epoch / config.epochs}
+        epochs.append(logs)
+        for callback in callbacks:
+            callback.on_epoch_end(None, epoch, logs)
+    return SimpleNamespace(run_id=None, metrics=dict(epochs[-1]), history=SimpleNamespace(epochs=epochs))
+
+
+if __name__ == "__main__":
+    # `python sweep_fakes.py SWEEP.toml [--workers N]`: a sweep process on the fake fit,
+    # for tests that kill it or run two at once.
+    import sys
+
+    from convtrain.sweep import run_sweep
+    from sweep_fakes import fake_fit  # by module name, so spawned workers can import it too
+
+    args = sys.argv[1:]
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    storage = args[args.index("--storage") + 1] if "--storage" in args else None
+    run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=fake_fit)
