@@ -46,6 +46,7 @@ COMPILER_DIRECTIVES = {
 def openmp_flags():
     """Return (compile_args, link_args) for OpenMP, or ([], []) if the compiler has none."""
     if os.environ.get("CONVTRAIN_NO_OPENMP", "0") not in ("", "0"):
+        print("convtrain: CONVTRAIN_NO_OPENMP is set; building the kernels serial")
         return [], []
     compiler = new_compiler()
     customize_compiler(compiler)
@@ -74,8 +75,10 @@ def openmp_flags():
         for compile_args, link_args in candidates:
             try:
                 objects = compiler.compile([source], output_dir=tmpdir, extra_postargs=compile_args)
+                # link_executable ignores LDFLAGS, which the extensions do get (e.g. sanitizers)
                 compiler.link_executable(
-                    objects, "probe", output_dir=tmpdir, extra_postargs=link_args
+                    objects, "probe", output_dir=tmpdir,
+                    extra_postargs=link_args + os.environ.get("LDFLAGS", "").split(),
                 )
                 return compile_args, link_args
             except (CompileError, LinkError):

@@ -184,7 +184,9 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
 # ----------------------------------------------------------------------------- convolution
 
 def _scratch(threads, K, P, dtype, pointwise):
-    return np.empty((threads, 0 if pointwise else K * P), dtype=dtype)
+    # one im2col matrix per thread; a pointwise kernel reads x directly (1 element keeps
+    # &scratch[t, 0] a valid address for the kernel's bounds-checked debug build)
+    return np.empty((threads, 1 if pointwise else K * P), dtype=dtype)
 
 
 def _is_pointwise(kernel, stride, padding):

@@ -1,0 +1,174 @@
+"""GFLOP/s of convtrain's conv kernels beside np.matmul on the same GEMM shapes, same run.
+
+For the conv layers of the three reference nets (batch 100, float32, valid, stride 1) it times
+forward, filter gradient and input gradient at 1 and 2 threads, and np.matmul on the GEMM each
+pass amounts to, with the batch folded into one matrix dimension (P = Ho*Wo, K = C*kh*kw):
+
+    forward      out (F x N*P)  = W (F x K) . cols (K x N*P)
+    filter grad  dW (F x K)     = dout (F x N*P) . cols^T (N*P x K)
+    input grad   dcols (K x N*P) = W^T (K x F) . dout (F x N*P)
+
+FLOPs are 2*F*K*N*P for each pass (the bias and col2im additions are not counted).
+np.matmul gets the same thread count through threadpoolctl. Times are medians of --repeat runs.
+The im2col column is the time of convtrain.kernels.im2col on the whole batch as a share of the
+forward kernel's time (an upper bound: inside the kernel the columns stay in cache).
+
+    python benchmarks/bench_kernels.py [--repeat 30] [--threads 1 2] [--torch]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import convtrain
+from convtrain import kernels
+
+# name, (C, H, W) input, (F, kh, kw) filters
+LAYERS = [
+    ("DIGITS conv1", (1, 8, 8), (16, 3, 3)),
+    ("DIGITS conv2", (16, 6, 6), (32, 3, 3)),
+    ("MNIST conv1", (1, 28, 28), (20, 5, 5)),
+    ("MNIST conv2", (20, 24, 24), (50, 5, 5)),
+    ("CIFAR conv1", (3, 32, 32), (32, 5, 5)),
+    ("CIFAR conv2", (32, 28, 28), (64, 3, 3)),
+]
+PASSES = ("forward", "filter", "input")
+TARGET_RATIO = 0.8
+TARGET_SCALING = 1.7
+
+
+def median_seconds(fn, repeat, min_time=0.2):
+    """Median wall time of fn() over `repeat` runs (more if they take less than min_time)."""
+    fn()  # warm up: first-touch pages, thread pools, caches
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50 * repeat:
+            break
+    return statistics.median(times)
+
+
+def layer_problem(chw, fkk, batch, rng):
+    (C, H, W), (F, kh, kw) = chw, fkk
+    Ho, Wo = H - kh + 1, W - kw + 1
+    x = rng.standard_normal((batch, C, H, W), dtype=np.float32)
+    w = (rng.standard_normal((F, C, kh, kw), dtype=np.float32) * 0.1).astype(np.float32)
+    b = rng.standard_normal(F, dtype=np.float32)
+    dout = rng.standard_normal((batch, F, Ho, Wo), dtype=np.float32)
+    return x, w, b, dout
+
+
+def gemm_operands(pass_name, F, K, NP, rng):
+    """Contiguous operands of the pass's GEMM (the shape np.matmul is timed on)."""
+    def r(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    if pass_name == "forward":
+        return r(F, K), r(K, NP)
+    if pass_name == "filter":
+        return r(F, NP), r(NP, K)
+    return r(K, F), r(F, NP)
+
+
+def run(args):
+    rng = np.random.default_rng(0)
+    info = convtrain.build_info()
+    blas = ", ".join(f"{lib['prefix']} {lib['version']} ({lib['architecture']})" for lib in info["blas"])
+    print(f"convtrain kernels: Cython {info['cython']}, OpenMP {info['openmp']}, "
+          f"max threads {info['max_threads']}; BLAS: {blas}")
+    print(f"batch {args.batch}, float32, valid, stride 1; medians of >= {args.repeat} runs\n")
+
+    header = (f"{'layer':<13} {'pass':<8} {'GEMM M x K x N':>20} {'thr':>3} {'kernel ms':>9} "
+              f"{'GF/s':>7} {'matmul GF/s':>11} {'ratio':>6} {'im2col':>7}")
+    if args.torch:
+        header += f" {'torch GF/s':>10}"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    torch = None
+    if args.torch:
+        import torch
+    for name, chw, fkk in LAYERS:
+        x, w, b, dout = layer_problem(chw, fkk, args.batch, rng)
+        (C, H, W), (F, kh, kw) = chw, fkk
+        Ho, Wo = H - kh + 1, W - kw + 1
+        K, NP = C * kh * kw, args.batch * Ho * Wo
+        flops = 2.0 * F * K * NP
+        calls = {
+            "forward": lambda: kernels.conv2d_forward(x, w, b),
+            "filter": lambda: kernels.conv2d_backward_filter(x, dout, (kh, kw)),
+            "input": lambda: kernels.conv2d_backward_input(dout, w, x.shape),
+        }
+        gemm_shape = {"forward": (F, K, NP), "filter": (F, NP, K), "input": (K, F, NP)}
+        for pass_name in PASSES:
+            A, B = gemm_operands(pass_name, F, K, NP, rng)
+            for threads in args.threads:
+                convtrain.set_num_threads(threads)
+                kernel_s = median_seconds(calls[pass_name], args.repeat)
+                with threadpool_limits(limits=threads, user_api="blas"):
+                    matmul_s = median_seconds(lambda: np.matmul(A, B), args.repeat)
+                im2col_share = ""
+                if pass_name == "forward":
+                    im2col_s = median_seconds(lambda: kernels.im2col(x, (kh, kw)), args.repeat)
+                    im2col_share = f"{100 * im2col_s / kernel_s:6.0f}%"
+                kernel_gf, matmul_gf = flops / kernel_s / 1e9, flops / matmul_s / 1e9
+                results[name, pass_name, threads] = (kernel_gf, matmul_gf)
+                M, Kd, N = gemm_shape[pass_name]
+                line = (f"{name:<13} {pass_name:<8} {f'{M} x {Kd} x {N}':>20} {threads:>3} "
+                        f"{kernel_s * 1e3:9.3f} {kernel_gf:7.1f} {matmul_gf:11.1f} "
+                        f"{kernel_gf / matmul_gf:6.2f} {im2col_share:>7}")
+                if torch is not None:
+                    torch.set_num_threads(threads)
+                    line += f" {flops / median_seconds(torch_call(torch, pass_name, x, w, b, dout), args.repeat) / 1e9:10.1f}"
+                print(line, flush=True)
+    convtrain.set_num_threads(max(args.threads))
+    summarize(results, args.threads)
+
+
+def torch_call(torch, pass_name, x, w, b, dout):
+    xt, wt, bt, dt = (torch.from_numpy(a) for a in (x, w, b, dout))
+    conv = torch.nn.functional.conv2d
+    if pass_name == "forward":
+        return lambda: conv(xt, wt, bt)
+    if pass_name == "filter":
+        return lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dt)
+    return lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dt)
+
+
+def summarize(results, thread_counts):
+    print("\nTargets: kernel >= 80% of np.matmul at the same thread count; "
+          "2 threads >= 1.7x 1 thread on MNIST and CIFAR.")
+    misses = []
+    for (name, pass_name, threads), (kernel_gf, matmul_gf) in results.items():
+        if kernel_gf < TARGET_RATIO * matmul_gf:
+            misses.append(f"{name} {pass_name} @{threads}t: {kernel_gf / matmul_gf:.2f} of np.matmul")
+    if 1 in thread_counts and 2 in thread_counts:
+        print(f"\n{'layer':<13} {'pass':<8} {'2t/1t kernel':>12} {'2t/1t matmul':>12}")
+        for name, _, _ in LAYERS:
+            for pass_name in PASSES:
+                k1, m1 = results[name, pass_name, 1]
+                k2, m2 = results[name, pass_name, 2]
+                print(f"{name:<13} {pass_name:<8} {k2 / k1:12.2f} {m2 / m1:12.2f}")
+                if not name.startswith("DIGITS") and k2 / k1 < TARGET_SCALING:
+                    misses.append(f"{name} {pass_name}: 2 threads {k2 / k1:.2f}x 1 thread")
+    print("\nall targets met" if not misses else "\nmissed:\n  " + "\n  ".join(misses))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=30, help="minimum timed runs per entry")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--torch", action="store_true", help="add PyTorch CPU's GFLOP/s")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
