@@ -67,6 +67,19 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg (3); fall back to psycopg2 when only that
+    is installed, and accept the postgres:// spelling many hosting services hand out."""
+    from importlib.util import find_spec
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    if find_spec("psycopg") is None and find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
 def open_storage(url: str, *, reclaimed: list | None = None) -> "optuna.storages.RDBStorage":
     """An Optuna RDB storage with heartbeats on; stale trials found by the heartbeat are
     re-enqueued and appended to `reclaimed` (so the caller can close their MLflow runs)."""
@@ -86,7 +99,7 @@ def open_storage(url: str, *, reclaimed: list | None = None) -> "optuna.storages
 
     try:
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+            with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=on_stale)
     except ImportError as exc:
         raise StorageError(f"study storage {redact(url)}: missing database driver ({exc})") from None
