@@ -1,0 +1,128 @@
+"""PNG figures for a fit: learning curves, confusion matrix, first-layer filters.
+
+matplotlib is imported inside each function, with the Agg backend, so that importing
+convtrain stays fast and plotting works on machines without a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def learning_curves(epochs: Sequence[dict], path, *, batch_losses: Sequence[tuple[float, float]] = ()) -> Path:
+    """Loss, cost and accuracy per epoch, train against val, as DD2424 plots them.
+
+    `epochs` are the per-epoch log dicts (train_loss, val_loss, ...; 1-based "epoch" key
+    optional). `batch_losses` are (fractional epoch, loss) pairs drawn faintly behind the
+    train loss so the within-epoch noise is visible.
+    """
+    plt = _pyplot()
+    x = [row.get("epoch", i + 1) for i, row in enumerate(epochs)]
+    panels = [("loss", "loss"), ("cost", "cost (loss + L2)"), ("accuracy", "accuracy")]
+    panels = [(key, title) for key, title in panels
+              if any(row.get(f"train_{key}") is not None for row in epochs)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        if key == "loss" and len(batch_losses):
+            bx, by = zip(*batch_losses)
+            ax.plot(bx, by, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (batches)")
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [row.get(f"{split}_{key}") for row in epochs]
+            if any(v is not None for v in values):
+                ax.plot(x, [np.nan if v is None else v for v in values], style, markersize=3, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path, *, title: str = "confusion matrix") -> Path:
+    """Rows are true classes, columns predicted; cells coloured by row-normalised rate."""
+    plt = _pyplot()
+    counts = np.asarray(counts)
+    n = counts.shape[0]
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(max(4.0, 0.45 * n + 2.0), 14.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    names = [str(c) for c in class_names] if len(class_names) == n else [str(i) for i in range(n)]
+    ax.set_xticks(range(n), names, rotation=90 if n > 10 else 0, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:  # beyond that the numbers become unreadable clutter
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def filter_tiles(weights: np.ndarray, max_channels: int = 8) -> list[np.ndarray]:
+    """One image per filter of a (F, C, kh, kw) weight tensor, scaled to [0, 1].
+
+    Three channels become an RGB tile; otherwise the channels sit side by side (at most
+    `max_channels`), so a one-hot text filter or a grey-scale filter reads as it is.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 4:
+        raise ValueError(f"filter weights: expected shape (F, C, kh, kw), got {weights.shape}")
+    tiles = []
+    for w in weights:
+        lo, hi = w.min(), w.max()
+        scaled = (w - lo) / (hi - lo) if hi > lo else np.full_like(w, 0.5)
+        if scaled.shape[0] == 3:
+            tiles.append(np.transpose(scaled, (1, 2, 0)))
+        else:
+            channels = scaled[:max_channels]
+            gap = np.full((channels.shape[1], 1), np.nan)
+            row = [channels[0]]
+            for c in channels[1:]:
+                row += [gap, c]
+            tiles.append(np.hstack(row))
+    return tiles
+
+
+def filter_montage(weights: np.ndarray, path, *, title: str = "first-layer filters") -> Path:
+    """A grid of the first conv layer's filters."""
+    plt = _pyplot()
+    tiles = filter_tiles(weights)
+    n = len(tiles)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    aspect = tiles[0].shape[1] / tiles[0].shape[0]
+    fig, axes = plt.subplots(rows, cols, figsize=(min(1.1 * cols * max(aspect, 0.6), 16), 1.1 * rows + 0.5),
+                             squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index < n:
+            tile = tiles[index]
+            ax.imshow(tile, cmap=None if tile.ndim == 3 else "gray", interpolation="nearest", aspect="auto")
+            ax.set_title(str(index), fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
