@@ -234,7 +234,7 @@ class Trainer:
         return np.sort(rows)
 
     def _run_epoch(self, epoch, x_train, y_train, x_val, y_val, train_eval_rows) -> None:
-        network, bs = self.network, self.batch_size
+        bs = self.batch_size
         self._dispatch("on_epoch_start", epoch)
         started = time.perf_counter()
         if self._epoch_order is None:  # not resuming mid-epoch
@@ -252,18 +252,12 @@ class Trainer:
                 from convtrain.data import augment_batch
                 xb = augment_batch(xb, self.rng)
             lr = self.schedule.lr(self.step, epoch)
-            scores = network.forward(xb, train=True)
-            loss, dscores = softmax_cross_entropy(scores, yb)
-            if not math.isfinite(loss):
-                self._diverged(f"the training loss became {loss}", epoch, batch + 1, num_batches)
-            network.backward(dscores)
-            network.add_l2_gradients(self.l2)
-            cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
-            self.optimizer.step(network.gradients(), lr)
+            loss, cost, accuracy = self.train_step(xb, yb, lr)
+            if loss is None:
+                self._diverged(f"the training loss became {cost}", epoch, batch + 1, num_batches)
             self.step += 1
             self._batches_done = batch + 1
             images += len(rows)
-            accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(rows)
             self._dispatch("on_batch_end", self.step,
                            {"loss": loss, "cost": cost, "accuracy": accuracy, "lr": lr, "batch_size": len(rows)})
             if self._stop_requested:
@@ -288,6 +282,21 @@ class Trainer:
         self._dispatch("on_epoch_end", epoch, logs)
         if self._stop_requested:
             self._interrupt(epoch, num_batches)
+
+    def train_step(self, xb, yb, lr: float) -> tuple[float | None, float, float]:
+        """One update on a batch: (loss, cost, accuracy) before the update. A non-finite loss
+        leaves the weights untouched and returns (None, loss, nan)."""
+        network = self.network
+        scores = network.forward(xb, train=True)
+        loss, dscores = softmax_cross_entropy(scores, yb)
+        if not math.isfinite(loss):
+            return None, loss, float("nan")
+        network.backward(dscores)
+        network.add_l2_gradients(self.l2)
+        cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
+        self.optimizer.step(network.gradients(), lr)
+        accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
+        return loss, cost, accuracy
 
     def evaluate(self, x, y) -> dict[str, float]:
         """loss, cost, accuracy and balanced accuracy of normalized x in eval mode."""

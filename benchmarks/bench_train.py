@@ -1,0 +1,246 @@
+"""End-to-end training throughput: convtrain vs PyTorch CPU vs a pure-numpy im2col baseline.
+
+One "step" is a full training update on a batch: forward, softmax cross-entropy, backward,
+L2 gradient, SGD momentum update (Trainer.train_step for convtrain). The three reference nets
+(valid convolutions, stride 1, no pooling, ReLU after each conv, float32, batch 100):
+
+    DIGITS 1x8x8:   3x3x16, 3x3x32, FC10
+    MNIST  1x28x28: 5x5x20, 5x5x50, FC10
+    CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
+
+Every implementation starts from the same He-initialized weights (exported to torch with
+convtrain.torch_compat) and runs the same optimizer. Rounds are interleaved across
+implementations so that background load hits all of them alike; the table shows the median
+images/s over rounds (and min-max), and the ratios of medians.
+
+    python benchmarks/bench_train.py                      # everything, 1 and 2 threads
+    python benchmarks/bench_train.py --nets mnist --threads 2 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_limits
+
+import convtrain
+from convtrain import layers as convtrain_layers
+from convtrain.network import Network
+from convtrain.optim import SGD, make_schedule
+from convtrain.train import Trainer
+
+NETS = {
+    "digits": dict(input_shape=(1, 8, 8), filters=[16, 32], kernel_sizes=[3, 3], steps=60),
+    "mnist": dict(input_shape=(1, 28, 28), filters=[20, 50], kernel_sizes=[5, 5], steps=6),
+    "cifar": dict(input_shape=(3, 32, 32), filters=[32, 64], kernel_sizes=[5, 3], steps=6),
+}
+# PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
+PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
+BATCH = 100
+LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
+
+
+# ---- numpy im2col baseline: the kernels API in plain numpy ---------------------------------
+
+class NumpyKernels:
+    """conv2d_* with numpy: im2col by sliding_window_view, one GEMM, col2im by kernel-offset adds.
+    The columns of the last forward input are kept for the filter gradient, as a hand-written
+    numpy layer would."""
+
+    def __init__(self):
+        self._cached_x = None
+        self._cached_cols = None
+
+    @staticmethod
+    def _pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    def _cols(self, x, kernel, stride, padding):
+        """(N*Ho*Wo, C*kh*kw) patches of x (N, C, H, W)."""
+        if x is self._cached_x:
+            return self._cached_cols
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        if ph or pw:
+            x_padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        else:
+            x_padded = x
+        windows = sliding_window_view(x_padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # N,C,Ho,Wo,kh,kw
+        n, c, ho, wo = windows.shape[:4]
+        cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+        self._cached_x, self._cached_cols = x, cols
+        return cols
+
+    def conv2d_forward(self, x, w, b, stride=1, padding=0):
+        f, c, kh, kw = w.shape
+        stride, padding = self._pair(stride), self._pair(padding)
+        n, _, h, wd = x.shape
+        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+        wo = (wd + 2 * padding[1] - kw) // stride[1] + 1
+        out = self._cols(x, (kh, kw), stride, padding) @ w.reshape(f, -1).T
+        out += b
+        return np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
+
+    def conv2d_backward_filter(self, x, dout, kernel_size, stride=1, padding=0):
+        kh, kw = self._pair(kernel_size)
+        f = dout.shape[1]
+        cols = self._cols(x, (kh, kw), self._pair(stride), self._pair(padding))
+        dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, f)
+        dw = (dout_rows.T @ cols).reshape(f, x.shape[1], kh, kw)
+        return dw, dout.sum(axis=(0, 2, 3))
+
+    def conv2d_backward_input(self, dout, w, x_shape, stride=1, padding=0):
+        f, c, kh, kw = w.shape
+        (sh, sw), (ph, pw) = self._pair(stride), self._pair(padding)
+        n, _, h, wd = x_shape
+        _, _, ho, wo = dout.shape
+        dcols = (dout.transpose(0, 2, 3, 1).reshape(-1, f) @ w.reshape(f, -1)).reshape(n, ho, wo, c, kh, kw)
+        dx = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dout.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        return dx[:, :, ph:ph + h, pw:pw + wd]
+
+
+# ---- one implementation = a function that runs k steps ----------------------------------------
+
+def build_network(spec):
+    return Network.build(input_shape=spec["input_shape"], num_classes=10, filters=spec["filters"],
+                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0)
+
+
+def batches(spec, count=4):
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((BATCH, *spec["input_shape"]), dtype=np.float32) for _ in range(count)]
+    ys = [rng.integers(0, 10, BATCH) for _ in range(count)]
+    return xs, ys
+
+
+def convtrain_runner(spec, kernels_module=None):
+    network = build_network(spec)
+    trainer = Trainer(network, SGD(network.parameters(), LR, MOMENTUM), make_schedule(kind="constant", lr=LR),
+                      epochs=1, batch_size=BATCH, l2=L2)
+    xs, ys = batches(spec)
+
+    def run(steps):
+        saved = convtrain_layers.kernels
+        if kernels_module is not None:
+            convtrain_layers.kernels = kernels_module
+        try:
+            for i in range(steps):
+                trainer.train_step(xs[i % len(xs)], ys[i % len(ys)], LR)
+        finally:
+            convtrain_layers.kernels = saved
+    return run
+
+
+def torch_runner(spec):
+    import torch
+    from convtrain.torch_compat import to_torch_module
+
+    model = to_torch_module(build_network(spec))
+    weights = [p for n, p in model.named_parameters() if n.endswith(".weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    # L2 on weights only, as in convtrain's cost: d(l2*||W||^2)/dW = 2*l2*W
+    optimizer = torch.optim.SGD([{"params": weights, "weight_decay": 2 * L2}, {"params": biases}],
+                                lr=LR, momentum=MOMENTUM)
+    xs, ys = batches(spec)
+    xs = [torch.from_numpy(x) for x in xs]
+    ys = [torch.from_numpy(y) for y in ys]
+
+    def run(steps):
+        for i in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)])
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def set_threads(threads):
+    convtrain.set_num_threads(threads)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def measure(net, threads, rounds, with_torch, with_numpy):
+    spec = NETS[net]
+    steps = spec["steps"]
+    runners = {"convtrain": convtrain_runner(spec)}
+    if with_torch:
+        runners["pytorch"] = torch_runner(spec)
+    if with_numpy:
+        runners["numpy"] = convtrain_runner(spec, NumpyKernels())
+    rates = {name: [] for name in runners}
+    set_threads(threads)
+    with threadpool_limits(threads, user_api="blas"):
+        for run in runners.values():
+            run(2)  # warm-up: allocations, BLAS and OpenMP thread pools
+        for _ in range(rounds):
+            for name, run in runners.items():
+                started = time.perf_counter()
+                run(steps)
+                rates[name].append(steps * BATCH / (time.perf_counter() - started))
+    return rates
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", default="digits,mnist,cifar", help="comma-separated: digits, mnist, cifar")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    parser.add_argument("--no-numpy", action="store_true", help="skip the numpy im2col baseline")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+
+    with_torch = not args.no_torch
+    if with_torch:
+        try:
+            import torch
+            torch_version = torch.__version__
+        except ImportError:
+            with_torch, torch_version = False, None
+    info = convtrain.build_info()
+    print(f"convtrain {convtrain.__version__}: openmp={info.get('openmp')} max_threads={info.get('max_threads')}; "
+          f"numpy {np.__version__}; torch {torch_version if with_torch else 'not used'}")
+    print(f"batch {BATCH}, float32, SGD lr {LR} momentum {MOMENTUM}, l2 {L2}; images/s, median (min-max) "
+          f"of {args.rounds} rounds\n")
+    header = f"{'net':<7} {'thr':>3} {'convtrain':>22} {'pytorch':>22} {'numpy':>22} {'ct/torch':>9} {'ct/numpy':>9}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for net in args.nets.split(","):
+        for threads in (int(t) for t in args.threads.split(",")):
+            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy)
+            medians = {name: statistics.median(values) for name, values in rates.items()}
+
+            def cell(name):
+                if name not in rates:
+                    return f"{'-':>22}"
+                return f"{medians[name]:>9,.0f} ({min(rates[name]):,.0f}-{max(rates[name]):,.0f})".rjust(22)
+
+            def ratio(name):
+                return f"{medians['convtrain'] / medians[name]:>8.2f}x" if name in medians else f"{'-':>9}"
+
+            print(f"{net:<7} {threads:>3} {cell('convtrain')} {cell('pytorch')} {cell('numpy')} "
+                  f"{ratio('pytorch')} {ratio('numpy')}", flush=True)
+            results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
+    print("\nPyTorch reference at 2 threads (issue): "
+          + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
