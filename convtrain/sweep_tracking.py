@@ -72,6 +72,8 @@ def tag_child(tracking_uri: str | None, run_id: str, state: str, value: float | 
     client = tracking.client_for(tracking.resolve_tracking_uri(tracking_uri))
     for key, text in tags.items():
         client.set_tag(run_id, key, text)
+    if state == "PRUNED":  # the fit saw an exception and said FAILED; it was stopped on purpose
+        client.set_terminated(run_id, "KILLED")
 
 
 def close_killed_children(tracking_uri: str | None, parent_run_id: str, spec: SweepSpec,

@@ -99,7 +99,7 @@ def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, c
     with sweep_study.Heartbeat(handle.storage, trial_id):
         try:
             result = fit(config, callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
-                         progress="auto" if plan.fit_progress else "none")
+                         progress="auto" if plan.fit_progress else None)
         except optuna.TrialPruned as exc:
             outcome = {"state": TrialState.PRUNED, "note": str(exc)}
         except (ConfigError, TrainingDiverged) as exc:
@@ -150,10 +150,12 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
 
 def _run_fields(spec: SweepSpec, number: int, plan: WorkerPlan) -> dict[str, Any]:
     """Per-trial names and places; threads only when the base config leaves them open."""
-    fields: dict[str, Any] = {
-        "run_name": f"{spec.name}-trial-{number:03d}",
-        "out": str(spec.out / f"trial-{number:03d}"),
-    }
+    out = spec.out / f"trial-{number:03d}"
+    suffix = 2
+    while out.exists():  # left by an earlier study of the same name: keep it, never overwrite
+        out = spec.out / f"trial-{number:03d}-{suffix}"
+        suffix += 1
+    fields: dict[str, Any] = {"run_name": f"{spec.name}-trial-{number:03d}", "out": str(out)}
     if plan.tracking_uri:
         fields["tracking_uri"] = plan.tracking_uri
     if spec.base.threads is None and plan.threads:
