@@ -35,8 +35,11 @@ def sweep(
     outcome = run_sweep(sweep_file, workers=workers, storage=storage, n_trials=n_trials,
                         tracking_uri=tracking_uri, study_name=study_name, quiet=quiet)
     if outcome.parent_run_id and not quiet:
-        typer.echo(f"dashboard: convtrain ui --tracking-uri {outcome.tracking_uri}  "
-                   f"(parent run {outcome.parent_run_id})")
+        from convtrain.tracking import resolve_tracking_uri
+
+        ui = "convtrain ui" + ("" if outcome.tracking_uri == resolve_tracking_uri(None)
+                               else f" --tracking-uri {outcome.tracking_uri}")
+        typer.echo(f"dashboard: {ui}  (the sweep is parent run {outcome.parent_run_id})")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ class TrialRow:
     params: dict[str, Any]
     run_id: str = ""
     note: str = ""
-    extra: dict = field(default_factory=dict)
+    last_report: tuple[int, float] | None = None  # (epoch, value) a pruned trial stopped at
+
+
+def _last_report(trial) -> tuple[int, float] | None:
+    if not trial.intermediate_values:
+        return None
+    epoch = max(trial.intermediate_values)
+    return epoch, trial.intermediate_values[epoch]
 
 
 def trial_rows(study, spec: SweepSpec) -> list[TrialRow]:
@@ -36,8 +43,13 @@ def trial_rows(study, spec: SweepSpec) -> list[TrialRow]:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
         params = {name: t.params.get(name, t.system_attrs.get("fixed_params", {}).get(name))
                   for name in spec.space}
+        note = t.user_attrs.get("note", "")
+        retry_of = t.system_attrs.get("convtrain.retry_of")
+        if retry_of is not None:
+            note = f"retry of trial {retry_of}" + (f"; {note}" if note else "")
         rows.append(TrialRow(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None,
-                             seconds, params, t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("note", "")))
+                             seconds, params, t.user_attrs.get("mlflow_run_id", ""), note,
+                             last_report=_last_report(t)))
     sign = -1.0 if spec.direction == "maximize" else 1.0
     return sorted(rows, key=lambda r: (_STATE_ORDER.get(r.state, 9),
                                        sign * r.value if r.value is not None else 0.0, r.number))
@@ -66,12 +78,21 @@ def trials_table(rows: list[TrialRow], spec: SweepSpec, *, max_rows: int = 40) -
     shown = rows if len(rows) <= max_rows else rows[:max_rows]
     for row in shown:
         table.add_row(str(row.number), *(_cell(row.params.get(n)) for n in spec.space),
-                      "" if row.value is None else f"{row.value:.4f}", row.state,
+                      _objective_cell(row), row.state,
                       "" if row.seconds is None else f"{row.seconds:.1f}")
     if len(rows) > max_rows:
         table.caption = f"... and {len(rows) - max_rows} more in trials.csv"
         table.caption_justify = "left"
     return table
+
+
+def _objective_cell(row: TrialRow) -> str:
+    if row.value is not None:
+        return f"{row.value:.4f}"
+    if row.state == "PRUNED" and row.last_report:
+        epoch, value = row.last_report
+        return f"({value:.4f} @{epoch})"  # where the pruner stopped it
+    return ""
 
 
 def _cell(value) -> str:

@@ -197,7 +197,7 @@ def _report(console: Console, plan: WorkerPlan, spec: SweepSpec, number: int, pa
     state = outcome["state"].name
     value = outcome.get("value")
     score = f"{spec.objective} {value:.4f}" if value is not None else outcome.get("note", "")
-    shown = " ".join(f"{k}={v}" for k, v in params.items())
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     console.print(f"{plan.label}trial {number:>3} {state:<8} {score}  ({seconds:.1f}s)  {shown}", markup=False)
 
 
