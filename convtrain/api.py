@@ -47,6 +47,7 @@ class FitResult:
     network: Any  # convtrain.network.Network
     config: FitConfig
     tracking_uri: str | None = None
+    experiment_id: str | None = None
     problems: list[str] = field(default_factory=list)  # e.g. metrics the tracking store did not take
 
 
@@ -194,7 +195,7 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     network.meta = {**splits.meta, "data": config.data, "data_path": config.data_path,
                     "val_fraction": config.val_fraction, "seed": config.seed, "limit": config.limit}
 
-    out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent()))
+    out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()
     _check_writable(out_dir)
 
     tracker = None
@@ -268,7 +269,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         raise
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
-                     network=network, config=config, tracking_uri=tracking_uri, problems=problems)
+                     network=network, config=config, tracking_uri=tracking_uri,
+                     experiment_id=tracker.experiment_id if tracker else None, problems=problems)
 
 
 def _default_out_parent() -> Path:

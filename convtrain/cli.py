@@ -166,12 +166,9 @@ def fit(
     try:
         result = api.fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto")
     except TrainingInterrupted as exc:
-        console.print(f"stopped: {exc}", markup=False)
-        resume_hint = exc.checkpoint and Path(exc.checkpoint).parent
-        if resume_hint:
-            _error_line(f"fit interrupted; continue it with: convtrain fit --resume {resume_hint}")
-        else:
-            _error_line("fit interrupted before its first checkpoint; nothing to resume")
+        folder = Path(exc.checkpoint).parent if exc.checkpoint else None
+        hint = f"; continue with: convtrain fit --resume {folder}" if folder else "; nothing to resume"
+        _error_line(f"interrupted: {_one_line(exc)}{hint}")
         raise typer.Exit(exc.exit_code)
     _print_fit_result(console, result)
 
@@ -182,6 +179,12 @@ _CONFIG_FLAGS = {
     "l2", "schedule", "step_epochs", "gamma", "eta_min", "eta_max", "n_s", "cycles", "seed", "threads",
     "patience", "monitor", "experiment", "run_name", "out", "track", "tracking_uri", "log_every",
 }
+
+
+def _default_store() -> str:
+    from convtrain.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri()
 
 
 def _quiet_library_logs(debug: bool) -> None:
@@ -213,8 +216,12 @@ def _print_fit_result(console, result) -> None:
     table.add_row("checkpoint", str(result.checkpoint_path))
     if result.run_id:
         table.add_row("mlflow run", f"{result.run_id}  ({result.tracking_uri})")
-        table.add_row("dashboard", "convtrain ui" + (f" --tracking-uri {result.tracking_uri}"
-                                                       if not result.tracking_uri.startswith("sqlite") else ""))
+        if result.tracking_uri.startswith(("http://", "https://")):
+            base = result.tracking_uri.rstrip("/")
+            table.add_row("dashboard", f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+        else:
+            table.add_row("dashboard", "convtrain ui" + ("" if result.tracking_uri == _default_store()
+                                                         else f" --tracking-uri {result.tracking_uri}"))
     for problem in result.problems:
         table.add_row("warning", problem)
     console.print(table)

@@ -14,6 +14,8 @@ reported. mlflow is imported inside the functions so `import convtrain` stays fa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -337,6 +339,10 @@ class MLflowCallback(Callback):
         return sent
 
     def _attempt(self, action: Callable[[], object]) -> bool:
+        if not self.reachable and not self._answers():
+            self._retry_wait = min(self._retry_wait * 2, _RETRY_SECONDS[1])
+            self._retry_after = time.monotonic() + self._retry_wait
+            return False
         try:
             action()
         except Exception as exc:  # any store failure: keep training, keep the data
@@ -354,6 +360,14 @@ class MLflowCallback(Callback):
             self._retry_wait = _RETRY_SECONDS[0]
         return True
 
+    def _answers(self) -> bool:
+        """A quick health probe, so a dead server costs one short request, not MLflow's retries."""
+        try:
+            check_reachable(self.tracking_uri, timeout=2.0)
+        except TrackingError:
+            return False
+        return True
+
     # ---- the end of the run -------------------------------------------------------------
 
     def log_artifacts(self, files: Iterable[tuple[str | Path, str | None]]) -> list[str]:
@@ -362,6 +376,9 @@ class MLflowCallback(Callback):
         for path, folder in files:
             path = Path(path)
             if not path.exists():
+                continue
+            if not self.reachable and not self._answers():
+                problems.append(f"artifact {path.name} not logged (tracking store down); it is at {path}")
                 continue
             try:
                 self.client.log_artifact(self.run_id, str(path), folder)
@@ -375,6 +392,8 @@ class MLflowCallback(Callback):
 
         from convtrain.pyfunc import log_model
 
+        if not self.reachable and not self._answers():
+            return f"pyfunc model not logged (tracking store down); the model is at {network_path}"
         try:
             with _use_tracking_uri(self.tracking_uri):  # MLflow's Model.log reads the global URI
                 log_model(self.client, self.run_id, self.experiment_id, network_path, input_example)
@@ -386,18 +405,21 @@ class MLflowCallback(Callback):
         """Flush, record the error if any, set the status; returns problems worth telling the user."""
         problems = []
         self.flush(force=True)
-        if self.pending and self.reachable is False:
-            time.sleep(2.0)  # one more chance for a server that is restarting
-            self.flush(force=True)
         if self.pending:
             where = self._save_unlogged(out_dir)
             problems.append(f"{len(self.pending)} metric values could not be logged to {self.tracking_uri}"
                             + (f"; they are saved in {where}" if where else ""))
         if error:
             self.set_tags({ERROR_TAG: error[:5000]})
-        if not self._attempt(lambda: self.client.set_terminated(self.run_id, status)):
+        if not self._attempt(lambda: self._set_terminated(status)):
             problems.append(f"could not mark MLflow run {self.run_id} as {status}")
         return problems
+
+    def _set_terminated(self, status: str) -> None:
+        # MLflow writes two "View run" lines (emoji, GenAI-view URLs) to stdout here for
+        # http stores; the CLI prints its own summary, so they are kept out of the output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.client.set_terminated(self.run_id, status)
 
     def _save_unlogged(self, out_dir) -> Path | None:
         if out_dir is None:
@@ -446,7 +468,8 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
             raise TrackingError(f"port {port} on {host} is already in use; pass another --port")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port)]
-    server = subprocess.Popen(command)
+    # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
+    server = subprocess.Popen(command, start_new_session=True, env=server_environment())
     try:
         base = f"http://{host}:{port}"
         deadline = time.monotonic() + startup_seconds
@@ -467,12 +490,30 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_process_group(server)
+
+
+def server_environment() -> dict[str, str]:
+    """The environment for `mlflow server`: without its job runner (MLflow 3 starts seven
+    huey worker processes for GenAI jobs the runs table never uses) unless asked for."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+
+
+def stop_process_group(process, timeout: float = 15.0) -> None:
+    """SIGTERM the group led by `process` (started with start_new_session), SIGKILL if it lingers."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _experiment_id(uri: str, name: str) -> str | None:
