@@ -1,0 +1,226 @@
+"""The `convtrain` command line: help, config resolution, one-line errors, evaluate, predict, info.
+
+Everything runs in-process through typer's CliRunner with a fixed terminal width; fits are
+tiny (a few hundred digits, one small conv block) and untracked unless the test is about
+tracking (see test_tracking.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from convtrain.cli import app
+from convtrain.config import FitConfig
+
+ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
+TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32", "--no-track"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})})
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def assert_one_line_error(result, *fragments, exit_code=None):
+    assert result.exit_code != 0
+    if exit_code is not None:
+        assert result.exit_code == exit_code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+# ---- help and start-up --------------------------------------------------------------------------
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("fit", "evaluate", "predict", "info", "ui", "sweep"):
+        assert command in result.output
+
+
+def test_fit_help_has_a_flag_for_every_config_field():
+    result = invoke("fit", "--help")
+    assert result.exit_code == 0
+    for name in FitConfig.field_names():
+        if name == "track":
+            assert "--no-track" in result.output
+        else:
+            assert "--" + name.replace("_", "-") in result.output, name
+    for flag in ("--config", "--print-config", "--resume", "--quiet", "--debug"):
+        assert flag in result.output
+    assert f"(default: {FitConfig().epochs})" in result.output  # defaults come from FitConfig
+
+
+def test_importing_the_cli_loads_neither_mlflow_nor_numpy():
+    imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import convtrain.cli"],
+                             capture_output=True, text=True, check=True).stderr
+    loaded = {line.split("|")[-1].strip().split(".")[0] for line in imports.splitlines() if "|" in line}
+    assert not loaded & {"mlflow", "numpy", "optuna", "matplotlib", "sklearn"}
+
+
+def test_info_reports_version_and_build():
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    for key in ("convtrain", "openmp", "num threads", "blas", "tracking store"):
+        assert key in result.output
+
+
+# ---- configs and errors ----------------------------------------------------------------------------
+
+def test_print_config_resolves_file_then_flags(tmp_path):
+    (tmp_path / "fit.toml").write_text("[optim]\nepochs = 7\nlr = 0.01\n[model]\nfilters = [8]\n")
+    result = invoke("fit", "--config", "fit.toml", "--lr", "0.2", "--kernel-sizes", "5x3", "--print-config")
+    assert result.exit_code == 0, result.output
+    printed = FitConfig.from_dict(tomllib.loads(result.stdout))
+    assert (printed.epochs, printed.lr, printed.filters, printed.kernel_sizes) == (7, 0.2, [8], [[5, 3]])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, fragments, code", [
+    (["fit", "--epochs", "x"], ["--epochs", "fit --help"], 2),
+    (["fit", "--epoch", "3"], ["--epoch", "--epochs"], 2),
+    (["fit", "--lr", "-1"], ["lr", "-1.0"], 2),
+    (["fit", "--filters", "16,zero"], ["filters", "zero"], 2),
+    (["fit", "--data", "imagenet"], ["imagenet", "digits"], 2),
+    (["fit", "--data", "mnist"], ["--data-path"], 2),
+    (["fit", "--data", "mnist", "--data-path", "no/such/dir"], ["no/such/dir"], 1),
+    (["fit", "--batch-size", "5000", "--no-track"], ["batch_size", "5000"], 2),
+    (["fit", "--filters", "4", "--kernel-sizes", "9", "--no-track"], ["kernel"], 2),
+    (["fit", "--config", "missing.toml"], ["missing.toml", "not found"], 2),
+    (["fit", "--resume", "nowhere"], ["nowhere"], 1),
+    (["evaluate", "missing.npz"], ["missing.npz"], 1),
+    (["nosuchcommand"], ["nosuchcommand"], 2),
+])
+def test_bad_input_gives_one_line_and_no_traceback(args, fragments, code, tmp_path):
+    result = invoke(*args)
+    assert_one_line_error(result, *fragments, exit_code=code)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_config_key_suggests_the_close_name(tmp_path):
+    (tmp_path / "fit.toml").write_text("epoch = 3\n")
+    assert_one_line_error(invoke("fit", "--config", "fit.toml"), "epoch", "did you mean 'epochs'")
+
+
+def test_debug_lets_the_traceback_through():
+    result = invoke("fit", "--lr", "-1", "--debug")
+    assert result.exit_code != 0
+    from convtrain.errors import ConfigError
+
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_existing_checkpoint_in_out_is_not_overwritten(tmp_path):
+    assert invoke("fit", *TINY, "--out", "model").exit_code == 0
+    before = (tmp_path / "model" / "checkpoint.npz").read_bytes()
+    assert_one_line_error(invoke("fit", *TINY, "--out", "model"), "--resume")
+    assert (tmp_path / "model" / "checkpoint.npz").read_bytes() == before
+
+
+# ---- fit, evaluate, predict without tracking ------------------------------------------------------------
+
+@pytest.fixture
+def digits_model(tmp_path):
+    result = invoke("fit", *TINY, "--out", "model")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "model"
+
+
+def test_untracked_fit_writes_model_checkpoint_config_and_plots(digits_model, tmp_path):
+    for name in ("model.npz", "checkpoint.npz", "config.toml", "plots/learning_curves.png",
+                 "plots/confusion_matrix.png", "plots/filters_conv1.png"):
+        assert (digits_model / name).is_file(), name
+    assert not (tmp_path / "mlflow.db").exists()
+    saved = FitConfig.from_toml(digits_model / "config.toml")
+    assert (saved.limit, saved.filters, saved.track) == (300, [4], False)
+
+
+def test_fit_output_is_plain_in_a_non_terminal(tmp_path):
+    result = invoke("fit", *TINY, "--epochs", "2", "--out", "plain")
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.output and "\r" not in result.output
+    epoch_lines = [line for line in result.stdout.splitlines() if re.match(r"epoch \d/2 ", line)]
+    assert len(epoch_lines) == 2 and "val loss" in epoch_lines[0] and "img/s" in epoch_lines[0]
+    assert "training history" in result.stdout
+
+
+def test_quiet_prints_only_the_summary():
+    result = invoke("fit", *TINY, "--quiet", "--out", "quiet")
+    assert result.exit_code == 0, result.output
+    assert not [line for line in result.stdout.splitlines() if re.match(r"epoch \d", line)]
+    assert "training history" in result.stdout and "model" in result.stdout
+
+
+def test_evaluate_prints_metrics_per_class_table_and_confusion(digits_model):
+    result = invoke("evaluate", digits_model / "model.npz")
+    assert result.exit_code == 0, result.output
+    for text in ("digits val split", "accuracy", "balanced accuracy", "per class", "confusion matrix"):
+        assert text in result.output
+    report = json.loads(invoke("evaluate", digits_model / "model.npz", "--json").stdout)
+    assert report["split"] == "val" and report["count"] > 0
+    assert np.array(report["confusion"]).sum() == report["count"]
+    assert 0.0 <= report["balanced_accuracy"] <= 1.0
+
+
+def test_predict_npz_and_image_file_match_the_network(digits_model, tmp_path):
+    from PIL import Image
+
+    from convtrain.data import load_dataset
+    from convtrain.network import Network
+
+    images = load_dataset("digits").x_val[:3]
+    np.savez(tmp_path / "three.npz", x=images)
+    Image.fromarray((images[0, 0] * 255 / 16).astype(np.uint8)).resize((32, 32)).save(tmp_path / "digit.png")
+
+    result = invoke("predict", digits_model / "model.npz", "three.npz", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = Network.load(digits_model / "model.npz").predict_proba(images)
+    assert [row["input"] for row in rows] == ["three.npz[0]", "three.npz[1]", "three.npz[2]"]
+    for row, probabilities in zip(rows, expected):
+        assert list(row["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=1e-6)
+
+    result = invoke("predict", digits_model / "model.npz", "digit.png", "--top", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("digit.png: ")
+    assert_one_line_error(invoke("predict", digits_model / "model.npz", "nothing.png"), "nothing.png")
+
+
+def _write_names(folder):
+    folder.mkdir()
+    stems = {"Japanese": ["tanaka", "suzuki", "takahashi", "watanabe", "yamamoto", "nakamura", "kobayashi",
+                          "kato", "yoshida", "yamada", "sasaki", "matsumoto"],
+             "German": ["schmidt", "schneider", "fischer", "weber", "meyer", "wagner", "becker", "schulz",
+                        "hoffmann", "koch", "richter", "wolf"]}
+    for language, names in stems.items():
+        (folder / f"{language}.txt").write_text("\n".join(names * 3) + "\n", encoding="utf-8")
+
+
+def test_names_model_predicts_names_given_inline_or_in_a_file(tmp_path):
+    _write_names(tmp_path / "names")
+    result = invoke("fit", "--data", "names", "--data-path", "names", "--filters", "6",
+                    "--kernel-sizes", "5", "--epochs", "3", "--batch-size", "8", "--no-track", "--out", "names-model")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "query.txt").write_text("Tanaka\nSchmidt\n")
+    result = invoke("predict", "names-model/model.npz", "query.txt", "Yamada", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["input"] for row in rows] == ["Tanaka", "Schmidt", "Yamada"]
+    assert all(set(row["probabilities"]) == {"German", "Japanese"} for row in rows)
