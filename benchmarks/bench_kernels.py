@@ -17,12 +17,13 @@ forward kernel's time (an upper bound: inside the kernel the columns stay in cac
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 import convtrain
 from convtrain import kernels
@@ -41,18 +42,26 @@ TARGET_RATIO = 0.8
 TARGET_SCALING = 1.7
 
 
-def median_seconds(fn, repeat, min_time=0.2):
-    """Median wall time of fn() over `repeat` runs (more if they take less than min_time)."""
-    fn()  # warm up: first-touch pages, thread pools, caches
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
+def interleaved_medians(candidates, repeat, min_time=0.3):
+    """Median wall time of each (setup, fn) candidate, timed round-robin.
+
+    Round-robin puts every candidate under the same background load (the machine is shared),
+    which makes the ratios trustworthy even when the absolute figures drift.
+    """
+    for setup, fn in candidates:  # warm up: first-touch pages, thread pools, caches
+        setup()
         fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 50 * repeat:
-            break
-    return statistics.median(times)
+    times = [[] for _ in candidates]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeat or (time.perf_counter() - start < min_time and rounds < 20 * repeat):
+        for (setup, fn), bucket in zip(candidates, times):
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(bucket) for bucket in times]
 
 
 def layer_problem(chw, fkk, batch, rng):
@@ -77,24 +86,36 @@ def gemm_operands(pass_name, F, K, NP, rng):
     return r(K, F), r(F, NP)
 
 
+def numpy_blas_threads(n):
+    """A setup step that gives NumPy's BLAS n threads (cheap: no library scan)."""
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+
+    def setup():
+        for lib in libraries:
+            lib.set_num_threads(n)
+
+    return setup
+
+
 def run(args):
     rng = np.random.default_rng(0)
     info = convtrain.build_info()
     blas = ", ".join(f"{lib['prefix']} {lib['version']} ({lib['architecture']})" for lib in info["blas"])
     print(f"convtrain kernels: Cython {info['cython']}, OpenMP {info['openmp']}, "
           f"max threads {info['max_threads']}; BLAS: {blas}")
-    print(f"batch {args.batch}, float32, valid, stride 1; medians of >= {args.repeat} runs\n")
+    print(f"batch {args.batch}, float32, valid, stride 1; medians of >= {args.repeat} "
+          f"interleaved runs; load average at start {os.getloadavg()[0]:.2f}\n")
+    torch = None
+    if args.torch:
+        import torch
 
     header = (f"{'layer':<13} {'pass':<8} {'GEMM M x K x N':>20} {'thr':>3} {'kernel ms':>9} "
               f"{'GF/s':>7} {'matmul GF/s':>11} {'ratio':>6} {'im2col':>7}")
-    if args.torch:
+    if torch is not None:
         header += f" {'torch GF/s':>10}"
     print(header)
     print("-" * len(header))
     results = {}
-    torch = None
-    if args.torch:
-        import torch
     for name, chw, fkk in LAYERS:
         x, w, b, dout = layer_problem(chw, fkk, args.batch, rng)
         (C, H, W), (F, kh, kw) = chw, fkk
@@ -109,26 +130,37 @@ def run(args):
         gemm_shape = {"forward": (F, K, NP), "filter": (F, NP, K), "input": (K, F, NP)}
         for pass_name in PASSES:
             A, B = gemm_operands(pass_name, F, K, NP, rng)
+            candidates, labels = [], []
             for threads in args.threads:
-                convtrain.set_num_threads(threads)
-                kernel_s = median_seconds(calls[pass_name], args.repeat)
-                with threadpool_limits(limits=threads, user_api="blas"):
-                    matmul_s = median_seconds(lambda: np.matmul(A, B), args.repeat)
-                im2col_share = ""
+                kernel_setup = (lambda t=threads: convtrain.set_num_threads(t))
+                candidates += [(kernel_setup, calls[pass_name]),
+                               (numpy_blas_threads(threads), lambda: np.matmul(A, B))]
+                labels += [("kernel", threads), ("matmul", threads)]
                 if pass_name == "forward":
-                    im2col_s = median_seconds(lambda: kernels.im2col(x, (kh, kw)), args.repeat)
-                    im2col_share = f"{100 * im2col_s / kernel_s:6.0f}%"
+                    candidates.append((kernel_setup, lambda: kernels.im2col(x, (kh, kw))))
+                    labels.append(("im2col", threads))
+                if torch is not None:
+                    candidates.append((lambda t=threads: torch.set_num_threads(t),
+                                       torch_call(torch, pass_name, x, w, b, dout)))
+                    labels.append(("torch", threads))
+            seconds = dict(zip(labels, interleaved_medians(candidates, args.repeat)))
+            for threads in args.threads:
+                kernel_s, matmul_s = seconds["kernel", threads], seconds["matmul", threads]
                 kernel_gf, matmul_gf = flops / kernel_s / 1e9, flops / matmul_s / 1e9
                 results[name, pass_name, threads] = (kernel_gf, matmul_gf)
+                im2col_share = ""
+                if ("im2col", threads) in seconds:
+                    im2col_share = f"{100 * seconds['im2col', threads] / kernel_s:6.0f}%"
                 M, Kd, N = gemm_shape[pass_name]
                 line = (f"{name:<13} {pass_name:<8} {f'{M} x {Kd} x {N}':>20} {threads:>3} "
                         f"{kernel_s * 1e3:9.3f} {kernel_gf:7.1f} {matmul_gf:11.1f} "
                         f"{kernel_gf / matmul_gf:6.2f} {im2col_share:>7}")
                 if torch is not None:
-                    torch.set_num_threads(threads)
-                    line += f" {flops / median_seconds(torch_call(torch, pass_name, x, w, b, dout), args.repeat) / 1e9:10.1f}"
+                    line += f" {flops / seconds['torch', threads] / 1e9:10.1f}"
                 print(line, flush=True)
     convtrain.set_num_threads(max(args.threads))
+    numpy_blas_threads(max(args.threads))()
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     summarize(results, args.threads)
 
 

@@ -1,37 +1,73 @@
 """What the compiled kernels were built with, and how many threads they use.
 
 The kernels parallelize over the batch with OpenMP and call a single-threaded BLAS GEMM per
-image inside that parallel region. A threaded BLAS inside an OpenMP region would oversubscribe
-the cores (2 OpenMP threads x 2 BLAS threads on 2 cores), so `blas_pinned_to_one_thread()`
-pins every loaded BLAS library to one thread for the duration of a kernel call and restores
-the previous setting afterwards (a few microseconds per call).
+group of images inside that parallel region. A threaded BLAS inside an OpenMP region would
+oversubscribe the cores (2 OpenMP threads x 2 BLAS threads on 2 cores), so BLAS is pinned to
+one thread for the duration of each kernel call and restored afterwards:
+
+* OpenBLAS with its own pthreads pool (what NumPy and SciPy wheels ship): the kernels do it
+  themselves, in C, with the library's get/set-num-threads functions registered here once;
+* any other BLAS with a thread pool (MKL, BLIS, ...): `blas_pinned_to_one_thread()` does it
+  from Python through threadpoolctl (some microseconds per call).
+An OpenMP-threaded BLAS needs neither: it runs single-threaded inside a parallel region.
+Two Python threads calling kernels at once may see BLAS unpinned early (slower, still exact).
 """
 
 import contextlib
+import ctypes
+import itertools
 import threading
 
 from convtrain import _conv
 
-_controller_lock = threading.Lock()
-_blas_controllers = None  # threadpoolctl controllers of the BLAS libraries, found once
+_lock = threading.Lock()
+_python_pinned = None  # threadpoolctl controllers the kernels cannot pin themselves
+
+# OpenBLAS builds prefix or suffix their symbols (scipy_openblas..., ...64_)
+_OPENBLAS_AFFIXES = list(itertools.product(("", "scipy_"), ("", "64_", "_64")))
 
 
-def _blas_libraries():
-    global _blas_controllers
-    if _blas_controllers is None:
-        with _controller_lock:
-            if _blas_controllers is None:
-                import scipy.linalg.cython_blas  # noqa: F401  (make sure scipy's BLAS is loaded)
-                from threadpoolctl import ThreadpoolController
+def _openblas_thread_functions(lib):
+    """(get, set) ctypes functions of an OpenBLAS controller, or None if not found."""
+    for prefix, suffix in _OPENBLAS_AFFIXES:
+        get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+        set_ = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+        if get is not None and set_ is not None:
+            return get, set_
+    return None
 
-                _blas_controllers = ThreadpoolController().select(user_api="blas").lib_controllers
-    return _blas_controllers
+
+def _setup_blas_pinning():
+    """Register pthreads OpenBLAS libraries with the kernels; return the rest to pin from Python."""
+    import scipy.linalg.cython_blas  # noqa: F401  (make sure the kernels' BLAS is loaded)
+    from threadpoolctl import ThreadpoolController
+
+    python_pinned = []
+    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if getattr(lib, "threading_layer", None) == "openmp":
+            continue
+        functions = _openblas_thread_functions(lib) if lib.internal_api == "openblas" else None
+        if functions is None:
+            python_pinned.append(lib)
+            continue
+        get, set_ = functions
+        _conv.register_blas_threads(
+            ctypes.cast(get, ctypes.c_void_p).value, ctypes.cast(set_, ctypes.c_void_p).value
+        )
+    return python_pinned
+
+
+def _ensure_blas_pinning():
+    global _python_pinned
+    if _python_pinned is None:
+        with _lock:
+            if _python_pinned is None:
+                _python_pinned = _setup_blas_pinning()
+    return _python_pinned
 
 
 @contextlib.contextmanager
-def blas_pinned_to_one_thread():
-    """Run the body with every BLAS library limited to one thread, then restore."""
-    libraries = _blas_libraries()
+def _pin_in_python(libraries):
     previous = [lib.get_num_threads() for lib in libraries]
     try:
         for lib, n in zip(libraries, previous):
@@ -44,15 +80,22 @@ def blas_pinned_to_one_thread():
                 lib.set_num_threads(n)
 
 
+def blas_pinned_to_one_thread():
+    """Context manager for a kernel call: pins the BLAS libraries the kernels cannot pin
+    themselves to one thread (usually none: a no-op), then restores them."""
+    libraries = _ensure_blas_pinning()
+    return _pin_in_python(libraries) if libraries else contextlib.nullcontext()
+
+
 def set_num_threads(n):
     """Use `n` threads (>= 1) in convtrain's kernels (OpenMP over the batch).
 
     Without OpenMP in the build the kernels stay serial whatever `n` is.
     The default is OpenMP's maximum (`OMP_NUM_THREADS` if set, else the number of cores).
     """
-    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"n must be an integer >= 1, got {n!r} of type {type(n).__name__}")
-    n = int(n)
+    n = n.__index__()
     if n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n}")
     _conv.set_num_threads(n)
@@ -68,21 +111,29 @@ def build_info():
 
     Returns a dict: ``cython`` (version used to compile ext/), ``openmp`` (bool),
     ``debug_checks`` (bool: built with CONVTRAIN_DEBUG_CHECKS=1), ``max_threads``
-    (OpenMP's maximum), ``num_threads`` (current kernel threads), ``blas`` (list of the
-    loaded BLAS libraries: name, version, threading layer, architecture, threads, path).
+    (OpenMP's maximum), ``num_threads`` (current kernel threads), ``blas`` (the loaded BLAS
+    libraries: name, version, threading layer, architecture, threads, path, and whether the
+    kernels pin it to one thread in C, from Python, or need not).
     """
+    from threadpoolctl import ThreadpoolController
+
+    python_pinned = {lib.filepath for lib in _ensure_blas_pinning()}
     info = dict(_conv.compiled_with())
     info["num_threads"] = get_num_threads()
-    info["blas"] = [
-        {
+    info["blas"] = []
+    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+        layer = getattr(lib, "threading_layer", None)
+        info["blas"].append({
             "name": lib.internal_api,
             "prefix": lib.prefix,
             "version": lib.version,
-            "threading_layer": getattr(lib, "threading_layer", None),
+            "threading_layer": layer,
             "architecture": getattr(lib, "architecture", None),
             "num_threads": lib.get_num_threads(),
             "filepath": lib.filepath,
-        }
-        for lib in _blas_libraries()
-    ]
+            "pinned_during_kernels": (
+                "not needed" if layer == "openmp"
+                else "python" if lib.filepath in python_pinned else "c"
+            ),
+        })
     return info

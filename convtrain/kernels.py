@@ -50,6 +50,8 @@ _BLAS_INT_MAX = 2**31 - 1  # GEMM dimensions are Fortran INTEGER (32-bit) in sci
 
 def _pair(name, value, minimum):
     """An int or a pair of ints, each >= minimum -> (h, w)."""
+    if type(value) is int and value >= minimum:  # the common case, fast
+        return value, value
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
@@ -126,11 +128,6 @@ def _check_blas_dims(*dims):
         )
 
 
-def _threads(n_items):
-    """OpenMP threads for a batch of n_items (no idle threads with private scratch)."""
-    return max(1, min(_conv.get_num_threads(), n_items))
-
-
 def conv2d_output_shape(x_shape, w_shape, stride=1, padding=0):
     """(N, F, Ho, Wo) of conv2d_forward for x (N, C, H, W) and w (F, C, kh, kw)."""
     N, C, H, W = _shape("x_shape", x_shape, 4)
@@ -183,23 +180,36 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
 
 # ----------------------------------------------------------------------------- convolution
 
-def _scratch(threads, K, P, dtype, pointwise):
-    # one im2col matrix per thread; a pointwise kernel reads x directly (1 element keeps
-    # &scratch[t, 0] a valid address for the kernel's bounds-checked debug build)
-    return np.empty((threads, 1 if pointwise else K * P), dtype=dtype)
+# Images are processed in groups of G with G*Ho*Wo >= GEMM_MIN_COLUMNS (G = 1 from 16x16
+# outputs up), so that small images still give GEMMs wide enough to run at BLAS speed.
+GEMM_MIN_COLUMNS = 256
+# The filter gradient accumulates into at most this many per-chunk buffers (see _conv).
+FILTER_GRAD_CHUNKS = 16
 
 
-def _is_pointwise(kernel, stride, padding):
-    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+def _plan(N, P, threads):
+    """(threads, G, groups): OpenMP threads, images per group, number of groups."""
+    G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P)))
+    groups = -(-N // G)
+    return max(1, min(threads, groups)), G, groups
+
+
+def _group_scratch(threads, G, rows, P, F, dtype):
+    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) for G > 1 (else 1 element)."""
+    cols = np.empty((threads, rows * G * P), dtype=dtype)
+    staging = np.empty((threads, F * G * P if G > 1 else 1), dtype=dtype)
+    return cols, staging
 
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
     """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image).
 
     x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
-    Per image: out[n] = w.reshape(F, -1) @ im2col(x[n]) (+ b), a (F x C*kh*kw) . (C*kh*kw x Ho*Wo)
-    GEMM. Scratch: one im2col matrix per thread, threads * C*kh*kw * Ho*Wo elements of x's dtype,
-    independent of N (none for a 1x1 kernel with stride 1 and no padding).
+    Per image: out[n] = [w.reshape(F, -1) | b] @ [im2col(x[n]); ones], a GEMM of shape
+    (F x C*kh*kw+1) . (C*kh*kw+1 x Ho*Wo); images with small outputs are grouped G at a time
+    (G*Ho*Wo >= GEMM_MIN_COLUMNS) into one wider GEMM.
+    Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (one group's im2col
+    matrices per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -214,23 +224,25 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
         )
     if min(kh, kw) < 1:
         raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
+    K = C * kh * kw
     if b is None:
-        bias, has_bias = np.empty(0, dtype=x.dtype), False
+        w_ext = w.reshape(F, K)
     else:
-        bias, has_bias = _array("b", b, 1, x.dtype), True
+        bias = _array("b", b, 1, x.dtype)
         if bias.shape != (F,):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
+        w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
     Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
-    K, P = C * kh * kw, Ho * Wo
-    _check_blas_dims(F, K, P)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
-    threads = _threads(N)
-    scratch = _scratch(threads, K, P, x.dtype, _is_pointwise((kh, kw), stride, padding))
+    P = Ho * Wo
+    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_forward(x, w, bias, has_bias, out, scratch, *stride, *padding, threads)
+        _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads)
     return out
 
 
@@ -239,9 +251,12 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
 
     dw[f] = sum_n x[n] * dout[n, f] (the lecture's dL/dF = X * G, i.e. g^T M_X^im),
     db[f] = sum_{n, oh, ow} dout[n, f, oh, ow]. x (N, C, H, W), dout (N, F, Ho, Wo), same dtype.
-    Race-free: each thread accumulates its images into its own (F, C*kh*kw) buffer, and the
-    buffers are summed in a fixed order afterwards. Scratch: threads * (C*kh*kw*Ho*Wo +
-    F*C*kh*kw) elements of x's dtype plus threads * F doubles, independent of N.
+    One GEMM per group of images: dW_ext (F x C*kh*kw+1) += dout_group . [cols_group; ones]^T,
+    whose last column is db. Race-free and deterministic: the batch is cut into at most
+    FILTER_GRAD_CHUNKS chunks (independent of the thread count, so 1 and 2 threads give the same
+    bits), each accumulated by one thread into its own buffer, summed in chunk order afterwards.
+    Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (plus threads * F * G*Ho*Wo
+    when G > 1) and chunks * F * (C*kh*kw + 1) for the accumulators; independent of N.
     """
     x = _array("x", x, 4)
     dout = _array("dout", dout, 4, x.dtype)
@@ -258,20 +273,19 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
             f"kernel_size {(kh, kw)}, stride {stride}, padding {padding}"
         )
     K, P = C * kh * kw, Ho * Wo
-    _check_blas_dims(F, K, P)
     if N == 0:
         return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
-    threads = _threads(N)
-    dw_per_thread = np.zeros((threads, F * K), dtype=x.dtype)
-    db_per_thread = np.zeros((threads, F), dtype=np.float64)
-    scratch = _scratch(threads, K, P, x.dtype, _is_pointwise((kh, kw), stride, padding))
+    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    chunks = min(groups, FILTER_GRAD_CHUNKS)
+    dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
+    cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     with blas_pinned_to_one_thread():
         _conv.conv2d_backward_filter(
-            x, dout, kh, kw, dw_per_thread, db_per_thread, scratch, *stride, *padding, threads
+            x, dout, dw_ext, kh, kw, *stride, *padding, G, cols, staging, threads
         )
-    dw = dw_per_thread[0] if threads == 1 else dw_per_thread.sum(axis=0)
-    db = db_per_thread.sum(axis=0).astype(x.dtype)
-    return dw.reshape(F, C, kh, kw), db
+    total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
+    return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
 
 def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
@@ -280,7 +294,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
     dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
     convolution G_zero-pad * F_rot180 summed over filters. dout (N, F, Ho, Wo), w (F, C, kh, kw),
     x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
-    Scratch: threads * C*kh*kw * Ho*Wo elements of dout's dtype, independent of N.
+    Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
+    per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
     dout = _array("dout", dout, 4)
     w = _array("w", w, 4, dout.dtype)
@@ -301,15 +316,15 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
             f"w of shape {w.shape}, stride {stride}, padding {padding}"
         )
-    K, P = C * kh * kw, Ho * Wo
-    _check_blas_dims(F, K, P)
     dx = np.empty((N, C, H, W), dtype=dout.dtype)
     if N == 0:
         return dx
-    threads = _threads(N)
-    scratch = _scratch(threads, K, P, dout.dtype, _is_pointwise((kh, kw), stride, padding))
+    K, P = C * kh * kw, Ho * Wo
+    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K, G * P)
+    cols, staging = _group_scratch(threads, G, K, P, F, dout.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward_input(dout, w, dx, scratch, *stride, *padding, threads)
+        _conv.conv2d_backward_input(dout, w, dx, *stride, *padding, G, cols, staging, threads)
     return dx
 
 

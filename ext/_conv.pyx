@@ -6,9 +6,11 @@ released, OpenMP over the batch and GEMMs through scipy's BLAS (`scipy.linalg.cy
 What it refuses to be: a Python API. Every `def` here trusts its caller (convtrain.kernels)
 to have checked shapes, dtypes and contiguity and to have allocated outputs and scratch.
 
-Threading: the batch is split statically over OpenMP threads; each thread owns one scratch
-im2col matrix and calls a *single-threaded* GEMM per image (the caller pins BLAS to one thread
-for the duration of the call, so a threaded BLAS never runs inside the parallel region).
+Threading: the batch is handed out dynamically (the machine may be shared) to OpenMP threads
+in groups of images; each thread owns its scratch (one group's im2col matrices) and calls a
+*single-threaded* GEMM per group (the caller pins BLAS to one thread for the duration of the
+call, so a threaded BLAS never runs inside the parallel region). Nothing a thread writes is
+written by another; the filter gradient accumulates into per-chunk buffers summed afterwards.
 Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.py.
 """
 
@@ -68,6 +70,56 @@ def get_num_threads():
     return _num_threads
 
 
+# ----------------------------------------------------------------------------- BLAS threads
+#
+# A threaded BLAS called from inside an OpenMP region would oversubscribe the cores, so every
+# kernel pins the BLAS libraries registered here (OpenBLAS with its own pthreads pool) to one
+# thread around its parallel region and restores them afterwards: two C calls per library,
+# no Python. convtrain._build registers them; other BLAS are pinned from Python instead.
+
+ctypedef int (*blas_get_threads_fn)() noexcept nogil
+ctypedef void (*blas_set_threads_fn)(int) noexcept nogil
+
+cdef enum:
+    MAX_PINNED_BLAS = 8
+cdef blas_get_threads_fn _blas_get_threads[MAX_PINNED_BLAS]
+cdef blas_set_threads_fn _blas_set_threads[MAX_PINNED_BLAS]
+cdef int _pinned_blas_count = 0
+
+
+def register_blas_threads(size_t get_threads_address, size_t set_threads_address):
+    """Pin this BLAS to one thread during kernel calls, given the addresses of its
+    int get_num_threads(void) and void set_num_threads(int) functions."""
+    global _pinned_blas_count
+    if _pinned_blas_count == MAX_PINNED_BLAS:
+        raise RuntimeError(f"at most {MAX_PINNED_BLAS} BLAS libraries can be registered")
+    if get_threads_address == 0 or set_threads_address == 0:
+        raise ValueError("BLAS thread functions must have non-null addresses")
+    _blas_get_threads[_pinned_blas_count] = <blas_get_threads_fn> get_threads_address
+    _blas_set_threads[_pinned_blas_count] = <blas_set_threads_fn> set_threads_address
+    _pinned_blas_count += 1
+
+
+def registered_blas_count():
+    return _pinned_blas_count
+
+
+cdef inline void pin_blas(int *saved) noexcept nogil:
+    """saved[i] = threads of BLAS i; then BLAS i gets one thread."""
+    cdef int i
+    for i in range(_pinned_blas_count):
+        saved[i] = _blas_get_threads[i]()
+        if saved[i] != 1:
+            _blas_set_threads[i](1)
+
+
+cdef inline void unpin_blas(const int *saved) noexcept nogil:
+    cdef int i
+    for i in range(_pinned_blas_count):
+        if saved[i] != 1:
+            _blas_set_threads[i](saved[i])
+
+
 # ----------------------------------------------------------------------------- GEMM
 
 cdef inline void gemm_rowmajor(char transa, char transb, int m, int n, int k,
@@ -115,6 +167,30 @@ cdef inline void valid_range(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t si
     hi[0] = last
 
 
+cdef inline void copy_strided(floating *dst, const floating *src, Py_ssize_t n,
+                              Py_ssize_t src_stride) noexcept nogil:
+    """dst[k] = src[k*src_stride] for k < n (a plain loop: rows are short, memcpy calls cost)."""
+    cdef Py_ssize_t k
+    if src_stride == 1:
+        for k in range(n):
+            dst[k] = src[k]
+    else:
+        for k in range(n):
+            dst[k] = src[k * src_stride]
+
+
+cdef inline void add_strided(floating *dst, Py_ssize_t dst_stride, const floating *src,
+                             Py_ssize_t n) noexcept nogil:
+    """dst[k*dst_stride] += src[k] for k < n."""
+    cdef Py_ssize_t k
+    if dst_stride == 1:
+        for k in range(n):
+            dst[k] += src[k]
+    else:
+        for k in range(n):
+            dst[k * dst_stride] += src[k]
+
+
 cdef void im2col_image(const floating *x, floating *cols, Py_ssize_t ld,
                        const Geometry *g) noexcept nogil:
     """cols[(c*kh + i)*kw + j, oh*Wo + ow] = x[c, oh*sh - ph + i, ow*sw - pw + j]  (0 outside x).
@@ -122,32 +198,28 @@ cdef void im2col_image(const floating *x, floating *cols, Py_ssize_t ld,
     x is one image (C, H, W); cols has C*kh*kw rows of Ho*Wo used entries, leading dimension ld.
     Row r of cols^T is row r of the lecture's M_X^im (channels blockwise, (i, j) row-major).
     """
-    cdef Py_ssize_t c, i, j, oh, ow, ih, ow_lo, ow_hi
+    cdef Py_ssize_t c, i, j, oh, oh_lo, oh_hi, ow_lo, ow_hi
     cdef const floating *src
     cdef floating *dst
     for c in range(g.C):
         for i in range(g.kh):
+            # output rows oh_lo <= oh < oh_hi read input row oh*sh + i - ph inside x
+            valid_range(i - g.ph, g.sh, g.H, g.Ho, &oh_lo, &oh_hi)
             for j in range(g.kw):
-                dst = cols + ((c * g.kh + i) * g.kw + j) * ld
                 valid_range(j - g.pw, g.sw, g.W, g.Wo, &ow_lo, &ow_hi)
-                for oh in range(g.Ho):
-                    ih = oh * g.sh - g.ph + i
-                    if ih < 0 or ih >= g.H:
-                        memset(dst, 0, g.Wo * sizeof(floating))
-                    else:
-                        src = x + (c * g.H + ih) * g.W   # input row; column of ow: ow*sw + j - pw
-                        if ow_lo > 0:
-                            memset(dst, 0, ow_lo * sizeof(floating))
-                        if g.sw == 1:
-                            if ow_hi > ow_lo:
-                                memcpy(dst + ow_lo, src + ow_lo + j - g.pw,
-                                       (ow_hi - ow_lo) * sizeof(floating))
-                        else:
-                            for ow in range(ow_lo, ow_hi):
-                                dst[ow] = src[ow * g.sw + j - g.pw]
-                        if ow_hi < g.Wo:
-                            memset(dst + ow_hi, 0, (g.Wo - ow_hi) * sizeof(floating))
-                    dst += g.Wo
+                dst = cols + ((c * g.kh + i) * g.kw + j) * ld
+                if oh_lo > 0:
+                    memset(dst, 0, oh_lo * g.Wo * sizeof(floating))
+                for oh in range(oh_lo, oh_hi):
+                    # first valid input pixel: row oh*sh + i - ph, column ow_lo*sw + j - pw
+                    src = x + (c * g.H + oh * g.sh + i - g.ph) * g.W + ow_lo * g.sw + j - g.pw
+                    if ow_lo > 0:
+                        memset(dst + oh * g.Wo, 0, ow_lo * sizeof(floating))
+                    copy_strided(dst + oh * g.Wo + ow_lo, src, ow_hi - ow_lo, g.sw)
+                    if ow_hi < g.Wo:
+                        memset(dst + oh * g.Wo + ow_hi, 0, (g.Wo - ow_hi) * sizeof(floating))
+                if oh_hi < g.Ho:
+                    memset(dst + oh_hi * g.Wo, 0, (g.Ho - oh_hi) * g.Wo * sizeof(floating))
 
 
 cdef void col2im_image(const floating *cols, Py_ssize_t ld, floating *x,
@@ -156,22 +228,18 @@ cdef void col2im_image(const floating *cols, Py_ssize_t ld, floating *x,
 
     Entries of cols that fall into the padding are dropped.
     """
-    cdef Py_ssize_t c, i, j, oh, ow, ih, ow_lo, ow_hi
+    cdef Py_ssize_t c, i, j, oh, oh_lo, oh_hi, ow_lo, ow_hi
     cdef const floating *src
-    cdef floating *dst
     memset(x, 0, g.C * g.H * g.W * sizeof(floating))
     for c in range(g.C):
         for i in range(g.kh):
+            valid_range(i - g.ph, g.sh, g.H, g.Ho, &oh_lo, &oh_hi)
             for j in range(g.kw):
-                src = cols + ((c * g.kh + i) * g.kw + j) * ld
                 valid_range(j - g.pw, g.sw, g.W, g.Wo, &ow_lo, &ow_hi)
-                for oh in range(g.Ho):
-                    ih = oh * g.sh - g.ph + i
-                    if ih >= 0 and ih < g.H:
-                        dst = x + (c * g.H + ih) * g.W
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow * g.sw + j - g.pw] += src[ow]
-                    src += g.Wo
+                src = cols + ((c * g.kh + i) * g.kw + j) * ld
+                for oh in range(oh_lo, oh_hi):
+                    add_strided(x + (c * g.H + oh * g.sh + i - g.ph) * g.W + ow_lo * g.sw + j - g.pw,
+                                g.sw, src + oh * g.Wo + ow_lo, ow_hi - ow_lo)
 
 
 cdef Geometry make_geometry(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -187,9 +255,15 @@ cdef Geometry make_geometry(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
     return g
 
 
-cdef inline bint is_pointwise(const Geometry *g) noexcept nogil:
-    """A 1x1 kernel, stride 1, no padding: im2col is the identity, x[n] is already (C, H*W)."""
-    return g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+cdef inline void fill(floating *row, Py_ssize_t n, floating value) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        row[i] = value
+
+
+cdef inline Py_ssize_t group_count(Py_ssize_t N, Py_ssize_t G, Py_ssize_t group) noexcept nogil:
+    """Images in group `group` of G consecutive images (the last group may be short)."""
+    return G if N - group * G >= G else N - group * G
 
 
 def im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
@@ -201,7 +275,7 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
     if N == 0:
         return
     with nogil:
-        for n in prange(N, schedule="static", num_threads=_num_threads):
+        for n in prange(N, schedule="dynamic", num_threads=_num_threads):
             im2col_image(&x[n, 0, 0, 0], &cols[n, 0, 0], P, &g)
 
 
@@ -214,126 +288,166 @@ def col2im(const floating[:, :, ::1] cols, floating[:, :, :, ::1] x,
     if N == 0:
         return
     with nogil:
-        for n in prange(N, schedule="static", num_threads=_num_threads):
+        for n in prange(N, schedule="dynamic", num_threads=_num_threads):
             col2im_image(&cols[n, 0, 0], P, &x[n, 0, 0, 0], &g)
 
 
 # ----------------------------------------------------------------------------- convolution
+#
+# The batch is cut into groups of G consecutive images (G = 1 unless Ho*Wo is small); the
+# im2col matrices of a group sit side by side in one (K, G*P) buffer, ld = G*P, so that small
+# images still make one GEMM of reasonable width. K = C*kh*kw, P = Ho*Wo.
 
-def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-                   const floating[::1] b, bint has_bias, floating[:, :, :, ::1] out,
-                   floating[:, ::1] scratch,
+def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
+                   floating[:, :, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw,
                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                   Py_ssize_t G, floating[:, ::1] cols_scratch, floating[:, ::1] out_scratch,
                    int num_threads):
-    """out[n] (F, Ho*Wo) = W (F, C*kh*kw) . cols[n] (C*kh*kw, Ho*Wo) + b  for every image n.
+    """out[n] (F, P) = W_ext (F, K[+1]) . [cols[n]; 1] (K[+1], P) for every image n.
 
-    scratch is (num_threads, C*kh*kw*Ho*Wo): one im2col matrix per thread (unused for a
-    pointwise kernel, where cols[n] is x[n] itself).
+    w_ext is w.reshape(F, K), with the bias appended as column K if it has K+1 columns (then
+    the im2col buffer gets a row of ones, and the GEMM adds the bias).
+    cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
+    out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW.
     """
-    cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3],
-                                    w.shape[2], w.shape[3], sh, sw, ph, pw)
-    cdef Py_ssize_t N = x.shape[0], F = w.shape[0]
-    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo
-    cdef Py_ssize_t n, f, p
-    cdef floating *cols
-    cdef const floating *cols_n
-    cdef floating *out_n
-    cdef floating beta = 1 if has_bias else 0
-    cdef bint pointwise = is_pointwise(&g)
+    cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
+    cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
+    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
+    cdef Py_ssize_t groups = (N + G - 1) // G
+    cdef Py_ssize_t group, n0, count, i, f
+    cdef floating *cols = NULL
+    cdef floating *group_out = NULL
+    cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
-    with nogil, parallel(num_threads=num_threads):
-        cols = &scratch[threadid(), 0]
-        for n in prange(N, schedule="static"):
-            if pointwise:
-                cols_n = &x[n, 0, 0, 0]
-            else:
-                im2col_image(&x[n, 0, 0, 0], cols, P, &g)
-                cols_n = cols
-            out_n = &out[n, 0, 0, 0]
-            if has_bias:
-                for f in range(F):
-                    for p in range(P):
-                        out_n[f * P + p] = b[f]
-            gemm_rowmajor(c"N", c"N", <int> F, <int> P, <int> K, <floating> 1.0,
-                          &w[0, 0, 0, 0], <int> K, cols_n, <int> P, beta, out_n, <int> P)
+    with nogil:
+        pin_blas(saved_blas_threads)
+        with parallel(num_threads=num_threads):
+            cols = &cols_scratch[threadid(), 0]
+            group_out = &out_scratch[threadid(), 0]
+            if k_ext > K:
+                fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
+            for group in prange(groups, schedule="dynamic"):
+                n0 = group * G
+                count = group_count(N, G, group)
+                for i in range(count):
+                    im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
+                if G == 1:
+                    gemm_rowmajor(c"N", c"N", <int> F, <int> P, <int> k_ext, <floating> 1,
+                                  &w_ext[0, 0], <int> k_ext, cols, <int> ld,
+                                  <floating> 0, &out[n0, 0, 0, 0], <int> P)
+                else:
+                    gemm_rowmajor(c"N", c"N", <int> F, <int> (count * P), <int> k_ext, <floating> 1,
+                                  &w_ext[0, 0], <int> k_ext, cols, <int> ld,
+                                  <floating> 0, group_out, <int> ld)
+                    # (F, count*P) -> out[n0 + i] (F, P)
+                    for i in range(count):
+                        for f in range(F):
+                            memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
+                                   P * sizeof(floating))
+        unpin_blas(saved_blas_threads)
 
 
 def conv2d_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dout,
-                           Py_ssize_t kh, Py_ssize_t kw,
-                           floating[:, ::1] dw_per_thread, double[:, ::1] db_per_thread,
-                           floating[:, ::1] scratch,
+                           floating[:, ::1] dw_ext_per_chunk, Py_ssize_t kh, Py_ssize_t kw,
                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                           int num_threads):
-    """dW_t (F, C*kh*kw) += dout[n] (F, Ho*Wo) . cols[n]^T and db_t[f] += sum_p dout[n, f, p]
-    over the images n of thread t (the lecture's dL/dF = X * G, i.e. g^T M_X^im).
+                           Py_ssize_t G, floating[:, ::1] cols_scratch,
+                           floating[:, ::1] dout_scratch, int num_threads):
+    """dW_ext[chunk] (F, K+1) += dout_group (F, G*P) . [cols_group; 1]^T (G*P, K+1) over the
+    groups of each chunk: columns 0..K-1 are dL/dW (the lecture's X * G), column K is dL/db.
 
-    dw_per_thread (num_threads, F*C*kh*kw) and db_per_thread (num_threads, F) must be zero on
-    entry; the caller sums them over threads (fixed order, so the result is deterministic).
-    scratch is (num_threads, C*kh*kw*Ho*Wo).
+    dw_ext_per_chunk (chunks, F*(K+1)) must be zero on entry; the caller sums it over chunks.
+    The chunks (contiguous runs of groups) depend only on N, G and the number of chunks, never
+    on the threads, so the result is the same, bit for bit, for any thread count; each chunk
+    belongs to one thread at a time, so the accumulation is race-free.
+    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
-    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo
-    cdef Py_ssize_t n, f, p
-    cdef int tid
-    cdef double row_sum
-    cdef floating *cols
-    cdef const floating *cols_n
-    cdef const floating *dout_n
-    cdef bint pointwise = is_pointwise(&g)
+    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
+    cdef Py_ssize_t groups = (N + G - 1) // G, chunks = dw_ext_per_chunk.shape[0]
+    cdef Py_ssize_t chunk, group, n0, count, i, f, lda
+    cdef floating *cols = NULL
+    cdef floating *group_dout = NULL
+    cdef const floating *a = NULL
+    cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
-    with nogil, parallel(num_threads=num_threads):
-        tid = threadid()
-        cols = &scratch[tid, 0]
-        for n in prange(N, schedule="static"):
-            if pointwise:
-                cols_n = &x[n, 0, 0, 0]
-            else:
-                im2col_image(&x[n, 0, 0, 0], cols, P, &g)
-                cols_n = cols
-            dout_n = &dout[n, 0, 0, 0]
-            gemm_rowmajor(c"N", c"T", <int> F, <int> K, <int> P, <floating> 1.0,
-                          dout_n, <int> P, cols_n, <int> P, <floating> 1.0,
-                          &dw_per_thread[tid, 0], <int> K)
-            for f in range(F):
-                row_sum = 0
-                for p in range(P):
-                    row_sum = row_sum + dout_n[f * P + p]
-                db_per_thread[tid, f] += row_sum
+    with nogil:
+        pin_blas(saved_blas_threads)
+        with parallel(num_threads=num_threads):
+            cols = &cols_scratch[threadid(), 0]
+            group_dout = &dout_scratch[threadid(), 0]
+            fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
+            for chunk in prange(chunks, schedule="dynamic"):
+                for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
+                    n0 = group * G
+                    count = group_count(N, G, group)
+                    for i in range(count):
+                        im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
+                    if G == 1:
+                        a = &dout[n0, 0, 0, 0]
+                        lda = P
+                    else:
+                        # dout[n0 + i] (F, P) -> (F, count*P)
+                        for i in range(count):
+                            for f in range(F):
+                                memcpy(group_dout + f * ld + i * P, &dout[n0 + i, 0, 0, 0] + f * P,
+                                       P * sizeof(floating))
+                        a = group_dout
+                        lda = ld
+                    gemm_rowmajor(c"N", c"T", <int> F, <int> (K + 1), <int> (count * P),
+                                  <floating> 1, a, <int> lda, cols, <int> ld, <floating> 1,
+                                  &dw_ext_per_chunk[chunk, 0], <int> (K + 1))
+        unpin_blas(saved_blas_threads)
 
 
 def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
-                          floating[:, :, :, ::1] dx, floating[:, ::1] scratch,
-                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                          floating[:, :, :, ::1] dx, Py_ssize_t sh, Py_ssize_t sw,
+                          Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t G,
+                          floating[:, ::1] cols_scratch, floating[:, ::1] dout_scratch,
                           int num_threads):
-    """dx[n] = col2im(W^T (C*kh*kw, F) . dout[n] (F, Ho*Wo))  (the lecture's g^T M_F^filter,
-    i.e. G_zero-pad * F_rot180). Each image is written by one thread only: race-free.
+    """dx[n] = col2im(W^T (K, F) . dout[n] (F, P)): the lecture's g^T M_F^filter, i.e. the full
+    convolution G_zero-pad * F_rot180 summed over filters. Each image is written by one thread.
 
-    scratch is (num_threads, C*kh*kw*Ho*Wo): one column-gradient matrix per thread.
+    cols_scratch (threads, K*G*P): the group's column gradients; dout_scratch (threads, F*G*P)
+    when G > 1.
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
     cdef Py_ssize_t N = dx.shape[0], F = w.shape[0]
-    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo
-    cdef Py_ssize_t n
-    cdef floating *dcols
-    cdef bint pointwise = is_pointwise(&g)
+    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
+    cdef Py_ssize_t groups = (N + G - 1) // G
+    cdef Py_ssize_t group, n0, count, i, f, ldb
+    cdef floating *dcols = NULL
+    cdef floating *group_dout = NULL
+    cdef const floating *b = NULL
+    cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
-    with nogil, parallel(num_threads=num_threads):
-        dcols = &scratch[threadid(), 0]
-        for n in prange(N, schedule="static"):
-            if pointwise:
-                gemm_rowmajor(c"T", c"N", <int> K, <int> P, <int> F, <floating> 1.0,
-                              &w[0, 0, 0, 0], <int> K, &dout[n, 0, 0, 0], <int> P,
-                              <floating> 0.0, &dx[n, 0, 0, 0], <int> P)
-            else:
-                gemm_rowmajor(c"T", c"N", <int> K, <int> P, <int> F, <floating> 1.0,
-                              &w[0, 0, 0, 0], <int> K, &dout[n, 0, 0, 0], <int> P,
-                              <floating> 0.0, dcols, <int> P)
-                col2im_image(dcols, P, &dx[n, 0, 0, 0], &g)
+    with nogil:
+        pin_blas(saved_blas_threads)
+        with parallel(num_threads=num_threads):
+            dcols = &cols_scratch[threadid(), 0]
+            group_dout = &dout_scratch[threadid(), 0]
+            for group in prange(groups, schedule="dynamic"):
+                n0 = group * G
+                count = group_count(N, G, group)
+                if G == 1:
+                    b = &dout[n0, 0, 0, 0]
+                    ldb = P
+                else:
+                    for i in range(count):
+                        for f in range(F):
+                            memcpy(group_dout + f * ld + i * P, &dout[n0 + i, 0, 0, 0] + f * P,
+                                   P * sizeof(floating))
+                    b = group_dout
+                    ldb = ld
+                gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
+                              &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
+                for i in range(count):
+                    col2im_image(dcols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
+        unpin_blas(saved_blas_threads)
 
 
 # ----------------------------------------------------------------------------- max pooling
@@ -354,7 +468,7 @@ def maxpool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
     if N * C == 0:
         return
     with nogil:
-        for plane in prange(N * C, schedule="static", num_threads=_num_threads):
+        for plane in prange(N * C, schedule="guided", num_threads=_num_threads):
             x_plane = &x[plane // C, plane % C, 0, 0]
             out_plane = &out[plane // C, plane % C, 0, 0]
             argmax_plane = &argmax[plane // C, plane % C, 0, 0]
@@ -389,7 +503,7 @@ def maxpool2d_backward(const floating[:, :, :, ::1] dout, const Py_ssize_t[:, :,
     if N * C == 0:
         return 0
     with nogil:
-        for plane in prange(N * C, schedule="static", num_threads=_num_threads):
+        for plane in prange(N * C, schedule="guided", num_threads=_num_threads):
             dout_plane = &dout[plane // C, plane % C, 0, 0]
             argmax_plane = &argmax[plane // C, plane % C, 0, 0]
             dx_plane = &dx[plane // C, plane % C, 0, 0]

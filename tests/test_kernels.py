@@ -137,6 +137,26 @@ def test_batch_larger_than_threads_and_non_contiguous_inputs():
     assert rel_err(dx, ref.input_grad(dout, w, x.shape, 2, 1)) <= 1e-12
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding",
+    [
+        ((37, 2, 18, 18), (3, 2, 3, 2), 1, 0),    # 16x17 outputs: one image per GEMM, > 16 chunks
+        ((35, 2, 7, 6), (3, 2, 2, 3), 1, 1),      # small outputs: images grouped, short last group
+        ((50, 1, 5, 5), (2, 1, 5, 5), 1, 0),      # 1x1 outputs: all images in one GEMM
+    ],
+)
+def test_grouped_and_chunked_batches(x_shape, w_shape, stride, padding):
+    x, w, b, rng = random_problem(x_shape, w_shape, np.float64, seed=21)
+    out = kernels.conv2d_forward(x, w, b, stride, padding)
+    assert rel_err(out, ref.conv_forward(x, w, b, stride, padding)) <= 1e-12
+    dout = rng.standard_normal(out.shape)
+    dw, db = kernels.conv2d_backward_filter(x, dout, w_shape[2:], stride, padding)
+    dw_ref, db_ref = ref.filter_grad(x, dout, w_shape[2:], stride, padding)
+    assert rel_err(dw, dw_ref) <= 1e-12 and rel_err(db, db_ref) <= 1e-12
+    dx = kernels.conv2d_backward_input(dout, w, x_shape, stride, padding)
+    assert rel_err(dx, ref.input_grad(dout, w, x_shape, stride, padding)) <= 1e-12
+
+
 def test_empty_batch():
     x = np.zeros((0, 2, 5, 5))
     w = np.ones((3, 2, 3, 3))
@@ -197,23 +217,28 @@ def test_gradients_match_centered_differences(x_shape, w_shape, stride, padding)
 # ----------------------------------------------------------------------------- threads
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_one_and_two_threads_agree(threads, dtype):
-    x, w, b, rng = random_problem((7, 3, 12, 10), (6, 3, 3, 2), dtype, seed=5)
-    dout = rng.standard_normal((7, 6, 6, 6)).astype(dtype)
+@pytest.mark.parametrize("x_shape, stride", [((7, 3, 12, 10), 2), ((23, 2, 20, 19), 1)])
+def test_one_and_two_threads_give_the_same_bits(threads, dtype, x_shape, stride):
+    # the work split depends on the batch only, never on the thread count
+    x, w, b, rng = random_problem(x_shape, (6, x_shape[1], 3, 2), dtype, seed=5)
+    out_shape = kernels.conv2d_output_shape(x.shape, w.shape, stride, 1)
+    dout = rng.standard_normal(out_shape).astype(dtype)
     results = {}
-    for n in (1, 2):
+    for n in (1, 2, 3):
         convtrain.set_num_threads(n)
         assert convtrain.get_num_threads() == (n if convtrain.build_info()["openmp"] else 1)
         results[n] = (
-            kernels.conv2d_forward(x, w, b, 2, 1),
-            *kernels.conv2d_backward_filter(x, dout, (3, 2), 2, 1),
-            kernels.conv2d_backward_input(dout, w, x.shape, 2, 1),
-            kernels.im2col(x, (3, 2), 2, 1),
-            kernels.maxpool2d_forward(x, 2)[0],
+            kernels.conv2d_forward(x, w, b, stride, 1),
+            *kernels.conv2d_backward_filter(x, dout, (3, 2), stride, 1),
+            kernels.conv2d_backward_input(dout, w, x.shape, stride, 1),
+            kernels.im2col(x, (3, 2), stride, 1),
+            kernels.col2im(kernels.im2col(x, (3, 2), stride, 1), x.shape, (3, 2), stride, 1),
+            *kernels.maxpool2d_forward(x, 2),
+            kernels.maxpool2d_backward(*kernels.maxpool2d_forward(x, 2), x.shape),
         )
-    tol = 1e-13 if dtype == np.float64 else 1e-6
-    for one, two in zip(results[1], results[2]):
-        assert rel_err(two, one.astype(np.float64)) <= tol
+    for one, two, three in zip(results[1], results[2], results[3]):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)
 
 
 def test_thread_settings_and_build_info(threads):
@@ -224,6 +249,18 @@ def test_thread_settings_and_build_info(threads):
         convtrain.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be"):
         convtrain.set_num_threads(1.5)
+
+
+def test_blas_threads_are_restored_after_kernel_calls():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
+    x, w, b, rng = random_problem((4, 2, 20, 20), (3, 2, 3, 3), np.float64)
+    out = kernels.conv2d_forward(x, w, b)
+    kernels.conv2d_backward_filter(x, out, 3)
+    kernels.conv2d_backward_input(out, w, x.shape)
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == before
+    assert all(lib["pinned_during_kernels"] in ("c", "python", "not needed")
+               for lib in convtrain.build_info()["blas"])
 
 
 # ----------------------------------------------------------------------------- bad arguments
