@@ -146,14 +146,18 @@ def _run_processes(plan: WorkerPlan, workers: int) -> int:
     """Spawn the workers and wait; returns how many ended on an error. SIGTERM to the
     launcher is passed on, so each fit stops at a batch boundary and checkpoints."""
     context = multiprocessing.get_context("spawn")  # fork + threads (OpenMP, sqlite) is unsafe
+    # Ctrl-C reaches every worker, but one caught outside its fit's batch loop may not stop;
+    # the event makes sure none starts another trial.
+    stop = context.Event()
     processes = []
     for index in range(workers):
         worker_plan = WorkerPlan(**{**plan.__dict__, "label": f"[w{index + 1}] "})
-        process = context.Process(target=_worker_main, args=(worker_plan,), name=f"sweep-worker-{index + 1}")
+        process = context.Process(target=_worker_main, args=(worker_plan, stop), name=f"sweep-worker-{index + 1}")
         process.start()
         processes.append(process)
 
     def forward(signum, frame):
+        stop.set()
         for p in processes:
             if p.is_alive():
                 p.terminate()
@@ -164,6 +168,7 @@ def _run_processes(plan: WorkerPlan, workers: int) -> int:
         for p in processes:
             p.join()
     except KeyboardInterrupt:
+        stop.set()
         for p in processes:  # Ctrl-C reached the workers too; let them checkpoint and give back
             p.join(timeout=120)
             if p.is_alive():
@@ -178,11 +183,11 @@ def _run_processes(plan: WorkerPlan, workers: int) -> int:
     return sum(1 for p in processes if p.exitcode != 0)
 
 
-def _worker_main(plan: WorkerPlan) -> None:
+def _worker_main(plan: WorkerPlan, stop) -> None:
     """Entry point of a spawned worker: one-line errors, exit codes like the CLI's."""
     import sys
     try:
-        run_worker(plan)
+        run_worker(plan, stop)
     except (KeyboardInterrupt, TrainingInterrupted):
         sys.exit(130)
     except ConvtrainError as exc:

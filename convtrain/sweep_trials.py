@@ -23,7 +23,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from convtrain.callbacks import Callback
-from convtrain.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from convtrain.errors import ConfigError, ConvtrainError, TrainingDiverged, TrainingInterrupted
 from convtrain.sweep_file import Choices, SweepSpec, load_sweep
 from convtrain import sweep_study, sweep_tracking
 from convtrain.sweep_tracking import SWEEP_TAG, TRIAL_TAG
@@ -63,15 +63,16 @@ class PruningCallback(Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.objective} {value:.4f}")
 
 
-def run_worker(plan: WorkerPlan) -> int:
-    """Run trials until no ticket is left; returns how many this worker ran."""
+def run_worker(plan: WorkerPlan, stop=None) -> int:
+    """Run trials until no ticket is left, or until `stop` (an Event the launcher sets on
+    Ctrl-C) is set; returns how many this worker ran."""
     spec = load_sweep(plan.sweep_path, n_trials=plan.n_trials, study_name=plan.study_name)
     reclaimed: list = []
     storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
     handle = sweep_study.load(spec, storage)
     console = Console(highlight=False, soft_wrap=True)
     fit = plan.fit or _api_fit()
-    ran = 0
+    ran = errors_in_a_row = 0
     while True:
         reclaimed.extend(sweep_study.reclaim_dead_trials(handle))
         sweep_study.fail_stale_trials(handle)
@@ -79,10 +80,25 @@ def run_worker(plan: WorkerPlan) -> int:
             sweep_tracking.close_killed_children(plan.tracking_uri, plan.parent_run_id, spec,
                                                 [t.number for t in reclaimed])
         reclaimed.clear()
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt  # the launcher was interrupted while this trial ran
         trial = sweep_study.take_ticket(handle, spec)
         if trial is None:
             return ran
-        run_trial(trial, handle, spec, plan, fit, console)
+        try:
+            run_trial(trial, handle, spec, plan, fit, console)
+            errors_in_a_row = 0
+        except ConvtrainError:
+            raise  # a user-facing problem (data missing, tracking store down): never luck
+        except Exception as exc:
+            # One unexpected error may be a race or a hiccup (two workers creating the same
+            # MLflow dataset at once, a locked database): the trial's ticket is back in the
+            # queue, so go on. A second one in a row is not luck: stop this worker.
+            errors_in_a_row += 1
+            if errors_in_a_row > 1:
+                raise
+            console.print(f"{plan.label}warning: trial {trial.number} stopped on {type(exc).__name__}: "
+                          f"{_one_line(exc)[:300]}; its parameters go back in the queue", markup=False)
         ran += 1
 
 

@@ -4,7 +4,10 @@ It walks the epochs through the callbacks (so pruning runs) and appends one JSON
 call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on request:
 - $SWEEP_FAKE_INTERRUPT names a file: if it exists, it is removed and the fit raises
   KeyboardInterrupt (Ctrl-C mid-trial);
-- $SWEEP_FAKE_HANG_AFTER=k: the (k+1)-th call logged hangs until the process is killed.
+- $SWEEP_FAKE_HANG_AFTER=k: the (k+1)-th call logged hangs until the process is killed;
+- $SWEEP_FAKE_FAIL_ONCE names a file: if it exists, it is removed and the fit raises
+  RuntimeError (an unexpected, passing error);
+- $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import math
 import os
 import time
 from types import SimpleNamespace
+
+from convtrain.errors import DataError
 
 
 def score(config) -> float:
@@ -40,6 +45,12 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     if interrupt and os.path.exists(interrupt):
         os.unlink(interrupt)
         raise KeyboardInterrupt
+    fail_once = os.environ.get("SWEEP_FAKE_FAIL_ONCE")
+    if fail_once and os.path.exists(fail_once):
+        os.unlink(fail_once)
+        raise RuntimeError("UNIQUE constraint failed (a race between workers)")
+    if os.environ.get("SWEEP_FAKE_DATA_ERROR"):
+        raise DataError(f"data_path: {os.environ['SWEEP_FAKE_DATA_ERROR']} does not exist")
     hang_after = os.environ.get("SWEEP_FAKE_HANG_AFTER")
     if hang_after and log and len(calls(log)) > int(hang_after):
         time.sleep(600)
@@ -66,4 +77,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
     storage = args[args.index("--storage") + 1] if "--storage" in args else None
-    run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=fake_fit)
+    from convtrain.errors import TrainingInterrupted
+
+    try:
+        run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=fake_fit)
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -16,7 +16,7 @@ import pytest
 import sweep_fakes
 from sweep_fakes import calls, fake_fit
 
-from convtrain.errors import ConfigError, TrainingInterrupted
+from convtrain.errors import ConfigError, DataError, TrainingInterrupted
 from convtrain.sweep import run_sweep
 
 GRID = """
@@ -162,6 +162,32 @@ def test_a_killed_sweep_process_resumes_and_reruns_only_the_killed_trial(sweep_d
     assert "died" in failed.note
 
 
+def test_ctrl_c_stops_every_worker_and_the_rerun_finishes_the_rest(sweep_dir):
+    text = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-4, 1e-3, 1e-2]")
+    path = write(sweep_dir, text)
+    log = sweep_dir / "calls.jsonl"
+    env = {**os.environ, "SWEEP_FAKE_SLEEP": "1.0", "PYTHONPATH": _pythonpath()}
+    process = subprocess.Popen([sys.executable, sweep_fakes.__file__, str(path), "--workers", "2"],
+                               cwd=sweep_dir, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(calls(log)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "re-run the same command to resume" in err
+    study = load_study(sweep_dir)
+    counted = states(study)
+    assert "RUNNING" not in counted and counted["FAIL"] >= 1 and counted["WAITING"] >= 1
+    finished = {t.number for t in study.get_trials() if t.state.name == "COMPLETE"}
+
+    before = len(calls(log))
+    outcome = run_sweep(path, quiet=True, fit=fake_fit)
+    assert Counter(r.state for r in outcome.rows)["COMPLETE"] == 6
+    assert not finished & {r["trial"] for r in calls(log)[before:]}
+    assert len(set(points(calls(log)))) == 6
+
+
 def test_two_workers_share_the_grid_without_duplicates(sweep_dir, monkeypatch):
     monkeypatch.setenv("SWEEP_FAKE_SLEEP", "0.3")  # long enough that both workers get trials
     monkeypatch.setenv("PYTHONPATH", _pythonpath())
@@ -172,6 +198,22 @@ def test_two_workers_share_the_grid_without_duplicates(sweep_dir, monkeypatch):
     assert len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
     assert {r["threads"] for r in records} == {max(1, os.cpu_count() // 2)}
     assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 6}
+
+
+def test_one_unexpected_error_is_retried_but_a_data_error_stops_the_sweep(sweep_dir, monkeypatch, capsys):
+    path = write(sweep_dir, GRID)
+    (sweep_dir / "fail-once").write_text("")
+    monkeypatch.setenv("SWEEP_FAKE_FAIL_ONCE", str(sweep_dir / "fail-once"))
+    outcome = run_sweep(path, fit=fake_fit)
+    assert "warning: trial 0 stopped on RuntimeError" in capsys.readouterr().out
+    assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 4, "FAIL": 1}
+    assert next(r for r in outcome.rows if r.state == "FAIL").number == 0
+
+    monkeypatch.setenv("SWEEP_FAKE_DATA_ERROR", "data/mnist")
+    with pytest.raises(DataError, match="data/mnist does not exist"):
+        run_sweep(write(sweep_dir, GRID, "other.toml"), quiet=True, fit=fake_fit)
+    study = load_study(sweep_dir, "other")
+    assert states(study) == {"FAIL": 1, "WAITING": 4}  # nothing lost: the failed point is queued again
 
 
 def test_a_study_name_taken_by_another_sweep_is_refused(sweep_dir):
