@@ -21,14 +21,11 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.
     n = scores.shape[0]
     rows = np.arange(n)
     shifted = scores - scores.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    sum_exp = exp.sum(axis=1)
-    log_probs_true = shifted[rows, y] - np.log(sum_exp)
-    loss = -float(log_probs_true.mean(dtype=np.float64))
-    dscores = exp
-    dscores /= sum_exp[:, None]
-    dscores[rows, y] -= 1.0
-    dscores /= n
+    dscores = np.exp(shifted)
+    sum_exp = dscores.sum(axis=1, keepdims=True)
+    loss = (float(np.log(sum_exp).sum(dtype=np.float64)) - float(shifted[rows, y].sum(dtype=np.float64))) / n
+    dscores *= (1.0 / n) / sum_exp
+    dscores[rows, y] -= 1.0 / n
     return loss, dscores
 
 
