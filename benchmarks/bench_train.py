@@ -8,8 +8,10 @@ L2 gradient, SGD momentum update (Trainer.train_step for convtrain). The three r
     MNIST  1x28x28: 5x5x20, 5x5x50, FC10
     CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
 
-Every implementation starts from the same He-initialized weights (exported to torch with
-convtrain.torch_compat) and runs the same optimizer. Rounds are interleaved across
+The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
+views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
+same He-initialized weights (exported to torch with convtrain.torch_compat) and runs the
+same optimizer. Rounds are interleaved across
 implementations so that background load hits all of them alike; the table shows the median
 images/s over rounds (and min-max), and the ratios of medians.
 
@@ -27,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
 import convtrain
@@ -36,76 +37,18 @@ from convtrain.network import Network
 from convtrain.optim import SGD, make_schedule
 from convtrain.train import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy_conv  # the shared pure-numpy im2col baseline, same API as convtrain.kernels
+
 NETS = {
-    "digits": dict(input_shape=(1, 8, 8), filters=[16, 32], kernel_sizes=[3, 3], steps=60),
-    "mnist": dict(input_shape=(1, 28, 28), filters=[20, 50], kernel_sizes=[5, 5], steps=6),
-    "cifar": dict(input_shape=(3, 32, 32), filters=[32, 64], kernel_sizes=[5, 3], steps=6),
+    "digits": {"input_shape": (1, 8, 8), "filters": [16, 32], "kernel_sizes": [3, 3], "steps": 60},
+    "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 6},
+    "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 6},
 }
 # PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
 BATCH = 100
 LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
-
-
-# ---- numpy im2col baseline: the kernels API in plain numpy ---------------------------------
-
-class NumpyKernels:
-    """conv2d_* with numpy: im2col by sliding_window_view, one GEMM, col2im by kernel-offset adds.
-    The columns of the last forward input are kept for the filter gradient, as a hand-written
-    numpy layer would."""
-
-    def __init__(self):
-        self._cached_x = None
-        self._cached_cols = None
-
-    @staticmethod
-    def _pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-    def _cols(self, x, kernel, stride, padding):
-        """(N*Ho*Wo, C*kh*kw) patches of x (N, C, H, W)."""
-        if x is self._cached_x:
-            return self._cached_cols
-        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        if ph or pw:
-            x_padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        else:
-            x_padded = x
-        windows = sliding_window_view(x_padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # N,C,Ho,Wo,kh,kw
-        n, c, ho, wo = windows.shape[:4]
-        cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
-        self._cached_x, self._cached_cols = x, cols
-        return cols
-
-    def conv2d_forward(self, x, w, b, stride=1, padding=0):
-        f, c, kh, kw = w.shape
-        stride, padding = self._pair(stride), self._pair(padding)
-        n, _, h, wd = x.shape
-        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-        wo = (wd + 2 * padding[1] - kw) // stride[1] + 1
-        out = self._cols(x, (kh, kw), stride, padding) @ w.reshape(f, -1).T
-        out += b
-        return np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
-
-    def conv2d_backward_filter(self, x, dout, kernel_size, stride=1, padding=0):
-        kh, kw = self._pair(kernel_size)
-        f = dout.shape[1]
-        cols = self._cols(x, (kh, kw), self._pair(stride), self._pair(padding))
-        dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, f)
-        dw = (dout_rows.T @ cols).reshape(f, x.shape[1], kh, kw)
-        return dw, dout.sum(axis=(0, 2, 3))
-
-    def conv2d_backward_input(self, dout, w, x_shape, stride=1, padding=0):
-        f, c, kh, kw = w.shape
-        (sh, sw), (ph, pw) = self._pair(stride), self._pair(padding)
-        n, _, h, wd = x_shape
-        _, _, ho, wo = dout.shape
-        dcols = (dout.transpose(0, 2, 3, 1).reshape(-1, f) @ w.reshape(f, -1)).reshape(n, ho, wo, c, kh, kw)
-        dx = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dout.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                dx[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        return dx[:, :, ph:ph + h, pw:pw + wd]
 
 
 # ---- one implementation = a function that runs k steps ----------------------------------------
@@ -142,6 +85,7 @@ def convtrain_runner(spec, kernels_module=None):
 
 def torch_runner(spec):
     import torch
+
     from convtrain.torch_compat import to_torch_module
 
     model = to_torch_module(build_network(spec))
@@ -179,7 +123,7 @@ def measure(net, threads, rounds, with_torch, with_numpy):
     if with_torch:
         runners["pytorch"] = torch_runner(spec)
     if with_numpy:
-        runners["numpy"] = convtrain_runner(spec, NumpyKernels())
+        runners["numpy"] = convtrain_runner(spec, numpy_conv)
     rates = {name: [] for name in runners}
     set_threads(threads)
     with threadpool_limits(threads, user_api="blas"):
@@ -191,6 +135,19 @@ def measure(net, threads, rounds, with_torch, with_numpy):
                 run(steps)
                 rates[name].append(steps * BATCH / (time.perf_counter() - started))
     return rates
+
+
+def format_row(net, threads, rates, medians):
+    def cell(name):
+        if name not in rates:
+            return f"{'-':>22}"
+        return f"{medians[name]:>9,.0f} ({min(rates[name]):,.0f}-{max(rates[name]):,.0f})".rjust(22)
+
+    def ratio(name):
+        return f"{medians['convtrain'] / medians[name]:>8.2f}x" if name in medians else f"{'-':>9}"
+
+    return (f"{net:<7} {threads:>3} {cell('convtrain')} {cell('pytorch')} {cell('numpy')} "
+            f"{ratio('pytorch')} {ratio('numpy')}")
 
 
 def main(argv=None):
@@ -223,17 +180,7 @@ def main(argv=None):
         for threads in (int(t) for t in args.threads.split(",")):
             rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy)
             medians = {name: statistics.median(values) for name, values in rates.items()}
-
-            def cell(name):
-                if name not in rates:
-                    return f"{'-':>22}"
-                return f"{medians[name]:>9,.0f} ({min(rates[name]):,.0f}-{max(rates[name]):,.0f})".rjust(22)
-
-            def ratio(name):
-                return f"{medians['convtrain'] / medians[name]:>8.2f}x" if name in medians else f"{'-':>9}"
-
-            print(f"{net:<7} {threads:>3} {cell('convtrain')} {cell('pytorch')} {cell('numpy')} "
-                  f"{ratio('pytorch')} {ratio('numpy')}", flush=True)
+            print(format_row(net, threads, rates, medians), flush=True)
             results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
     print("\nPyTorch reference at 2 threads (issue): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")
