@@ -188,13 +188,11 @@ def _default_store() -> str:
 
 
 def _quiet_library_logs(debug: bool) -> None:
-    """MLflow and alembic log INFO chatter (table creation, example validation) into the
-    progress output; the CLI shows their warnings and errors only, unless --debug."""
-    import logging
-
+    """MLflow logs INFO chatter (table creation, example validation) into the progress output;
+    the CLI shows its warnings and errors only, unless --debug. MLflow sets its loggers up
+    from MLFLOW_LOGGING_LEVEL when imported, so the variable (not the logger) is set here."""
     if not debug:
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _print_fit_result(console, result) -> None:

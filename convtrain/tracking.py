@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -279,7 +280,10 @@ class MLflowCallback(Callback):
                               ("test", splits.x_test, splits.y_test)):
             if x is None or len(x) == 0:
                 continue
-            dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{splits.name}-{context}")
+            with warnings.catch_warnings():
+                # a local path matches MLflow's file-source class twice; either reading is right
+                warnings.filterwarnings("ignore", message=".*interpreted in multiple ways")
+                dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{splits.name}-{context}")
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)
@@ -469,7 +473,9 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port)]
     # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
-    server = subprocess.Popen(command, start_new_session=True, env=server_environment())
+    # The server's own log goes to stderr, so stdout holds just the lines printed below.
+    server = subprocess.Popen(command, start_new_session=True, env=server_environment(), stdout=sys.stderr.fileno()
+                              if _has_fileno(sys.stderr) else None)
     try:
         base = f"http://{host}:{port}"
         deadline = time.monotonic() + startup_seconds
@@ -491,6 +497,14 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
         return 0
     finally:
         stop_process_group(server)
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
 
 
 def server_environment() -> dict[str, str]:
