@@ -86,9 +86,11 @@ def open_storage(url: str, *, reclaimed: list | None = None) -> "optuna.storages
     import optuna
     quiet_optuna()
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several workers share one file: wait for its write lock rather than fail at once.
-        engine_kwargs["connect_args"] = {"timeout": 120}
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        # Several workers share one file: wait for its write lock rather than fail at once;
+        # isolation_level=None hands BEGIN to us (see _serialize_sqlite_transactions).
+        engine_kwargs["connect_args"] = {"timeout": 120, "isolation_level": None}
     else:
         engine_kwargs["pool_pre_ping"] = True
 
@@ -98,14 +100,32 @@ def open_storage(url: str, *, reclaimed: list | None = None) -> "optuna.storages
             reclaimed.append(trial)
 
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=on_stale)
+        if sqlite:
+            _serialize_sqlite_transactions(storage.engine)
+        return storage
     except ImportError as exc:
         raise StorageError(f"study storage {redact(url)}: missing database driver ({exc})") from None
     except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"study storage {redact(url)}: cannot open it: {first_line}") from None
+
+
+def _serialize_sqlite_transactions(engine) -> None:
+    """Start every transaction with BEGIN IMMEDIATE (the file's write lock).
+
+    Taking a ticket reads the trial's state and then writes RUNNING. PostgreSQL locks the row
+    (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE, and Python's sqlite3 runs the SELECT
+    outside any transaction, so two workers could both read WAITING and both run the trial.
+    Holding the write lock from the first statement makes read-then-write atomic.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_sampler(spec: SweepSpec, trial_number: int):

@@ -66,6 +66,21 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     return SimpleNamespace(run_id=None, metrics=dict(epochs[-1]), history=SimpleNamespace(epochs=epochs))
 
 
+def take_all_tickets(args) -> list[int]:
+    """A bare worker: take tickets and finish them at once, as fast as possible (race tests)."""
+    from convtrain import sweep_study
+    from convtrain.sweep_file import load_sweep
+
+    path, url = args
+    spec = load_sweep(path)
+    handle = sweep_study.load(spec, sweep_study.open_storage(url))
+    taken = []
+    while (trial := sweep_study.take_ticket(handle, spec)) is not None:
+        taken.append(trial.number)
+        handle.study.tell(trial, 0.5)
+    return taken
+
+
 if __name__ == "__main__":
     # `python sweep_fakes.py SWEEP.toml [--workers N]`: a sweep process on the fake fit,
     # for tests that kill it or run two at once.

@@ -3,6 +3,7 @@
 No MLflow here (track = false); tests/test_sweep_e2e.py runs real fits with tracking.
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from sweep_fakes import calls, fake_fit
 
 from convtrain.errors import ConfigError, DataError, TrainingInterrupted
 from convtrain.sweep import run_sweep
+from convtrain.sweep_file import load_sweep
+from convtrain.sweep_study import create_or_join, open_storage
 
 GRID = """
 [fit]
@@ -214,6 +217,19 @@ def test_one_unexpected_error_is_retried_but_a_data_error_stops_the_sweep(sweep_
         run_sweep(write(sweep_dir, GRID, "other.toml"), quiet=True, fit=fake_fit)
     study = load_study(sweep_dir, "other")
     assert states(study) == {"FAIL": 1, "WAITING": 4}  # nothing lost: the failed point is queued again
+
+
+def test_four_processes_racing_for_sqlite_tickets_never_take_the_same_one(sweep_dir):
+    # Without BEGIN IMMEDIATE, SQLite lets two processes both read a ticket as WAITING.
+    path = write(sweep_dir, "[fit]\ntrack = false\n[sweep]\nmethod = \"random\"\nn_trials = 60\n"
+                            "[space]\nlr = {low = 0.01, high = 0.1}\n")
+    url = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    spec = load_sweep(path)
+    create_or_join(spec, open_storage(url))
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        taken = pool.map(sweep_fakes.take_all_tickets, [(str(path), url)] * 4)
+    numbers = [n for worker in taken for n in worker]
+    assert sorted(numbers) == list(range(60))
 
 
 def test_a_study_name_taken_by_another_sweep_is_refused(sweep_dir):
