@@ -8,6 +8,7 @@ the directory is fsynced: a reader sees either the old file or the new one, neve
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -47,7 +48,18 @@ def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
             pass
         raise
     _fsync_directory(path.parent)
+    _remove_stale_temp_files(path)
     return path
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    # A process killed mid-write (SIGKILL, power loss) leaves its temp file behind; the next
+    # complete write of the same file clears them, so killed-and-resumed fits do not pile up.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def _fsync_directory(directory: Path) -> None:
