@@ -94,8 +94,7 @@ def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None =
             failed = _run_processes(plan, workers)
             if failed:
                 status = "FAILED"
-                raise SweepFailed(f"{failed} of {workers} sweep workers stopped on an error (see above); "
-                                  "fix it and re-run the same command to finish the sweep")
+                raise SweepFailed(f"{'; '.join(failed)}; re-run the same command to finish the sweep")
     except (KeyboardInterrupt, TrainingInterrupted):
         status = "KILLED"
         raise TrainingInterrupted(
@@ -142,9 +141,9 @@ def _announce(console, spec, handle, storage_url, workers, parent_run_id, quiet)
         console.print(f"mlflow parent run {parent_run_id} (experiment {spec.base.experiment!r})", markup=False)
 
 
-def _run_processes(plan: WorkerPlan, workers: int) -> int:
-    """Spawn the workers and wait; returns how many ended on an error. SIGTERM to the
-    launcher is passed on, so each fit stops at a batch boundary and checkpoints."""
+def _run_processes(plan: WorkerPlan, workers: int) -> list[str]:
+    """Spawn the workers and wait; returns what went wrong with those that failed. SIGTERM to
+    the launcher is passed on, so each fit stops at a batch boundary and checkpoints."""
     context = multiprocessing.get_context("spawn")  # fork + threads (OpenMP, sqlite) is unsafe
     # Ctrl-C reaches every worker, but one caught outside its fit's batch loop may not stop;
     # the event makes sure none starts another trial.
@@ -180,7 +179,17 @@ def _run_processes(plan: WorkerPlan, workers: int) -> int:
     interrupted = [p for p in processes if p.exitcode in (130, -signal.SIGINT, -signal.SIGTERM)]
     if interrupted:
         raise KeyboardInterrupt
-    return sum(1 for p in processes if p.exitcode != 0)
+    return [_describe_exit(index + 1, p.exitcode) for index, p in enumerate(processes) if p.exitcode != 0]
+
+
+def _describe_exit(number: int, code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"sweep worker {number} was killed ({name})"
+    return f"sweep worker {number} stopped on an error (see its line above)"
 
 
 def _worker_main(plan: WorkerPlan, stop) -> None:
