@@ -16,12 +16,12 @@ def sweep(
                                 help="Worker processes on this machine; each gets cores/N kernel threads."),
     storage: Optional[str] = typer.Option(
         None, help="Optuna storage URL; postgresql://... lets several machines share the study. "
-                   "[default: sqlite:///optuna.db beside the MLflow store]"),
+                   "(default: sqlite:///optuna.db beside the MLflow store)"),
     n_trials: Optional[int] = typer.Option(None, "--n-trials", "-n", min=1,
-                                           help="Trials in the whole study. [default: the sweep file's]"),
+                                           help="Trials in the whole study (default: the sweep file's)."),
     tracking_uri: Optional[str] = typer.Option(
-        None, help="MLflow store. [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]"),
-    study_name: Optional[str] = typer.Option(None, help="Optuna study name. [default: the sweep file's]"),
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+    study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: the sweep file's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ):
