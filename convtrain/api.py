@@ -192,7 +192,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     standardizer = Standardizer.fit(splits.x_train)
     network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}
     network.class_names = list(splits.class_names)
-    network.meta = {**splits.meta, "data": config.data, "data_path": config.data_path,
+    data_path = str(Path(config.data_path).resolve()) if config.data_path else None  # for `evaluate` anywhere
+    network.meta = {**splits.meta, "data": config.data, "data_path": data_path,
                     "val_fraction": config.val_fraction, "seed": config.seed, "limit": config.limit}
 
     out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()

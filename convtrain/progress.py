@@ -98,6 +98,8 @@ class ProgressCallback(Callback):
     # ---- callback hooks -------------------------------------------------------------
 
     def on_fit_start(self, trainer):
+        # the trainer knows the real length (a cyclic schedule sets it from its cycles)
+        self.epochs = getattr(trainer, "epochs", None) or self.epochs
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
