@@ -197,6 +197,7 @@ class MLflowCallback(Callback):
         # what the run already holds (on resume), so nothing is logged twice
         self.logged_epochs = logged_epochs
         self.logged_batch_step = logged_batch_step
+        self.logged_other_steps: dict[str, int] = {}  # e.g. test_*: key -> last step held
         self.pending: list = []
         self.reachable = True
         self._retry_after = 0.0
@@ -246,6 +247,10 @@ class MLflowCallback(Callback):
         logged_batch = _max_step(client, run_id, BATCH_METRIC, -1)
         callback = cls(client, tracking_uri, run_id, run.info.experiment_id, log_every=config.log_every,
                        notify=notify, logged_epochs=logged_epochs, logged_batch_step=logged_batch)
+        # a fit killed after logging its test metrics (while logging artifacts or the model)
+        # computes them again when resumed; the run must not get them twice
+        callback.logged_other_steps = {key: _max_step(client, run_id, key, -1) for key in run.data.metrics
+                                       if key not in EPOCH_METRICS and key != BATCH_METRIC}
         callback.run_name = run.info.run_name
         return callback
 
@@ -322,7 +327,8 @@ class MLflowCallback(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(key, float(value), now, int(step)) for key, value in values.items())
+        self.pending.extend(Metric(key, float(value), now, int(step)) for key, value in values.items()
+                            if int(step) > self.logged_other_steps.get(key, -1))
 
     def flush(self, *, force: bool = False) -> bool:
         """Send the buffered metrics; False (and kept) if the store did not take them."""
