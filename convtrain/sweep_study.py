@@ -19,6 +19,7 @@ worker every time cannot loop forever).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -99,10 +100,21 @@ def open_storage(url: str, *, reclaimed: list | None = None) -> "optuna.storages
         if reclaimed is not None:
             reclaimed.append(trial)
 
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
     try:
-        storage = optuna.storages.RDBStorage(
-            with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=on_stale)
+        for attempt in range(4):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=on_stale)
+                break
+            except (IntegrityError, ProgrammingError):
+                # Machines starting together on a fresh database race to create Optuna's
+                # tables; the loser finds them made a moment later.
+                if attempt == 3:
+                    raise
+                time.sleep(0.5 + random.random())
         if sqlite:
             _serialize_sqlite_transactions(storage.engine)
         return storage

@@ -103,38 +103,50 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
 
 
 def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, console: Console) -> None:
+    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
+    started = time.monotonic()
+    try:
+        with sweep_study.Heartbeat(handle.storage, trial_id):
+            params, outcome = _fit_trial(trial, spec, plan, fit)
+        seconds = time.monotonic() - started
+        _record(trial, handle, spec, plan, outcome, seconds)
+    except BaseException as exc:
+        # Whatever stopped this trial before it was told (Ctrl-C, a crash, a bug): put its
+        # parameters back in the queue. A trial already told stays as it is.
+        if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)):
+            reason = f"interrupted: {_one_line(exc) or 'Ctrl-C'}"
+        else:
+            reason = _one_line(exc) or type(exc).__name__
+        _give_back(trial, trial_id, handle, reason)
+        raise
+    _report(console, plan, spec, trial.number, params, outcome, seconds)
+
+
+def _fit_trial(trial, spec: SweepSpec, plan: WorkerPlan, fit: Callable) -> tuple[dict, dict]:
+    """Fit the trial's config; returns its parameters and how it ended. Endings that belong to
+    this trial alone are outcomes; anything else is raised."""
     import optuna
     from optuna.trial import TrialState
     params = suggest(trial, spec)
-    config = spec.trial_config(params, **_run_fields(spec, trial.number, plan))
     callbacks = [PruningCallback(trial, spec.objective)] if spec.pruner != "none" else []
     tags = {SWEEP_TAG: spec.name, TRIAL_TAG: str(trial.number)}
-    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
-    started = time.monotonic()
-    outcome: dict[str, Any] = {}
-    with sweep_study.Heartbeat(handle.storage, trial_id):
-        try:
-            result = fit(config, callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
-                         progress="auto" if plan.fit_progress else None)
-        except optuna.TrialPruned as exc:
-            outcome = {"state": TrialState.PRUNED, "note": str(exc)}
-        except (ConfigError, TrainingDiverged) as exc:
-            outcome = {"state": TrialState.FAIL, "note": _one_line(exc)}
-        except (TrainingInterrupted, KeyboardInterrupt) as exc:
-            _give_back(trial, trial_id, handle, f"interrupted: {_one_line(exc) or 'Ctrl-C'}")
-            raise
-        except BaseException as exc:
-            _give_back(trial, trial_id, handle, _one_line(exc) or type(exc).__name__)
-            raise
-        else:
-            value = _objective_value(result, spec.objective)
-            if value is None:
-                outcome = {"state": TrialState.FAIL,
-                           "note": f"the fit reported no finite {spec.objective}"}
-            else:
-                outcome = {"state": TrialState.COMPLETE, "value": value,
-                           "run_id": getattr(result, "run_id", None)}
-    seconds = time.monotonic() - started
+    try:
+        config = spec.trial_config(params, **_run_fields(spec, trial.number, plan))
+        result = fit(config, callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
+                     progress="auto" if plan.fit_progress else None)
+    except optuna.TrialPruned as exc:
+        return params, {"state": TrialState.PRUNED, "note": str(exc)}
+    except (ConfigError, TrainingDiverged) as exc:
+        return params, {"state": TrialState.FAIL, "note": _one_line(exc)}
+    value = _objective_value(result, spec.objective)
+    if value is None:
+        return params, {"state": TrialState.FAIL, "note": f"the fit reported no finite {spec.objective}"}
+    return params, {"state": TrialState.COMPLETE, "value": value, "run_id": getattr(result, "run_id", None)}
+
+
+def _record(trial, handle, spec: SweepSpec, plan: WorkerPlan, outcome: dict, seconds: float) -> None:
+    """Attributes and child-run tags first, the state last: a told trial is complete."""
+    from optuna.trial import TrialState
     trial.set_user_attr("seconds", round(seconds, 3))
     if outcome.get("note"):
         trial.set_user_attr("note", outcome["note"])
@@ -148,7 +160,6 @@ def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, c
         handle.study.tell(trial, outcome["value"])
     else:
         handle.study.tell(trial, state=outcome["state"])
-    _report(console, plan, spec, trial.number, params, outcome, seconds)
 
 
 def suggest(trial, spec: SweepSpec) -> dict[str, Any]:

@@ -22,7 +22,23 @@ URL = os.environ.get("CONVTRAIN_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="CONVTRAIN_TEST_POSTGRES_URL is not set (see .ci/postgres.sh)")
 
 
-def test_two_processes_on_one_postgresql_study_share_its_trials(tmp_path):
+@pytest.fixture
+def fresh_database():
+    """A new, empty database, so the processes also race to create Optuna's tables."""
+    import sqlalchemy
+
+    server = sqlalchemy.create_engine(with_driver(URL), isolation_level="AUTOCOMMIT")
+    name = f"sweep_{uuid.uuid4().hex[:8]}"
+    with server.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    yield sqlalchemy.engine.make_url(URL).set(database=name).render_as_string(hide_password=False)
+    with server.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    server.dispose()
+
+
+def test_two_processes_on_one_postgresql_study_share_its_trials(tmp_path, fresh_database):
+    url = fresh_database
     name = f"shared-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "calls.jsonl"
     here = Path(__file__).parent
@@ -44,13 +60,13 @@ n_trials = 8
 l2 = {{low = 1e-5, high = 1e-1, log = true}}
 filters = [[4, 8], [8, 16]]
 """)
-        machines.append(subprocess.Popen([sys.executable, sweep_fakes.__file__, "sweep.toml", "--storage", URL],
+        machines.append(subprocess.Popen([sys.executable, sweep_fakes.__file__, "sweep.toml", "--storage", url],
                                          cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True))
     outputs = [p.communicate(timeout=240)[0] for p in machines]
     assert [p.returncode for p in machines] == [0, 0], outputs
 
-    study = optuna.load_study(study_name=name, storage=with_driver(URL))
+    study = optuna.load_study(study_name=name, storage=with_driver(url))
     assert Counter(t.state.name for t in study.get_trials()) == {"COMPLETE": 8}
     records = calls(log)
     assert sorted(r["trial"] for r in records) == list(range(8))  # each trial ran once, somewhere
