@@ -346,6 +346,16 @@ def _stop_on_signals(trainer):
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except KeyboardInterrupt:
+        if not received:
+            raise
+        # the second Ctrl-C: no checkpoint of its own (it may have cut one short), but the last
+        # complete one can still be resumed, and the user should be told so
+        last = trainer.checkpoint_path
+        raise TrainingInterrupted(
+            f"training stopped at once by a second interrupt in epoch {trainer.epoch + 1} (update {trainer.step}); "
+            + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"),
+            checkpoint=last) from None
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
