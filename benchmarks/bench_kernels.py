@@ -122,7 +122,9 @@ def run(args):
     print(header)
     print("-" * len(header))
     results = {}
-    for name, chw, fkk in LAYERS:
+    layers = [layer for layer in LAYERS
+              if not args.layers or any(word.lower() in layer[0].lower() for word in args.layers)]
+    for name, chw, fkk in layers:
         x, w, b, dout = layer_problem(chw, fkk, args.batch, rng)
         (C, H, W), (F, kh, kw) = chw, fkk
         Ho, Wo = H - kh + 1, W - kw + 1
@@ -168,7 +170,7 @@ def run(args):
     convtrain.set_num_threads(max(args.threads))
     numpy_blas_threads(max(args.threads))()
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
-    summarize(results, args.threads)
+    summarize(results, args.threads, [layer[0] for layer in layers])
 
 
 def torch_call(torch, pass_name, x, w, b, dout):
@@ -181,7 +183,7 @@ def torch_call(torch, pass_name, x, w, b, dout):
     return lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dt)
 
 
-def summarize(results, thread_counts):
+def summarize(results, thread_counts, layer_names):
     print("\nTargets: kernel >= 80% of np.matmul at the same thread count; "
           "2 threads >= 1.7x 1 thread on MNIST and CIFAR.")
     misses = []
@@ -190,7 +192,7 @@ def summarize(results, thread_counts):
             misses.append(f"{name} {pass_name} @{threads}t: {kernel_gf / matmul_gf:.2f} of np.matmul")
     if 1 in thread_counts and 2 in thread_counts:
         print(f"\n{'layer':<13} {'pass':<8} {'2t/1t kernel':>12} {'2t/1t matmul':>12}")
-        for name, _, _ in LAYERS:
+        for name in layer_names:
             for pass_name in PASSES:
                 k1, m1 = results[name, pass_name, 1]
                 k2, m2 = results[name, pass_name, 2]
@@ -205,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=30, help="minimum timed runs per entry")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", nargs="+", help="only layers whose name contains a word, e.g. MNIST")
     parser.add_argument("--torch", action="store_true", help="add PyTorch CPU's GFLOP/s")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall",

@@ -19,6 +19,9 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+import os
+import warnings
+
 import numpy as np
 
 cdef extern from *:
@@ -47,6 +50,29 @@ cdef extern from *:
 # ----------------------------------------------------------------------------- build & threads
 
 cdef int _num_threads = convtrain_max_threads()
+# GNU OpenMP is not fork-safe: once a parallel region has run with more than one thread, a
+# forked child that starts another one waits forever for the parent's pool threads. So the
+# kernels note when they start a team, and a child forked after that runs them serially.
+cdef bint _team_started = False
+cdef bint _forked_after_team = False
+
+
+cdef inline int team_size(int n) noexcept nogil:
+    """Note (for fork safety) that a parallel region with n threads is about to run."""
+    global _team_started
+    if n > 1:
+        _team_started = True
+    return n
+
+
+def _after_fork_in_child():
+    global _num_threads, _forked_after_team
+    if _team_started and CONVTRAIN_HAVE_OPENMP:
+        _forked_after_team = True
+        _num_threads = 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def compiled_with():
@@ -60,10 +86,19 @@ def compiled_with():
 
 
 def set_num_threads(int n):
-    """Use n OpenMP threads in the kernels (n >= 1; 1 without OpenMP, whatever n)."""
+    """Use n OpenMP threads in the kernels (n >= 1; 1 without OpenMP, whatever n; 1 in a
+    process forked after the kernels ran multithreaded, where more would deadlock)."""
     global _num_threads
     if n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n}")
+    if n > 1 and _forked_after_team:
+        warnings.warn(
+            f"convtrain kernels stay at 1 thread (asked for {n}): this process was forked after "
+            f"the kernels ran multithreaded, and GNU OpenMP cannot start threads again after "
+            f"fork. Use the 'spawn' or 'forkserver' start method for multithreaded workers.",
+            RuntimeWarning, stacklevel=2,
+        )
+        n = 1
     _num_threads = n if CONVTRAIN_HAVE_OPENMP else 1
 
 
@@ -317,7 +352,7 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
     if N == 0:
         return
     with nogil:
-        for n in prange(N, schedule="dynamic", num_threads=_num_threads):
+        for n in prange(N, schedule="dynamic", num_threads=team_size(_num_threads)):
             im2col_image(&x[n, 0, 0, 0], &cols[n, 0, 0], P, &g)
 
 
@@ -331,7 +366,7 @@ def col2im(const floating[:, :, ::1] cols, floating[:, :, :, ::1] x,
     if N == 0:
         return
     with nogil:
-        for n in prange(N, schedule="dynamic", num_threads=_num_threads):
+        for n in prange(N, schedule="dynamic", num_threads=team_size(_num_threads)):
             col2im_image(&cols[n, 0, 0], P, &x[n, 0, 0, 0], &g)
 
 
@@ -366,7 +401,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
         return
     with nogil:
         pin_blas(saved_blas_threads)
-        with parallel(num_threads=num_threads):
+        with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
             group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
@@ -420,7 +455,7 @@ def conv2d_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :, 
         return
     with nogil:
         pin_blas(saved_blas_threads)
-        with parallel(num_threads=num_threads):
+        with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
             group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
@@ -473,7 +508,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         return
     with nogil:
         pin_blas(saved_blas_threads)
-        with parallel(num_threads=num_threads):
+        with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
             group_dout = &dout_scratch[threadid(), 0]
             for group in prange(groups, schedule="dynamic"):
@@ -514,7 +549,7 @@ def maxpool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
     if N * C == 0:
         return
     with nogil:
-        for plane in prange(N * C, schedule="guided", num_threads=_num_threads):
+        for plane in prange(N * C, schedule="guided", num_threads=team_size(_num_threads)):
             x_plane = &x[plane // C, plane % C, 0, 0]
             out_plane = &out[plane // C, plane % C, 0, 0]
             argmax_plane = &argmax[plane // C, plane % C, 0, 0]
@@ -549,7 +584,7 @@ def maxpool2d_backward(const floating[:, :, :, ::1] dout, const Py_ssize_t[:, :,
     if N * C == 0:
         return 0
     with nogil:
-        for plane in prange(N * C, schedule="guided", num_threads=_num_threads):
+        for plane in prange(N * C, schedule="guided", num_threads=team_size(_num_threads)):
             dout_plane = &dout[plane // C, plane % C, 0, 0]
             argmax_plane = &argmax[plane // C, plane % C, 0, 0]
             dx_plane = &dx[plane // C, plane % C, 0, 0]

@@ -1,6 +1,8 @@
 """convtrain.kernels against the lecture's literal formulas (convtrain.reference), numerical
 gradients, thread counts, argument checks, and (if installed) PyTorch."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -249,6 +251,36 @@ def test_thread_settings_and_build_info(threads):
         convtrain.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be"):
         convtrain.set_num_threads(1.5)
+
+
+def _kernels_in_a_child(queue):
+    x, w, _, _ = random_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
+    out = kernels.conv2d_forward(x, w, None)
+    kernels.conv2d_backward_filter(x, out, 3)
+    kernels.maxpool2d_forward(x, 2)
+    queue.put((convtrain.get_num_threads(), float(out.sum())))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_after_multithreaded_kernels_does_not_hang(threads):
+    import multiprocessing
+
+    convtrain.set_num_threads(2)
+    x, w, _, _ = random_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
+    expected = float(kernels.conv2d_forward(x, w, None).sum())  # starts the OpenMP team
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_kernels_in_a_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in a kernel (GNU OpenMP after fork)")
+    assert child.exitcode == 0
+    child_threads, child_sum = queue.get(timeout=5)
+    assert child_sum == pytest.approx(expected, rel=1e-12)
+    if convtrain.build_info()["openmp"]:
+        assert child_threads == 1
 
 
 def test_blas_threads_are_restored_after_kernel_calls():
