@@ -7,7 +7,8 @@ call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on r
 - $SWEEP_FAKE_HANG_AFTER=k: the (k+1)-th call logged hangs until the process is killed;
 - $SWEEP_FAKE_FAIL_ONCE names a file: if it exists, it is removed and the fit raises
   RuntimeError (an unexpected, passing error);
-- $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past).
+- $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past);
+- $SWEEP_FAKE_BARRIER=n: each fit waits until n processes have logged a call.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     if log:
         with open(log, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+    barrier = int(os.environ.get("SWEEP_FAKE_BARRIER", "0"))
+    deadline = time.monotonic() + 60
+    while log and len({c["pid"] for c in calls(log)}) < barrier and time.monotonic() < deadline:
+        time.sleep(0.05)  # until that many processes have a trial: a slow start cannot skip one
     interrupt = os.environ.get("SWEEP_FAKE_INTERRUPT")
     if interrupt and os.path.exists(interrupt):
         os.unlink(interrupt)

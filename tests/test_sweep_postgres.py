@@ -42,7 +42,7 @@ def test_two_processes_on_one_postgresql_study_share_its_trials(tmp_path, fresh_
     name = f"shared-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "calls.jsonl"
     here = Path(__file__).parent
-    env = {**os.environ, "SWEEP_FAKE_LOG": str(log), "SWEEP_FAKE_SLEEP": "0.4",
+    env = {**os.environ, "SWEEP_FAKE_LOG": str(log), "SWEEP_FAKE_BARRIER": "2",
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
     machines = []
     for machine in ("a", "b"):  # each in its own folder, as on its own disk

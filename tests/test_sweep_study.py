@@ -193,7 +193,7 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_finishes_the_rest(sweep_dir):
 
 
 def test_two_workers_share_the_grid_without_duplicates(sweep_dir, monkeypatch):
-    monkeypatch.setenv("SWEEP_FAKE_SLEEP", "0.3")  # long enough that both workers get trials
+    monkeypatch.setenv("SWEEP_FAKE_BARRIER", "2")  # both workers get a trial, however slow one starts
     monkeypatch.setenv("PYTHONPATH", _pythonpath())
     text = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-4, 1e-3, 1e-2]")
     outcome = run_sweep(write(sweep_dir, text), workers=2, quiet=True, fit=fake_fit)
