@@ -198,6 +198,11 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
 
     out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()
     _check_writable(out_dir)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, network, config)
+    elif config.out is not None and (out_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
+                          f"--resume {out_dir}, or choose another --out")
 
     tracker = None
     if track:
@@ -209,9 +214,6 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         if checkpoint is None and config.out is None:
             out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
                                                        or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
-        elif checkpoint is None and (out_dir / CHECKPOINT_FILE).exists():
-            raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
-                              f"--resume {out_dir}, or choose another --out")
         out_dir.mkdir(parents=True, exist_ok=True)
         config = config.with_overrides({"out": str(out_dir)})
         config.save_toml(out_dir / CONFIG_FILE)
@@ -301,6 +303,26 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"out: {existing} is a file, expected a folder for checkpoints and the model")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"out: {existing} is not writable; choose another --out")
+
+
+def _check_resumable(checkpoint: Path, network, config: FitConfig) -> None:
+    """What Trainer.resume refuses, checked before the MLflow run is reopened and config.toml
+    rewritten, so a resume that cannot work changes nothing."""
+    from convtrain.checkpoint import read_json, read_npz
+
+    arrays = read_npz(checkpoint, "checkpoint")
+    architecture = read_json(arrays, "architecture", checkpoint, "checkpoint")
+    if architecture != network.architecture:
+        raise CheckpointError(f"checkpoint file {str(checkpoint)!r} was written for a different network "
+                              f"({architecture}) than this one ({network.architecture})")
+    state = read_json(arrays, "trainer", checkpoint, "checkpoint")
+    if state.get("mid_epoch") and state.get("batch_size") != config.batch_size:
+        raise CheckpointError(f"checkpoint file {str(checkpoint)!r} stopped mid-epoch with batch size "
+                              f"{state.get('batch_size')}; resume with the same batch size (not {config.batch_size})")
+    saved_classes = read_json(arrays, "class_names", checkpoint, "checkpoint")
+    if saved_classes != network.class_names:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained on classes {saved_classes}, "
+                              f"the data has {network.class_names}")
 
 
 def _restore_meta(network, splits, checkpoint: Path) -> None:
