@@ -131,6 +131,9 @@ def runs_table_url(base_url: str, experiment_id: str | None) -> str:
 def find_run_checkpoint(run_id: str, tracking_uri: str) -> str:
     """The checkpoint path recorded on run `run_id` (for `--resume RUN_ID`)."""
     check_reachable(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).expanduser().is_file():
+        # opening it would create an empty store just to say the run is not there
+        raise TrackingError(f"--resume {run_id}: no such run; the tracking store {tracking_uri} does not exist")
     from mlflow.exceptions import MlflowException
 
     try:
