@@ -19,8 +19,11 @@ lecture's M_X^im of image n, ``(M_X1 M_X2 ...)`` of size (Ho*Wo) x (C*kh*kw); fo
 ``dx[n] = col2im(w.reshape(F, -1).T @ dout[n])`` (dL/dX = G_zero-pad * F_rot180).
 
 Inputs that are not C-contiguous (or not in native byte order) are copied once; outputs are
-new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels split the batch
-over OpenMP threads and pin BLAS to one thread while they run (see convtrain._build).
+new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels hand groups of
+images to OpenMP threads, each running single-threaded GEMMs (BLAS is pinned to one thread
+while they run, see convtrain._build). Results do not depend on the thread count, bit for bit.
+A process forked after a multithreaded kernel call runs the kernels on 1 thread (GNU OpenMP
+cannot start threads again after fork); use spawn/forkserver for multithreaded workers.
 """
 
 import operator
