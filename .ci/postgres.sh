@@ -13,7 +13,7 @@
 # runs as an unprivileged user (nobody). Nothing here may fail CI: when PostgreSQL cannot be
 # had, it says why on stderr and the test skips.
 
-PG_STATE_FILE="${TMPDIR:-/tmp}/convtrain-ci-postgres.dir"
+PG_STATE_FILE="/tmp/convtrain-ci-postgres.dir"
 
 _pg_warn() { echo "postgres.sh: $*; the PostgreSQL sweep test will be skipped" >&2; }
 
@@ -60,7 +60,8 @@ _pg_try_start() {
         bindir=$(_pg_bindir) || true
         [ -n "$bindir" ] || { _pg_warn "no initdb found after installing PostgreSQL"; return 1; }
     fi
-    datadir=$(mktemp -d "${TMPDIR:-/tmp}/convtrain-pg.XXXXXX") || { _pg_warn "cannot make a data folder"; return 1; }
+    # in /tmp, not $TMPDIR: the unprivileged owner must be able to reach it
+    datadir=$(mktemp -d /tmp/convtrain-pg.XXXXXX) || { _pg_warn "cannot make a data folder"; return 1; }
     echo "$datadir" >"$PG_STATE_FILE"
     if [ "$(id -u)" = 0 ]; then
         chown nobody "$datadir" || { _pg_warn "cannot hand $datadir to user nobody"; return 1; }
@@ -95,7 +96,7 @@ pg_stop() {
         _pg_as_owner "$bindir/pg_ctl" -D "$datadir/data" -m immediate -w stop >/dev/null 2>&1 || true
     fi
     case "$datadir" in
-        "${TMPDIR:-/tmp}"/convtrain-pg.*) rm -rf "$datadir" ;;
+        /tmp/convtrain-pg.*) rm -rf "$datadir" ;;
     esac
     rm -f "$PG_STATE_FILE"
     return 0
