@@ -41,11 +41,14 @@ def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            # a failed write (a full disk) names no file: say which one could not be written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_directory(path.parent)
     _remove_stale_temp_files(path)
