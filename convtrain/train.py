@@ -287,14 +287,17 @@ class Trainer:
         """One update on a batch: (loss, cost, accuracy) before the update. A non-finite loss
         leaves the weights untouched and returns (None, loss, nan)."""
         network = self.network
-        scores = network.forward(xb, train=True)
-        loss, dscores = softmax_cross_entropy(scores, yb)
-        if not math.isfinite(loss):
-            return None, loss, float("nan")
-        network.backward(dscores)
-        network.add_l2_gradients(self.l2)
-        cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
-        self.optimizer.step(network.gradients(), lr)
+        # Overflow on the way to a non-finite loss is reported as divergence (by the caller, or
+        # at the next batch), not as numpy RuntimeWarnings around that one-line error.
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores = network.forward(xb, train=True)
+            loss, dscores = softmax_cross_entropy(scores, yb)
+            if not math.isfinite(loss):
+                return None, loss, float("nan")
+            network.backward(dscores)
+            network.add_l2_gradients(self.l2)
+            cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
+            self.optimizer.step(network.gradients(), lr)
         accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
         return loss, cost, accuracy
 
@@ -307,8 +310,9 @@ class Trainer:
         predictions = np.empty(len(y), dtype=np.int64)
         for start in range(0, len(y), self.eval_batch_size):
             stop = start + self.eval_batch_size
-            scores = network.forward(x[start:stop], train=False)
-            loss_sum += cross_entropy_sum(scores, y[start:stop])
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite: divergence, reported by fit
+                scores = network.forward(x[start:stop], train=False)
+                loss_sum += cross_entropy_sum(scores, y[start:stop])
             predictions[start:stop] = scores.argmax(axis=1)
         loss = loss_sum / len(y)
         return {
