@@ -482,9 +482,14 @@ def evaluate_model(model_path: str | Path, *, data: str | None = None, data_path
         x, y = x[:limit], y[:limit]
     if splits.num_classes != network.num_classes:
         raise DataError(f"data set {name!r} has {splits.num_classes} classes, the model {network.num_classes}")
-    probabilities = network.predict_proba(x)
-    predictions = probabilities.argmax(axis=1)
-    loss = cross_entropy_sum(np.log(np.maximum(probabilities, 1e-300)), y) / len(y)
+    # The loss from the scores (log-sum-exp): a float32 probability of a confidently wrong
+    # prediction underflows to 0, and its log would make the loss infinite.
+    loss_sum, predictions = 0.0, np.empty(len(y), dtype=np.int64)
+    for start in range(0, len(y), 500):
+        scores = network.forward(network.normalize(x[start:start + 500]), train=False)
+        loss_sum += cross_entropy_sum(scores, y[start:start + 500])
+        predictions[start:start + len(scores)] = scores.argmax(axis=1)
+    loss = loss_sum / len(y)
     confusion = confusion_counts(np.asarray(y), predictions, network.num_classes)
     class_names = [str(c) for c in (network.class_names or splits.class_names)]
     per_class = []
