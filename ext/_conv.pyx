@@ -27,8 +27,6 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 import os
 import warnings
 
-import numpy as np
-
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -189,14 +187,6 @@ cdef struct Geometry:
     Py_ssize_t sh, sw         # stride
     Py_ssize_t ph, pw         # zero padding
     Py_ssize_t Ho, Wo         # output (Ho, Wo)
-    # NULL, or for short output rows (Wo < SHORT_ROW) offsets[oh*Wo + ow] = oh*sh*W + ow*sw:
-    # where a kernel tap stays inside the image for every output, its whole im2col row is
-    # then one gather loop instead of Ho loops of Wo elements (per-loop overhead dominates).
-    const Py_ssize_t *offsets
-
-
-cdef enum:
-    SHORT_ROW = 16
 
 
 cdef inline void valid_range(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t size,
@@ -248,7 +238,8 @@ cdef void im2col_image(const floating *x, floating *cols, Py_ssize_t ld,
     x is one image (C, H, W); cols has C*kh*kw rows of Ho*Wo used entries, leading dimension ld.
     Row r of cols^T is row r of the lecture's M_X^im (channels blockwise, (i, j) row-major).
     """
-    cdef Py_ssize_t c, i, j, q, oh, oh_lo, oh_hi, ow_lo, ow_hi
+    cdef Py_ssize_t c, i, j, oh, ow, oh_lo, oh_hi, ow_lo, ow_hi
+    cdef Py_ssize_t Ho = g.Ho, Wo = g.Wo, row_step = g.sh * g.W
     cdef const floating *src
     cdef floating *dst
     for c in range(g.C):
@@ -258,12 +249,14 @@ cdef void im2col_image(const floating *x, floating *cols, Py_ssize_t ld,
             for j in range(g.kw):
                 valid_range(j - g.pw, g.sw, g.W, g.Wo, &ow_lo, &ow_hi)
                 dst = cols + ((c * g.kh + i) * g.kw + j) * ld
-                if (g.offsets != NULL and oh_lo == 0 and oh_hi == g.Ho
-                        and ow_lo == 0 and ow_hi == g.Wo):
-                    # the tap never leaves the image: gather all Ho*Wo entries in one loop
+                if oh_lo == 0 and oh_hi == Ho and ow_lo == 0 and ow_hi == Wo and g.sw == 1:
+                    # the common case: a valid, stride-1 tap; rows of Wo, the source steps sh*W
                     src = x + (c * g.H + i - g.ph) * g.W + j - g.pw
-                    for q in range(g.Ho * g.Wo):
-                        dst[q] = src[g.offsets[q]]
+                    for oh in range(Ho):
+                        for ow in range(Wo):
+                            dst[ow] = src[ow]
+                        dst += Wo
+                        src += row_step
                     continue
                 if oh_lo > 0:
                     memset(dst, 0, oh_lo * g.Wo * sizeof(floating))
@@ -285,7 +278,8 @@ cdef void col2im_image(const floating *cols, Py_ssize_t ld, floating *x,
 
     Entries of cols that fall into the padding are dropped.
     """
-    cdef Py_ssize_t c, i, j, q, oh, oh_lo, oh_hi, ow_lo, ow_hi
+    cdef Py_ssize_t c, i, j, oh, ow, oh_lo, oh_hi, ow_lo, ow_hi
+    cdef Py_ssize_t Ho = g.Ho, Wo = g.Wo, row_step = g.sh * g.W
     cdef const floating *src
     cdef floating *dst
     memset(x, 0, g.C * g.H * g.W * sizeof(floating))
@@ -295,12 +289,13 @@ cdef void col2im_image(const floating *cols, Py_ssize_t ld, floating *x,
             for j in range(g.kw):
                 valid_range(j - g.pw, g.sw, g.W, g.Wo, &ow_lo, &ow_hi)
                 src = cols + ((c * g.kh + i) * g.kw + j) * ld
-                if (g.offsets != NULL and oh_lo == 0 and oh_hi == g.Ho
-                        and ow_lo == 0 and ow_hi == g.Wo):
-                    # distinct outputs of one tap read distinct pixels: no update collides
+                if oh_lo == 0 and oh_hi == Ho and ow_lo == 0 and ow_hi == Wo and g.sw == 1:
                     dst = x + (c * g.H + i - g.ph) * g.W + j - g.pw
-                    for q in range(g.Ho * g.Wo):
-                        dst[g.offsets[q]] += src[q]
+                    for oh in range(Ho):
+                        for ow in range(Wo):
+                            dst[ow] += src[ow]
+                        src += Wo
+                        dst += row_step
                     continue
                 for oh in range(oh_lo, oh_hi):
                     add_strided(x + (c * g.H + oh * g.sh + i - g.ph) * g.W + ow_lo * g.sw + j - g.pw,
@@ -317,23 +312,7 @@ cdef Geometry make_geometry(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
     g.ph = ph; g.pw = pw
     g.Ho = (H + 2 * ph - kh) // sh + 1
     g.Wo = (W + 2 * pw - kw) // sw + 1
-    g.offsets = NULL
     return g
-
-
-cdef object attach_gather_offsets(Geometry *g):
-    """Set g.offsets for short output rows; returns the array the caller must keep alive."""
-    cdef Py_ssize_t oh, ow
-    cdef Py_ssize_t[::1] table
-    if g.Wo >= SHORT_ROW:
-        return None
-    array = np.empty(g.Ho * g.Wo, dtype=np.intp)
-    table = array
-    for oh in range(g.Ho):
-        for ow in range(g.Wo):
-            table[oh * g.Wo + ow] = oh * g.sh * g.W + ow * g.sw
-    g.offsets = &table[0]
-    return array
 
 
 cdef inline void fill(floating *row, Py_ssize_t n, floating value) noexcept nogil:
@@ -352,7 +331,6 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
            Py_ssize_t ph, Py_ssize_t pw):
     """cols[n] (C*kh*kw, Ho*Wo) = im2col of x[n] (C, H, W), OpenMP over n."""
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
-    offsets_keepalive = attach_gather_offsets(&g)
     cdef Py_ssize_t n, N = x.shape[0], P = g.Ho * g.Wo
     if N == 0:
         return
@@ -366,7 +344,6 @@ def col2im(const floating[:, :, ::1] cols, floating[:, :, :, ::1] x,
            Py_ssize_t ph, Py_ssize_t pw):
     """x[n] (C, H, W) = col2im of cols[n] (C*kh*kw, Ho*Wo), OpenMP over n."""
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
-    offsets_keepalive = attach_gather_offsets(&g)
     cdef Py_ssize_t n, N = x.shape[0], P = g.Ho * g.Wo
     if N == 0:
         return
@@ -394,7 +371,6 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
-    offsets_keepalive = attach_gather_offsets(&g)
     cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
@@ -447,7 +423,6 @@ def conv2d_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :, 
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
-    offsets_keepalive = attach_gather_offsets(&g)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G, chunks = dw_ext_per_chunk.shape[0]
@@ -500,7 +475,6 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
-    offsets_keepalive = attach_gather_offsets(&g)
     cdef Py_ssize_t N = dx.shape[0], F = w.shape[0]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
