@@ -126,7 +126,7 @@ def best_config_text(spec: SweepSpec, best: TrialRow) -> str:
     config = spec.base.with_overrides(spec.decode(best.params))
     header = (f"# Best trial of sweep {spec.name!r}: trial {best.number}, {spec.objective} {best.value:.6g}"
               + (f"\n# MLflow run {best.run_id}" if best.run_id else "")
-              + f"\n# Run it again with: convtrain fit --config <this file>\n")
+              + "\n# Run it again with: convtrain fit --config <this file>\n")
     return header + config.to_toml()
 
 

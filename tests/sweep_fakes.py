@@ -92,7 +92,7 @@ if __name__ == "__main__":
     import sys
 
     from convtrain.sweep import run_sweep
-    from sweep_fakes import fake_fit  # by module name, so spawned workers can import it too
+    from sweep_fakes import fake_fit as importable_fit  # by module name, so spawned workers find it
 
     args = sys.argv[1:]
     workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
@@ -100,7 +100,7 @@ if __name__ == "__main__":
     from convtrain.errors import TrainingInterrupted
 
     try:
-        run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=fake_fit)
+        run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=importable_fit)
     except TrainingInterrupted as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
