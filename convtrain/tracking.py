@@ -479,33 +479,64 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     with socket.socket() as probe:
         if probe.connect_ex((host, port)) == 0:
             raise TrackingError(f"port {port} on {host} is already in use; pass another --port")
+    # one worker process is plenty for a dashboard on your own machine (MLflow's default is 4)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port)]
-    # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
-    # The server's own log goes to stderr, so stdout holds just the lines printed below.
-    server = subprocess.Popen(command, start_new_session=True, env=server_environment(), stdout=sys.stderr.fileno()
-                              if _has_fileno(sys.stderr) else None)
+               "--host", host, "--port", str(port), "--workers", "1"]
+    # Looked up before the server starts: opening a new SQLite store creates its tables, which
+    # must not race with the server doing the same.
+    experiment_id = _experiment_id(uri, experiment)
+    server = None
+    # SIGTERM is turned into KeyboardInterrupt from here on, so `kill` also stops the server.
+    with _sigterm_as_keyboard_interrupt():
+        try:
+            # Its own process group: `mlflow server` starts uvicorn as a child, and both must
+            # stop. Its log goes to stderr, so stdout holds just the lines printed below.
+            server = subprocess.Popen(command, start_new_session=True, env=server_environment(),
+                                      stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
+            base = f"http://{host}:{port}"
+            _wait_until_answering(server, base, startup_seconds, command)
+            echo(f"MLflow UI for {uri}")
+            echo(runs_table_url(base, experiment_id))
+            echo("Ctrl-C stops it.")
+            return server.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if server is not None:
+                stop_process_group(server, timeout=5.0)
+
+
+def _wait_until_answering(server, base: str, seconds: float, command: list[str]) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.poll() is not None:
+            raise TrackingError(f"mlflow server exited with code {server.returncode} (command: {' '.join(command)})")
+        try:
+            check_reachable(base, timeout=1.0)
+            return
+        except TrackingError:
+            if time.monotonic() > deadline:
+                raise TrackingError(f"mlflow server did not answer on {base} within {seconds:.0f}s") from None
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        base = f"http://{host}:{port}"
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            if server.poll() is not None:
-                raise TrackingError(f"mlflow server exited with code {server.returncode} (command: {' '.join(command)})")
-            try:
-                check_reachable(base, timeout=1.0)
-                break
-            except TrackingError:
-                if time.monotonic() > deadline:
-                    raise TrackingError(f"mlflow server did not answer on {base} within {startup_seconds:.0f}s") from None
-                time.sleep(0.5)
-        echo(f"MLflow UI for {uri}")
-        echo(runs_table_url(base, _experiment_id(uri, experiment)))
-        echo("Ctrl-C stops it.")
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
+        yield
     finally:
-        stop_process_group(server)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _has_fileno(stream) -> bool:
