@@ -30,8 +30,8 @@ import operator
 
 import numpy as np
 
-from convtrain import _conv
-from convtrain._build import blas_pinned_to_one_thread
+from convtrain._build import blas_pinned_to_one_thread  # first: it prepares OpenMP's environment
+from convtrain import _conv  # noqa: I001
 
 __all__ = [
     "im2col",
