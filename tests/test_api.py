@@ -235,3 +235,20 @@ def test_sigterm_stops_at_a_batch_marks_killed_and_resume_finishes(tmp_path):
     assert finished.info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, max(logged) + 2))
+
+
+def test_run_tags_name_version_build_host_and_the_git_commit(tmp_path):
+    import subprocess
+
+    import convtrain
+    from convtrain.tracking import context_tags
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q",
+                    "--allow-empty", "-m", "start"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    tags = context_tags({"extra": 1})
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["convtrain.version"] == convtrain.__version__
+    assert tags["convtrain.build.openmp"] in ("true", "false")
+    assert tags["convtrain.host"] and tags["extra"] == "1"
