@@ -305,3 +305,33 @@ def test_history_round_trip_and_best():
     assert history.best_epoch == 2 and history.best["val_accuracy"] == 0.9
     again = History.from_dict(history.to_dict())
     assert again.epochs == history.epochs and again.best_epoch == 2
+
+
+def test_float64_training_with_a_training_evaluation_subset(small):
+    from convtrain.data import balanced_accuracy
+    from convtrain.optim import SGD, make_schedule
+
+    x_train, y_train, x_val, y_val = small
+    network = Network.build(input_shape=(1, 8, 8), num_classes=10, filters=[4], dtype="float64")
+    trainer = Trainer(network, SGD(network.parameters(), 0.05, 0.9), make_schedule(kind="constant", lr=0.05),
+                      epochs=1, batch_size=50, l2=0.0, train_eval_limit=120)
+    history = trainer.fit(x_train, y_train, x_val, y_val)
+    assert network.parameters()["conv1.weight"].dtype == np.float64
+    rows = np.sort(np.random.default_rng([0, 2]).choice(300, 120, replace=False))  # the documented subset
+    predictions = network.forward(x_train[rows].astype(np.float64)).argmax(axis=1)
+    assert history.epochs[0]["train_accuracy"] == pytest.approx(np.mean(predictions == y_train[rows]))
+    assert history.epochs[0]["train_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy(y_train[rows], predictions, 10))
+
+
+def test_fit_refuses_data_that_does_not_fit_the_network(small):
+    from convtrain.errors import DataError
+
+    x_train, y_train, _, _ = small
+    trainer = make_trainer(FitConfig(epochs=1))
+    with pytest.raises(DataError, match=r"expected \(N, 1, 8, 8\)"):
+        trainer.fit(x_train[:, :, :7], y_train)
+    with pytest.raises(DataError, match=r"labels must be integers in \[0, 10\)"):
+        trainer.fit(x_train, y_train + 5)
+    with pytest.raises(DataError, match="labels have shape"):
+        trainer.fit(x_train, y_train[:-1])
