@@ -1,0 +1,351 @@
+"""Broken and hostile input through the `convtrain` command: one line, non-zero, nothing written.
+
+Each case of the table builds its bad input in an empty folder, runs the command there (MLflow
+tracking on, to its default SQLite file in that folder) and checks that
+
+  - the exit code is not 0,
+  - stderr is exactly one line, "error: ..." naming the problem, and stdout is empty,
+  - there is no traceback,
+  - not one file in the folder was created, changed or removed: no mlflow.db (so no run), no
+    runs/ or --out folder, no checkpoint touched, no canary from a pickle.
+
+A full disk while a checkpoint is written, divergence and float32 overflow are tests of their own
+below the table (they happen after training has legitimately started).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from convtrain.cli import app
+
+ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
+TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder` with a digest of its bytes."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        state[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def assert_one_line_error(result, fragment: str) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- building bad files -------------------------------------------------------------------------
+
+def idx_bytes(magic: int, sizes: tuple[int, ...], payload: bytes) -> bytes:
+    return struct.pack(f">{1 + len(sizes)}I", magic, *sizes) + payload
+
+
+def mnist_folder(folder: Path, *, images: bytes | None = None, labels: bytes | None = None,
+                 gz: bool = False, count: int = 40, label_count: int | None = None) -> Path:
+    """train-images/labels IDX files of `count` 8x8 images, with `images`/`labels` bytes swapped in."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    good_images = idx_bytes(2051, (count, 8, 8), rng.integers(0, 256, count * 64, dtype=np.uint8).tobytes())
+    label_count = count if label_count is None else label_count
+    good_labels = idx_bytes(2049, (label_count,), (np.arange(label_count) % 10).astype(np.uint8).tobytes())
+    for name, data in (("train-images-idx3-ubyte", good_images if images is None else images),
+                       ("train-labels-idx1-ubyte", good_labels if labels is None else labels)):
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0) if not data.startswith(b"\x1f\x8b")
+                                                else data)
+        else:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+def good_idx_images(count: int = 40) -> bytes:
+    return idx_bytes(2051, (count, 8, 8), bytes(count * 64))
+
+
+def mnist(**kwargs) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        mnist_folder(tmp / "mnist", **kwargs)
+        return ["fit", "--data", "mnist", "--data-path", "mnist", *TINY]
+    return setup
+
+
+def npz(**arrays) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        np.savez(tmp / "data.npz", **{k: v() if callable(v) else v for k, v in arrays.items()})
+        return ["fit", "--data", "npz", "--data-path", "data.npz", *TINY]
+    return setup
+
+
+def npz_bytes(make: Callable[[Path], bytes]) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        (tmp / "data.npz").write_bytes(make(tmp))
+        return ["fit", "--data", "npz", "--data-path", "data.npz", *TINY]
+    return setup
+
+
+def images(n=20, shape=(1, 8, 8)):
+    return np.random.default_rng(0).integers(0, 255, (n, *shape)).astype(np.float32)
+
+
+class RunsACommand:
+    """Unpickling this calls os.system(command): what a hostile CIFAR batch would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def cifar(batch: Callable[[Path], bytes]) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        folder = tmp / "cifar-10-batches-py"
+        folder.mkdir()
+        (folder / "data_batch_1").write_bytes(batch(tmp))
+        return ["fit", "--data", "cifar10", "--data-path", folder, *TINY]
+    return setup
+
+
+def cifar_batch(n_images=10, n_labels=10) -> bytes:
+    data = np.zeros((n_images, 3 * 32 * 32), dtype=np.uint8)
+    return pickle.dumps({b"data": data, b"labels": list(range(n_labels))}, protocol=4)
+
+
+def numpy_global_pickle(_tmp) -> bytes:
+    # protocol-0 opcodes: GLOBAL numpy.load, then call it with a file name
+    return b"cnumpy\nload\n(S'/etc/hostname'\ntR."
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished tiny digits fit (untracked): out/ with model.npz, checkpoint.npz, config.toml."""
+    folder = tmp_path_factory.mktemp("trained")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = invoke("fit", *TINY, "--no-track", "--out", "out", "--quiet")
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def with_model(make_args: Callable[[Path], list], damage: Callable[[Path], None] | None = None):
+    """Copy the trained fit's folder into the case folder (damaged if asked) before the command."""
+    def setup(tmp: Path, trained: Path) -> list:
+        shutil.copytree(trained, tmp / "out")
+        if damage is not None:
+            damage(tmp / "out")
+        return make_args(tmp)
+    setup.needs_model = True
+    return setup
+
+
+def truncate(name: str):
+    def damage(out: Path):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[:len(data) // 2])
+    return damage
+
+
+def write(name: str, text: str, *args) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        (tmp / name).write_text(text)
+        return list(args)
+    return setup
+
+
+def flags(*args) -> Callable[[Path], list]:
+    return lambda tmp: list(args)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    setup: Callable
+    fragment: str  # in the error line
+
+
+def _truncated_gzip(_tmp):
+    return gzip.compress(good_idx_images(), mtime=0)[:-30]
+
+
+def _corrupt_gzip(_tmp):
+    data = bytearray(gzip.compress(np.random.default_rng(1).integers(0, 255, 4096, dtype=np.uint8).tobytes()
+                                   + good_idx_images(), mtime=0))
+    for i in range(20, 60):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def _truncated_npz(tmp):
+    np.savez(tmp / "whole.npz", x=images(), y=np.arange(20) % 10)
+    data = (tmp / "whole.npz").read_bytes()
+    (tmp / "whole.npz").unlink()
+    return data[:len(data) // 2]
+
+
+def _object_npz(tmp):
+    path = tmp / "objects.npz"
+    np.savez(path, x=np.array([RunsACommand("touch canary")] * 3, dtype=object), y=np.arange(3))
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+CASES = {
+    # MNIST IDX, raw and gzipped
+    "idx truncated gzip": Case(mnist(images=_truncated_gzip(None), gz=True), "truncated gzip"),
+    "idx corrupt gzip": Case(mnist(images=_corrupt_gzip(None), gz=True), "gzip data"),
+    "idx truncated raw": Case(mnist(images=good_idx_images()[:-100]), "truncated: header declares 40 images"),
+    "idx header cut short": Case(mnist(images=good_idx_images()[:10]), "shorter than the 16-byte IDX header"),
+    "idx bytes beyond the payload": Case(mnist(images=good_idx_images() + b"\0" * 64), "bytes beyond"),
+    "idx wrong magic": Case(mnist(images=idx_bytes(2049, (40, 8, 8), bytes(40 * 64))), "magic number 2049"),
+    "idx count mismatch": Case(mnist(label_count=30), "30 labels, but"),
+    "idx label out of range": Case(mnist(labels=idx_bytes(2049, (40,), bytes([12] * 40))), "label 12 out of range"),
+    "idx empty labels file": Case(mnist(labels=b""), "empty file"),
+    "idx empty images file": Case(mnist(images=b""), "empty file"),
+    "idx gzip of nothing": Case(mnist(images=b"", gz=True), "shorter than the 16-byte IDX header"),
+    # the user's own .npz
+    "npz object arrays": Case(npz_bytes(_object_npz), "dtype=object"),
+    "npz NaN": Case(npz(x=lambda: np.where(images() > 200, np.nan, images()), y=np.arange(20) % 10), "NaN or infinite"),
+    "npz inf": Case(npz(x=lambda: np.where(images() > 200, np.inf, images()), y=np.arange(20) % 10), "NaN or infinite"),
+    "npz empty file": Case(npz_bytes(lambda tmp: b""), "not a readable .npz"),
+    "npz not a zip": Case(npz_bytes(lambda tmp: b"PK\x03\x04 this is no zip archive at all" * 10),
+                          "not a readable .npz"),
+    "npz truncated": Case(npz_bytes(_truncated_npz), "not a readable .npz"),
+    "npz without labels": Case(npz(x=images()), "no array 'y'"),
+    "npz negative label": Case(npz(x=images(), y=np.arange(20) % 10 - 1), "label -1 out of range"),
+    "npz fractional labels": Case(npz(x=images(), y=np.arange(20) / 3), "not whole numbers"),
+    "npz count mismatch": Case(npz(x=images(), y=np.arange(19) % 10), "expected (20,)"),
+    # CIFAR-10 batches are pickles: nothing in them may run
+    "cifar pickle calls os.system": Case(cifar(lambda tmp: pickle.dumps(RunsACommand(f"touch {tmp / 'canary'}"))),
+                                         "refused to unpickle"),
+    "cifar pickle asks for numpy.load": Case(cifar(numpy_global_pickle), "numpy.load"),
+    "cifar empty batch": Case(cifar(lambda tmp: b""), "empty file"),
+    "cifar truncated batch": Case(cifar(lambda tmp: cifar_batch()[:200]), "not a readable pickle"),
+    "cifar labels and images disagree": Case(cifar(lambda tmp: cifar_batch(10, 9)), "9 labels for 10 images"),
+    # checkpoints and saved models
+    "resume with another architecture": Case(with_model(lambda tmp: ["fit", "--resume", "out", "--filters", "8"]),
+                                             "different network"),
+    "out holds another fit's checkpoint": Case(with_model(lambda tmp: ["fit", *TINY, "--out", "out"]),
+                                               "already holds a checkpoint"),
+    "resume a truncated checkpoint": Case(with_model(lambda tmp: ["fit", "--resume", "out"],
+                                                     truncate("checkpoint.npz")), "truncated or not an .npz"),
+    "resume a saved model": Case(with_model(lambda tmp: ["fit", "--resume", "out/model.npz"]),
+                                 "a saved model, not a training checkpoint"),
+    "resume a folder without checkpoint": Case(lambda tmp: ((tmp / "empty").mkdir(), ["fit", "--resume", "empty"])[-1],
+                                               "holds no checkpoint.npz"),
+    "evaluate a truncated model": Case(with_model(lambda tmp: ["evaluate", "out/model.npz"], truncate("model.npz")),
+                                       "truncated or not an .npz"),
+    "evaluate on images of another shape": Case(
+        with_model(lambda tmp: (np.savez(tmp / "big.npz", x=images(shape=(1, 16, 16)), y=np.arange(20) % 10),
+                                ["evaluate", "out/model.npz", "--data", "npz", "--data-path", "big.npz"])[-1]),
+        "the network expects (1, 8, 8)"),
+    "evaluate plain arrays": Case(lambda tmp: (np.savez(tmp / "arrays.npz", a=np.zeros(3)),
+                                               ["evaluate", "arrays.npz"])[-1], "no 'architecture' entry"),
+    "predict on pickled objects": Case(with_model(lambda tmp: ((tmp / "objects.npz").write_bytes(_object_npz(tmp)),
+                                                              ["predict", "out/model.npz", "objects.npz"])[-1]),
+                                       "pickled objects, refused"),
+    # config files and flags
+    "bad TOML": Case(write("fit.toml", "[optim]\nepochs = = 3\n", "fit", "--config", "fit.toml"), "invalid TOML"),
+    "unknown config key": Case(write("fit.toml", "[optim]\nbatchsize = 32\n", "fit", "--config", "fit.toml"),
+                               "did you mean 'batch_size'"),
+    "config value of the wrong type": Case(write("fit.toml", "epochs = \"many\"\n", "fit", "--config", "fit.toml"),
+                                           "epochs"),
+    "unknown flag": Case(flags("fit", "--epoch", "3"), "--epoch"),
+    "negative filters": Case(flags("fit", "--filters=-4"), "filters"),
+    "zero batch size": Case(flags("fit", "--batch-size", "0"), "batch_size: got 0"),
+    "negative epochs": Case(flags("fit", "--epochs", "-1"), "epochs: got -1"),
+    "zero kernel": Case(flags("fit", "--kernel-sizes", "0"), "kernel_sizes"),
+    "zero hidden units": Case(flags("fit", "--hidden", "0"), "hidden"),
+    "zero stride": Case(flags("fit", "--strides", "0"), "strides"),
+    "negative pool": Case(flags("fit", "--pool=-1"), "pool"),
+    "negative padding": Case(flags("fit", "--padding=-1"), "padding"),
+    "zero limit": Case(flags("fit", "--limit", "0"), "limit"),
+    "kernel larger than its input": Case(flags("fit", "--filters", "4", "--kernel-sizes", "9"), "conv1"),
+    "a block left too small by pooling": Case(flags("fit", "--filters", "4,4", "--pool", "4"), "conv2"),
+    "negative lambda": Case(flags("fit", "--l2", "-0.1"), "l2: got -0.1"),
+    "zero learning rate": Case(flags("fit", "--lr", "0"), "lr: got 0.0"),
+    "negative learning rate": Case(flags("fit", "--lr", "-0.5"), "lr: got -0.5"),
+    "NaN learning rate": Case(flags("fit", "--lr", "nan"), "lr: got nan"),
+    "momentum of one": Case(flags("fit", "--momentum", "1"), "momentum"),
+    "validation fraction above one": Case(flags("fit", "--val-fraction", "1.5"), "val_fraction"),
+    # decided: a batch larger than the training set is an error, not silently clamped
+    "batch size larger than the data": Case(flags("fit", "--batch-size", "5000"), "larger than the"),
+    # where things go
+    "out is a file": Case(write("taken", "x", "fit", *TINY, "--out", "taken"), "is a file"),
+    "out below a file": Case(write("taken", "x", "fit", *TINY, "--out", "taken/run"), "is a file"),
+    "tracking server unreachable": Case(lambda tmp: ["fit", *TINY, "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+                                       "cannot be reached"),
+    "tracking store in a missing folder": Case(flags("fit", *TINY, "--tracking-uri", "sqlite:///no/such/dir/mlflow.db"),
+                                               "does not exist"),
+    "resume an unknown run id": Case(flags("fit", "--resume", "0123456789abcdef0123456789abcdef"), "0123456789abcdef"),
+    "sweep with an empty space": Case(write("sweep.toml", "[sweep]\nmethod = \"grid\"\n[space]\n",
+                                            "sweep", "sweep.toml"), "[space] is empty"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_gives_one_line_and_writes_nothing(name, tmp_path, monkeypatch, request):
+    case = CASES[name]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if getattr(case.setup, "needs_model", False):
+        args = case.setup(tmp_path, request.getfixturevalue("trained"))
+    else:
+        args = case.setup(tmp_path)
+    before = snapshot(tmp_path)
+
+    result = invoke(*args)
+
+    assert_one_line_error(result, case.fragment)
+    assert result.stdout == ""
+    assert not (tmp_path / "canary").exists()
+    assert snapshot(tmp_path) == before, "the failed command wrote to the folder"
+
+
+def test_the_table_is_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into any folder")
+def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    before = snapshot(tmp_path)
+    assert_one_line_error(invoke("fit", *TINY, "--out", "locked/run"), "not writable")
+    assert snapshot(tmp_path) == before
