@@ -27,7 +27,7 @@ import numpy as np
 
 from convtrain.callbacks import Callback
 from convtrain.config import FitConfig, read_toml
-from convtrain.errors import CheckpointError, ConfigError, ConvtrainError, DataError, TrainingInterrupted
+from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 
 MODEL_FILE = "model.npz"
 CONFIG_FILE = "config.toml"
@@ -160,9 +160,7 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         or None (nothing), or a Callback of your own.
     Exceptions propagate after the MLflow run is marked FAILED (or KILLED on interruption).
     """
-    from convtrain.callbacks import EarlyStopping
-    from convtrain.data import Standardizer, load_dataset
-    from convtrain.network import Network
+    from convtrain.data import load_dataset
     from convtrain.train import Trainer
 
     config.validate()
@@ -188,13 +186,7 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     if config.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
                           "training examples")
-    network = Network.from_config(config, splits.input_shape, splits.num_classes)
-    standardizer = Standardizer.fit(splits.x_train)
-    network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}
-    network.class_names = list(splits.class_names)
-    data_path = str(Path(config.data_path).resolve()) if config.data_path else None  # for `evaluate` anywhere
-    network.meta = {**splits.meta, "data": config.data, "data_path": data_path,
-                    "val_fraction": config.val_fraction, "seed": config.seed, "limit": config.limit}
+    network = _build_network(config, splits)
 
     out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()
     _check_writable(out_dir)
@@ -224,12 +216,10 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                 tracker.log_datasets(splits, config.data_path)
 
         recorder = BatchLossRecorder(config.log_every)
-        all_callbacks = [recorder, *([tracker] if tracker else []), *callbacks]
         progress_callback = _progress_callback(progress, config, splits)
-        if progress_callback is not None:
-            all_callbacks.insert(0, progress_callback)
-        if config.patience:
-            all_callbacks.append(EarlyStopping(monitor=config.monitor, patience=config.patience))
+        # the Trainer adds early stopping (config.patience) and the checkpoint callback itself
+        all_callbacks = [*([progress_callback] if progress_callback else []), recorder,
+                         *([tracker] if tracker else []), *callbacks]
         trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
         if checkpoint is not None:
             trainer.resume(checkpoint)
@@ -249,19 +239,7 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         metrics.update(evaluation.metrics)
         plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
 
-        problems: list[str] = []
-        if tracker is not None:
-            final_step = trainer.epoch
-            tracker._queue({k: v for k, v in evaluation.metrics.items()}, final_step)
-            tracker.flush(force=True)
-            artifacts = [(out_dir / CONFIG_FILE, None), *[(p, "plots") for p in plots]]
-            if trainer.checkpoint_path is not None:
-                artifacts.append((trainer.checkpoint_path, "checkpoint"))
-            problems += tracker.log_artifacts(artifacts)
-            model_problem = tracker.log_model(model_path, _input_example(splits))
-            if model_problem:
-                problems.append(model_problem)
-            problems += tracker.finish("FINISHED", out_dir=out_dir)
+        problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) if tracker else []
     except BaseException as exc:
         if tracker is not None:
             interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
@@ -274,6 +252,34 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
                      network=network, config=config, tracking_uri=tracking_uri,
                      experiment_id=tracker.experiment_id if tracker else None, problems=problems)
+
+
+def _build_network(config: FitConfig, splits):
+    """The configured network, carrying the training set's statistics, classes and data recipe."""
+    from convtrain.data import Standardizer
+    from convtrain.network import Network
+
+    network = Network.from_config(config, splits.input_shape, splits.num_classes)
+    standardizer = Standardizer.fit(splits.x_train)
+    network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}
+    network.class_names = list(splits.class_names)
+    data_path = str(Path(config.data_path).resolve()) if config.data_path else None  # for `evaluate` anywhere
+    network.meta = {**splits.meta, "data": config.data, "data_path": data_path,
+                    "val_fraction": config.val_fraction, "seed": config.seed, "limit": config.limit}
+    return network
+
+
+def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) -> list[str]:
+    """Test metrics, artifacts and the pyfunc model, then FINISHED; returns what did not get through."""
+    tracker.log_final_metrics(evaluation.metrics, step=trainer.epoch)
+    artifacts = [(out_dir / CONFIG_FILE, None), *[(p, "plots") for p in plots]]
+    if trainer.checkpoint_path is not None:
+        artifacts.append((trainer.checkpoint_path, "checkpoint"))
+    problems = tracker.log_artifacts(artifacts)
+    model_problem = tracker.log_model(model_path, _input_example(splits))
+    if model_problem:
+        problems.append(model_problem)
+    return problems + tracker.finish("FINISHED", out_dir=out_dir)
 
 
 def _default_out_parent() -> Path:
@@ -591,7 +597,7 @@ def describe_installation() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import convtrain
-    from convtrain.tracking import resolve_tracking_uri
+    from convtrain.tracking import blas_summary, resolve_tracking_uri
 
     info = {"convtrain": convtrain.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
@@ -607,13 +613,10 @@ def describe_installation() -> dict[str, str]:
     else:
         for key, value in build.items():
             if key == "blas":
-                value = "; ".join(f"{lib.get('name')} {lib.get('version')} ({lib.get('threading_layer', '')}"
-                                  f"{', ' if lib.get('threading_layer') else ''}{lib.get('num_threads')} threads)"
-                                  for lib in value) or "none found"
+                value = blas_summary(value)
             info[key.replace("_", " ")] = str(value)
     info["tracking store"] = resolve_tracking_uri()
     return info
 
 
-__all__ = ["FitResult", "fit", "evaluate_model", "predict_inputs", "resolve_fit_config", "describe_installation",
-           "ConvtrainError"]
+__all__ = ["FitResult", "fit", "evaluate_model", "predict_inputs", "resolve_fit_config", "describe_installation"]

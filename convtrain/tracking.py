@@ -153,6 +153,8 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
     tags = {"convtrain.version": convtrain.__version__, "convtrain.host": socket.gethostname()}
     try:
         for key, value in convtrain.build_info().items():
+            if key == "blas":
+                value = blas_summary(value)
             tags[f"convtrain.build.{key}"] = value if isinstance(value, str) else json.dumps(value)
     except Exception as exc:  # a missing or broken extension must not stop tracking
         tags["convtrain.build.error"] = first_line(exc)
@@ -166,6 +168,15 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
         tags.setdefault("mlflow.user", user)
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return {k: str(v)[:5000] for k, v in tags.items()}
+
+
+def blas_summary(libraries: list[dict]) -> str:
+    """'openblas 0.3.31 (pthreads, 2 threads); ...' from build_info()['blas']."""
+    parts = []
+    for lib in libraries:
+        details = ", ".join(str(d) for d in (lib.get("threading_layer"), f"{lib.get('num_threads')} threads") if d)
+        parts.append(f"{lib.get('name')} {lib.get('version')} ({details})")
+    return "; ".join(parts) or "none found"
 
 
 def _git_commit(folder: Path) -> str | None:
@@ -311,6 +322,11 @@ class MLflowCallback(Callback):
         if epoch > self.logged_epochs:  # a resumed run may already hold this epoch
             self._queue({k: logs[k] for k in EPOCH_METRICS if logs.get(k) is not None}, epoch)
         self.flush()
+
+    def log_final_metrics(self, values: dict, step: int) -> bool:
+        """Metrics of the finished model (test_*), at the last epoch's step; sent at once."""
+        self._queue(values, step)
+        return self.flush(force=True)
 
     def on_checkpoint(self, trainer, path):
         path = str(Path(path).resolve())
