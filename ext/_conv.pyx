@@ -516,12 +516,14 @@ def maxpool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
                       Py_ssize_t[:, :, :, ::1] argmax,
                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw):
     """out[n, c, oh, ow] = max over the window x[n, c, oh*sh : oh*sh+kh, ow*sw : ow*sw+kw];
-    argmax holds the winner's flat index h*W + w inside its (H, W) plane (first one on ties,
-    a NaN wins and propagates). OpenMP over the N*C planes."""
+    argmax holds the winner's flat index h*W + w inside its (H, W) plane (the first one on
+    ties; a NaN wins and propagates). OpenMP over the N*C planes."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
     cdef Py_ssize_t plane, oh, ow, i, j, best_index, index
     cdef floating best, value
+    cdef bint greater, has_nan
+    cdef Py_ssize_t mask
     cdef const floating *x_plane
     cdef floating *out_plane
     cdef Py_ssize_t *argmax_plane
@@ -536,12 +538,23 @@ def maxpool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
                 for ow in range(Wo):
                     best_index = (oh * sh) * W + ow * sw
                     best = x_plane[best_index]
+                    has_nan = False
                     for i in range(kh):
                         for j in range(kw):
                             index = (oh * sh + i) * W + ow * sw + j
                             value = x_plane[index]
-                            if value > best or (value != value and best == best):
-                                best = value
+                            # selects, not branches: on real data "is it larger?" is a coin
+                            # flip, and mispredicted branches cost more than the whole window
+                            greater = value > best
+                            mask = -<Py_ssize_t> greater
+                            best_index = (index & mask) | (best_index & ~mask)
+                            best = value if greater else best
+                            has_nan = has_nan | (value != value)
+                    if has_nan:  # rare: the window's first NaN wins
+                        for i in range(kh * kw - 1, -1, -1):
+                            index = (oh * sh + i // kw) * W + ow * sw + i % kw
+                            if x_plane[index] != x_plane[index]:
+                                best = x_plane[index]
                                 best_index = index
                     out_plane[oh * Wo + ow] = best
                     argmax_plane[oh * Wo + ow] = best_index

@@ -383,11 +383,14 @@ def test_maxpool_matches_the_reference(x_shape, size, stride, dtype):
 
 
 def test_maxpool_ties_pick_the_first_and_nan_propagates():
-    x = np.zeros((1, 1, 2, 4))
+    x = np.zeros((1, 1, 2, 6))
     x[0, 0, 1, 3] = np.nan
+    x[0, 0, 0, 4] = 5.0
+    x[0, 0, :, 5] = [np.nan, np.nan]
     out, argmax = kernels.maxpool2d_forward(x, 2)
     assert out[0, 0, 0, 0] == 0 and argmax[0, 0, 0, 0] == 0
-    assert np.isnan(out[0, 0, 0, 1]) and argmax[0, 0, 0, 1] == 7
+    assert np.isnan(out[0, 0, 0, 1]) and argmax[0, 0, 0, 1] == 9    # a NaN wins
+    assert np.isnan(out[0, 0, 0, 2]) and argmax[0, 0, 0, 2] == 5    # the first NaN wins
 
 
 def test_maxpool_gradient_matches_centered_differences():
