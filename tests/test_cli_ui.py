@@ -45,8 +45,12 @@ def test_ui_serves_the_default_store_and_prints_the_runs_table_url(tmp_path):
         process.send_signal(signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # a failed assertion: SIGTERM still takes the server down
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
     deadline = time.monotonic() + 15
     while port_open(port) and time.monotonic() < deadline:
         time.sleep(0.2)
