@@ -18,6 +18,7 @@ import datetime as _dt
 import os
 import re
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,6 +310,14 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"out: {existing} is a file, expected a folder for checkpoints and the model")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"out: {existing} is not writable; choose another --out")
+    # access() says yes to root, and on some file systems (sysfs, NFS with root squashing, FUSE)
+    # where creating a file then fails; an unnamed temp file is the real test and leaves nothing
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"out: cannot create files in {existing} ({exc.strerror or exc}); "
+                          "choose another --out") from None
 
 
 def _check_resumable(checkpoint: Path, network, config: FitConfig) -> None:
