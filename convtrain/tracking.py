@@ -304,7 +304,16 @@ class MLflowCallback(Callback):
                 warnings.filterwarnings("ignore", message=".*interpreted in multiple ways")
                 dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{splits.name}-{context}")
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-        if inputs:
+        if not inputs:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException:
+            # Parallel sweep workers logging the same data set race to insert its row
+            # (UNIQUE constraint on SQLite); the second attempt finds the row and links it.
+            time.sleep(0.2)
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def set_tags(self, tags: dict) -> bool:
