@@ -95,8 +95,13 @@ class FitConfig:
         """Build from flat or sectioned keys; unknown keys are refused with a suggestion."""
         flat = _flatten_sections(values, source)
         _check_known_keys(flat, source)
-        config = cls(**{k: _coerce(k, v) for k, v in flat.items()})
-        config.validate()
+        try:
+            config = cls(**{k: _coerce(k, v) for k, v in flat.items()})
+            config.validate()
+        except ConfigError as exc:
+            if source == "config":
+                raise
+            raise ConfigError(f"{source}: {exc}") from None
         return config
 
     @classmethod
@@ -245,6 +250,16 @@ def _check_known_keys(values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
 
 
+_LIST_EXPECTATIONS = {
+    "filters": "whole numbers, e.g. 16,32",
+    "hidden": "whole numbers, e.g. 128 (or nothing)",
+    "kernel_sizes": "kernel sizes, e.g. 3,3 or 5x3 (height x width)",
+    "strides": "whole numbers, e.g. 1,2",
+    "padding": "whole numbers >= 0, 'same' or 'valid'",
+    "pool": "pool sizes, e.g. 2,0 (0 = no pooling)",
+}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Accept the spellings a TOML file or a flag naturally gives: '16,32' or 16 for a list."""
     kind = _FIELD_TYPES[name]
@@ -280,7 +295,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: got {value!r}, expected a value of type {kind}") from None
+        expected = _LIST_EXPECTATIONS.get(name, f"a value of type {kind}")
+        raise ConfigError(f"{name}: got {value!r}, expected {expected}") from None
     return value
 
 
