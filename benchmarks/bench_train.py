@@ -17,12 +17,17 @@ images/s over rounds (and min-max), and the ratios of medians.
 
     python benchmarks/bench_train.py                      # everything, 1 and 2 threads
     python benchmarks/bench_train.py --nets mnist --threads 2 --rounds 7
+    python benchmarks/bench_train.py --clock cpu --threads 1   # images per CPU-second
+
+After the throughput table: peak RSS per implementation (each in a fresh process), then
+convtrain's per-phase profile (benchmarks/profile_step.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -49,6 +54,35 @@ NETS = {
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
 BATCH = 100
 LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
+
+
+class NumpyKernels:
+    """numpy_conv behind the whole kernels API the layers call (the fused conv+ReLU entry
+    points are composed from numpy_conv's separate passes, as a numpy implementation would)."""
+
+    def __getattr__(self, name):
+        return getattr(numpy_conv, name)
+
+    @staticmethod
+    def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+        out = numpy_conv.conv2d_forward(x, w, b, stride, padding)
+        return np.maximum(out, 0, out=out) if relu else out
+
+    @staticmethod
+    def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+        if relu_out is not None:
+            np.multiply(dout, relu_out > 0, out=dout)
+        dw, db = numpy_conv.conv2d_backward_filter(x, dout, w.shape[2:], stride, padding)
+        dx = numpy_conv.conv2d_backward_input(dout, w, x.shape, stride, padding) if input_grad else None
+        return dx, dw, db
+
+    @staticmethod
+    def relu_(a):
+        return np.maximum(a, 0, out=a)
+
+    @staticmethod
+    def relu_backward_(dout, out):
+        return np.multiply(dout, out > 0, out=dout)
 
 
 # ---- one implementation = a function that runs k steps ----------------------------------------
@@ -116,25 +150,56 @@ def set_threads(threads):
         pass
 
 
-def measure(net, threads, rounds, with_torch, with_numpy):
+RUNNERS = {"convtrain": convtrain_runner, "pytorch": torch_runner,
+           "numpy": lambda spec: convtrain_runner(spec, NumpyKernels())}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(net, threads, rounds, with_torch, with_numpy, clock="wall"):
     spec = NETS[net]
     steps = spec["steps"]
-    runners = {"convtrain": convtrain_runner(spec)}
-    if with_torch:
-        runners["pytorch"] = torch_runner(spec)
-    if with_numpy:
-        runners["numpy"] = convtrain_runner(spec, numpy_conv)
+    names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy
+    runners = {name: RUNNERS[name](spec) for name in names}
     rates = {name: [] for name in runners}
+    timer = CLOCKS[clock]
     set_threads(threads)
     with threadpool_limits(threads, user_api="blas"):
         for run in runners.values():
             run(2)  # warm-up: allocations, BLAS and OpenMP thread pools
         for _ in range(rounds):
             for name, run in runners.items():
-                started = time.perf_counter()
+                started = timer()
                 run(steps)
-                rates[name].append(steps * BATCH / (time.perf_counter() - started))
+                rates[name].append(steps * BATCH / (timer() - started))
     return rates
+
+
+def _rss_mib(field):
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_child(name, net, threads):
+    """In a fresh process: RSS after imports and set-up, and peak RSS after a round of steps."""
+    spec = NETS[net]
+    set_threads(threads)
+    with threadpool_limits(threads, user_api="blas"):
+        run = RUNNERS[name](spec)
+        base = _rss_mib("VmRSS")
+        run(spec["steps"])
+    print(json.dumps({"base_mib": base, "peak_mib": _rss_mib("VmHWM")}))
+
+
+def peak_rss(name, net, threads):
+    """{'base_mib', 'peak_mib'} of one implementation, measured in its own process."""
+    import subprocess
+    result = subprocess.run([sys.executable, __file__, "--rss-child", name, net, str(threads)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def format_row(net, threads, rates, medians):
@@ -158,7 +223,19 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     parser.add_argument("--no-numpy", action="store_true", help="skip the numpy im2col baseline")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time (all its threads), "
+                             "robust to other load: images per CPU-second, the honest 1-thread "
+                             "figure on a shared machine (at 2 threads it measures efficiency)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+    parser.add_argument("--rss-child", nargs=3, metavar=("IMPL", "NET", "THREADS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rss_child:
+        name, net, threads = args.rss_child
+        rss_child(name, net, int(threads))
+        return 0
 
     with_torch = not args.no_torch
     if with_torch:
@@ -171,19 +248,45 @@ def main(argv=None):
     print(f"convtrain {convtrain.__version__}: openmp={info.get('openmp')} max_threads={info.get('max_threads')}; "
           f"numpy {np.__version__}; torch {torch_version if with_torch else 'not used'}")
     print(f"batch {BATCH}, float32, SGD lr {LR} momentum {MOMENTUM}, l2 {L2}; images/s, median (min-max) "
-          f"of {args.rounds} rounds\n")
+          f"of {args.rounds} rounds, {args.clock} clock; load average {os.getloadavg()[0]:.2f}\n")
     header = f"{'net':<7} {'thr':>3} {'convtrain':>22} {'pytorch':>22} {'numpy':>22} {'ct/torch':>9} {'ct/numpy':>9}"
     print(header)
     print("-" * len(header))
     results = []
+    thread_counts = [int(t) for t in args.threads.split(",")]
     for net in args.nets.split(","):
-        for threads in (int(t) for t in args.threads.split(",")):
-            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy)
+        for threads in thread_counts:
+            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock)
             medians = {name: statistics.median(values) for name, values in rates.items()}
             print(format_row(net, threads, rates, medians), flush=True)
             results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
     print("\nPyTorch reference at 2 threads (issue): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    if not args.no_rss:
+        names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * (not args.no_numpy)
+        print(f"\npeak RSS in MiB, each in its own process at {max(thread_counts)} threads: after "
+              f"imports and set-up -> high-water mark after a round of steps (+ training's share)")
+        print(f"{'net':<7} " + " ".join(f"{name:>26}" for name in names) + f" {'ct/torch':>9}")
+        for net in args.nets.split(","):
+            rss = {name: peak_rss(name, net, max(thread_counts)) for name in names}
+            cells = " ".join(
+                f"{r['base_mib']:.0f} -> {r['peak_mib']:.0f} (+{r['peak_mib'] - r['base_mib']:.0f})".rjust(26)
+                for r in rss.values())
+            ratio = (f"{rss['convtrain']['peak_mib'] / rss['pytorch']['peak_mib']:9.2f}"
+                     if "pytorch" in rss else f"{'-':>9}")
+            print(f"{net:<7} {cells} {ratio}", flush=True)
+            for result in results:
+                if result["net"] == net:
+                    result["rss_mib"] = rss
+    if not args.no_profile:
+        import profile_step
+        print("\nper-phase profile of convtrain's step (benchmarks/profile_step.py)")
+        for net in args.nets.split(","):
+            for threads in thread_counts:
+                steps = max(5, NETS[net]["steps"] * 3)
+                profile_step.print_profile(net, threads, *profile_step.profile(net, threads, steps, args.clock),
+                                           args.clock)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
