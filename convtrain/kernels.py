@@ -39,6 +39,9 @@ __all__ = [
     "conv2d_forward",
     "conv2d_backward_filter",
     "conv2d_backward_input",
+    "conv2d_backward",
+    "relu_",
+    "relu_backward_",
     "conv2d_output_shape",
     "maxpool2d_forward",
     "maxpool2d_backward",
@@ -204,8 +207,10 @@ def _group_scratch(threads, G, rows, P, F, dtype):
     return cols, staging
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0):
-    """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image).
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+    """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
+    with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
+    is in cache instead of in a second pass over the batch.
 
     x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
     Per image: out[n] = [w.reshape(F, -1) | b] @ [im2col(x[n]); ones], a GEMM of shape
@@ -245,7 +250,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     _check_blas_dims(F, K + 1, G * P)
     cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads)
+        _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads,
+                             bool(relu))
     return out
 
 
@@ -329,6 +335,89 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
     with blas_pinned_to_one_thread():
         _conv.conv2d_backward_input(dout, w, dx, *stride, *padding, G, cols, staging, threads)
     return dx
+
+
+def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+    """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
+    the batch, with the same bits, each image's dout used by both GEMMs while in cache.
+
+    relu_out: the output of a ReLU applied to this layer's output (conv2d_forward(...,
+    relu=True)); then dout is first replaced, in place, by where(relu_out > 0, dout, 0), the
+    ReLU's backward (relu_backward_). So dout must be a C-contiguous array the caller lets go of. input_grad=False
+    skips dx (the first layer's input is the data) and returns None for it.
+    """
+    x = _array("x", x, 4)
+    w = _array("w", w, 4, x.dtype)
+    if not isinstance(dout, np.ndarray) or dout.dtype != x.dtype or not dout.flags.c_contiguous \
+            or not dout.flags.writeable or not dout.dtype.isnative:
+        raise TypeError(
+            f"dout must be a writeable C-contiguous {x.dtype} ndarray (it is masked in place), "
+            f"got {type(dout).__name__}"
+            + (f" of dtype {dout.dtype}" if isinstance(dout, np.ndarray) else ""))
+    N, C, H, W = x.shape
+    F, Cw, kh, kw = w.shape
+    _check_positive("x", C, "channel")
+    _check_positive("w", F, "filter")
+    if Cw != C:
+        raise ValueError(f"w has shape {w.shape} with {Cw} input channels but x has {C} "
+                         f"(shape {x.shape}); expected w of shape (F, {C}, kh, kw)")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
+            f"w of shape {w.shape}, stride {stride}, padding {padding}")
+    mask = relu_out is not None
+    if mask:
+        relu_out = _array("relu_out", relu_out, 4, x.dtype)
+        if relu_out.shape != dout.shape:
+            raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
+    else:
+        relu_out = dout  # unread
+    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
+    K, P = C * kh * kw, Ho * Wo
+    if N == 0:
+        return dx, np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    chunks = min(groups, FILTER_GRAD_CHUNKS)
+    dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
+    cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward(x, dout, w.reshape(F, K), relu_out, dw_ext,
+                              dx if input_grad else np.empty((0, C, H, W), x.dtype), kh, kw, *stride, *padding, G, cols,
+                              staging, threads, mask, bool(input_grad))
+    total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
+    return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+def _writeable_flat(name, a, dtype=None):
+    if not isinstance(a, np.ndarray) or a.dtype not in _FLOAT_DTYPES or not a.flags.c_contiguous \
+            or not a.flags.writeable or not a.dtype.isnative or (dtype is not None and a.dtype != dtype):
+        raise TypeError(f"{name} must be a writeable C-contiguous float32/float64 ndarray"
+                        + (f" of dtype {dtype}" if dtype is not None else "")
+                        + f", got {type(a).__name__}"
+                        + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray) else ""))
+    return a.reshape(-1)
+
+
+def relu_(a):
+    """a = max(a, 0) in place (np.maximum's bits), OpenMP over blocks; returns a."""
+    _conv.relu_forward(_writeable_flat("a", a))
+    return a
+
+
+def relu_backward_(dout, out):
+    """dout = where(out > 0, dout, 0) in place; returns dout. The same values as
+    dout * (out > 0) except that a masked NaN or -0.0 becomes +0.0 (as in PyTorch)."""
+    flat = _writeable_flat("dout", dout)
+    out = _array("out", out, out.ndim if isinstance(out, np.ndarray) else 1, dout.dtype)
+    if out.shape != dout.shape:
+        raise ValueError(f"out has shape {out.shape}, expected dout's shape {dout.shape}")
+    _conv.relu_backward(flat, out.reshape(-1))
+    return dout
 
 
 # ----------------------------------------------------------------------------- max pooling

@@ -17,7 +17,7 @@ import numpy as np
 
 from convtrain.checkpoint import json_entry, read_json, read_npz, write_npz_atomic
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
-from convtrain.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair
+from convtrain.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.losses import softmax, softmax_cross_entropy
 
 MODEL_FORMAT = "convtrain-model-1"
@@ -149,6 +149,7 @@ class Network:
             add(ReLU(f"fc{j}_relu", inplace=True))
         add(Dense(shape[0], self.num_classes, dtype=self.dtype, name="fc"))
         layers[0].needs_input_grad = False
+        fuse_conv_relu(layers)
         return layers
 
     def initialize(self, seed: int) -> None:
