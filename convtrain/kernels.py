@@ -189,13 +189,18 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
 # Images are processed in groups of G with G*Ho*Wo >= GEMM_MIN_COLUMNS (G = 1 from 16x16
 # outputs up), so that small images still give GEMMs wide enough to run at BLAS speed.
 GEMM_MIN_COLUMNS = 256
+# ... but into no fewer than this many groups when the batch allows, so that the threads get
+# equal shares (DIGITS conv2, P = 16, N = 100: 8 groups of 13 split 4/4 on 2 threads, where
+# 7 groups of 16 split 4/3). Like G, this depends on N and P only, never on the threads, so
+# the results stay the same bit for bit for any thread count.
+MIN_GROUPS = 8
 # The filter gradient accumulates into at most this many per-chunk buffers (see _conv).
 FILTER_GRAD_CHUNKS = 16
 
 
 def _plan(N, P, threads):
     """(threads, G, groups): OpenMP threads, images per group, number of groups."""
-    G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P)))
+    G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P), -(-N // MIN_GROUPS)))
     groups = -(-N // G)
     return max(1, min(threads, groups)), G, groups
 
