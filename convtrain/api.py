@@ -210,11 +210,6 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         out_dir.mkdir(parents=True, exist_ok=True)
         config = config.with_overrides({"out": str(out_dir)})
         config.save_toml(out_dir / CONFIG_FILE)
-        if tracker is not None:
-            tracker.log_config(config, resumed=checkpoint is not None)
-            tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
-            if checkpoint is None:
-                tracker.log_datasets(splits, config.data_path)
 
         recorder = BatchLossRecorder(config.log_every)
         progress_callback = _progress_callback(progress, config, splits)
@@ -225,6 +220,18 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         if checkpoint is not None:
             trainer.resume(checkpoint)
             _restore_meta(network, splits, checkpoint)
+        else:
+            # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
+            # callback's state) the run id, written as soon as the run exists and before the
+            # slower logging below, so a fit killed at any later moment -- even before its
+            # first epoch ends -- resumes into this run instead of leaving it RUNNING forever.
+            trainer.save_checkpoint()
+        if tracker is not None:
+            tracker.log_config(config, resumed=checkpoint is not None)
+            tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
+            # a fit killed before its datasets were logged logs them when resumed
+            if checkpoint is None or not tracker.has_datasets():
+                tracker.log_datasets(splits, config.data_path)
 
         x_train = network.normalize(splits.x_train)
         x_val = network.normalize(splits.x_val) if splits.x_val is not None and len(splits.x_val) else None

@@ -316,6 +316,12 @@ class MLflowCallback(Callback):
             time.sleep(0.2)
             self.client.log_inputs(self.run_id, datasets=inputs)
 
+    def has_datasets(self) -> bool:
+        """Whether the run already links dataset inputs (a resumed run may not, if its fit was
+        killed right after its epoch-0 checkpoint)."""
+        inputs = self.client.get_run(self.run_id).inputs
+        return bool(inputs and inputs.dataset_inputs)
+
     def set_tags(self, tags: dict) -> bool:
         return self._attempt(lambda: self.client.log_batch(self.run_id, tags=_run_tags(tags)))
 

@@ -115,7 +115,7 @@ def mlflow_client(workdir: Path):
 # that process (see tests/killharness.py); ("after", event, seconds) kills at a random time.
 def kill_plan(rng: random.Random) -> list[tuple[str, tuple]]:
     return [
-        ("mid-batch in epoch 1, before any checkpoint", ("stop", f"mid-batch:{rng.randint(2, 20)}")),
+        ("mid-batch in epoch 1, before its checkpoint", ("stop", f"mid-batch:{rng.randint(2, 20)}")),
         ("mid-batch in epoch 2", ("stop", f"mid-batch:{22 + rng.randint(2, 20)}")),
         ("half of a checkpoint's bytes written", ("stop", "checkpoint-half:1")),
         ("a checkpoint written but not yet renamed", ("stop", "checkpoint-full:1")),
@@ -204,10 +204,37 @@ def test_sigkill_at_fifteen_moments_then_resume_equals_the_uninterrupted_run(wor
     for key in [k for k in run.data.metrics if k.startswith("test_")]:
         assert len(client.get_metric_history(run_id, key)) == 1, f"{key} logged more than once"
     assert "test_accuracy" in run.data.metrics
-    # the run killed before the first checkpoint could not be continued; it stays as it was left
+    # even the kill in epoch 1 left a checkpoint (epoch 0's): no second run was ever started
     others = [r for r in client.search_runs([run.info.experiment_id], "attributes.run_name = 'killed'")
               if r.info.run_id != run_id]
-    assert [r.info.status for r in others] == ["RUNNING"]
+    assert others == []
+
+
+def test_a_fit_killed_before_its_first_batch_resumes_into_the_same_run(workdir, harness, reference):
+    """The epoch-0 checkpoint (written right after the MLflow run is created) makes a kill before
+    any epoch ends resumable: same run id, and the uninterrupted run's weights at the end."""
+    out = workdir / "early"
+    # killed as soon as the epoch-0 checkpoint is in place: before MLflow got the params, the
+    # datasets or the checkpoint tag, and before the first batch
+    killed = harness.run(fit_args(workdir / "digits.npz", "early", "early"), stop_at="on-checkpoint:1")
+    assert killed.killed and "run-created" in killed.names() and "fit-start" not in killed.names(), killed.stderr
+    state = checkpoint_state(out / "checkpoint.npz")
+    assert (state["epoch"], state["step"], state["mid_epoch"]) == (0, 0, False)
+    client = mlflow_client(workdir)
+    assert client.get_run(state["run_id"]).info.status == "RUNNING"  # SIGKILL: nobody could mark it
+
+    resumed = harness.run(["fit", "--resume", out, "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "run-created" not in resumed.names() and state["run_id"] in resumed.stdout
+    assert_same_weights(out / "model.npz", reference)
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id],
+                                                       "attributes.run_name = 'early'")] == [state["run_id"]]
+    assert sorted(m.step for m in client.get_metric_history(state["run_id"], "train_loss")) == \
+        list(range(1, EPOCHS + 1))
+    assert run.data.params["epochs"] == str(EPOCHS)
+    assert len(run.inputs.dataset_inputs) == 3  # training, validation, test: logged by the resumed fit
 
 
 # ---- SIGTERM / SIGINT ---------------------------------------------------------------------------------

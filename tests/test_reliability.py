@@ -77,14 +77,15 @@ def only_run(tmp_path: Path):
 # ---- a full disk -------------------------------------------------------------------------------------
 
 def test_a_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_keeps_the_last_one(tmp_path, monkeypatch):
-    """The second checkpoint write runs out of space half-way (simulated by the write raising ENOSPC)."""
+    """The epoch-2 checkpoint write runs out of space half-way (simulated by the write raising ENOSPC);
+    the writes before it are the epoch-0 and epoch-1 checkpoints."""
     real_savez = np.savez
     writes = []
     kept = {}
 
     def savez(file, *args, **kwargs):
         writes.append(file)
-        if len(writes) == 2:
+        if len(writes) == 3:
             kept["bytes"] = (tmp_path / "out" / "checkpoint.npz").read_bytes()
             file.write(b"\0" * 4096)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -105,12 +106,15 @@ def test_a_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_keeps_th
 
 # ---- divergence --------------------------------------------------------------------------------------
 
-def test_divergence_in_the_first_epoch_stops_cleanly_and_says_nothing_was_saved(tmp_path):
+def test_divergence_in_the_first_epoch_stops_cleanly_and_names_the_initial_checkpoint(tmp_path):
     result = invoke("fit", *TINY, "--epochs", 2, "--lr", "1e6", "--out", "out")
     line = error_line(result)
     assert "the training loss became" in line and "at epoch 1, batch " in line
-    assert "no checkpoint was written" in line and "lower learning rate" in line
-    assert not (tmp_path / "out" / "checkpoint.npz").exists() and not (tmp_path / "out" / "model.npz").exists()
+    assert "out/checkpoint.npz (epoch 0)" in line and "lower learning rate" in line
+    checkpoint = tmp_path / "out" / "checkpoint.npz"
+    assert trainer_state(checkpoint)["epoch"] == 0 and not (tmp_path / "out" / "model.npz").exists()
+    weights = Network.load(checkpoint).parameters()
+    assert all(np.isfinite(w).all() for w in weights.values())  # the initial weights, not NaNs
     assert only_run(tmp_path).info.status == "FAILED"
 
 
