@@ -4,6 +4,10 @@ MLflow logging) hooks in here instead of being a special case of the Trainer.
 Hooks are called in the order the callbacks are listed in `trainer.callbacks`; the Trainer
 puts EarlyStopping first (so it restores the best weights before others see on_fit_end) and
 Checkpoint last (so the checkpoint holds everyone's state after on_epoch_end).
+
+Setting `trainer.stop_training = True` ends the fit cleanly after the current epoch (its
+evaluation, on_epoch_end and checkpoint included). After a resume from a mid-epoch
+checkpoint, on_epoch_start is called again for the remainder of that epoch.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ class Callback:
 
     @property
     def key(self) -> str:
-        """Name under which this callback's state is stored in a checkpoint."""
-        return type(self).__name__
+        """Name under which this callback's state is stored in a checkpoint: the class name
+        unless a subclass sets `key = "..."` (class attribute) or an instance assigns one."""
+        return self.__dict__.get("_key", type(self).__name__)
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self.__dict__["_key"] = str(value)
 
     def on_fit_start(self, trainer): ...
 
