@@ -269,11 +269,11 @@ def test_a_second_ctrl_c_while_the_checkpoint_is_written_keeps_the_previous_one(
     out = workdir / "twice"
     # the first Ctrl-C in batch 9 of epoch 2, the second half-way through the checkpoint it asks for
     stopped = harness.run(fit_args(workdir / "digits.npz", "twice", "twice"),
-                          stops=[("mid-batch:31", (signal.SIGINT,)), ("checkpoint-half:2", (signal.SIGINT,))])
+                          stops=[("mid-batch:31", (signal.SIGINT,)), ("checkpoint-half:3", (signal.SIGINT,))])
     assert stopped.returncode == 130, stopped.stderr
     line = one_error_line(stopped.stderr)
     assert "second interrupt" in line and f"convtrain fit --resume {out}" in line
-    assert stopped.names().count("checkpoint-full") == 1  # epoch 1's; the second was abandoned
+    assert stopped.names().count("checkpoint-full") == 2  # epoch 0's and 1's; the third was abandoned
     state = checkpoint_state(out / "checkpoint.npz")
     assert (state["epoch"], state["mid_epoch"]) == (1, False)  # epoch 1's, untouched
     assert not list(out.glob(".*.tmp"))
