@@ -12,6 +12,7 @@ mlflow is imported only by the functions that log a model; loading needs only th
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object
 
 NETWORK_ARTIFACT = "network"
+WEIGHTS_TAG = "convtrain.weights_sha256"  # on each logged model: which weights it holds
 
 
 class ConvtrainModel(PythonModel):
@@ -80,14 +82,63 @@ def log_model(client, run_id: str, experiment_id: str, network_path: str | Path,
     The signature and example are computed from the network's own predictions on
     `input_example` (a few raw inputs), so they describe exactly what predict accepts.
     Uses the current global MLflow tracking URI (MLflow's Model.log reads it).
+
+    A run keeps one model of each name: `runs:/<run id>/<name>` resolves to whichever model
+    of that name and run the store lists first, so a resumed fit (killed while or after
+    logging its model, or resumed to train longer) must not leave an earlier one behind. If
+    a READY model with these very weights is there already, it is kept and nothing is logged
+    again; every other model of this run and name (stale weights, or a write cut short)
+    is deleted, only after the new one is complete. Returns the new ModelInfo, or None.
     """
-    import mlflow
-    import mlflow.pyfunc
-    from mlflow.models import Model, infer_signature
+    from mlflow.entities import LoggedModelStatus
 
     from convtrain.network import Network
 
     network = Network.load(network_path)
+    digest = weights_digest(network)
+    earlier = _logged_models(client, experiment_id, run_id, name)
+    current = next((m for m in earlier if m.status == LoggedModelStatus.READY
+                    and m.tags.get(WEIGHTS_TAG) == digest), None)
+    info = None
+    if current is None:
+        info = _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest)
+        keep = info.model_id
+    else:
+        keep = current.model_id
+    for model in earlier:
+        if model.model_id != keep:
+            client.delete_logged_model(model.model_id)
+    return info
+
+
+def weights_digest(network) -> str:
+    """SHA-256 of the parameters (names, dtypes, shapes, bytes): equal for bit-identical weights,
+    unlike the .npz file, whose zip entries carry the time they were written."""
+    digest = hashlib.sha256()
+    for key, value in sorted(network.parameters().items()):
+        value = np.ascontiguousarray(value)
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _logged_models(client, experiment_id: str, run_id: str, name: str) -> list:
+    """The live logged models named `name` whose source is run `run_id` (deleted ones excluded)."""
+    models, token = [], None
+    while True:
+        page = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'",
+                                           page_token=token)
+        models += [m for m in page if m.source_run_id == run_id]
+        token = page.token
+        if not token:
+            return models
+
+
+def _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest):
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model, infer_signature
+
     example = np.ascontiguousarray(input_example, dtype=np.float32)
     signature = infer_signature(example, network.predict_proba(example))
     with tempfile.TemporaryDirectory() as folder:
@@ -98,7 +149,7 @@ def log_model(client, run_id: str, experiment_id: str, network_path: str | Path,
         # Created here because Model.log would file it under the *active* experiment (often
         # "Default"), where `runs:/<run id>/model` does not look for it.
         logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id,
-                                            model_type="convtrain")
+                                            tags={WEIGHTS_TAG: digest}, model_type="convtrain")
         return Model.log(
             artifact_path=None,  # positional in Model.log's signature; `name` replaces it
             name=name,
