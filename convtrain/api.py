@@ -203,6 +203,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
 
         tracker = MLflowCallback.start(config, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags,
                                        resume_run_id=saved_tracking.get("run_id"))
+    # what the fit is doing, for the message of a Ctrl-C that lands outside the training loop
+    stage, trainer, model_path = "setting up the fit", None, None
     try:
         if checkpoint is None and config.out is None:
             out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
@@ -235,31 +237,50 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
 
         x_train = network.normalize(splits.x_train)
         x_val = network.normalize(splits.x_val) if splits.x_val is not None and len(splits.x_val) else None
+        stage = "training"
         with _stop_on_signals(trainer):
             history = trainer.fit(x_train, splits.y_train, x_val, splits.y_val if x_val is not None else None)
         del x_train, x_val
 
+        stage = "saving the model"
         model_path = network.save(out_dir / MODEL_FILE)
         metrics = dict(history.best if config.patience else history.last)
         metrics.pop("epoch", None)
         metrics["best_epoch"] = history.best_epoch
+        stage = "evaluating the final model"
         evaluation = _final_evaluation(trainer, network, splits)
         metrics.update(evaluation.metrics)
+        stage = "writing the plots"
         plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
 
+        stage = "logging the results to MLflow"
         problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) if tracker else []
     except BaseException as exc:
+        interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
         if tracker is not None:
-            interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
             with contextlib.suppress(Exception):
                 tracker.finish("KILLED" if interrupted else "FAILED",
                                error=None if interrupted else f"{type(exc).__name__}: {exc}",
                                out_dir=out_dir if out_dir.is_dir() else None)
+        if isinstance(exc, KeyboardInterrupt) and trainer is not None and trainer.checkpoint_path is not None:
+            # Ctrl-C outside the training loop's own handling (plots, model logging, test
+            # evaluation): the default handler raised KeyboardInterrupt, which would end the
+            # CLI without a word; say what is on disk and how to finish instead
+            raise _interrupted_outside_training(stage, trainer, model_path) from None
         raise
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
                      network=network, config=config, tracking_uri=tracking_uri,
                      experiment_id=tracker.experiment_id if tracker else None, problems=problems)
+
+
+def _interrupted_outside_training(stage: str, trainer, model_path: Path | None) -> TrainingInterrupted:
+    """The TrainingInterrupted for a Ctrl-C at `stage`; resuming the checkpoint finishes the fit
+    (a finished training only redoes the steps after the training loop)."""
+    saved = [f"the model is saved in {model_path}"] if model_path is not None else []
+    saved.append(f"the last checkpoint is {trainer.checkpoint_path}")
+    return TrainingInterrupted(f"stopped by an interrupt while {stage}; " + ", ".join(saved),
+                               checkpoint=trainer.checkpoint_path)
 
 
 def _build_network(config: FitConfig, splits):

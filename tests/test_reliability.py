@@ -104,6 +104,42 @@ def test_a_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_keeps_th
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["convtrain.error"]
 
 
+# ---- Ctrl-C after the training loop --------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["plots", "test evaluation", "model logging"])
+def test_ctrl_c_after_training_says_what_was_saved_and_resume_finishes_the_run(tmp_path, monkeypatch, where):
+    """Ctrl-C outside the training loop (the default SIGINT handler raises KeyboardInterrupt
+    there): one line naming the model and checkpoint and the resume command, run KILLED."""
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")  # as the CLI does, for the import below
+    import convtrain.pyfunc
+    from convtrain import api, plots
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target, name, stage = {"plots": (plots, "learning_curves", "writing the plots"),
+                           "test evaluation": (api, "_final_evaluation", "evaluating the final model"),
+                           "model logging": (convtrain.pyfunc, "log_model", "logging the results to MLflow")}[where]
+    real = getattr(target, name)
+    monkeypatch.setattr(target, name, interrupt)
+    result = invoke("fit", *TINY, "--epochs", 2, "--out", "out")
+
+    assert result.exit_code == 130
+    line = error_line(result)
+    out = tmp_path / "out"
+    assert f"while {stage}" in line and f"the model is saved in {out / 'model.npz'}" in line
+    assert f"the last checkpoint is {out / 'checkpoint.npz'}" in line
+    assert line.endswith(f"continue with: convtrain fit --resume {out}")
+    assert trainer_state(out / "checkpoint.npz")["epoch"] == 2
+    assert only_run(tmp_path).info.status == "KILLED"
+
+    monkeypatch.setattr(target, name, real)
+    assert invoke("fit", "--resume", "out").exit_code == 0
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert (out / "plots" / "learning_curves.png").is_file()
+
+
 # ---- divergence --------------------------------------------------------------------------------------
 
 def test_divergence_in_the_first_epoch_stops_cleanly_and_names_the_initial_checkpoint(tmp_path):
