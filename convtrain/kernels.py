@@ -42,6 +42,8 @@ __all__ = [
     "conv2d_backward",
     "relu_",
     "relu_backward_",
+    "dense_forward",
+    "dense_backward",
     "conv2d_output_shape",
     "maxpool2d_forward",
     "maxpool2d_backward",
@@ -394,6 +396,56 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
                               staging, threads, mask, bool(input_grad))
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+# ----------------------------------------------------------------------------- dense layer
+
+# Rows of x per forward block and columns of the input per backward block: fixed, so that
+# the results are the same bit for bit for any thread count.
+DENSE_ROW_BLOCK = 10
+DENSE_COLUMN_BLOCK = 512
+
+
+def _dense_threads(work_items):
+    return max(1, min(_conv.get_num_threads(), work_items))
+
+
+def dense_forward(x, w, b):
+    """out (N, O) = x (N, I) @ w.T + b, w (O, I) (the lecture's s = W x + b per row of x).
+
+    OpenMP over blocks of rows, each a single-threaded GEMM (NumPy's threaded BLAS is kept
+    out of the training step: its spinning pool slows the kernels' threads down)."""
+    x = _array("x", x, 2)
+    w = _array("w", w, 2, x.dtype)
+    b = _array("b", b, 1, x.dtype)
+    N, I = x.shape
+    if w.shape[1] != I or b.shape != (w.shape[0],):
+        raise ValueError(f"x {x.shape}, w {w.shape} and b {b.shape} do not fit: expected "
+                         f"w (O, {I}) and b (O,)")
+    out = np.empty((N, w.shape[0]), dtype=x.dtype)
+    blocks = -(-N // DENSE_ROW_BLOCK)
+    with blas_pinned_to_one_thread():
+        _conv.dense_forward(x, w, b, out, DENSE_ROW_BLOCK, _dense_threads(blocks))
+    return out
+
+
+def dense_backward(dout, x, w, input_grad=True):
+    """(dx or None, dw, db) of out = x @ w.T + b: dw = dout.T @ x, db = dout.sum(0),
+    dx = dout @ w (skipped when input_grad is False). OpenMP over blocks of input columns."""
+    dout = _array("dout", dout, 2)
+    x = _array("x", x, 2, dout.dtype)
+    w = _array("w", w, 2, dout.dtype)
+    (N, O), I = dout.shape, x.shape[1]
+    if x.shape[0] != N or w.shape != (O, I):
+        raise ValueError(f"dout {dout.shape}, x {x.shape} and w {w.shape} do not fit: expected "
+                         f"x ({N}, I) and w ({O}, I)")
+    dw = np.empty((O, I), dtype=dout.dtype)
+    dx = np.empty((N, I), dtype=dout.dtype) if input_grad else None
+    blocks = -(-I // DENSE_COLUMN_BLOCK)
+    with blas_pinned_to_one_thread():
+        _conv.dense_backward(dout, x, w, dw, dx if input_grad else dw[:0], DENSE_COLUMN_BLOCK,
+                             _dense_threads(blocks), bool(input_grad))
+    return dx, dw, dout.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------- ReLU

@@ -261,13 +261,12 @@ class Dense(Layer):
     def forward(self, x, train=False):
         if train:
             self._x = x
-        out = x @ self.params["weight"].T
-        out += self.params["bias"]
-        return out
+        return kernels.dense_forward(x, self.params["weight"], self.params["bias"])
 
     def backward(self, dout):
-        self.grads = {"weight": dout.T @ self._x, "bias": dout.sum(axis=0)}
-        dx = dout @ self.params["weight"] if self.needs_input_grad else None
+        dx, dw, db = kernels.dense_backward(dout, self._x, self.params["weight"],
+                                            input_grad=self.needs_input_grad)
+        self.grads = {"weight": dw, "bias": db}
         self._x = None
         return dx
 

@@ -184,7 +184,9 @@ class Network:
             weight = layer.params.get("weight")
             if weight is not None:
                 flat = weight.reshape(-1)
-                total += float(np.dot(flat, flat))
+                # einsum, not np.dot: a BLAS dot this long wakes NumPy's BLAS threads, which
+                # then spin against the kernels' OpenMP threads in the next step
+                total += float(np.einsum("i,i->", flat, flat))
         return total
 
     def num_parameters(self) -> int:

@@ -139,3 +139,36 @@ def test_a_network_with_fused_conv_relu_trains_to_the_same_bits_as_unfused(dtype
     fused, unfused = trained(True), trained(False)
     for name in fused:
         np.testing.assert_array_equal(fused[name], unfused[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, I, O", [(100, 43264 // 8, 10), (7, 3, 2), (1, 1030, 5), (23, 512, 13)])
+def test_dense_kernels_match_numpy(dtype, N, I, O):
+    rng = np.random.default_rng(N + I)
+    x, w = rng.standard_normal((N, I)).astype(dtype), rng.standard_normal((O, I)).astype(dtype)
+    b, dout = rng.standard_normal(O).astype(dtype), rng.standard_normal((N, O)).astype(dtype)
+    assert rel_err(kernels.dense_forward(x, w, b), x @ w.T + b) <= TOLERANCE[dtype]
+    dx, dw, db = kernels.dense_backward(dout, x, w)
+    assert rel_err(dw, dout.T @ x) <= TOLERANCE[dtype]
+    assert rel_err(dx, dout @ w) <= TOLERANCE[dtype]
+    np.testing.assert_array_equal(db, dout.sum(axis=0))
+    none, dw2, _ = kernels.dense_backward(dout, x, w, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_kernels_bits_do_not_depend_on_threads(threads):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((37, 2100)).astype(np.float32), rng.standard_normal((9, 2100)).astype(np.float32)
+    b, dout = rng.standard_normal(9).astype(np.float32), rng.standard_normal((37, 9)).astype(np.float32)
+    previous = convtrain.get_num_threads()
+    try:
+        convtrain.set_num_threads(1)
+        reference = (kernels.dense_forward(x, w, b), *kernels.dense_backward(dout, x, w))
+        convtrain.set_num_threads(threads)
+        result = (kernels.dense_forward(x, w, b), *kernels.dense_backward(dout, x, w))
+    finally:
+        convtrain.set_num_threads(previous)
+    for got, want in zip(result, reference):
+        np.testing.assert_array_equal(got, want)
