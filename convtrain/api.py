@@ -289,8 +289,11 @@ def _build_network(config: FitConfig, splits):
     from convtrain.network import Network
 
     network = Network.from_config(config, splits.input_shape, splits.num_classes)
-    standardizer = Standardizer.fit(splits.x_train)
-    network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}
+    if splits.standardize:  # a property of the data set: not for one-hot names (see data/names.py)
+        standardizer = Standardizer.fit(splits.x_train)
+        network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}
+    else:
+        network.normalization = None  # the identity: normalize() passes the input through
     network.class_names = list(splits.class_names)
     data_path = str(Path(config.data_path).resolve()) if config.data_path else None  # for `evaluate` anywhere
     network.meta = {**splits.meta, "data": config.data, "data_path": data_path,

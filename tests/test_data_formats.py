@@ -288,6 +288,27 @@ def test_names_are_folded_and_one_hot_encoded(tmp_path):
     assert first[:, 5:].sum() == 0 and first.sum() == 5
 
 
+def test_a_names_fit_feeds_the_one_hot_encoding_unstandardized(tmp_path):
+    """Standardizing the single one-hot channel would make every empty cell -mean/std instead of
+    0; names are a data set whose input is used as encoded, images are standardized."""
+    from convtrain import api
+    from convtrain.config import FitConfig
+
+    languages = {"German.txt": "Mueller\nSchmidt\nSchneider\nFischer\nWeber\nWagner\n",
+                 "Irish.txt": "Obrien\nMurphy\nKelly\nWalsh\nByrne\nRyan\n"}
+    directory = write_names(tmp_path / "n", languages)
+    assert load_dataset("names", directory, val_fraction=0).standardize is False
+    assert load_dataset("digits", val_fraction=0).standardize is True
+    config = FitConfig(data="names", data_path=str(directory), val_fraction=0, filters=[4],
+                       kernel_sizes=[[17, 3]], epochs=1, batch_size=4, track=False, out=str(tmp_path / "out"))
+    result = api.fit(config, progress=None)
+    assert result.network.normalization is None
+    x = load_dataset("names", directory, val_fraction=0).x_train
+    assert np.array_equal(result.network.normalize(x), x)  # zeros stay zeros
+    digits = api.fit(FitConfig(limit=100, filters=[4], epochs=1, track=False, out=str(tmp_path / "d")), progress=None)
+    assert digits.network.normalization is not None
+
+
 def test_dd2424_layout(tmp_path):
     names = "".join(f"{name} {label}\n" for name, label in
                     [("Abadi", 1), ("Nassar", 1), ("Ng", 2), ("Van Der Berg", 2), ("Li", 2), ("Haddad", 1)])

@@ -39,6 +39,9 @@ class RawData:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     fit_encoder: EncoderFit = fit_float32
+    # Whether a fit standardizes the input with the training set's channel statistics. Images
+    # are (pixel values on an arbitrary scale); one-hot encodings are not (see names.py).
+    standardize: bool = True
 
 
 @dataclass
@@ -55,6 +58,7 @@ class DataSplits:
     class_names: list[str]
     source: str
     meta: dict = field(default_factory=dict)
+    standardize: bool = True  # RawData.standardize of the data set
 
     @property
     def num_classes(self) -> int:

@@ -11,6 +11,12 @@ Two layouts are read:
   and Validation_Inds.txt, the course's held-out names. Those are returned as the test set, so
   the reported test numbers compare with the course's, while val_fraction carves a validation
   set from the rest exactly as for every other data set (val_fraction=0 trains on all the rest).
+
+The encoding is not standardized (RawData.standardize is False): it already is on a fixed 0/1
+scale, and with a single channel, standardizing would turn every empty cell ("no letter here",
+including the columns after the end of a name and any zero padding of a conv layer) into
+-mean/std, about -0.2, and each letter into about +5. On DD2424's held-out names the raw
+one-hot input trained better (the measurements are in experiments/fit-names.toml).
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ def _raw_names(names, labels, class_names, source, test_names=None, test_labels=
     return RawData(x=names, y=np.asarray(labels, dtype=np.int64), class_names=class_names, source=source,
                    x_test=test_names,
                    y_test=None if test_labels is None else np.asarray(test_labels, dtype=np.int64),
-                   fit_encoder=fit_name_encoder(max_len))
+                   fit_encoder=fit_name_encoder(max_len), standardize=False)
 
 
 def _read_class_names(path: Path) -> list[str]:

@@ -62,4 +62,5 @@ def load_dataset(name: str, path: str | Path | None = None, *, val_fraction: flo
         class_names=list(raw.class_names),
         source=raw.source,
         meta=meta,
+        standardize=raw.standardize,
     )
