@@ -58,7 +58,8 @@ LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
 
 class NumpyKernels:
     """numpy_conv behind the whole kernels API the layers call (the fused conv+ReLU entry
-    points are composed from numpy_conv's separate passes, as a numpy implementation would)."""
+    points are composed from numpy_conv's separate passes, dense layers are plain numpy
+    GEMMs, as a numpy implementation would have them)."""
 
     def __getattr__(self, name):
         return getattr(numpy_conv, name)
@@ -75,6 +76,16 @@ class NumpyKernels:
         dw, db = numpy_conv.conv2d_backward_filter(x, dout, w.shape[2:], stride, padding)
         dx = numpy_conv.conv2d_backward_input(dout, w, x.shape, stride, padding) if input_grad else None
         return dx, dw, db
+
+    @staticmethod
+    def dense_forward(x, w, b):
+        out = x @ w.T
+        out += b
+        return out
+
+    @staticmethod
+    def dense_backward(dout, x, w, input_grad=True):
+        return (dout @ w if input_grad else None), dout.T @ x, dout.sum(axis=0)
 
     @staticmethod
     def relu_(a):
