@@ -160,7 +160,7 @@ def test_dense_kernels_match_numpy(dtype, N, I, O):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dense_kernels_bits_do_not_depend_on_threads(threads):
     rng = np.random.default_rng(5)
-    x, w = rng.standard_normal((37, 2100)).astype(np.float32), rng.standard_normal((9, 2100)).astype(np.float32)
+    x, w = rng.standard_normal((37, 8200)).astype(np.float32), rng.standard_normal((9, 8200)).astype(np.float32)
     b, dout = rng.standard_normal(9).astype(np.float32), rng.standard_normal((37, 9)).astype(np.float32)
     previous = convtrain.get_num_threads()
     try:
