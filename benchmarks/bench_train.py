@@ -174,6 +174,7 @@ def set_threads(threads):
 RUNNERS = {"convtrain": convtrain_runner, "pytorch": torch_runner,
            "numpy": lambda spec: convtrain_runner(spec, NumpyKernels())}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+SETTLE_SECONDS = 0.3
 
 
 def measure(net, threads, rounds, with_torch, with_numpy, clock="wall"):
@@ -189,6 +190,11 @@ def measure(net, threads, rounds, with_torch, with_numpy, clock="wall"):
             run(2)  # warm-up: allocations, BLAS and OpenMP thread pools
         for _ in range(rounds):
             for name, run in runners.items():
+                # let the previous implementation's thread pools park first: OpenBLAS's
+                # threads (the numpy baseline) spin ~0.1 s after a call and took one of the
+                # 2 cores from the next runner (DIGITS, 2 threads: convtrain 119k images/s
+                # alone, 55k right after numpy rounds)
+                time.sleep(SETTLE_SECONDS)
                 started = timer()
                 run(steps)
                 rates[name].append(steps * BATCH / (timer() - started))
