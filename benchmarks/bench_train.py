@@ -88,16 +88,6 @@ class NumpyKernels:
         return (dout @ w if input_grad else None), dout.T @ x, dout.sum(axis=0)
 
     @staticmethod
-    def dense_forward(x, w, b):
-        out = x @ w.T
-        out += b
-        return out
-
-    @staticmethod
-    def dense_backward(dout, x, w, input_grad=True):
-        return (dout @ w if input_grad else None), dout.T @ x, dout.sum(axis=0)
-
-    @staticmethod
     def relu_(a):
         return np.maximum(a, 0, out=a)
 
