@@ -296,10 +296,12 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     chunks = min(groups, FILTER_GRAD_CHUNKS)
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
+    if not dout.flags.writeable:  # the fused kernel takes a writeable dout (it can mask it)
+        dout = dout.copy()
+    unread = np.empty((0, 0), dtype=x.dtype)  # weights: only read for the input gradient
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward_filter(
-            x, dout, dw_ext, kh, kw, *stride, *padding, G, cols, staging, threads
-        )
+        _conv.conv2d_backward(x, dout, unread, dout, dw_ext, np.empty((0, C, H, W), x.dtype),
+                              kh, kw, *stride, *padding, G, cols, staging, threads, False, False)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 

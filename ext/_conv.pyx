@@ -512,60 +512,6 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
         unpin_blas(saved_blas_threads)
 
 
-def conv2d_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dout,
-                           floating[:, ::1] dw_ext_per_chunk, Py_ssize_t kh, Py_ssize_t kw,
-                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                           Py_ssize_t G, floating[:, ::1] cols_scratch,
-                           floating[:, ::1] dout_scratch, int num_threads):
-    """dW_ext[chunk] (F, K+1) += dout_group (F, G*P) . [cols_group; 1]^T (G*P, K+1) over the
-    groups of each chunk: columns 0..K-1 are dL/dW (the lecture's X * G), column K is dL/db.
-
-    dw_ext_per_chunk (chunks, F*(K+1)) must be zero on entry; the caller sums it over chunks.
-    The chunks (contiguous runs of groups) depend only on N, G and the number of chunks, never
-    on the threads, so the result is the same, bit for bit, for any thread count; each chunk
-    belongs to one thread at a time, so the accumulation is race-free.
-    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
-    """
-    cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
-    cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
-    cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
-    cdef Py_ssize_t groups = (N + G - 1) // G, chunks = dw_ext_per_chunk.shape[0]
-    cdef Py_ssize_t chunk, group, n0, count, i, f, lda
-    cdef floating *cols = NULL
-    cdef floating *group_dout = NULL
-    cdef const floating *a = NULL
-    cdef int saved_blas_threads[MAX_PINNED_BLAS]
-    if N == 0:
-        return
-    with nogil:
-        pin_blas(saved_blas_threads)
-        with parallel(num_threads=team_size(num_threads)):
-            cols = &cols_scratch[threadid(), 0]
-            group_dout = &dout_scratch[threadid(), 0]
-            fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
-            for chunk in prange(chunks, schedule="dynamic"):
-                for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
-                    n0 = group * G
-                    count = group_count(N, G, group)
-                    for i in range(count):
-                        im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
-                    if G == 1:
-                        a = &dout[n0, 0, 0, 0]
-                        lda = P
-                    else:
-                        # dout[n0 + i] (F, P) -> (F, count*P)
-                        for i in range(count):
-                            for f in range(F):
-                                memcpy(group_dout + f * ld + i * P, &dout[n0 + i, 0, 0, 0] + f * P,
-                                       P * sizeof(floating))
-                        a = group_dout
-                        lda = ld
-                    gemm_rowmajor(c"N", c"T", <int> F, <int> (K + 1), <int> (count * P),
-                                  <floating> 1, a, <int> lda, cols, <int> ld, <floating> 1,
-                                  &dw_ext_per_chunk[chunk, 0], <int> (K + 1))
-        unpin_blas(saved_blas_threads)
-
-
 def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                     const floating[:, ::1] w2d, const floating[:, :, :, ::1] relu_out,
                     floating[:, ::1] dw_ext_per_chunk, floating[:, :, :, ::1] dx,
@@ -576,14 +522,18 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     """The whole backward pass of a conv layer in one parallel region, per group of images:
 
         dout[n] *= (relu_out[n] > 0)                 if mask (the ReLU after this layer)
-        dW_ext[chunk] (F, K+1) += dout_g . [cols_g; 1]^T   (as conv2d_backward_filter)
+        dW_ext[chunk] (F, K+1) += dout_g . [cols_g; 1]^T   (the lecture's X * G; column K is db)
         dx[n] = col2im(W^T (K, F) . dout_g)          if input_grad (as conv2d_backward_input)
 
     so each image's dout is masked and used twice while it is in cache. dout is modified in
     place when masked. w2d is w.reshape(F, K); relu_out has dout's shape (unread unless mask).
     The im2col buffer is reused for the column gradients once the filter GEMM has read it
-    (rows 0..K-1; the ones row K stays). Chunks as in conv2d_backward_filter, so the filter
-    gradient's bits do not depend on the thread count; dx[n] is written by one thread.
+    (rows 0..K-1; the ones row K stays). dw_ext_per_chunk (chunks, F*(K+1)) must be zero on
+    entry; the caller sums it over chunks. The chunks (contiguous runs of groups) depend only
+    on N, G and the number of chunks, never on the threads, so the filter gradient is the same,
+    bit for bit, for any thread count; each chunk belongs to one thread at a time (race-free),
+    and dx[n] is written by one thread. With input_grad and mask off this is the filter
+    gradient alone (w2d, relu_out and dx are then not read).
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)

@@ -441,3 +441,18 @@ def test_maxpool_matches_torch():
     out_t.backward(torch.tensor(dout))
     np.testing.assert_allclose(kernels.maxpool2d_backward(dout, argmax, x.shape), xt.grad.numpy(),
                                rtol=1e-12, atol=1e-15)
+
+
+def test_filter_gradient_accepts_read_only_and_non_contiguous_dout():
+    # The filter gradient runs through the fused backward kernel, which takes a writeable
+    # dout; a read-only or Fortran-ordered gradient must give the same bits, untouched.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 2, 7, 6))
+    dout = rng.standard_normal((3, 4, 4, 7))
+    expected_dw, expected_db = kernels.conv2d_backward_filter(x, dout.copy(), (3, 2), stride=(2, 1), padding=1)
+    frozen = dout.copy()
+    frozen.flags.writeable = False
+    for variant in (frozen, np.asfortranarray(dout)):
+        dw, db = kernels.conv2d_backward_filter(x, variant, (3, 2), stride=(2, 1), padding=1)
+        assert np.array_equal(dw, expected_dw) and np.array_equal(db, expected_db)
+    assert np.array_equal(frozen, dout)
