@@ -339,10 +339,14 @@ class Harness:
                         killed = True
                         os.kill(pid, signal.SIGKILL)
                         continue
+                    seen = len(read_events(events))
                     for sig in signals:
                         os.kill(pid, sig)
                     os.kill(pid, signal.SIGCONT)
-                    while _state(pid) == "T" and time.monotonic() < deadline:
+                    # Resumed once it leaves the stopped state or records a new event: on a busy
+                    # machine this loop may not run again before the child reaches its next stop.
+                    while (_state(pid) == "T" and len(read_events(events)) == seen
+                           and time.monotonic() < deadline):
                         time.sleep(0.001)
                     continue
                 if kill_after and kill_at is None:
