@@ -18,6 +18,7 @@ images/s over rounds (and min-max), and the ratios of medians.
     python benchmarks/bench_train.py                      # everything, 1 and 2 threads
     python benchmarks/bench_train.py --nets mnist --threads 2 --rounds 7
     python benchmarks/bench_train.py --clock cpu --threads 1   # images per CPU-second
+    python benchmarks/bench_train.py --isa baseline --no-torch --no-numpy   # vs the portable build
 
 After the throughput table: peak RSS per implementation (each in a fresh process), then
 convtrain's per-phase profile (benchmarks/profile_step.py).
@@ -128,6 +129,24 @@ def convtrain_runner(spec, kernels_module=None):
     return run
 
 
+def isa_runner(spec, isa):
+    """convtrain on another build of the kernels (convtrain/_native.py), e.g. "baseline"."""
+    from convtrain import _native, kernels
+    module = _native._load(isa)
+    run_default = convtrain_runner(spec)
+
+    def run(steps):
+        saved = kernels._conv
+        kernels._conv = module
+        module.set_num_threads(convtrain.get_num_threads())
+        try:  # this build has no BLAS pinning registered: pin from Python (once per round)
+            with threadpool_limits(1, user_api="blas"):
+                run_default(steps)
+        finally:
+            kernels._conv = saved
+    return run
+
+
 def torch_runner(spec):
     import torch
 
@@ -167,11 +186,12 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SETTLE_SECONDS = 0.3
 
 
-def measure(net, threads, rounds, with_torch, with_numpy, clock="wall"):
+def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=()):
     spec = NETS[net]
     steps = spec["steps"]
     names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy
     runners = {name: RUNNERS[name](spec) for name in names}
+    runners.update({f"convtrain[{isa}]": isa_runner(spec, isa) for isa in isas})
     rates = {name: [] for name in runners}
     timer = CLOCKS[clock]
     set_threads(threads)
@@ -244,6 +264,8 @@ def main(argv=None):
                         help="wall: elapsed time; cpu: the process's CPU time (all its threads), "
                              "robust to other load: images per CPU-second, the honest 1-thread "
                              "figure on a shared machine (at 2 threads it measures efficiency)")
+    parser.add_argument("--isa", default="", help="comma-separated other builds of the kernels to time "
+                        "beside the one this CPU runs (baseline, x86-64-v3, x86-64-v4)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
     parser.add_argument("--rss-child", nargs=3, metavar=("IMPL", "NET", "THREADS"),
@@ -262,7 +284,8 @@ def main(argv=None):
         except ImportError:
             with_torch, torch_version = False, None
     info = convtrain.build_info()
-    print(f"convtrain {convtrain.__version__}: openmp={info.get('openmp')} max_threads={info.get('max_threads')}; "
+    print(f"convtrain {convtrain.__version__}: openmp={info.get('openmp')} max_threads={info.get('max_threads')} "
+          f"isa={info.get('isa')}; "
           f"numpy {np.__version__}; torch {torch_version if with_torch else 'not used'}")
     print(f"batch {BATCH}, float32, SGD lr {LR} momentum {MOMENTUM}, l2 {L2}; images/s, median (min-max) "
           f"of {args.rounds} rounds, {args.clock} clock; load average {os.getloadavg()[0]:.2f}\n")
@@ -273,9 +296,15 @@ def main(argv=None):
     thread_counts = [int(t) for t in args.threads.split(",")]
     for net in args.nets.split(","):
         for threads in thread_counts:
-            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock)
+            isas = [isa for isa in args.isa.split(",") if isa]
+            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock, isas)
             medians = {name: statistics.median(values) for name, values in rates.items()}
             print(format_row(net, threads, rates, medians), flush=True)
+            for isa in isas:
+                name = f"convtrain[{isa}]"
+                print(f"{'':<11} {isa} build: {medians[name]:,.0f} ({min(rates[name]):,.0f}-"
+                      f"{max(rates[name]):,.0f}); the {info.get('isa')} build runs "
+                      f"{medians['convtrain'] / medians[name]:.2f}x as fast", flush=True)
             results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
     print("\nPyTorch reference at 2 threads (issue): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")

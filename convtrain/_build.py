@@ -34,7 +34,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from convtrain import _conv  # noqa: E402
+from convtrain._native import available as _available_builds, conv as _conv  # noqa: E402
 
 _lock = threading.Lock()
 _python_pinned = None  # threadpoolctl controllers the kernels cannot pin themselves
@@ -126,7 +126,9 @@ def build_info():
     """What the kernels were built with and run on.
 
     Returns a dict: ``cython`` (version used to compile ext/), ``openmp`` (bool),
-    ``debug_checks`` (bool: built with CONVTRAIN_DEBUG_CHECKS=1), ``max_threads``
+    ``debug_checks`` (bool: built with CONVTRAIN_DEBUG_CHECKS=1), ``isa`` (the build of the
+    kernels this CPU runs: "x86-64-v4", "x86-64-v3" or "baseline"), ``isa_available`` (the
+    builds this CPU could run, see convtrain._native), ``max_threads``
     (OpenMP's maximum), ``num_threads`` (current kernel threads), ``omp_wait_policy``
     (PASSIVE unless the environment said otherwise), ``blas`` (the loaded BLAS
     libraries: name, version, threading layer, architecture, threads, path, and whether the
@@ -136,6 +138,7 @@ def build_info():
 
     python_pinned = {lib.filepath for lib in _ensure_blas_pinning()}
     info = dict(_conv.compiled_with())
+    info["isa_available"] = _available_builds()
     info["num_threads"] = get_num_threads()
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     info["blas"] = []

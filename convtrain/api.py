@@ -654,6 +654,8 @@ def describe_installation() -> dict[str, str]:
         for key, value in build.items():
             if key == "blas":
                 value = blas_summary(value)
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value))
             info[key.replace("_", " ")] = str(value)
     info["tracking store"] = resolve_tracking_uri()
     return info

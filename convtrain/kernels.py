@@ -31,7 +31,7 @@ import operator
 import numpy as np
 
 from convtrain._build import blas_pinned_to_one_thread  # first: it prepares OpenMP's environment
-from convtrain import _conv  # noqa: I001
+from convtrain._native import conv as _conv  # noqa: I001
 
 __all__ = [
     "im2col",

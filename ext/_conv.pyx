@@ -43,11 +43,30 @@ cdef extern from *:
     #ifndef CONVTRAIN_DEBUG_CHECKS
     #define CONVTRAIN_DEBUG_CHECKS 0
     #endif
+    #ifndef CONVTRAIN_ISA
+    #define CONVTRAIN_ISA "baseline"
+    #endif
+    /* The newest x86-64 level (3: AVX2+FMA, 4: AVX-512) this CPU and OS run, else 0. */
+    static int convtrain_cpu_x86_64_level(void) {
+    #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_cpu_init();
+        int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                 && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+        int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                 && __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq")
+                 && __builtin_cpu_supports("avx512vl");
+        return v4 ? 4 : v3 ? 3 : 0;
+    #else
+        return 0;
+    #endif
+    }
     """
     int CONVTRAIN_HAVE_OPENMP
     int CONVTRAIN_DEBUG_CHECKS
     const char *CONVTRAIN_CYTHON_VERSION
+    const char *CONVTRAIN_ISA
     int convtrain_max_threads() noexcept nogil
+    int convtrain_cpu_x86_64_level() noexcept nogil
 
 
 # ----------------------------------------------------------------------------- build & threads
@@ -79,13 +98,21 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def compiled_with():
-    """What this extension was built with: {'cython', 'openmp', 'debug_checks', 'max_threads'}."""
+    """What this extension was built with: {'cython', 'openmp', 'debug_checks', 'max_threads',
+    'isa'} (isa: "baseline", or the x86-64 level it was compiled for, e.g. "x86-64-v4")."""
     return {
         "cython": CONVTRAIN_CYTHON_VERSION.decode(),
         "openmp": bool(CONVTRAIN_HAVE_OPENMP),
         "debug_checks": bool(CONVTRAIN_DEBUG_CHECKS),
         "max_threads": convtrain_max_threads(),
+        "isa": CONVTRAIN_ISA.decode(),
     }
+
+
+def cpu_x86_64_level():
+    """The newest x86-64 microarchitecture level this CPU (and OS) runs: 4 (AVX-512),
+    3 (AVX2, FMA), or 0 (older, or not x86-64)."""
+    return convtrain_cpu_x86_64_level()
 
 
 def set_num_threads(int n):
