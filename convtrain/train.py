@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from convtrain._memory import keep_freed_memory_for_reuse
 from convtrain.callbacks import Callback, Checkpoint, EarlyStopping, improved, monitor_mode
 from convtrain.checkpoint import json_entry, read_json, read_npz, text_entry, write_npz_atomic
 from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
@@ -118,6 +119,7 @@ class Trainer:
         self.train_eval_limit = train_eval_limit
         self.eval_batch_size = int(eval_batch_size)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        keep_freed_memory_for_reuse()  # every step frees what the next one allocates again
 
         callbacks = list(callbacks)
         if patience is not None and not any(isinstance(c, EarlyStopping) for c in callbacks):
