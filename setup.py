@@ -12,8 +12,7 @@ Project metadata lives in pyproject.toml; this file only describes the compiled 
 * on x86-64 with gcc or clang, ``ext/_conv.pyx`` is also compiled for the x86-64-v3 (AVX2, FMA)
   and x86-64-v4 (AVX-512) instruction sets, as ``convtrain._conv_x86_64_v3`` and
   ``convtrain._conv_x86_64_v4``: the same source, the same results bit for bit, but wider
-  vectors in the loops around the GEMMs (im2col, col2im, ReLU masks: 6-9% of a training step on
-  MNIST/CIFAR, see convtrain/_native.py). The baseline module stays portable; the CPU picks
+  vectors in the loops around the GEMMs (im2col, col2im, ReLU masks; see convtrain/_native.py). The baseline module stays portable; the CPU picks
   among them at import time. ``CONVTRAIN_NO_ISA_VARIANTS=1`` builds the baseline only.
 """
 
