@@ -205,69 +205,70 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                                        resume_run_id=saved_tracking.get("run_id"))
     # what the fit is doing, for the message of a Ctrl-C that lands outside the training loop
     stage, trainer, model_path = "setting up the fit", None, None
-    try:
-        if checkpoint is None and config.out is None:
-            out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
-                                                       or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = config.with_overrides({"out": str(out_dir)})
-        config.save_toml(out_dir / CONFIG_FILE)
+    with _sigterm_as_ctrl_c():
+        try:
+            if checkpoint is None and config.out is None:
+                out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
+                                                           or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config = config.with_overrides({"out": str(out_dir)})
+            config.save_toml(out_dir / CONFIG_FILE)
 
-        recorder = BatchLossRecorder(config.log_every)
-        progress_callback = _progress_callback(progress, config, splits)
-        # the Trainer adds early stopping (config.patience) and the checkpoint callback itself
-        all_callbacks = [*([progress_callback] if progress_callback else []), recorder,
-                         *([tracker] if tracker else []), *callbacks]
-        trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-            _restore_meta(network, splits, checkpoint)
-        else:
-            # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
-            # callback's state) the run id, written as soon as the run exists and before the
-            # slower logging below, so a fit killed at any later moment -- even before its
-            # first epoch ends -- resumes into this run instead of leaving it RUNNING forever.
-            trainer.save_checkpoint()
-        if tracker is not None:
-            tracker.log_config(config, resumed=checkpoint is not None)
-            tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
-            # a fit killed before its datasets were logged logs them when resumed
-            if checkpoint is None or not tracker.has_datasets():
-                tracker.log_datasets(splits, config.data_path)
+            recorder = BatchLossRecorder(config.log_every)
+            progress_callback = _progress_callback(progress, config, splits)
+            # the Trainer adds early stopping (config.patience) and the checkpoint callback itself
+            all_callbacks = [*([progress_callback] if progress_callback else []), recorder,
+                             *([tracker] if tracker else []), *callbacks]
+            trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
+            if checkpoint is not None:
+                trainer.resume(checkpoint)
+                _restore_meta(network, splits, checkpoint)
+            else:
+                # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
+                # callback's state) the run id, written as soon as the run exists and before the
+                # slower logging below, so a fit killed at any later moment -- even before its
+                # first epoch ends -- resumes into this run instead of leaving it RUNNING forever.
+                trainer.save_checkpoint()
+            if tracker is not None:
+                tracker.log_config(config, resumed=checkpoint is not None)
+                tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
+                # a fit killed before its datasets were logged logs them when resumed
+                if checkpoint is None or not tracker.has_datasets():
+                    tracker.log_datasets(splits, config.data_path)
 
-        x_train = network.normalize(splits.x_train)
-        x_val = network.normalize(splits.x_val) if splits.x_val is not None and len(splits.x_val) else None
-        stage = "training"
-        with _stop_on_signals(trainer):
-            history = trainer.fit(x_train, splits.y_train, x_val, splits.y_val if x_val is not None else None)
-        del x_train, x_val
+            x_train = network.normalize(splits.x_train)
+            x_val = network.normalize(splits.x_val) if splits.x_val is not None and len(splits.x_val) else None
+            stage = "training"
+            with _stop_on_signals(trainer):
+                history = trainer.fit(x_train, splits.y_train, x_val, splits.y_val if x_val is not None else None)
+            del x_train, x_val
 
-        stage = "saving the model"
-        model_path = network.save(out_dir / MODEL_FILE)
-        metrics = dict(history.best if config.patience else history.last)
-        metrics.pop("epoch", None)
-        metrics["best_epoch"] = history.best_epoch
-        stage = "evaluating the final model"
-        evaluation = _final_evaluation(trainer, network, splits)
-        metrics.update(evaluation.metrics)
-        stage = "writing the plots"
-        plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
+            stage = "saving the model"
+            model_path = network.save(out_dir / MODEL_FILE)
+            metrics = dict(history.best if config.patience else history.last)
+            metrics.pop("epoch", None)
+            metrics["best_epoch"] = history.best_epoch
+            stage = "evaluating the final model"
+            evaluation = _final_evaluation(trainer, network, splits)
+            metrics.update(evaluation.metrics)
+            stage = "writing the plots"
+            plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
 
-        stage = "logging the results to MLflow"
-        problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) if tracker else []
-    except BaseException as exc:
-        interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
-        if tracker is not None:
-            with contextlib.suppress(Exception):
-                tracker.finish("KILLED" if interrupted else "FAILED",
-                               error=None if interrupted else f"{type(exc).__name__}: {exc}",
-                               out_dir=out_dir if out_dir.is_dir() else None)
-        if isinstance(exc, KeyboardInterrupt) and trainer is not None and trainer.checkpoint_path is not None:
-            # Ctrl-C outside the training loop's own handling (plots, model logging, test
-            # evaluation): the default handler raised KeyboardInterrupt, which would end the
-            # CLI without a word; say what is on disk and how to finish instead
-            raise _interrupted_outside_training(stage, trainer, model_path) from None
-        raise
+            stage = "logging the results to MLflow"
+            problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) if tracker else []
+        except BaseException as exc:
+            interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
+            if tracker is not None:
+                with contextlib.suppress(Exception):
+                    tracker.finish("KILLED" if interrupted else "FAILED",
+                                   error=None if interrupted else f"{type(exc).__name__}: {exc}",
+                                   out_dir=out_dir if out_dir.is_dir() else None)
+            if isinstance(exc, KeyboardInterrupt) and trainer is not None and trainer.checkpoint_path is not None:
+                # Ctrl-C outside the training loop's own handling (plots, model logging, test
+                # evaluation): the default handler raised KeyboardInterrupt, which would end the
+                # CLI without a word; say what is on disk and how to finish instead
+                raise _interrupted_outside_training(stage, trainer, model_path) from None
+            raise
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
                      network=network, config=config, tracking_uri=tracking_uri,
@@ -394,6 +395,26 @@ def _progress_callback(progress, config: FitConfig, splits):
         n_train = int((counts > 0).sum() * counts[counts > 0].min())
     return ProgressCallback(epochs=config.epochs, steps_per_epoch=math.ceil(n_train / config.batch_size),
                             quiet=progress == "quiet")
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, while a fit is outside its training
+    loop (setting up, plots, MLflow logging), so `kill` or a job scheduler gets the same
+    ending: the run marked KILLED and one line saying what is saved and how to resume, not a
+    silent exit that leaves the run RUNNING. Inside the loop `_stop_on_signals` takes over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -138,6 +139,27 @@ def test_ctrl_c_after_training_says_what_was_saved_and_resume_finishes_the_run(t
     run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert (out / "plots" / "learning_curves.png").is_file()
+
+
+def test_sigterm_after_training_ends_like_ctrl_c(tmp_path, monkeypatch):
+    """`kill` while the plots are written: the same one line and KILLED run as Ctrl-C, not a
+    silent exit that leaves the run RUNNING."""
+    import signal
+
+    from convtrain import plots
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this sleep
+        raise AssertionError("SIGTERM was not turned into an interrupt")
+
+    monkeypatch.setattr(plots, "learning_curves", terminated)
+    result = invoke("fit", *TINY, "--epochs", 1, "--out", "out")
+    assert result.exit_code == 130
+    line = error_line(result)
+    assert "while writing the plots" in line and line.endswith(f"convtrain fit --resume {tmp_path / 'out'}")
+    assert only_run(tmp_path).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the fit put the handler back
 
 
 # ---- divergence --------------------------------------------------------------------------------------
