@@ -4,6 +4,8 @@ import gzip
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -334,3 +336,20 @@ def test_dd2424_layout(tmp_path):
 def test_names_bad_files(tmp_path, files, fragment):
     directory = write_names(tmp_path / "n", files)
     expect_data_error(fragment, load_dataset, "names", directory, val_fraction=0)
+
+
+# ---- digits -------------------------------------------------------------------------------------
+
+def test_digits_are_scikit_learns_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    from convtrain.data.digits import load_digits_data
+
+    ours, theirs = load_digits_data(), load_digits()
+    np.testing.assert_array_equal(ours.x[:, 0], theirs.images.astype(np.float32))
+    np.testing.assert_array_equal(ours.y, theirs.target)
+    assert ours.x.shape == (1797, 1, 8, 8) and ours.class_names == [str(k) for k in range(10)]
+    child = subprocess.run([sys.executable, "-c", "import sys; from convtrain.data.digits import load_digits_data; "
+                            "load_digits_data(); print('sklearn' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "False", child.stderr
