@@ -5,7 +5,7 @@ import re
 
 from rich.console import Console
 
-from convtrain.progress import ProgressCallback, epoch_summary, history_table
+from convtrain.progress import ProgressCallback, epoch_summary, history_table, seconds_text
 
 LOGS = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.75,
         "val_balanced_accuracy": 0.74, "learning_rate": 0.05, "epoch_seconds": 1.25, "images_per_second": 1234.0}
@@ -68,3 +68,8 @@ def test_terminal_gets_a_live_bar_that_is_stopped_on_errors():
 def test_long_histories_are_shortened_in_the_table():
     table = history_table([{"epoch": e, **LOGS} for e in range(1, 101)], best_epoch=50, max_rows=10)
     assert table.row_count == 11  # 5 first, an ellipsis row, 5 last
+
+
+def test_sub_second_epochs_show_their_time_not_zero():
+    assert [seconds_text(s) for s in (0.043, 0.5, 1.25, 12.0)] == ["0.04", "0.50", "1.2", "12.0"]
+    assert "| 0.04s" in epoch_summary(1, 3, {"train_loss": 0.5, "epoch_seconds": 0.043})
