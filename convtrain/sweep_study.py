@@ -43,6 +43,8 @@ PARENT_RUN_ATTR = "convtrain.mlflow_parent_run_id"
 OWNER_ATTR = "convtrain.owner"
 RETRIES_ATTR = "convtrain.retries"
 RETRY_OF_ATTR = "convtrain.retry_of"
+OUT_ATTR = "convtrain.out"  # the folder a trial's fit writes its checkpoints to
+RESUME_ATTR = "convtrain.resume_from"  # a retry continues the killed trial's checkpoint there
 
 
 class StorageError(ConvtrainError):
@@ -293,10 +295,12 @@ def requeue(study, trial, *, reason: str, count_retry: bool = True) -> bool:
     if retries > MAX_RETRIES:
         return False
     params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING,
-        system_attrs={"fixed_params": params, RETRIES_ATTR: retries, RETRY_OF_ATTR: trial.number},
-        user_attrs={"retry_reason": reason}))
+    system_attrs = {"fixed_params": params, RETRIES_ATTR: retries, RETRY_OF_ATTR: trial.number}
+    out = trial.system_attrs.get(OUT_ATTR)
+    if out:
+        system_attrs[RESUME_ATTR] = out
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
+                                              system_attrs=system_attrs, user_attrs={"retry_reason": reason}))
     return True
 
 

@@ -10,6 +10,10 @@ their own). How a trial ends decides what happens next:
     Ctrl-C / SIGTERM           -> FAIL, its ticket is re-enqueued, the worker stops
     anything else (data,       -> FAIL, its ticket is re-enqueued, the worker stops with the
       tracking, disk, a bug)      error: it would fail every other trial the same way
+
+A re-enqueued ticket (also one reclaimed from a killed worker) continues from the checkpoint
+the stopped trial left in its folder, in the same MLflow child run, instead of starting over;
+from scratch only when there is no usable checkpoint.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rich.console import Console
 
 from convtrain.callbacks import Callback
-from convtrain.errors import ConfigError, ConvtrainError, TrainingDiverged, TrainingInterrupted
+from convtrain.errors import CheckpointError, ConfigError, ConvtrainError, TrainingDiverged, TrainingInterrupted
 from convtrain.sweep_file import Choices, SweepSpec, load_sweep
 from convtrain import sweep_study, sweep_tracking
 from convtrain.sweep_tracking import SWEEP_TAG, TRIAL_TAG
@@ -107,7 +112,7 @@ def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, c
     started = time.monotonic()
     try:
         with sweep_study.Heartbeat(handle.storage, trial_id):
-            params, outcome = _fit_trial(trial, spec, plan, fit)
+            params, outcome = _fit_trial(trial, trial_id, handle, spec, plan, fit)
         seconds = time.monotonic() - started
         _record(trial, handle, spec, plan, outcome, seconds)
     except BaseException as exc:
@@ -122,7 +127,8 @@ def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, c
     _report(console, plan, spec, trial.number, params, outcome, seconds)
 
 
-def _fit_trial(trial, spec: SweepSpec, plan: WorkerPlan, fit: Callable) -> tuple[dict, dict]:
+def _fit_trial(trial, trial_id: int, handle, spec: SweepSpec, plan: WorkerPlan,
+               fit: Callable) -> tuple[dict, dict]:
     """Fit the trial's config; returns its parameters and how it ended. Endings that belong to
     this trial alone are outcomes; anything else is raised."""
     import optuna
@@ -130,10 +136,25 @@ def _fit_trial(trial, spec: SweepSpec, plan: WorkerPlan, fit: Callable) -> tuple
     params = suggest(trial, spec)
     callbacks = [PruningCallback(trial, spec.objective)] if spec.pruner != "none" else []
     tags = {SWEEP_TAG: spec.name, TRIAL_TAG: str(trial.number)}
+    fields = _run_fields(spec, trial.number, plan)
+    resume_from = _resumable(handle.storage.get_trial(trial_id).system_attrs.get(sweep_study.RESUME_ATTR))
+    if resume_from is not None:
+        fields["out"] = str(resume_from)
+    # where this trial's checkpoints go, for a retry if it is stopped
+    handle.storage.set_trial_system_attr(trial_id, sweep_study.OUT_ATTR, fields["out"])
     try:
-        config = spec.trial_config(params, **_run_fields(spec, trial.number, plan))
-        result = fit(config, callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
-                     progress="auto" if plan.fit_progress else None)
+        config = spec.trial_config(params, **fields)
+        run = dict(callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
+                   progress="auto" if plan.fit_progress else None)
+        if resume_from is None:
+            result = fit(config, **run)
+        else:
+            try:
+                result = fit(config, resume=resume_from, **run)
+            except CheckpointError:  # refused before training: start this point over elsewhere
+                fields = _run_fields(spec, trial.number, plan)
+                handle.storage.set_trial_system_attr(trial_id, sweep_study.OUT_ATTR, fields["out"])
+                result = fit(spec.trial_config(params, **fields), **run)
     except optuna.TrialPruned as exc:
         return params, {"state": TrialState.PRUNED, "note": str(exc)}
     except (ConfigError, TrainingDiverged) as exc:
@@ -188,6 +209,19 @@ def _run_fields(spec: SweepSpec, number: int, plan: WorkerPlan) -> dict[str, Any
     if spec.base.threads is None and plan.threads:
         fields["threads"] = plan.threads
     return fields
+
+
+def _resumable(folder: str | None):
+    """The folder of a stopped trial if it holds a readable training checkpoint, else None."""
+    if not folder:
+        return None
+    from convtrain.api import CHECKPOINT_FILE, checkpoint_config
+
+    try:
+        checkpoint_config(Path(folder) / CHECKPOINT_FILE)
+    except (CheckpointError, OSError):
+        return None
+    return Path(folder)
 
 
 def _objective_value(result, objective: str) -> float | None:

@@ -129,3 +129,44 @@ def test_a_missing_sweep_file_and_a_bad_storage_url_are_one_line_errors(workdir)
                  f"sqlite:///{workdir / 'mlflow.db'}")
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
     assert "study storage nosuchdb://x" in result.output
+
+
+def test_a_trial_stopped_mid_fit_is_continued_from_its_checkpoint_in_the_same_child_run(workdir):
+    """Ctrl-C in the second epoch of a trial; the re-run continues that trial's checkpoint
+    (same folder, same MLflow child run, every epoch logged once) instead of starting over."""
+    from convtrain import api
+    from convtrain.callbacks import Callback
+    from convtrain.errors import TrainingInterrupted
+    from convtrain.sweep import run_sweep
+
+    (workdir / "sweep.toml").write_text(SWEEP.replace("epochs = 2", "epochs = 3"))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    seen = []
+
+    class CtrlCInEpochTwo(Callback):
+        def on_batch_end(self, trainer, step, logs):
+            if trainer.epoch == 1:  # epoch 1 is done and checkpointed
+                raise KeyboardInterrupt
+
+    def fit(config, **kwargs):
+        seen.append((config.out, kwargs.get("resume")))
+        if len(seen) == 2:  # the second trial
+            kwargs["callbacks"] = [*kwargs["callbacks"], CtrlCInEpochTwo()]
+        return api.fit(config, **kwargs)
+
+    with pytest.raises(TrainingInterrupted):
+        run_sweep("sweep.toml", tracking_uri=uri, quiet=True, fit=fit)
+    stopped_out = seen[1][0]
+    assert (Path(stopped_out) / "checkpoint.npz").is_file()
+
+    outcome = run_sweep("sweep.toml", tracking_uri=uri, quiet=True, fit=fit)
+    resumed = [(out, resume) for out, resume in seen[2:] if resume is not None]
+    assert len(resumed) == 1 and resumed[0][0] == stopped_out and Path(resumed[0][1]) == Path(stopped_out)
+    assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 4, "FAIL": 1}
+
+    _, children = runs_of(uri)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)  # no fifth run
+    client = mlflow.MlflowClient(uri)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert sorted(steps) == [1, 2, 3]
