@@ -115,6 +115,34 @@ l2 = [1e-3, 2e-3, 1e-4, 1e-5, 1e-6, 1e-1]
     assert all(t.intermediate_values for t in pruned)
 
 
+def test_hyperband_prunes_weak_trials_at_its_rungs(sweep_dir):
+    text = """
+[fit]
+epochs = 9
+track = false
+[sweep]
+method = "random"
+n_trials = 12
+seed = 3
+pruner = "hyperband"
+warmup_epochs = 1
+[space]
+l2 = {low = 1e-6, high = 1e-1, log = true}
+"""
+    outcome = run_sweep(write(sweep_dir, text), quiet=True, fit=fake_fit)
+    counted = Counter(r.state for r in outcome.rows)
+    assert counted["PRUNED"] >= 1 and counted["COMPLETE"] >= 1 and counted["FAIL"] == 0
+    study = load_study(sweep_dir)
+    from convtrain.sweep_study import make_pruner
+    assert isinstance(make_pruner(load_sweep(sweep_dir / "sweep.toml")), optuna.pruners.HyperbandPruner)
+    for trial in study.get_trials():
+        reported = sorted(trial.intermediate_values)
+        if trial.state.name == "PRUNED":  # stopped early, at a rung below the full 9 epochs
+            assert reported and max(reported) < 9
+        else:
+            assert reported == list(range(1, 10))
+
+
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_dir):
     path = write(sweep_dir, GRID)
     ran = []  # two trials finish, then Ctrl-C hits the third
