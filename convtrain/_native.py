@@ -12,6 +12,7 @@ reordered into a different rounding (tests/test_isa_variants.py holds them to th
 """
 
 import importlib
+import importlib.util
 import os
 import warnings
 
