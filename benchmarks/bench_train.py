@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy_conv  # the shared pure-numpy im2col baseline, same API as convtrain.kernels
 
 NETS = {
-    "digits": {"input_shape": (1, 8, 8), "filters": [16, 32], "kernel_sizes": [3, 3], "steps": 60},
-    "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 6},
-    "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 6},
+    "digits": {"input_shape": (1, 8, 8), "filters": [16, 32], "kernel_sizes": [3, 3], "steps": 300},
+    "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 10},
+    "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 10},
 }
 # PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
