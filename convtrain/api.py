@@ -29,6 +29,7 @@ import numpy as np
 from convtrain.callbacks import Callback
 from convtrain.config import FitConfig, read_toml
 from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
+from convtrain.signals import sigterm_as_keyboard_interrupt
 
 MODEL_FILE = "model.npz"
 CONFIG_FILE = "config.toml"
@@ -205,7 +206,10 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                                        resume_run_id=saved_tracking.get("run_id"))
     # what the fit is doing, for the message of a Ctrl-C that lands outside the training loop
     stage, trainer, model_path = "setting up the fit", None, None
-    with _sigterm_as_ctrl_c():
+    # SIGTERM outside the training loop (set-up, plots, MLflow logging) ends like Ctrl-C: the
+    # run marked KILLED and one line saying what is saved, not a silent exit leaving it RUNNING;
+    # inside the loop _stop_on_signals takes over
+    with sigterm_as_keyboard_interrupt():
         try:
             if checkpoint is None and config.out is None:
                 out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
@@ -395,26 +399,6 @@ def _progress_callback(progress, config: FitConfig, splits):
         n_train = int((counts > 0).sum() * counts[counts > 0].min())
     return ProgressCallback(epochs=config.epochs, steps_per_epoch=math.ceil(n_train / config.batch_size),
                             quiet=progress == "quiet")
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, while a fit is outside its training
-    loop (setting up, plots, MLflow logging), so `kill` or a job scheduler gets the same
-    ending: the run marked KILLED and one line saying what is saved and how to resume, not a
-    silent exit that leaves the run RUNNING. Inside the loop `_stop_on_signals` takes over."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 
 from convtrain.callbacks import Callback
 from convtrain.errors import TrackingError
+from convtrain.signals import sigterm_as_keyboard_interrupt
 
 DEFAULT_STORE_FILE = "mlflow.db"
 CHECKPOINT_TAG = "convtrain.checkpoint"
@@ -518,7 +519,7 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     experiment_id = _experiment_id(uri, experiment)
     server = None
     # SIGTERM is turned into KeyboardInterrupt from here on, so `kill` also stops the server.
-    with _sigterm_as_keyboard_interrupt():
+    with sigterm_as_keyboard_interrupt():
         try:
             # Its own process group: `mlflow server` starts uvicorn as a child, and both must
             # stop. Its log goes to stderr, so stdout holds just the lines printed below.
@@ -549,25 +550,6 @@ def _wait_until_answering(server, base: str, seconds: float, command: list[str])
             if time.monotonic() > deadline:
                 raise TrackingError(f"mlflow server did not answer on {base} within {seconds:.0f}s") from None
             time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _sigterm_as_keyboard_interrupt():
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _has_fileno(stream) -> bool:
