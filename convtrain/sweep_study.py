@@ -18,15 +18,14 @@ worker every time cannot loop forever).
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convtrain.errors import ConfigError, ConvtrainError
+from convtrain.processes import alive, on_this_machine, this_process
 from convtrain.sweep_file import Choices, SweepSpec
 
 if TYPE_CHECKING:  # optuna is imported lazily: `convtrain --help` must not pay for it
@@ -311,7 +310,7 @@ def reclaim_dead_trials(handle: StudyHandle) -> list:
     reclaimed = []
     for trial in handle.storage.get_all_trials(handle.study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
-        if not owner or not _on_this_machine(owner) or _alive(owner):
+        if not owner or not on_this_machine(owner) or alive(owner):
             continue
         trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
         try:
@@ -353,45 +352,3 @@ class Heartbeat:
                 self._storage.record_heartbeat(self._trial_id)
             except Exception:  # a database hiccup must not kill the fit; the next beat retries
                 pass
-
-
-# ---- who runs a trial --------------------------------------------------------------------------
-
-
-def this_process() -> dict:
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
-            "start": _start_ticks(os.getpid())}
-
-
-def _on_this_machine(owner: dict) -> bool:
-    return owner.get("host") == socket.gethostname() and owner.get("boot") == _boot_id()
-
-
-def _alive(owner: dict) -> bool:
-    pid = owner.get("pid")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, OverflowError):
-        return True
-    # the pid exists, but it may have been reused by another process since
-    started = owner.get("start")
-    return started is None or _start_ticks(pid) in (None, started)
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
-
-
-def _start_ticks(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot): with the pid it names one process."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None

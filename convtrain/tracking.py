@@ -29,12 +29,17 @@ from typing import Callable, Iterable
 
 from convtrain.callbacks import Callback
 from convtrain.errors import TrackingError
+from convtrain.processes import alive, on_this_machine, this_process
 from convtrain.signals import sigterm_as_keyboard_interrupt
 
 DEFAULT_STORE_FILE = "mlflow.db"
 CHECKPOINT_TAG = "convtrain.checkpoint"
 OUT_DIR_TAG = "convtrain.out_dir"
 ERROR_TAG = "convtrain.error"
+# the process that has the run open (convtrain/processes.py): a fit started later on the same
+# machine closes the runs whose process died without closing them (kill -9, the OOM killer)
+PROCESS_TAG = "convtrain.process"
+ORPHAN_NOTE_TAG = "convtrain.note"
 EPOCH_METRICS = (
     "train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy",
     "val_loss", "val_cost", "val_accuracy", "val_balanced_accuracy",
@@ -147,6 +152,37 @@ def find_run_checkpoint(run_id: str, tracking_uri: str) -> str:
     return path
 
 
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose fit ran on this machine and has
+    died without closing them; returns their ids. (A run whose process cannot be checked, on
+    another machine or from before this tag existed, is left as it is.)"""
+    from mlflow.exceptions import MlflowException
+
+    closed = []
+    try:
+        runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=1000)
+    except MlflowException:
+        return closed
+    for run in runs:
+        try:
+            owner = json.loads(run.data.tags.get(PROCESS_TAG, ""))
+        except ValueError:
+            continue
+        if not isinstance(owner, dict) or not on_this_machine(owner) or alive(owner):
+            continue
+        try:
+            client.set_tag(run.info.run_id, ORPHAN_NOTE_TAG,
+                           "its process ended without closing the run (killed); continue it with "
+                           f"convtrain fit --resume {run.info.run_id}")
+            with contextlib.redirect_stdout(io.StringIO()):
+                client.set_terminated(run.info.run_id, "KILLED")
+        except MlflowException:
+            continue
+        closed.append(run.info.run_id)
+    return closed
+
+
 def context_tags(extra: dict | None = None) -> dict[str, str]:
     """Version, build, host and git tags for a new run."""
     import convtrain
@@ -236,7 +272,9 @@ class MLflowCallback(Callback):
             if resume_run_id:
                 return cls._reopen(client, tracking_uri, resume_run_id, config, tags, notify)
             experiment_id = ensure_experiment(client, config.experiment)
+            close_orphaned_runs(client, experiment_id)
             run_tags = context_tags(tags)
+            run_tags[PROCESS_TAG] = json.dumps(this_process())
             if parent_run_id:
                 run_tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(experiment_id, tags=run_tags, run_name=config.run_name)
@@ -255,9 +293,9 @@ class MLflowCallback(Callback):
             run = client.get_run(run_id)
         except MlflowException as exc:
             raise TrackingError(f"cannot resume MLflow run {run_id} in {tracking_uri}: {first_line(exc)}") from None
+        close_orphaned_runs(client, run.info.experiment_id)
         client.update_run(run_id, status="RUNNING")
-        if tags:
-            client.log_batch(run_id, tags=_run_tags(tags))
+        client.log_batch(run_id, tags=_run_tags({**(tags or {}), PROCESS_TAG: json.dumps(this_process())}))
         logged_epochs = _max_step(client, run_id, "train_loss", 0)
         logged_batch = _max_step(client, run_id, BATCH_METRIC, -1)
         callback = cls(client, tracking_uri, run_id, run.info.experiment_id, log_every=config.log_every,

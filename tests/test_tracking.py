@@ -264,3 +264,39 @@ def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlf
     unlogged = json.loads((result.out_dir / UNLOGGED_FILE).read_text())
     assert unlogged["run_id"] == result.run_id
     assert {m["step"] for m in unlogged["metrics"] if m["key"] == "train_loss"} == {2, 3}
+
+
+def test_runs_left_running_by_a_dead_fit_are_marked_killed_by_the_next_one(tmp_path, monkeypatch):
+    """kill -9 leaves a run RUNNING; the next fit on this machine closes it (KILLED, with a
+    note on how to resume), and leaves alone what it cannot know is dead."""
+    import json
+
+    import mlflow
+
+    from convtrain.processes import this_process
+    from convtrain.tracking import ORPHAN_NOTE_TAG, PROCESS_TAG
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("orphans")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {**this_process(), "pid": int(gone.stdout), "start": 1}  # a process that has ended
+    owners = {"dead": dead, "alive": this_process(), "elsewhere": {**dead, "host": "another-machine"},
+              "untagged": None}
+    runs = {}
+    for name, owner in owners.items():
+        tags = {PROCESS_TAG: json.dumps(owner)} if owner else {}
+        runs[name] = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+    result = invoke("fit", "--epochs", 1, "--limit", 300, "--filters", 4, "--experiment", "orphans",
+                    "--tracking-uri", uri, "--quiet")
+    assert result.exit_code == 0, result.output
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
+    note = client.get_run(runs["dead"]).data.tags[ORPHAN_NOTE_TAG]
+    assert f"convtrain fit --resume {runs['dead']}" in note
+    fits = client.search_runs([experiment_id], filter_string="tags.`convtrain.process` != ''")
+    mine = [r for r in fits if r.info.run_id not in runs.values()]
+    assert len(mine) == 1 and mine[0].info.status == "FINISHED"
+    assert json.loads(mine[0].data.tags[PROCESS_TAG])["host"] == socket.gethostname()
