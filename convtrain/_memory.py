@@ -9,8 +9,10 @@ and 9 ms of system time per 46 ms step; with the thresholds below, none, and 40 
 
 Raising malloc's mmap and trim thresholds fixes that for the whole process (the memory stays
 in the heap, at most what a step had in use at its peak is kept; nothing is allocated up
-front). Linux/glibc only; a no-op elsewhere, or when the user set malloc's own environment
-variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), which then win.
+front). Linux/glibc only; a no-op elsewhere, when the user set malloc's own environment
+variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), which then win, or with
+CONVTRAIN_MALLOC_DEFAULTS=1 (glibc's own behaviour, e.g. to measure the difference:
+`CONVTRAIN_MALLOC_DEFAULTS=1 python benchmarks/step_cost.py`).
 """
 
 import ctypes
@@ -36,6 +38,8 @@ def keep_freed_memory_for_reuse() -> bool:
 
 def _set_thresholds() -> bool:
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _USER_SETTINGS):
+        return False
+    if os.environ.get("CONVTRAIN_MALLOC_DEFAULTS", "0") not in ("", "0"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -52,6 +52,12 @@ def test_steady_state_training_steps_take_no_page_faults():
     assert tuned["faults_per_step"] < 50, tuned
 
 
+def test_glibc_defaults_on_request_show_what_the_thresholds_save():
+    defaults = _steps({"CONVTRAIN_MALLOC_DEFAULTS": "1"})
+    assert defaults["tuned"] is False
+    assert defaults["faults_per_step"] > 500, defaults
+
+
 def test_malloc_settings_of_the_user_win():
     untouched = _steps({"MALLOC_TRIM_THRESHOLD_": "0"})  # return everything to the OS
     assert untouched["tuned"] is False
