@@ -12,8 +12,10 @@ The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2c
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
 same He-initialized weights (exported to torch with convtrain.torch_compat) and runs the
 same optimizer. Rounds are interleaved across
-implementations so that background load hits all of them alike; the table shows the median
-images/s over rounds (and min-max), and the ratios of medians.
+implementations so that background load hits all of them alike, each implementation in a
+process of its own (as it would run for a user; two OpenMP runtimes in one process slow
+each other down); the table shows the median images/s over rounds (and min-max), and the
+ratios of medians.
 
     python benchmarks/bench_train.py                      # everything, 1 and 2 threads
     python benchmarks/bench_train.py --nets mnist --threads 2 --rounds 7
@@ -186,29 +188,66 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SETTLE_SECONDS = 0.3
 
 
-def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=()):
+def _runner(name, spec):
+    if name.startswith("convtrain[") and name.endswith("]"):
+        return isa_runner(spec, name[len("convtrain["):-1])
+    return RUNNERS[name](spec)
+
+
+def _round_worker(name, net, threads, clock, connection):
+    """One implementation in its own process: warm up, then time `steps` on each request.
+    Separate processes, because two OpenMP runtimes in one process slow each other down
+    (PyTorch ships its own libgomp: DIGITS at 2 threads, convtrain alone 120k images/s, 99k
+    with PyTorch's pool in the same process), and because each should run as a user runs it,
+    with its own allocator state."""
     spec = NETS[net]
-    steps = spec["steps"]
-    names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy
-    runners = {name: RUNNERS[name](spec) for name in names}
-    runners.update({f"convtrain[{isa}]": isa_runner(spec, isa) for isa in isas})
-    rates = {name: [] for name in runners}
-    timer = CLOCKS[clock]
     set_threads(threads)
+    timer = CLOCKS[clock]
     with threadpool_limits(threads, user_api="blas"):
-        for run in runners.values():
-            run(2)  # warm-up: allocations, BLAS and OpenMP thread pools
+        run = _runner(name, spec)
+        run(2)  # warm-up: allocations, BLAS and OpenMP thread pools
+        connection.send("ready")
+        while (steps := connection.recv()) is not None:
+            started = timer()
+            run(steps)
+            connection.send(timer() - started)
+
+
+def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=()):
+    """{implementation: [images/s per round]}; every implementation in its own process, the
+    rounds interleaved so that load on the machine hits them alike."""
+    import multiprocessing
+
+    steps = NETS[net]["steps"]
+    names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy + [f"convtrain[{i}]" for i in isas]
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for name in names:
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_round_worker, args=(name, net, threads, clock, child_end), daemon=True)
+            process.start()
+            workers[name] = (process, parent_end)
+        for _, connection in workers.values():
+            assert connection.recv() == "ready"
+        rates = {name: [] for name in names}
         for _ in range(rounds):
-            for name, run in runners.items():
-                # let the previous implementation's thread pools park first: OpenBLAS's
-                # threads (the numpy baseline) spin ~0.1 s after a call and took one of the
-                # 2 cores from the next runner (DIGITS, 2 threads: convtrain 119k images/s
-                # alone, 55k right after numpy rounds)
+            for name, (_, connection) in workers.items():
+                # let the previous implementation's thread pools park first (OpenBLAS's
+                # threads spin ~0.1 s after a call and would take a core from the next one)
                 time.sleep(SETTLE_SECONDS)
-                started = timer()
-                run(steps)
-                rates[name].append(steps * BATCH / (timer() - started))
-    return rates
+                connection.send(steps)
+                rates[name].append(steps * BATCH / connection.recv())
+        return rates
+    finally:
+        for process, connection in workers.values():
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 def _rss_mib(field):
