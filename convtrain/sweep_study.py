@@ -40,6 +40,7 @@ TICKETS_ATTR = "convtrain.tickets"
 PARENT_RUN_ATTR = "convtrain.mlflow_parent_run_id"
 # Trial system attrs.
 OWNER_ATTR = "convtrain.owner"
+CLAIM_PREFIX = "convtrain.claim."  # + pid@host: a worker trying to take a WAITING trial
 RETRIES_ATTR = "convtrain.retries"
 RETRY_OF_ATTR = "convtrain.retry_of"
 OUT_ATTR = "convtrain.out"  # the folder a trial's fit writes its checkpoints to
@@ -275,13 +276,19 @@ def take_ticket(handle: StudyHandle, spec: SweepSpec):
     # listed through the study, so the trial is in the cache Optuna's Trial object reads
     for waiting in handle.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(handle.study_id, waiting.number)
+        # Each claimant signs the ticket before trying to turn it RUNNING, so that a worker
+        # stopped between the two (Ctrl-C, kill) leaves a trial that a re-run can tell is
+        # orphaned: RUNNING, no owner, and every claimant gone. (One key per claimant: a
+        # worker that loses the race must not overwrite what the winner wrote.)
+        owner = this_process()
         try:
+            storage.set_trial_system_attr(trial_id, _claim_key(owner), owner)
             if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                 continue  # another worker took it first
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
+        storage.set_trial_system_attr(trial_id, OWNER_ATTR, owner)
         storage.record_heartbeat(trial_id)
-        storage.set_trial_system_attr(trial_id, OWNER_ATTR, this_process())
         handle.study.sampler = make_sampler(spec, waiting.number)
         return optuna.Trial(handle.study, trial_id)
     return None
@@ -310,7 +317,15 @@ def reclaim_dead_trials(handle: StudyHandle) -> list:
     reclaimed = []
     for trial in handle.storage.get_all_trials(handle.study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
-        if not owner or not on_this_machine(owner) or alive(owner):
+        if not owner:
+            # the claim was cut short between "RUNNING" and "run by": orphaned once every
+            # claimant is known to be gone, or, for claimants that cannot be checked from
+            # here, once a claim (milliseconds) is long over
+            claimants = [v for k, v in trial.system_attrs.items() if k.startswith(CLAIM_PREFIX)]
+            local_and_dead = claimants and all(on_this_machine(c) and not alive(c) for c in claimants)
+            if not local_and_dead and not _older_than(trial.datetime_start, GRACE_SECONDS):
+                continue
+        elif not on_this_machine(owner) or alive(owner):
             continue
         trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
         try:
@@ -322,6 +337,18 @@ def reclaim_dead_trials(handle: StudyHandle) -> list:
         requeue(handle.study, trial, reason=f"trial {trial.number} was killed")
         reclaimed.append(trial)
     return reclaimed
+
+
+def _claim_key(owner: dict) -> str:
+    return f"{CLAIM_PREFIX}{owner['pid']}@{owner['host']}"
+
+
+def _older_than(started, seconds: float) -> bool:
+    if started is None:
+        return True
+    import datetime
+    now = datetime.datetime.now(started.tzinfo) if started.tzinfo else datetime.datetime.now()
+    return (now - started).total_seconds() > seconds
 
 
 def fail_stale_trials(handle: StudyHandle) -> None:

@@ -261,6 +261,55 @@ def test_four_processes_racing_for_sqlite_tickets_never_take_the_same_one(sweep_
     assert sorted(numbers) == list(range(60))
 
 
+def test_a_worker_stopped_in_the_middle_of_a_claim_leaves_a_trial_the_rerun_reclaims(sweep_dir, monkeypatch):
+    """Ctrl-C between "RUNNING" and "run by this process": the trial has no owner, but its
+    claimant signed it, so a re-run sees the claimant is gone and runs the point again."""
+    from convtrain import sweep_study
+    from convtrain.sweep_study import OWNER_ATTR, take_ticket
+
+    path = write(sweep_dir, GRID)
+    handle = create_or_join(load_sweep(path), open_storage(f"sqlite:///{sweep_dir / 'optuna.db'}"))
+    real = handle.storage.set_trial_state_values
+
+    def interrupted_right_after(trial_id, state, values=None):
+        real(trial_id, state=state, values=values)
+        raise KeyboardInterrupt  # Ctrl-C between the claim's two writes
+
+    monkeypatch.setattr(handle.storage, "set_trial_state_values", interrupted_right_after)
+    with pytest.raises(KeyboardInterrupt):
+        take_ticket(handle, load_sweep(path))
+    monkeypatch.undo()
+    (cut,) = [t for t in handle.storage.get_all_trials(handle.study_id) if t.state.name == "RUNNING"]
+    assert OWNER_ATTR not in cut.system_attrs
+    assert sweep_study.reclaim_dead_trials(handle) == []  # its claimant, this process, still runs
+    dead = {**sweep_study.this_process(), "pid": _ended_pid()}
+    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, cut.number)
+    for key in [k for k in cut.system_attrs if k.startswith(sweep_study.CLAIM_PREFIX)]:
+        handle.storage.set_trial_system_attr(trial_id, key, dead)  # as if its claimant had died
+    assert [t.number for t in sweep_study.reclaim_dead_trials(handle)] == [cut.number]
+
+
+def _ended_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_a_running_trial_nobody_owns_is_reclaimed_after_the_grace_period(sweep_dir, monkeypatch):
+    """A worker SIGKILLed between the two writes of a claim leaves no owner to ask."""
+    from convtrain import sweep_study
+
+    path = write(sweep_dir, GRID)
+    handle = create_or_join(load_sweep(path), open_storage(f"sqlite:///{sweep_dir / 'optuna.db'}"))
+    waiting = handle.storage.get_all_trials(handle.study_id)[0]
+    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, waiting.number)
+    handle.storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING)
+    assert sweep_study.reclaim_dead_trials(handle) == []  # it may still be being claimed
+    monkeypatch.setattr(sweep_study, "_older_than", lambda started, seconds: True)  # a minute later
+    assert [t.number for t in sweep_study.reclaim_dead_trials(handle)] == [waiting.number]
+    outcome = run_sweep(path, quiet=True, fit=fake_fit)
+    assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 4, "FAIL": 1}
+
+
 def test_a_study_name_taken_by_another_sweep_is_refused(sweep_dir):
     run_sweep(write(sweep_dir, GRID), quiet=True, fit=fake_fit)
     other = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-2]")
