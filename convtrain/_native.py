@@ -4,9 +4,11 @@ setup.py compiles the kernels once portably (`convtrain._conv`) and, on x86-64, 
 x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512) instruction sets. The GEMMs are BLAS's either way;
 what the wider vectors speed up are the copies and masks around them (im2col, col2im, ReLU):
 with AVX-512 a training step of the reference nets does 8-14% more images per CPU-second than
-with the baseline's SSE2 (`benchmarks/bench_train.py --isa baseline --clock cpu --threads 1`). The builds compute the same bits: their
-loops copy, add element by element and select, and nothing in them can be contracted or
-reordered into a different rounding (tests/test_isa_variants.py holds them to that).
+with the baseline's SSE2
+(`benchmarks/bench_train.py --isa baseline --clock cpu --threads 1`).
+The builds compute the same bits: their loops copy, add element by element and select, and
+nothing in them can be contracted or reordered into a different rounding
+(tests/test_isa_variants.py holds them to that).
 
 `CONVTRAIN_KERNEL_ISA` = auto (default) | baseline | x86-64-v3 | x86-64-v4 chooses by hand.
 """
