@@ -2,7 +2,7 @@
 
 Project metadata lives in pyproject.toml; this file only describes the compiled parts:
 
-* every ``ext/<name>.pyx`` becomes ``convtrain.<name>`` (e.g. ``ext/_conv.pyx`` -> ``convtrain._conv``);
+* every ``ext/<name>.pyx`` becomes ``convtrain.nn.<name>`` (e.g. ``ext/_conv.pyx`` -> ``convtrain.nn._conv``);
 * Cython compiler directives are set here, in one place (``COMPILER_DIRECTIVES``);
   ``CONVTRAIN_DEBUG_CHECKS=1`` rebuilds with bounds/wraparound/initialization/division checks on
   and without optimization, for debugging;
@@ -10,9 +10,9 @@ Project metadata lives in pyproject.toml; this file only describes the compiled 
   otherwise the build still succeeds, serial, with a warning. ``convtrain.build_info()`` reports
   which one you got.
 * on x86-64 with gcc or clang, ``ext/_conv.pyx`` is also compiled for the x86-64-v3 (AVX2, FMA)
-  and x86-64-v4 (AVX-512) instruction sets, as ``convtrain._conv_x86_64_v3`` and
-  ``convtrain._conv_x86_64_v4``: the same source, the same results bit for bit, but wider
-  vectors in the loops around the GEMMs (im2col, col2im, ReLU masks; see convtrain/_native.py). The baseline module stays portable; the CPU picks
+  and x86-64-v4 (AVX-512) instruction sets, as ``convtrain.nn._conv_x86_64_v3`` and
+  ``convtrain.nn._conv_x86_64_v4``: the same source, the same results bit for bit, but wider
+  vectors in the loops around the GEMMs (im2col, col2im, ReLU masks; see convtrain/nn/backend.py). The baseline module stays portable; the CPU picks
   among them at import time. ``CONVTRAIN_NO_ISA_VARIANTS=1`` builds the baseline only.
 """
 
@@ -167,11 +167,11 @@ def extensions():
             extra_link_args=omp_link,
         )
 
-    modules = [extension(f"convtrain.{pyx.stem}", pyx) for pyx in sorted((HERE / "ext").glob("*.pyx"))]
+    modules = [extension(f"convtrain.nn.{pyx.stem}", pyx) for pyx in sorted((HERE / "ext").glob("*.pyx"))]
     built = cythonize(modules, compiler_directives=COMPILER_DIRECTIVES, force=force, quiet=True)
     for suffix, flag in isa_variant_flags().items():
         # same source, own module name: its C file goes to its own folder, not beside the .pyx
-        variant = extension(f"convtrain._conv_{suffix}", HERE / "ext" / "_conv.pyx", flag,
+        variant = extension(f"convtrain.nn._conv_{suffix}", HERE / "ext" / "_conv.pyx", flag,
                             suffix.replace("_", "-"))
         (compiled,) = cythonize([variant], compiler_directives=COMPILER_DIRECTIVES, force=force,
                                 quiet=True, build_dir=str(Path("build") / f"cython-{suffix}"))

@@ -29,7 +29,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 import convtrain
-from convtrain import kernels
+from convtrain.nn import kernels
 
 # name, (C, H, W) input, (F, kh, kw) filters
 LAYERS = [

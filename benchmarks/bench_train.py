@@ -10,7 +10,7 @@ L2 gradient, SGD momentum update (Trainer.train_step for convtrain). The three r
 
 The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
-same He-initialized weights (exported to torch with convtrain.torch_compat) and runs the
+same He-initialized weights (exported to torch with convtrain.nn.torch_compat) and runs the
 same optimizer. Rounds are interleaved across
 implementations so that background load hits all of them alike, each implementation in a
 process of its own (as it would run for a user; two OpenMP runtimes in one process slow
@@ -40,13 +40,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import convtrain
-from convtrain import layers as convtrain_layers
-from convtrain.network import Network
-from convtrain.optim import SGD, make_schedule
-from convtrain.train import Trainer
+from convtrain.nn import layers as convtrain_layers
+from convtrain.nn.network import Network
+from convtrain.nn.optim import SGD, make_schedule
+from convtrain.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy_conv  # the shared pure-numpy im2col baseline, same API as convtrain.kernels
+import numpy_conv  # the shared pure-numpy im2col baseline, same API as convtrain.nn.kernels
 
 NETS = {
     "digits": {"input_shape": (1, 8, 8), "filters": [16, 32], "kernel_sizes": [3, 3], "steps": 300},
@@ -132,9 +132,9 @@ def convtrain_runner(spec, kernels_module=None):
 
 
 def isa_runner(spec, isa):
-    """convtrain on another build of the kernels (convtrain/_native.py), e.g. "baseline"."""
-    from convtrain import _native, kernels
-    module = _native._load(isa)
+    """convtrain on another build of the kernels (convtrain/nn/backend.py), e.g. "baseline"."""
+    from convtrain.nn import backend, kernels
+    module = backend.load_build(isa)
     run_default = convtrain_runner(spec)
 
     def run(steps):
@@ -152,7 +152,7 @@ def isa_runner(spec, isa):
 def torch_runner(spec):
     import torch
 
-    from convtrain.torch_compat import to_torch_module
+    from convtrain.nn.torch_compat import to_torch_module
 
     model = to_torch_module(build_network(spec))
     weights = [p for n, p in model.named_parameters() if n.endswith(".weight")]

@@ -1,6 +1,6 @@
 """A pure-NumPy im2col convolution: the baseline convtrain's kernels are measured against.
 
-Same conventions and signatures as convtrain.kernels (NCHW, filters (F, C, kh, kw), int or pair
+Same conventions and signatures as convtrain.nn.kernels (NCHW, filters (F, C, kh, kw), int or pair
 kernel_size/stride/padding), no argument checking. The im2col is a strided view copied once
 per call (N * C*kh*kw * Ho*Wo elements: the whole batch at once), the GEMMs are np.matmul /
 np.tensordot (threaded BLAS), col2im is kh*kw vectorized strided additions.

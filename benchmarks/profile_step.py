@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import convtrain
-from convtrain import kernels, layers
-from convtrain.optim import SGD, make_schedule
-from convtrain import train as train_module
-from convtrain.train import Trainer
+from convtrain.nn import kernels, layers
+from convtrain.nn.optim import SGD, make_schedule
+from convtrain.training import trainer as train_module
+from convtrain.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import BATCH, L2, LR, MOMENTUM, NETS, batches, build_network  # noqa: E402

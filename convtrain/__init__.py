@@ -11,20 +11,20 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "build_info": "convtrain._build",
-    "set_num_threads": "convtrain._build",
-    "get_num_threads": "convtrain._build",
-    "Network": "convtrain.network",
-    "SGD": "convtrain.optim",
-    "Trainer": "convtrain.train",
-    "History": "convtrain.train",
-    "make_schedule": "convtrain.optim",
-    "Callback": "convtrain.callbacks",
-    "Checkpoint": "convtrain.callbacks",
-    "EarlyStopping": "convtrain.callbacks",
+    "build_info": "convtrain.nn.backend",
+    "set_num_threads": "convtrain.nn.backend",
+    "get_num_threads": "convtrain.nn.backend",
+    "Network": "convtrain.nn.network",
+    "SGD": "convtrain.nn.optim",
+    "Trainer": "convtrain.training.trainer",
+    "History": "convtrain.training.trainer",
+    "make_schedule": "convtrain.nn.optim",
+    "Callback": "convtrain.training.callbacks",
+    "Checkpoint": "convtrain.training.callbacks",
+    "EarlyStopping": "convtrain.training.callbacks",
     "FitConfig": "convtrain.config",
-    "fit": "convtrain.api",
-    "FitResult": "convtrain.api",
+    "fit": "convtrain.pipeline.fit",
+    "FitResult": "convtrain.pipeline.fit",
     "load_dataset": "convtrain.data",
 }
 

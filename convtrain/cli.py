@@ -1,4 +1,4 @@
-"""The `convtrain` command: fit, evaluate, predict, info, ui (and sweep, registered by convtrain.sweep).
+"""The `convtrain` command: fit, evaluate, predict, info, ui (and sweep, registered by convtrain.sweep.cli).
 
 Only typer and the config module are imported at the top: numpy, the engine and MLflow load
 inside the commands, so `convtrain --help` answers at once.
@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from convtrain.config import FitConfig
-from convtrain.errors import ConvtrainError, TrainingInterrupted
+from convtrain.errors import ConvtrainError, TrainingInterrupted, one_line
 
 
 class ConvtrainGroup(TyperGroup):
@@ -43,25 +43,20 @@ class ConvtrainGroup(TyperGroup):
         except ConvtrainError as exc:
             if debug:
                 raise
-            _error_line(_one_line(exc))
+            _error_line(one_line(exc))
             code = exc.exit_code
         except OSError as exc:  # unwritable folder, full disk, ...: the environment, not a bug
             if debug:
                 raise
-            _error_line(_one_line(exc))
+            _error_line(one_line(exc))
             code = 1
         if not standalone_mode:
             return code
         sys.exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
-
-
 def _usage_message(exc: typer.TyperException) -> str:
-    message = _one_line(exc.format_message())
+    message = one_line(exc.format_message())
     ctx = getattr(exc, "ctx", None)
     if ctx is not None:
         return f"{message} (see: {ctx.command_path} --help)"
@@ -154,21 +149,22 @@ def fit(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP, rich_help_panel=RUN),
 ):
     """Train a ConvNet; with no options: the default small net on the built-in digits."""
-    from convtrain import api
+    from convtrain.pipeline.fit import fit as run_fit
+    from convtrain.pipeline.resume import resolve_fit_config
 
     overrides = {name: value for name, value in locals().items() if name in _CONFIG_FLAGS}
-    resolved, checkpoint = api.resolve_fit_config(config_path=config, overrides=overrides, resume=resume)
+    resolved, checkpoint = resolve_fit_config(config_path=config, overrides=overrides, resume=resume)
     if print_config:
         typer.echo(resolved.to_toml(), nl=False)
         return
     _quiet_library_logs(debug)
     console = _console()
     try:
-        result = api.fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto")
+        result = run_fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto")
     except TrainingInterrupted as exc:
         folder = Path(exc.checkpoint).parent if exc.checkpoint else None
         hint = f"; continue with: convtrain fit --resume {folder}" if folder else "; nothing to resume"
-        _error_line(f"interrupted: {_one_line(exc)}{hint}")
+        _error_line(f"interrupted: {one_line(exc)}{hint}")
         raise typer.Exit(exc.exit_code)
     _print_fit_result(console, result)
 
@@ -182,7 +178,7 @@ _CONFIG_FLAGS = {
 
 
 def _default_store() -> str:
-    from convtrain.tracking import resolve_tracking_uri
+    from convtrain.tracking.store import resolve_tracking_uri
 
     return resolve_tracking_uri()
 
@@ -238,9 +234,9 @@ def evaluate(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Accuracy, balanced accuracy, a per-class table and the confusion matrix of a saved model."""
-    from convtrain import api
+    from convtrain.pipeline.evaluate import evaluate_model
 
-    report = api.evaluate_model(model, data=data, data_path=data_path, split=split, limit=limit)
+    report = evaluate_model(model, data=data, data_path=data_path, split=split, limit=limit)
     if json_out:
         import json
 
@@ -284,9 +280,9 @@ def predict(
     """The predicted class and probabilities for each input."""
     import json
 
-    from convtrain import api
+    from convtrain.pipeline.predict import predict_inputs
 
-    predictions = api.predict_inputs(model, inputs)
+    predictions = predict_inputs(model, inputs)
     if json_out:
         for item in predictions:
             typer.echo(json.dumps(item))
@@ -303,10 +299,10 @@ def predict(
 @app.command()
 def info(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP)):
     """Version and build: OpenMP, kernel threads, BLAS, and the default tracking store."""
-    from convtrain import api
+    from convtrain.pipeline.info import describe_installation
 
     console = _console()
-    for key, value in api.describe_installation().items():
+    for key, value in describe_installation().items():
         console.print(f"{key:<16} {value}", markup=False)
 
 
@@ -319,16 +315,16 @@ def ui(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Start the MLflow UI on the store your fits use and print the runs-table URL."""
-    from convtrain.tracking import serve_ui
+    from convtrain.tracking.ui import serve_ui
 
     raise typer.Exit(serve_ui(tracking_uri=tracking_uri, host=host, port=port, experiment=experiment,
                               echo=lambda line: typer.echo(line)))
 
 
 # ---- sweep ----------------------------------------------------------------------------------
-# `convtrain sweep` lives in convtrain/sweep_cli.py (it imports only typer; Optuna loads when the
+# `convtrain sweep` lives in convtrain/sweep/cli.py (it imports only typer; Optuna loads when the
 # command runs, so `convtrain --help` stays instant).
-from convtrain.sweep_cli import register as _register_sweep  # noqa: E402
+from convtrain.sweep.cli import register as _register_sweep  # noqa: E402
 
 _register_sweep(app)
 

@@ -14,21 +14,19 @@ A TOML file may use the sections or plain top-level keys; both load the same.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convtrain.errors import ConfigError
+from convtrain.errors import ConfigError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-DATASET_NAMES = ("digits", "mnist", "cifar10", "npz", "names")
 SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
@@ -158,8 +156,10 @@ class FitConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and what was expected."""
-        _expect(self.data in DATASET_NAMES, "data", self.data, f"one of {', '.join(DATASET_NAMES)}")
-        if self.data in ("mnist", "cifar10", "npz", "names") and not self.data_path:
+        from convtrain.data.registry import DATASETS, needs_path  # the registry owns the names
+
+        _expect(self.data in DATASETS, "data", self.data, f"one of {', '.join(DATASETS)}")
+        if needs_path(self.data) and not self.data_path:
             raise ConfigError(f"data_path: data set {self.data!r} needs --data-path (a directory, or the .npz file)")
         vf = self.val_fraction
         _expect(vf >= 0 and (vf < 1 or float(vf).is_integer()), "val_fraction", vf,
@@ -210,7 +210,7 @@ class FitConfig:
 
 # ---- helpers ----------------------------------------------------------------------
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(FitConfig)}
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(FitConfig)}
 _SECTIONS = {f.metadata["section"] for f in dataclasses.fields(FitConfig)}
 
 
@@ -244,10 +244,8 @@ def _flatten_sections(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _check_known_keys(values: dict[str, Any], source: str) -> None:
     for key in values:
-        if key not in _FIELD_TYPES:
-            close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, FIELD_TYPES)}")
 
 
 _LIST_EXPECTATIONS = {
@@ -262,7 +260,7 @@ _LIST_EXPECTATIONS = {
 
 def _coerce(name: str, value: Any) -> Any:
     """Accept the spellings a TOML file or a flag naturally gives: '16,32' or 16 for a list."""
-    kind = _FIELD_TYPES[name]
+    kind = FIELD_TYPES[name]
     try:
         if kind.startswith("list"):
             if isinstance(value, str):

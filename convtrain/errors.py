@@ -52,3 +52,21 @@ class TrainingInterrupted(ConvtrainError):
     def __init__(self, message, *, checkpoint=None):
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's message as one line: its first non-blank line with whitespace folded (library
+    errors such as MLflow's can carry a whole traceback below it), or the type's name if empty."""
+    text = error if isinstance(error, str) else str(error)
+    for line in text.splitlines():
+        if line.strip():
+            return " ".join(line.split())
+    return "" if isinstance(error, str) else type(error).__name__
+
+
+def did_you_mean(value, choices) -> str:
+    """' (did you mean 'x'?)' for the choice closest to a misspelt `value`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -11,10 +11,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from convtrain.cli import app
@@ -183,7 +183,7 @@ def test_predict_npz_and_image_file_match_the_network(digits_model, tmp_path):
     from PIL import Image
 
     from convtrain.data import load_dataset
-    from convtrain.network import Network
+    from convtrain.nn.network import Network
 
     images = load_dataset("digits").x_val[:3]
     np.savez(tmp_path / "three.npz", x=images)

@@ -1,15 +1,14 @@
 """FitConfig: defaults, flag/TOML spellings, round trips and one-line validation errors."""
 
 import os
-import tomllib
-
-import pytest
-
-from convtrain.checkpoint import write_npz_atomic
-from convtrain.config import FitConfig, dump_toml
-from convtrain.errors import ConfigError
 
 import numpy as np
+import pytest
+import tomllib
+
+from convtrain.config import FitConfig, dump_toml
+from convtrain.errors import ConfigError
+from convtrain.nn.npz_files import write_npz_atomic
 
 
 def test_defaults_are_valid_and_round_trip_through_toml():

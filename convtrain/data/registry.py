@@ -31,6 +31,11 @@ _PATH_HINT = {
 }
 
 
+def needs_path(name: str) -> bool:
+    """Whether data set `name` is read from a path (all but the built-in digits)."""
+    return name in _PATH_HINT
+
+
 def load_dataset(name: str, path: str | Path | None = None, *, val_fraction: float = 0.1,
                  seed: int = 0, limit: int | None = None) -> DataSplits:
     """Read a data set and split it: train / validation (stratified, seeded) / the format's test set.

@@ -1,0 +1,542 @@
+"""Fast 2-D convolution and max pooling: checked, typed wrappers over the compiled ext/_conv.
+
+Conventions (as in PyTorch and Caffe):
+
+* images are NCHW ``(N, C, H, W)``; filters ``(F, C, kh, kw)``; biases ``(F,)``;
+* float32 or float64, all arguments of one call in the same dtype (no silent casts);
+* ``kernel_size``, ``stride`` and ``padding`` are an int or an ``(h, w)`` pair; padding is zero
+  padding on both sides; the output is ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise Wo);
+* "convolution" is the lecture's ``*``: a correlation, ``S[f, l, m] = sum_{c,i,j}
+  X[c, l*sh + i - ph, m*sw + j - pw] F[f, c, i, j]`` (no filter flip).
+
+im2col column order (the lecture's vec ordering): ``cols[n]`` has one row per filter tap
+``(c, i, j)``, row index ``(c*kh + i)*kw + j`` (channel blocks, then the kernel row-major), and one
+column per output position ``(oh, ow)``, column index ``oh*Wo + ow``. So ``cols[n].T`` is the
+lecture's M_X^im of image n, ``(M_X1 M_X2 ...)`` of size (Ho*Wo) x (C*kh*kw); for a 6x6 X and a
+3x3 F its first row is (X11 X12 X13 X21 X22 X23 X31 X32 X33). Then
+``out[n].reshape(F, -1) = w.reshape(F, -1) @ cols[n]`` (vec(S_f) = M_X^im vec(F_f)),
+``dw = sum_n dout[n] @ cols[n].T`` (dL/dF = X * G) and
+``dx[n] = col2im(w.reshape(F, -1).T @ dout[n])`` (dL/dX = G_zero-pad * F_rot180).
+
+Inputs that are not C-contiguous (or not in native byte order) are copied once; outputs are
+new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels hand groups of
+images to OpenMP threads, each running single-threaded GEMMs (BLAS is pinned to one thread
+while they run, see convtrain.nn.backend). Results do not depend on the thread count, bit for bit.
+A process forked after a multithreaded kernel call runs the kernels on 1 thread (GNU OpenMP
+cannot start threads again after fork); use spawn/forkserver for multithreaded workers.
+"""
+
+import operator
+
+import numpy as np
+
+from convtrain.nn.backend import blas_pinned_to_one_thread, compiled
+
+_conv = compiled()  # the build this CPU runs, loaded after OpenMP's environment is set
+
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv2d_forward",
+    "conv2d_backward_filter",
+    "conv2d_backward_input",
+    "conv2d_backward",
+    "relu_",
+    "relu_backward_",
+    "dense_forward",
+    "dense_backward",
+    "conv2d_output_shape",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+    "maxpool2d_output_shape",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_BLAS_INT_MAX = 2**31 - 1  # GEMM dimensions are Fortran INTEGER (32-bit) in scipy's BLAS
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _pair(name, value, minimum):
+    """An int or a pair of ints, each >= minimum -> (h, w)."""
+    if type(value) is int and value >= minimum:  # the common case, fast
+        return value, value
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        items = value
+    else:
+        items = (value, value)
+    pair = []
+    for item in items:
+        if isinstance(item, (bool, np.bool_)):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        try:
+            pair.append(operator.index(item))
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int or a pair of ints, got {value!r} "
+                f"of type {type(value).__name__}"
+            ) from None
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (an int or a pair), got {value!r}")
+    return tuple(pair)
+
+
+def _array(name, value, ndim, dtype=None):
+    """A C-contiguous, native-order float32/float64 ndarray of the given ndim (and dtype)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}"
+        )
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but the other arguments are {dtype}; "
+            f"convert explicitly (no silent casts)"
+        )
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {value.shape} ({value.ndim}-D)")
+    if not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
+    return np.ascontiguousarray(value)
+
+
+def _shape(name, value, length):
+    """A tuple of `length` non-negative ints."""
+    try:
+        shape = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of {length} ints, got {value!r}") from None
+    if len(shape) != length or min(shape) < 0:
+        raise ValueError(f"{name} must be {length} non-negative ints, got {value!r}")
+    return shape
+
+
+def _output_hw(H, W, kernel, stride, padding, what="kernel_size"):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise ValueError(
+            f"{what} {kernel} is larger than the padded input {(H + 2 * ph, W + 2 * pw)} "
+            f"(input {(H, W)}, padding {padding}); expected {what} <= input + 2*padding"
+        )
+    return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+
+
+def _check_positive(name, value, what):
+    if value < 1:
+        raise ValueError(f"{name} must have at least one {what}, got shape {value}")
+
+
+def _check_blas_dims(*dims):
+    if max(dims) > _BLAS_INT_MAX:
+        raise ValueError(
+            f"a GEMM dimension of this convolution exceeds 2**31 - 1 ({max(dims)}); "
+            f"split the input"
+        )
+
+
+def conv2d_output_shape(x_shape, w_shape, stride=1, padding=0):
+    """(N, F, Ho, Wo) of conv2d_forward for x (N, C, H, W) and w (F, C, kh, kw)."""
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    F, Cw, kh, kw = _shape("w_shape", w_shape, 4)
+    if C != Cw:
+        raise ValueError(f"w_shape {tuple(w_shape)} has {Cw} input channels, x_shape has {C}")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    return (N, F) + _output_hw(H, W, _pair("kernel_size", (kh, kw), 1), stride, padding)
+
+
+# ----------------------------------------------------------------------------- im2col / col2im
+
+def im2col(x, kernel_size, stride=1, padding=0):
+    """cols (N, C*kh*kw, Ho*Wo): cols[n] = (M_X^im of x[n])^T, see the module docstring.
+
+    cols[n, (c*kh + i)*kw + j, oh*Wo + ow] = x[n, c, oh*sh - ph + i, ow*sw - pw + j]
+    (0 where that index falls into the padding).
+    """
+    x = _array("x", x, 4)
+    kernel = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    N, C, H, W = x.shape
+    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    cols = np.empty((N, C * kernel[0] * kernel[1], Ho * Wo), dtype=x.dtype)
+    _conv.im2col(x, cols, *kernel, *stride, *padding)
+    return cols
+
+
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
+    """x (N, C, H, W): the exact adjoint of im2col (x = 0, then x[...] += cols[...]).
+
+    <im2col(x), cols> == <x, col2im(cols)> for all x and cols; entries of cols that belong to
+    the padding are dropped. cols must be (N, C*kh*kw, Ho*Wo).
+    """
+    cols = _array("cols", cols, 3)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    kernel = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    expected = (N, C * kernel[0] * kernel[1], Ho * Wo)
+    if cols.shape != expected:
+        raise ValueError(
+            f"cols has shape {cols.shape}, expected {expected} for x_shape {(N, C, H, W)}, "
+            f"kernel_size {kernel}, stride {stride}, padding {padding}"
+        )
+    x = np.empty((N, C, H, W), dtype=cols.dtype)
+    _conv.col2im(cols, x, *kernel, *stride, *padding)
+    return x
+
+
+# ----------------------------------------------------------------------------- convolution
+
+# Images are processed in groups of G with G*Ho*Wo >= GEMM_MIN_COLUMNS (G = 1 from 16x16
+# outputs up), so that small images still give GEMMs wide enough to run at BLAS speed.
+GEMM_MIN_COLUMNS = 256
+# ... but into no fewer than this many groups when the batch allows, so that the threads get
+# equal shares (DIGITS conv2, P = 16, N = 100: 8 groups of 13 split 4/4 on 2 threads, where
+# 7 groups of 16 split 4/3). Like G, this depends on N and P only, never on the threads, so
+# the results stay the same bit for bit for any thread count.
+MIN_GROUPS = 8
+# The filter gradient accumulates into at most this many per-chunk buffers (see _conv).
+FILTER_GRAD_CHUNKS = 16
+
+
+def _plan(N, P, threads):
+    """(threads, G, groups): OpenMP threads, images per group, number of groups."""
+    G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P), -(-N // MIN_GROUPS)))
+    groups = -(-N // G)
+    return max(1, min(threads, groups)), G, groups
+
+
+def _group_scratch(threads, G, rows, P, F, dtype):
+    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) for G > 1 (else 1 element)."""
+    cols = np.empty((threads, rows * G * P), dtype=dtype)
+    staging = np.empty((threads, F * G * P if G > 1 else 1), dtype=dtype)
+    return cols, staging
+
+
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+    """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
+    with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
+    is in cache instead of in a second pass over the batch.
+
+    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
+    Per image: out[n] = [w.reshape(F, -1) | b] @ [im2col(x[n]); ones], a GEMM of shape
+    (F x C*kh*kw+1) . (C*kh*kw+1 x Ho*Wo); images with small outputs are grouped G at a time
+    (G*Ho*Wo >= GEMM_MIN_COLUMNS) into one wider GEMM.
+    Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (one group's im2col
+    matrices per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
+    """
+    x = _array("x", x, 4)
+    w = _array("w", w, 4, x.dtype)
+    N, C, H, W = x.shape
+    F, Cw, kh, kw = w.shape
+    _check_positive("x", C, "channel")
+    _check_positive("w", F, "filter")
+    if Cw != C:
+        raise ValueError(
+            f"w has shape {w.shape} with {Cw} input channels but x has {C} (shape {x.shape}); "
+            f"expected w of shape (F, {C}, kh, kw)"
+        )
+    if min(kh, kw) < 1:
+        raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
+    K = C * kh * kw
+    if b is None:
+        w_ext = w.reshape(F, K)
+    else:
+        bias = _array("b", b, 1, x.dtype)
+        if bias.shape != (F,):
+            raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
+        w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
+    if N == 0:
+        return out
+    P = Ho * Wo
+    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads,
+                             bool(relu))
+    return out
+
+
+def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
+    """(dw (F, C, kh, kw), db (F,)): the gradients of the loss w.r.t. the filters and biases.
+
+    dw[f] = sum_n x[n] * dout[n, f] (the lecture's dL/dF = X * G, i.e. g^T M_X^im),
+    db[f] = sum_{n, oh, ow} dout[n, f, oh, ow]. x (N, C, H, W), dout (N, F, Ho, Wo), same dtype.
+    One GEMM per group of images: dW_ext (F x C*kh*kw+1) += dout_group . [cols_group; ones]^T,
+    whose last column is db. Race-free and deterministic: the batch is cut into at most
+    FILTER_GRAD_CHUNKS chunks (independent of the thread count, so 1 and 2 threads give the same
+    bits), each accumulated by one thread into its own buffer, summed in chunk order afterwards.
+    Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (plus threads * F * G*Ho*Wo
+    when G > 1) and chunks * F * (C*kh*kw + 1) for the accumulators; independent of N.
+    """
+    x = _array("x", x, 4)
+    dout = _array("dout", dout, 4, x.dtype)
+    N, C, H, W = x.shape
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    _check_positive("x", C, "channel")
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    F = dout.shape[1]
+    _check_positive("dout", F, "channel (filter)")
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
+            f"kernel_size {(kh, kw)}, stride {stride}, padding {padding}"
+        )
+    K, P = C * kh * kw, Ho * Wo
+    if N == 0:
+        return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    chunks = min(groups, FILTER_GRAD_CHUNKS)
+    dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
+    cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
+    if not dout.flags.writeable:  # the fused kernel takes a writeable dout (it can mask it)
+        dout = dout.copy()
+    unread = np.empty((0, 0), dtype=x.dtype)  # weights: only read for the input gradient
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward(x, dout, unread, dout, dw_ext, np.empty((0, C, H, W), x.dtype),
+                              kh, kw, *stride, *padding, G, cols, staging, threads, False, False)
+    total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
+    return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
+    """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
+
+    dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
+    convolution G_zero-pad * F_rot180 summed over filters. dout (N, F, Ho, Wo), w (F, C, kh, kw),
+    x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
+    Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
+    per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
+    """
+    dout = _array("dout", dout, 4)
+    w = _array("w", w, 4, dout.dtype)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    F, Cw, kh, kw = w.shape
+    _check_positive("x_shape", C, "channel")
+    _check_positive("w", F, "filter")
+    if min(kh, kw) < 1:
+        raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
+    if Cw != C:
+        raise ValueError(
+            f"w has shape {w.shape} with {Cw} input channels but x_shape {(N, C, H, W)} has {C}"
+        )
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
+            f"w of shape {w.shape}, stride {stride}, padding {padding}"
+        )
+    dx = np.empty((N, C, H, W), dtype=dout.dtype)
+    if N == 0:
+        return dx
+    K, P = C * kh * kw, Ho * Wo
+    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K, G * P)
+    cols, staging = _group_scratch(threads, G, K, P, F, dout.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward_input(dout, w, dx, *stride, *padding, G, cols, staging, threads)
+    return dx
+
+
+def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+    """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
+    the batch, with the same bits, each image's dout used by both GEMMs while in cache.
+
+    relu_out: the output of a ReLU applied to this layer's output (conv2d_forward(...,
+    relu=True)); then dout is first replaced, in place, by where(relu_out > 0, dout, 0), the
+    ReLU's backward (relu_backward_). So dout must be a C-contiguous array the caller lets go of. input_grad=False
+    skips dx (the first layer's input is the data) and returns None for it.
+    """
+    x = _array("x", x, 4)
+    w = _array("w", w, 4, x.dtype)
+    if not isinstance(dout, np.ndarray) or dout.dtype != x.dtype or not dout.flags.c_contiguous \
+            or not dout.flags.writeable or not dout.dtype.isnative:
+        raise TypeError(
+            f"dout must be a writeable C-contiguous {x.dtype} ndarray (it is masked in place), "
+            f"got {type(dout).__name__}"
+            + (f" of dtype {dout.dtype}" if isinstance(dout, np.ndarray) else ""))
+    N, C, H, W = x.shape
+    F, Cw, kh, kw = w.shape
+    _check_positive("x", C, "channel")
+    _check_positive("w", F, "filter")
+    if Cw != C:
+        raise ValueError(f"w has shape {w.shape} with {Cw} input channels but x has {C} "
+                         f"(shape {x.shape}); expected w of shape (F, {C}, kh, kw)")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    if dout.shape != (N, F, Ho, Wo):
+        raise ValueError(
+            f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
+            f"w of shape {w.shape}, stride {stride}, padding {padding}")
+    mask = relu_out is not None
+    if mask:
+        relu_out = _array("relu_out", relu_out, 4, x.dtype)
+        if relu_out.shape != dout.shape:
+            raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
+    else:
+        relu_out = dout  # unread
+    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
+    K, P = C * kh * kw, Ho * Wo
+    if N == 0:
+        return dx, np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    _check_blas_dims(F, K + 1, G * P)
+    chunks = min(groups, FILTER_GRAD_CHUNKS)
+    dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
+    cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.conv2d_backward(x, dout, w.reshape(F, K), relu_out, dw_ext,
+                              dx if input_grad else np.empty((0, C, H, W), x.dtype), kh, kw, *stride, *padding, G, cols,
+                              staging, threads, mask, bool(input_grad))
+    total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
+    return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+# ----------------------------------------------------------------------------- dense layer
+
+# Rows of x per forward block and columns of the input per backward block: fixed, so that
+# the results are the same bit for bit for any thread count.
+# (CIFAR's fc, 100 x 43264 -> 10, 1 thread: blocks of 10 rows 5.6 ms, of 50 rows 2.7 ms,
+# np.matmul 2.4 ms; 2 threads: 1.5 ms. Backward: 512-column blocks 3.1 ms, np.matmul 4.0 ms.)
+DENSE_ROW_BLOCK = 50
+DENSE_COLUMN_BLOCK = 512
+# Below this many multiply-adds a dense GEMM runs on the calling thread alone: waking a
+# sleeping OpenMP thread costs more than it saves (DIGITS' fc is 100 x 512 x 10).
+DENSE_MIN_PARALLEL_WORK = 2**21
+
+
+def _dense_threads(work_items, multiply_adds):
+    if multiply_adds < DENSE_MIN_PARALLEL_WORK:
+        return 1
+    return max(1, min(_conv.get_num_threads(), work_items))
+
+
+def dense_forward(x, w, b):
+    """out (N, O) = x (N, I) @ w.T + b, w (O, I) (the lecture's s = W x + b per row of x).
+
+    OpenMP over blocks of rows, each a single-threaded GEMM (NumPy's threaded BLAS is kept
+    out of the training step: its spinning pool slows the kernels' threads down)."""
+    x = _array("x", x, 2)
+    w = _array("w", w, 2, x.dtype)
+    b = _array("b", b, 1, x.dtype)
+    N, I = x.shape
+    if w.shape[1] != I or b.shape != (w.shape[0],):
+        raise ValueError(f"x {x.shape}, w {w.shape} and b {b.shape} do not fit: expected "
+                         f"w (O, {I}) and b (O,)")
+    out = np.empty((N, w.shape[0]), dtype=x.dtype)
+    blocks = -(-N // DENSE_ROW_BLOCK)
+    with blas_pinned_to_one_thread():
+        _conv.dense_forward(x, w, b, out, DENSE_ROW_BLOCK, _dense_threads(blocks, N * I * w.shape[0]))
+    return out
+
+
+def dense_backward(dout, x, w, input_grad=True):
+    """(dx or None, dw, db) of out = x @ w.T + b: dw = dout.T @ x, db = dout.sum(0),
+    dx = dout @ w (skipped when input_grad is False). OpenMP over blocks of input columns."""
+    dout = _array("dout", dout, 2)
+    x = _array("x", x, 2, dout.dtype)
+    w = _array("w", w, 2, dout.dtype)
+    (N, O), I = dout.shape, x.shape[1]
+    if x.shape[0] != N or w.shape != (O, I):
+        raise ValueError(f"dout {dout.shape}, x {x.shape} and w {w.shape} do not fit: expected "
+                         f"x ({N}, I) and w ({O}, I)")
+    dw = np.empty((O, I), dtype=dout.dtype)
+    dx = np.empty((N, I), dtype=dout.dtype) if input_grad else None
+    blocks = -(-I // DENSE_COLUMN_BLOCK)
+    with blas_pinned_to_one_thread():
+        _conv.dense_backward(dout, x, w, dw, dx if input_grad else dw[:0], DENSE_COLUMN_BLOCK,
+                             _dense_threads(blocks, N * I * O), bool(input_grad))
+    return dx, dw, dout.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+def _writeable_flat(name, a, dtype=None):
+    if not isinstance(a, np.ndarray) or a.dtype not in _FLOAT_DTYPES or not a.flags.c_contiguous \
+            or not a.flags.writeable or not a.dtype.isnative or (dtype is not None and a.dtype != dtype):
+        raise TypeError(f"{name} must be a writeable C-contiguous float32/float64 ndarray"
+                        + (f" of dtype {dtype}" if dtype is not None else "")
+                        + f", got {type(a).__name__}"
+                        + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray) else ""))
+    return a.reshape(-1)
+
+
+def relu_(a):
+    """a = max(a, 0) in place (np.maximum's bits), OpenMP over blocks; returns a."""
+    _conv.relu_forward(_writeable_flat("a", a))
+    return a
+
+
+def relu_backward_(dout, out):
+    """dout = where(out > 0, dout, 0) in place; returns dout. The same values as
+    dout * (out > 0) except that a masked NaN or -0.0 becomes +0.0 (as in PyTorch)."""
+    flat = _writeable_flat("dout", dout)
+    out = _array("out", out, out.ndim if isinstance(out, np.ndarray) else 1, dout.dtype)
+    if out.shape != dout.shape:
+        raise ValueError(f"out has shape {out.shape}, expected dout's shape {dout.shape}")
+    _conv.relu_backward(flat, out.reshape(-1))
+    return dout
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+def maxpool2d_output_shape(x_shape, size, stride=None):
+    """(N, C, Ho, Wo) of maxpool2d_forward: Ho = (H - size_h) // stride_h + 1 (no padding)."""
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    size = _pair("size", size, 1)
+    stride = size if stride is None else _pair("stride", stride, 1)
+    return (N, C) + _output_hw(H, W, size, stride, (0, 0), what="size")
+
+
+def maxpool2d_forward(x, size, stride=None):
+    """(out (N, C, Ho, Wo), argmax (N, C, Ho, Wo) intp): max over each size window.
+
+    out[n, c, oh, ow] = max_{i<kh, j<kw} x[n, c, oh*sh + i, ow*sw + j]; no padding, the output is
+    floored: Ho = (H - kh) // sh + 1. argmax is the flat index h*W + w of the maximum inside its
+    (H, W) plane (the first one on ties; NaN propagates). stride defaults to size.
+    """
+    x = _array("x", x, 4)
+    N, C, H, W = x.shape
+    size = _pair("size", size, 1)
+    stride = size if stride is None else _pair("stride", stride, 1)
+    Ho, Wo = _output_hw(H, W, size, stride, (0, 0), what="size")
+    out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
+    argmax = np.empty((N, C, Ho, Wo), dtype=np.intp)
+    _conv.maxpool2d_forward(x, out, argmax, *size, *stride)
+    return out, argmax
+
+
+def maxpool2d_backward(dout, argmax, x_shape):
+    """dx (N, C, H, W): dx = 0, then dx[n, c].flat[argmax[n, c, oh, ow]] += dout[n, c, oh, ow].
+
+    dout and argmax as returned with out by maxpool2d_forward; overlapping windows accumulate.
+    """
+    dout = _array("dout", dout, 4)
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.intp:
+        raise TypeError(
+            f"argmax must be the intp ndarray returned by maxpool2d_forward, got "
+            f"{type(argmax).__name__}{'' if not isinstance(argmax, np.ndarray) else ' of dtype ' + str(argmax.dtype)}"
+        )
+    if argmax.shape != dout.shape:
+        raise ValueError(f"argmax has shape {argmax.shape}, expected dout's shape {dout.shape}")
+    argmax = np.ascontiguousarray(argmax)
+    N, C, H, W = _shape("x_shape", x_shape, 4)
+    if dout.shape[:2] != (N, C):
+        raise ValueError(f"dout has shape {dout.shape}, expected ({N}, {C}, Ho, Wo) for x_shape")
+    dx = np.empty((N, C, H, W), dtype=dout.dtype)
+    outside = _conv.maxpool2d_backward(dout, argmax, dx)
+    if outside:
+        raise ValueError(
+            f"argmax has {outside} entries outside [0, {H * W}) (H*W of x_shape {(N, C, H, W)}); "
+            f"expected flat indices into the (H, W) planes, as returned by maxpool2d_forward"
+        )
+    return dx

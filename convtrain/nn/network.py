@@ -1,0 +1,345 @@
+"""Network: a stack of conv blocks and dense layers built from a plain description.
+
+    [conv -> ReLU -> (maxpool)] x blocks -> flatten -> [dense -> ReLU] x hidden -> dense -> scores
+
+Cost J = mean cross-entropy + l2 * sum ||W||^2 over conv and dense weights (not biases).
+Parameters are named like PyTorch's state_dict ("conv1.weight", "fc1.bias", "fc.weight"),
+and a network saves to one pickle-free .npz with everything needed to rebuild and use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from convtrain.errors import ArchitectureError, CheckpointError, DataError
+from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
+from convtrain.nn.losses import softmax, softmax_cross_entropy
+from convtrain.nn.npz_files import json_entry, read_json, read_npz, write_npz_atomic
+
+MODEL_FORMAT = "convtrain-model-1"
+PARAM_PREFIX = "param/"
+
+
+def _per_block(name: str, value, num_blocks: int) -> list:
+    """A scalar (or a single [h, w] pair for kernel_sizes/strides) applies to every block."""
+    if isinstance(value, (str, int, np.integer)):
+        return [value] * num_blocks
+    values = list(value)
+    if name in ("kernel_sizes", "strides") and len(values) == 2 and num_blocks == 1 \
+            and all(isinstance(v, (int, np.integer)) for v in values):
+        return [values]  # one block with a [h, w] pair
+    if len(values) == 1:
+        return values * num_blocks
+    if len(values) != num_blocks:
+        raise ArchitectureError(f"{name}: got {value!r}, expected 1 or {num_blocks} entries (one per conv block)")
+    return values
+
+
+def _json_value(value):
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class Network:
+    """A ConvNet for images (C, H, W) and `num_classes` classes; see the module docstring."""
+
+    def __init__(self, architecture: dict[str, Any], seed: int | None = 0):
+        self.architecture = architecture
+        self.input_shape = tuple(int(v) for v in architecture["input_shape"])
+        self.num_classes = int(architecture["num_classes"])
+        self.dtype = np.dtype(architecture["dtype"])
+        if self.dtype not in (np.float32, np.float64):
+            raise ArchitectureError(f"dtype: got {architecture['dtype']!r}, expected float32 or float64")
+        self.layers: list[Layer] = self._build_layers(architecture)
+        self.class_names: list[str] | None = None
+        self.normalization = None
+        self.meta: dict = {}
+        if seed is not None:
+            self.initialize(seed)
+
+    @property
+    def normalization(self) -> dict | None:
+        """{"mean": [...], "std": [...]} per input channel, applied by normalize(); None = identity."""
+        return self._normalization
+
+    @normalization.setter
+    def normalization(self, value) -> None:
+        if value is None:
+            self._normalization = None
+            return
+        if "mean" not in value or "std" not in value:
+            raise DataError(f"normalization: expected a dict with 'mean' and 'std', got keys {sorted(value)}")
+        # Stored as plain lists so it is JSON (e.g. Standardizer.to_dict() gives arrays).
+        self._normalization = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, list, tuple)) else v
+                               for k, v in value.items()}
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def build(cls, *, input_shape: Sequence[int], num_classes: int, filters: Sequence[int],
+              kernel_sizes=3, strides=1, padding=0, pool=0, hidden: Sequence[int] = (),
+              dtype: str = "float32", seed: int = 0) -> "Network":
+        """Per-block options take one value for all blocks or one entry per block
+        (a kernel entry is an int or [kh, kw]; padding an int, [ph, pw], 'same' or 'valid')."""
+        filters = [int(f) for f in ([filters] if isinstance(filters, (int, np.integer)) else filters)]
+        if not filters:
+            raise ArchitectureError("filters: expected at least one conv block")
+        n = len(filters)
+        kernel_sizes = _per_block("kernel_sizes", kernel_sizes, n)
+        strides = _per_block("strides", strides, n)
+        padding = _per_block("padding", padding, n)
+        pool = _per_block("pool", pool, n)
+        if len(input_shape) != 3:
+            raise ArchitectureError(f"input_shape: got {tuple(input_shape)}, expected (channels, height, width)")
+        blocks = [
+            {"filters": f, "kernel_size": list(as_pair(k, f"conv{i + 1} kernel_size")),
+             "stride": list(as_pair(s, f"conv{i + 1} stride")), "padding": _json_value(p), "pool": int(q)}
+            for i, (f, k, s, p, q) in enumerate(zip(filters, kernel_sizes, strides, padding, pool))
+        ]
+        architecture = {
+            "input_shape": [int(v) for v in input_shape],
+            "num_classes": int(num_classes),
+            "blocks": blocks,
+            "hidden": [int(h) for h in hidden],
+            "dtype": str(np.dtype(dtype)),
+        }
+        return cls(architecture, seed=seed)
+
+    @classmethod
+    def from_config(cls, config, input_shape: Sequence[int], num_classes: int) -> "Network":
+        return cls.build(
+            input_shape=input_shape, num_classes=num_classes, filters=config.filters,
+            kernel_sizes=config.per_block("kernel_sizes"), strides=config.per_block("strides"),
+            padding=config.per_block("padding"), pool=config.per_block("pool"),
+            hidden=config.hidden, dtype=config.dtype, seed=config.seed)
+
+    def _build_layers(self, arch: dict) -> list[Layer]:
+        if arch["num_classes"] < 1:
+            raise ArchitectureError(f"num_classes: got {arch['num_classes']}, expected at least 1")
+        if min(self.input_shape) < 1:
+            raise ArchitectureError(f"input_shape: got {self.input_shape}, expected positive sizes")
+        layers: list[Layer] = []
+        shape = self.input_shape
+
+        def add(layer: Layer):
+            nonlocal shape
+            shape = layer.output_shape(shape)
+            layers.append(layer)
+
+        for i, block in enumerate(arch["blocks"], start=1):
+            if int(block["filters"]) < 1:
+                raise ArchitectureError(f"conv{i}: got {block['filters']} filters, expected at least 1")
+            add(Conv2D(shape[0], block["filters"], block["kernel_size"], block["stride"], block["padding"],
+                       dtype=self.dtype, name=f"conv{i}"))
+            add(ReLU(f"conv{i}_relu", inplace=True))
+            if block["pool"]:
+                add(MaxPool2D(block["pool"], name=f"pool{i}"))
+        add(Flatten("flatten"))
+        for j, width in enumerate(arch["hidden"], start=1):
+            if width < 1:
+                raise ArchitectureError(f"fc{j}: got {width} units, expected at least 1")
+            add(Dense(shape[0], width, dtype=self.dtype, name=f"fc{j}"))
+            add(ReLU(f"fc{j}_relu", inplace=True))
+        add(Dense(shape[0], self.num_classes, dtype=self.dtype, name="fc"))
+        layers[0].needs_input_grad = False
+        fuse_conv_relu(layers)
+        return layers
+
+    def initialize(self, seed: int) -> None:
+        """He initialization W ~ N(0, 2 / fan_in), biases 0. Drawn in float64 and cast, so a
+        float32 and a float64 network with the same seed start from the same weights."""
+        rng = np.random.default_rng([int(seed), 0])
+        for layer in self.layers:
+            if "weight" in layer.params:
+                weight = layer.params["weight"]
+                draw = rng.standard_normal(weight.shape) * np.sqrt(2.0 / layer.fan_in)
+                weight[...] = draw
+                layer.params["bias"][...] = 0
+
+    # ---- parameters ---------------------------------------------------------------
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The live parameter arrays (updated in place by the optimizer), by stable name."""
+        return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.params.items()}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradients of the last backward pass, same names as parameters()."""
+        return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.grads.items()}
+
+    def weight_names(self) -> list[str]:
+        """The parameters under L2: conv and dense weights, not biases."""
+        return [name for name in self.parameters() if name.endswith(".weight")]
+
+    def l2_penalty(self) -> float:
+        """sum ||W||^2 over conv and dense weights."""
+        total = 0.0
+        for layer in self.layers:
+            weight = layer.params.get("weight")
+            if weight is not None:
+                flat = weight.reshape(-1)
+                # einsum, not np.dot: a BLAS dot this long wakes NumPy's BLAS threads, which
+                # then spin against the kernels' OpenMP threads in the next step
+                total += float(np.einsum("i,i->", flat, flat))
+        return total
+
+    def num_parameters(self) -> int:
+        return sum(int(v.size) for v in self.parameters().values())
+
+    def set_parameters(self, values: dict[str, np.ndarray], *, source: str = "parameters") -> None:
+        """Copy values into the live arrays (so optimizer references stay valid); names and shapes must match."""
+        params = self.parameters()
+        missing = sorted(set(params) - set(values))
+        unexpected = sorted(set(values) - set(params))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source}: parameter names do not match the network "
+                f"(missing {missing or 'none'}, unexpected {unexpected or 'none'})")
+        for name, target in params.items():
+            value = np.asarray(values[name])
+            if value.shape != target.shape:
+                raise CheckpointError(
+                    f"{source}: parameter {name} has shape {value.shape}, the network needs {target.shape}")
+            np.copyto(target, value, casting="same_kind")
+
+    # ---- computation --------------------------------------------------------------
+
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """Scores (N, num_classes) for a normalized batch x (N, C, H, W) of this network's dtype."""
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dscores: np.ndarray) -> None:
+        """Fill every layer's grads from dL/dscores (after a forward with train=True)."""
+        dout = dscores
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+
+    def add_l2_gradients(self, l2: float) -> None:
+        """grads[W] += 2 * l2 * W for every conv and dense weight."""
+        if l2 == 0:
+            return
+        for layer in self.layers:
+            weight = layer.params.get("weight")
+            if weight is not None:
+                layer.grads["weight"] += (2.0 * l2) * weight
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, l2: float = 0.0) -> tuple[float, float]:
+        """(loss, cost) on a batch and gradients of the cost in gradients()."""
+        scores = self.forward(x, train=True)
+        loss, dscores = softmax_cross_entropy(scores, y)
+        self.backward(dscores)
+        self.add_l2_gradients(l2)
+        return loss, loss + l2 * self.l2_penalty()
+
+    def loss(self, x: np.ndarray, y: np.ndarray, l2: float = 0.0) -> tuple[float, float]:
+        """(loss, cost) on a batch, without gradients."""
+        loss, _ = softmax_cross_entropy(self.forward(x, train=False), y)
+        return loss, loss + l2 * self.l2_penalty()
+
+    # ---- raw input ----------------------------------------------------------------
+
+    def normalize(self, x_raw: np.ndarray) -> np.ndarray:
+        """Raw images (N, C, H, W) -> network input: per-channel (x - mean) / std, in the network dtype."""
+        x = np.asarray(x_raw)
+        if x.ndim == 3 and len(self.input_shape) == 3:
+            x = x[None]
+        if x.shape[1:] != self.input_shape:
+            raise DataError(
+                f"input images have shape {tuple(x.shape[1:])}, the network expects {self.input_shape} (C, H, W)")
+        x = x.astype(self.dtype, copy=True)
+        if self.normalization:
+            shape = (1, -1, 1, 1)
+            mean = np.asarray(self.normalization["mean"], dtype=self.dtype).reshape(shape)
+            std = np.asarray(self.normalization["std"], dtype=self.dtype).reshape(shape)
+            x -= mean
+            x /= std
+        return x
+
+    def predict_proba(self, x_raw: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Class probabilities (N, num_classes) for raw images; normalizes inside, in batches."""
+        x_raw = np.asarray(x_raw)
+        if x_raw.ndim == 3:
+            x_raw = x_raw[None]
+        out = np.empty((x_raw.shape[0], self.num_classes), dtype=self.dtype)
+        for start in range(0, x_raw.shape[0], batch_size):
+            batch = self.normalize(x_raw[start:start + batch_size])
+            out[start:start + batch.shape[0]] = softmax(self.forward(batch, train=False))
+        return out
+
+    def predict(self, x_raw: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Predicted labels (N,) int64 for raw images."""
+        return self.predict_proba(x_raw, batch_size).argmax(axis=1).astype(np.int64)
+
+    # ---- files --------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a saved model holds, as .npz entries (also embedded in checkpoints)."""
+        arrays = {f"{PARAM_PREFIX}{name}": value for name, value in self.parameters().items()}
+        arrays["format"] = np.array(MODEL_FORMAT)
+        arrays["architecture"] = json_entry(self.architecture)
+        arrays["normalization"] = json_entry(self.normalization)
+        arrays["class_names"] = json_entry(self.class_names)
+        arrays["meta"] = json_entry(self.meta)
+        return arrays
+
+    def save(self, path: str | Path) -> Path:
+        """Write one .npz (atomically): weights, architecture, normalization, class names, meta."""
+        return write_npz_atomic(path, self.to_arrays())
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], path: str | Path = "<arrays>",
+                    what: str = "model") -> "Network":
+        architecture = read_json(arrays, "architecture", path, what)
+        try:
+            network = cls(architecture, seed=None)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ArchitectureError):
+                raise CheckpointError(f"{what} file {str(path)!r}: {exc}") from None
+            raise CheckpointError(f"{what} file {str(path)!r}: invalid architecture ({exc!r})") from None
+        values = {k[len(PARAM_PREFIX):]: v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
+        network.set_parameters(values, source=f"{what} file {str(path)!r}")
+        network.normalization = read_json(arrays, "normalization", path, what)
+        network.class_names = read_json(arrays, "class_names", path, what)
+        network.meta = read_json(arrays, "meta", path, what) or {}
+        return network
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Network":
+        """Rebuild a saved network (a checkpoint file works too); CheckpointError on any defect."""
+        return cls.from_arrays(read_npz(path, "model"), path, "model")
+
+    # ---- PyTorch layout -----------------------------------------------------------
+
+    def state_dict_torch(self) -> dict[str, np.ndarray]:
+        """Copies of the weights in PyTorch's layout and naming: conv (F, C, kh, kw), linear
+        (out, in), and flattening in NCHW order as torch.nn.Flatten does. These are the
+        layouts used internally, so this is a plain copy; see convtrain.torch_compat."""
+        return {name: value.copy() for name, value in self.parameters().items()}
+
+    def load_state_dict_torch(self, state: dict) -> None:
+        """Import weights given in PyTorch's layout (numpy arrays or torch tensors)."""
+        values = {}
+        for name, value in state.items():
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            values[name] = value
+        self.set_parameters(values, source="state dict")
+
+    def summary(self) -> str:
+        lines, shape = [], self.input_shape
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            count = sum(int(v.size) for v in layer.params.values())
+            lines.append(f"{layer.name:<12} {type(layer).__name__:<10} -> {'x'.join(map(str, shape)):<12} {count} params")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Network({json.dumps(self.architecture)})"

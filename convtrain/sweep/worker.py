@@ -1,0 +1,276 @@
+"""A sweep worker: take a trial ticket, fit its config, tell Optuna how it went; repeat.
+
+One worker is one process (the `--workers` launcher starts several, other machines start
+their own). How a trial ends decides what happens next:
+
+    the fit returns            -> COMPLETE with the objective the fit ended with
+    the pruner stops it        -> PRUNED (its MLflow child run is tagged so)
+    its config is impossible,  -> FAIL, and the sweep goes on: this point is bad, the
+      or the loss diverged        others may not be
+    Ctrl-C / SIGTERM           -> FAIL, its ticket is re-enqueued, the worker stops
+    anything else (data,       -> FAIL, its ticket is re-enqueued, the worker stops with the
+      tracking, disk, a bug)      error: it would fail every other trial the same way
+
+A re-enqueued ticket (also one reclaimed from a killed worker) continues from the checkpoint
+the stopped trial left in its folder, in the same MLflow child run, instead of starting over;
+from scratch only when there is no usable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from convtrain.errors import (
+    CheckpointError,
+    ConfigError,
+    ConvtrainError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    one_line,
+)
+from convtrain.sweep import runs as sweep_runs
+from convtrain.sweep import study as sweep_study
+from convtrain.sweep.runs import SWEEP_TAG, TRIAL_TAG
+from convtrain.sweep.spec import Choices, SweepSpec, load_sweep
+from convtrain.training.callbacks import Callback
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker process needs; picklable, so it crosses a spawn boundary."""
+
+    sweep_path: str
+    storage_url: str
+    n_trials: int | None = None
+    study_name: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    threads: int | None = None
+    quiet: bool = False
+    fit_progress: bool = False  # the fit's own epoch lines (one worker in a terminal)
+    label: str = ""  # prefix of this worker's lines when several share a terminal
+    fit: Callable | None = field(default=None, repr=False)  # tests inject a fast stand-in
+
+
+class PruningCallback(Callback):
+    """Reports the objective after every epoch and stops the fit when the pruner says so."""
+
+    def __init__(self, trial, objective: str):
+        self.trial = trial
+        self.objective = objective
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        import optuna
+        value = logs.get(self.objective)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.objective} {value:.4f}")
+
+
+def run_worker(plan: WorkerPlan, stop=None) -> int:
+    """Run trials until no ticket is left, or until `stop` (an Event the launcher sets on
+    Ctrl-C) is set; returns how many this worker ran."""
+    spec = load_sweep(plan.sweep_path, n_trials=plan.n_trials, study_name=plan.study_name)
+    reclaimed: list = []
+    storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
+    handle = sweep_study.load(spec, storage)
+    console = Console(highlight=False, soft_wrap=True)
+    fit = plan.fit or _api_fit()
+    ran = errors_in_a_row = 0
+    while True:
+        reclaimed.extend(sweep_study.reclaim_dead_trials(handle))
+        sweep_study.fail_stale_trials(handle)
+        if reclaimed and plan.parent_run_id:
+            sweep_runs.close_killed_children(plan.tracking_uri, plan.parent_run_id, spec,
+                                                [t.number for t in reclaimed])
+        reclaimed.clear()
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt  # the launcher was interrupted while this trial ran
+        trial = sweep_study.take_ticket(handle, spec)
+        if trial is None:
+            return ran
+        try:
+            run_trial(trial, handle, spec, plan, fit, console)
+            errors_in_a_row = 0
+        except ConvtrainError:
+            raise  # a user-facing problem (data missing, tracking store down): never luck
+        except Exception as exc:
+            # One unexpected error may be a race or a hiccup (two workers creating the same
+            # MLflow dataset at once, a locked database): the trial's ticket is back in the
+            # queue, so go on. A second one in a row is not luck: stop this worker.
+            errors_in_a_row += 1
+            if errors_in_a_row > 1:
+                raise
+            console.print(f"{plan.label}warning: trial {trial.number} stopped on {type(exc).__name__}: "
+                          f"{one_line(exc)[:300]}; its parameters go back in the queue", markup=False)
+        ran += 1
+
+
+def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, console: Console) -> None:
+    trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
+    started = time.monotonic()
+    try:
+        with sweep_study.Heartbeat(handle.storage, trial_id):
+            params, outcome = _fit_trial(trial, trial_id, handle, spec, plan, fit)
+        seconds = time.monotonic() - started
+        _record(trial, handle, spec, plan, outcome, seconds)
+    except BaseException as exc:
+        # Whatever stopped this trial before it was told (Ctrl-C, a crash, a bug): put its
+        # parameters back in the queue. A trial already told stays as it is.
+        if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)):
+            reason = f"interrupted: {one_line(exc) or 'Ctrl-C'}"
+        else:
+            reason = one_line(exc) or type(exc).__name__
+        _give_back(trial, trial_id, handle, reason)
+        raise
+    _report(console, plan, spec, trial.number, params, outcome, seconds)
+
+
+def _fit_trial(trial, trial_id: int, handle, spec: SweepSpec, plan: WorkerPlan,
+               fit: Callable) -> tuple[dict, dict]:
+    """Fit the trial's config; returns its parameters and how it ended. Endings that belong to
+    this trial alone are outcomes; anything else is raised."""
+    import optuna
+    from optuna.trial import TrialState
+    params = suggest(trial, spec)
+    callbacks = [PruningCallback(trial, spec.objective)] if spec.pruner != "none" else []
+    tags = {SWEEP_TAG: spec.name, TRIAL_TAG: str(trial.number)}
+    fields = _run_fields(spec, trial.number, plan)
+    resume_from = _resumable(handle.storage.get_trial(trial_id).system_attrs.get(sweep_study.RESUME_ATTR))
+    if resume_from is not None:
+        fields["out"] = str(resume_from)
+    # where this trial's checkpoints go, for a retry if it is stopped
+    handle.storage.set_trial_system_attr(trial_id, sweep_study.OUT_ATTR, fields["out"])
+    try:
+        config = spec.trial_config(params, **fields)
+        run = dict(callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
+                   progress="auto" if plan.fit_progress else None)
+        if resume_from is None:
+            result = fit(config, **run)
+        else:
+            try:
+                result = fit(config, resume=resume_from, **run)
+            except CheckpointError:  # refused before training: start this point over elsewhere
+                fields = _run_fields(spec, trial.number, plan)
+                handle.storage.set_trial_system_attr(trial_id, sweep_study.OUT_ATTR, fields["out"])
+                result = fit(spec.trial_config(params, **fields), **run)
+    except optuna.TrialPruned as exc:
+        return params, {"state": TrialState.PRUNED, "note": str(exc)}
+    except (ConfigError, TrainingDiverged) as exc:
+        return params, {"state": TrialState.FAIL, "note": one_line(exc)}
+    value = _objective_value(result, spec.objective)
+    if value is None:
+        return params, {"state": TrialState.FAIL, "note": f"the fit reported no finite {spec.objective}"}
+    return params, {"state": TrialState.COMPLETE, "value": value, "run_id": getattr(result, "run_id", None)}
+
+
+def _record(trial, handle, spec: SweepSpec, plan: WorkerPlan, outcome: dict, seconds: float) -> None:
+    """Attributes and child-run tags first, the state last: a told trial is complete."""
+    from optuna.trial import TrialState
+    trial.set_user_attr("seconds", round(seconds, 3))
+    if outcome.get("note"):
+        trial.set_user_attr("note", outcome["note"])
+    run_id = outcome.get("run_id")
+    if plan.parent_run_id:
+        run_id = run_id or sweep_runs.find_child(plan.tracking_uri, plan.parent_run_id, spec, trial.number)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            sweep_runs.tag_child(plan.tracking_uri, run_id, outcome["state"].name, outcome.get("value"))
+    if outcome["state"] == TrialState.COMPLETE:
+        handle.study.tell(trial, outcome["value"])
+    else:
+        handle.study.tell(trial, state=outcome["state"])
+
+
+def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
+    """Ask the trial for every swept parameter (a ticket's fixed values come back as they are)."""
+    params = {}
+    for name, p in spec.space.items():
+        if isinstance(p, Choices):
+            params[name] = trial.suggest_categorical(name, list(p.labels))
+        elif p.integer:
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def _run_fields(spec: SweepSpec, number: int, plan: WorkerPlan) -> dict[str, Any]:
+    """Per-trial names and places; threads only when the base config leaves them open."""
+    out = spec.out / f"trial-{number:03d}"
+    suffix = 2
+    while out.exists():  # left by an earlier study of the same name: keep it, never overwrite
+        out = spec.out / f"trial-{number:03d}-{suffix}"
+        suffix += 1
+    fields: dict[str, Any] = {"run_name": f"{spec.name}-trial-{number:03d}", "out": str(out)}
+    if plan.tracking_uri:
+        fields["tracking_uri"] = plan.tracking_uri
+    if spec.base.threads is None and plan.threads:
+        fields["threads"] = plan.threads
+    return fields
+
+
+def _resumable(folder: str | None):
+    """The folder of a stopped trial if it holds a readable training checkpoint, else None."""
+    if not folder:
+        return None
+    from convtrain.pipeline.resume import CHECKPOINT_FILE, checkpoint_config
+
+    try:
+        checkpoint_config(Path(folder) / CHECKPOINT_FILE)
+    except (CheckpointError, OSError):
+        return None
+    return Path(folder)
+
+
+def _objective_value(result, objective: str) -> float | None:
+    value = (getattr(result, "metrics", None) or {}).get(objective)
+    if value is None:
+        history = getattr(result, "history", None)
+        epochs = getattr(history, "epochs", None) or []
+        value = epochs[-1].get(objective) if epochs else None
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def _give_back(trial, trial_id: int, handle, reason: str) -> None:
+    """Fail a trial this worker cannot finish and put its ticket back for a later run."""
+    from optuna.trial import TrialState
+    try:
+        trial.set_user_attr("note", reason)
+        handle.study.tell(trial, state=TrialState.FAIL)
+        frozen = handle.storage.get_trial(trial_id)
+        sweep_study.requeue(handle.study, frozen, reason=reason, count_retry=False)
+    except Exception:
+        pass  # the storage may be what failed; the next run's reclaim finds the trial instead
+
+
+def _report(console: Console, plan: WorkerPlan, spec: SweepSpec, number: int, params: dict,
+            outcome: dict, seconds: float) -> None:
+    if plan.quiet:
+        return
+    state = outcome["state"].name
+    value = outcome.get("value")
+    score = f"{spec.objective} {value:.4f}" if value is not None else outcome.get("note", "")
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    console.print(f"{plan.label}trial {number:>3} {state:<8} {score}  ({seconds:.1f}s)  {shown}", markup=False)
+
+
+def _api_fit() -> Callable:
+    from convtrain.pipeline.fit import fit
+    return fit
+
+
+def default_threads(workers: int) -> int:
+    """Each of N workers gets an equal share of the cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

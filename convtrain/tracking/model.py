@@ -1,0 +1,191 @@
+"""The MLflow pyfunc model: a saved convtrain network (.npz) behind `model.predict(x)`.
+
+The network file carries its input normalization, so the model takes RAW inputs, exactly
+like `convtrain predict`, and returns the class probabilities (N, num_classes):
+
+    mlflow.pyfunc.load_model("runs:/<run id>/model").predict(x)   # x: (N, C, H, W) float32
+
+A names model also accepts the names themselves (a list / 1-D array of strings, or a
+DataFrame with one text column); they are encoded the way the training data was.
+mlflow is imported only by the functions that log a model; loading needs only this class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+try:  # the base class only matters to MLflow; without it the wrapper still works on its own
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover
+    PythonModel = object
+
+NETWORK_ARTIFACT = "network"
+WEIGHTS_TAG = "convtrain.weights_sha256"  # on each logged model: which weights it holds
+
+
+class ConvtrainModel(PythonModel):
+    """Wraps `convtrain.network.Network` for MLflow; the weights travel as the artifact `network`."""
+
+    def __init__(self):
+        self.network = None
+
+    def load_context(self, context):
+        from convtrain.nn.network import Network
+
+        self.network = Network.load(context.artifacts[NETWORK_ARTIFACT])
+
+    # The np.ndarray hint tells MLflow to take the signature logged with the model, not to
+    # derive one from type hints (it also accepts DataFrames and lists; see to_network_input).
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        if self.network is None:
+            self.load_context(context)
+        return self.network.predict_proba(to_network_input(self.network, model_input))
+
+
+def to_network_input(network, model_input) -> np.ndarray:
+    """Accept what a pyfunc caller or `mlflow models serve` hands over and give (N, C, H, W)."""
+    if hasattr(model_input, "to_numpy"):  # pandas DataFrame / Series from a served request
+        model_input = model_input.to_numpy()
+    if isinstance(model_input, dict):  # {"inputs": ...} style tensor dict with one entry
+        if len(model_input) != 1:
+            raise ValueError(f"expected one input tensor, got {sorted(model_input)}")
+        model_input = next(iter(model_input.values()))
+    array = np.asarray(model_input)
+    if array.dtype.kind in "UO" and array.size and isinstance(array.reshape(-1)[0], str):
+        return encode_names_for(network, [str(v) for v in array.reshape(-1)])
+    shape = tuple(getattr(network, "input_shape", ()) or ())
+    if shape and array.ndim == 2 and array.shape[1] == int(np.prod(shape)):
+        array = array.reshape((-1, *shape))  # a flat table row per image
+    elif shape and array.ndim == len(shape):
+        array = array[None]  # one image without its batch axis
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def encode_names_for(network, names: list[str]) -> np.ndarray:
+    """One-hot encode surnames with the alphabet and length the network was trained on."""
+    from convtrain.data import encode_names
+
+    meta = getattr(network, "meta", {}) or {}
+    if "alphabet" not in meta:
+        raise ValueError("this model was not trained on names: pass images as (N, C, H, W) arrays")
+    return encode_names(names, meta["alphabet"], meta["max_len"])
+
+
+def log_model(client, run_id: str, experiment_id: str, network_path: str | Path, input_example: np.ndarray, *,
+              name: str = "model"):
+    """Log the network at `network_path` as a pyfunc model of run `run_id`, with signature.
+
+    The signature and example are computed from the network's own predictions on
+    `input_example` (a few raw inputs), so they describe exactly what predict accepts.
+    Uses the current global MLflow tracking URI (MLflow's Model.log reads it).
+
+    A run keeps one model of each name: `runs:/<run id>/<name>` resolves to whichever model
+    of that name and run the store lists first, so a resumed fit (killed while or after
+    logging its model, or resumed to train longer) must not leave an earlier one behind. If
+    a READY model with these very weights is there already, it is kept and nothing is logged
+    again; every other model of this run and name (stale weights, or a write cut short)
+    is deleted, only after the new one is complete. Returns the new ModelInfo, or None.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    from convtrain.nn.network import Network
+
+    network = Network.load(network_path)
+    digest = weights_digest(network)
+    earlier = _logged_models(client, experiment_id, run_id, name)
+    current = next((m for m in earlier if m.status == LoggedModelStatus.READY
+                    and m.tags.get(WEIGHTS_TAG) == digest), None)
+    info = None
+    if current is None:
+        info = _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest)
+        keep = info.model_id
+    else:
+        keep = current.model_id
+    for model in earlier:
+        if model.model_id != keep:
+            client.delete_logged_model(model.model_id)
+    return info
+
+
+def weights_digest(network) -> str:
+    """SHA-256 of the parameters (names, dtypes, shapes, bytes): equal for bit-identical weights,
+    unlike the .npz file, whose zip entries carry the time they were written."""
+    digest = hashlib.sha256()
+    for key, value in sorted(network.parameters().items()):
+        value = np.ascontiguousarray(value)
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _logged_models(client, experiment_id: str, run_id: str, name: str) -> list:
+    """The live logged models named `name` whose source is run `run_id` (deleted ones excluded)."""
+    models, token = [], None
+    while True:
+        page = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'",
+                                           page_token=token)
+        models += [m for m in page if m.source_run_id == run_id]
+        token = page.token
+        if not token:
+            return models
+
+
+def _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest):
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model, infer_signature
+
+    example = np.ascontiguousarray(input_example, dtype=np.float32)
+    signature = infer_signature(example, network.predict_proba(example))
+    with tempfile.TemporaryDirectory() as folder:
+        # "Models from code": the logged model is this short script plus the weights file, so
+        # loading it unpickles nothing (MLflow would otherwise cloudpickle the wrapper).
+        code = Path(folder) / "convtrain_model.py"
+        code.write_text(MODEL_CODE, encoding="utf-8")
+        # Created here because Model.log would file it under the *active* experiment (often
+        # "Default"), where `runs:/<run id>/model` does not look for it.
+        logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id,
+                                            tags={WEIGHTS_TAG: digest}, model_type="convtrain")
+        return Model.log(
+            artifact_path=None,  # positional in Model.log's signature; `name` replaces it
+            name=name,
+            model_id=logged.model_id,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(code),
+            artifacts={NETWORK_ARTIFACT: str(network_path)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+
+
+MODEL_CODE = """\
+# The MLflow model code of a convtrain network; the weights are the artifact "network".
+from mlflow.models import set_model
+
+from convtrain.tracking.model import ConvtrainModel
+
+set_model(ConvtrainModel())
+"""
+
+
+def _requirements() -> list[str]:
+    """Pinned to what trained the model; explicit, so MLflow does not have to infer them.
+
+    convtrain itself is listed unpinned: it is not on a public index, so serve with
+    `--env-manager local` from an environment where convtrain is installed.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = ["convtrain"]
+    for package in ("numpy", "scipy", "mlflow"):
+        try:
+            requirements.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            requirements.append(package)
+    return requirements

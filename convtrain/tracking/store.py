@@ -1,0 +1,95 @@
+"""Where the runs go: the tracking URI, the MLflow client, experiments and the runs-table URL.
+
+mlflow is imported inside the functions so `import convtrain` (and `convtrain --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from convtrain.errors import TrackingError
+
+DEFAULT_STORE_FILE = "mlflow.db"
+
+# MLflow's HTTP client retries for minutes by default; a fit should not stall that long on a
+# dead server when the metrics can wait in a buffer. Only applied when the user set nothing.
+_HTTP_DEFAULTS = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # carriage-return spam in logs
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default SQLite file in the cwd."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / DEFAULT_STORE_FILE}"
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError (one line) if the tracking store at `uri` cannot be used."""
+    if is_http(uri):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status >= 400:
+                    raise TrackingError(f"tracking server {uri} answered HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(f"tracking server {uri} answered HTTP {exc.code}; is it an MLflow server?") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"tracking server {uri} cannot be reached ({reason}); start it, pass another "
+                "--tracking-uri, or train with --no-track") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: folder {folder} is not writable")
+
+def client_for(uri: str):
+    import mlflow
+
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing (tolerates a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {name!r} is deleted; restore it in the UI or use another --experiment")
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+def runs_table_url(base_url: str, experiment_id: str | None) -> str:
+    """MLflow 3 opens in its GenAI view; this goes straight to the classic runs table."""
+    base_url = base_url.rstrip("/")
+    if experiment_id is None:
+        return f"{base_url}/#/experiments"
+    return f"{base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def find_experiment_id(uri: str, name: str) -> str | None:
+    try:
+        experiment = client_for(uri).get_experiment_by_name(name)
+    except Exception:
+        return None
+    return experiment.experiment_id if experiment is not None else None

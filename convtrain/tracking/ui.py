@@ -1,0 +1,100 @@
+"""`convtrain ui`: an `mlflow server` on the fits' store, started, announced and stopped."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Callable
+
+from convtrain.errors import TrackingError
+from convtrain.tracking.store import check_reachable, find_experiment_id, is_http, resolve_tracking_uri, runs_table_url
+from convtrain.training.signals import sigterm_as_keyboard_interrupt
+
+
+def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
+             experiment: str = "convtrain", echo: Callable[[str], None] = print,
+             startup_seconds: float = 60.0) -> int:
+    """Run `mlflow server` on the fits' store until Ctrl-C; print the runs-table URL once it answers.
+
+    An http(s) store already is a server: its URL is printed and nothing is started.
+    Returns the server's exit code (0 after Ctrl-C).
+    """
+    import subprocess
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if is_http(uri):
+        check_reachable(uri)
+        echo(runs_table_url(uri, find_experiment_id(uri, experiment)))
+        return 0
+    check_reachable(uri)
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise TrackingError(f"port {port} on {host} is already in use; pass another --port")
+    # one worker process is plenty for a dashboard on your own machine (MLflow's default is 4)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    # Looked up before the server starts: opening a new SQLite store creates its tables, which
+    # must not race with the server doing the same.
+    experiment_id = find_experiment_id(uri, experiment)
+    server = None
+    # SIGTERM is turned into KeyboardInterrupt from here on, so `kill` also stops the server.
+    with sigterm_as_keyboard_interrupt():
+        try:
+            # Its own process group: `mlflow server` starts uvicorn as a child, and both must
+            # stop. Its log goes to stderr, so stdout holds just the lines printed below.
+            server = subprocess.Popen(command, start_new_session=True, env=server_environment(),
+                                      stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
+            base = f"http://{host}:{port}"
+            _wait_until_answering(server, base, startup_seconds, command)
+            echo(f"MLflow UI for {uri}")
+            echo(runs_table_url(base, experiment_id))
+            echo("Ctrl-C stops it.")
+            return server.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if server is not None:
+                stop_process_group(server, timeout=5.0)
+
+def _wait_until_answering(server, base: str, seconds: float, command: list[str]) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.poll() is not None:
+            raise TrackingError(f"mlflow server exited with code {server.returncode} (command: {' '.join(command)})")
+        try:
+            check_reachable(base, timeout=1.0)
+            return
+        except TrackingError:
+            if time.monotonic() > deadline:
+                raise TrackingError(f"mlflow server did not answer on {base} within {seconds:.0f}s") from None
+            time.sleep(0.5)
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+def server_environment() -> dict[str, str]:
+    """The environment for `mlflow server`: without its job runner (MLflow 3 starts seven
+    huey worker processes for GenAI jobs the runs table never uses) unless asked for."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+
+def stop_process_group(process, timeout: float = 15.0) -> None:
+    """SIGTERM the group led by `process` (started with start_new_session), SIGKILL if it lingers."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue

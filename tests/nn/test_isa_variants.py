@@ -1,0 +1,107 @@
+"""The x86-64-v3/v4 builds of the kernels compute exactly what the portable build computes.
+
+setup.py compiles ext/_conv.pyx more than once (convtrain/nn/backend.py picks one per CPU); a
+training run must not change by a single bit with the CPU it lands on, so every kernel entry
+point is run through each build this machine can execute and compared bit for bit with the
+baseline, on shapes that exercise the vector loops' remainders (odd widths, padding, strides).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import convtrain
+from convtrain.nn import backend, kernels
+
+VARIANTS = [name for name in backend.available_builds() if name != "baseline"]
+needs_variants = pytest.mark.skipif(not VARIANTS, reason="no x86-64-v3/v4 build runs on this CPU")
+
+# (x, w, stride, padding): odd and non-square sizes so that vector loops have remainders
+SHAPES = [
+    ((5, 3, 32, 32), (7, 3, 5, 5), 1, 0),
+    ((4, 6, 13, 11), (5, 6, 3, 2), 1, 1),
+    ((3, 2, 17, 19), (4, 2, 3, 5), (2, 3), (1, 2)),
+    ((9, 4, 8, 8), (16, 4, 3, 3), 1, 0),
+]
+
+
+def _every_kernel(module, dtype, threads):
+    """All kernel entry points on fixed inputs, through convtrain.nn.kernels bound to `module`."""
+    saved = kernels._conv
+    kernels._conv = module
+    module.set_num_threads(threads)
+    results = []
+    try:
+        with threadpool_limits(1):
+            for k, (x_shape, w_shape, stride, padding) in enumerate(SHAPES):
+                rng = np.random.default_rng(k)
+                x = rng.standard_normal(x_shape).astype(dtype)
+                w = rng.standard_normal(w_shape).astype(dtype)
+                b = rng.standard_normal(w_shape[0]).astype(dtype)
+                out = kernels.conv2d_forward(x, w, b, stride, padding, relu=True)
+                dout = rng.standard_normal(out.shape).astype(dtype)
+                results += [kernels.im2col(x, w_shape[2:], stride, padding), out,
+                            kernels.col2im(kernels.im2col(x, w_shape[2:], stride, padding), x.shape,
+                                           w_shape[2:], stride, padding)]
+                results += list(kernels.conv2d_backward(x, dout.copy(), w, stride, padding, relu_out=out))
+                results += list(kernels.conv2d_backward_filter(x, dout, w_shape[2:], stride, padding))
+                results.append(kernels.conv2d_backward_input(dout, w, x.shape, stride, padding))
+                pooled, argmax = kernels.maxpool2d_forward(x, 2)
+                results += [pooled, argmax, kernels.maxpool2d_backward(pooled, argmax, x.shape)]
+                flat = x.reshape(len(x), -1)
+                dense_w = rng.standard_normal((10, flat.shape[1])).astype(dtype)
+                logits = kernels.dense_forward(flat, dense_w, b[:1].repeat(10))
+                results += [logits, *kernels.dense_backward(logits, flat, dense_w)]
+                relu = kernels.relu_(x.copy())
+                results += [relu, kernels.relu_backward_(x.copy(), relu)]
+    finally:
+        kernels._conv = saved
+    return results
+
+
+@needs_variants
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_instruction_set_build_gives_the_baseline_bits(variant, dtype):
+    threads = convtrain.get_num_threads()
+    try:
+        baseline = _every_kernel(backend.load_build("baseline"), dtype, threads)
+        other = _every_kernel(backend.load_build(variant), dtype, threads)
+    finally:
+        convtrain.set_num_threads(threads)
+    assert len(baseline) == len(other) > 40
+    for expected, got in zip(baseline, other):
+        assert expected.dtype == got.dtype and expected.shape == got.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_the_build_in_use_is_the_newest_this_cpu_runs():
+    info = convtrain.build_info()
+    assert info["isa_available"][-1] == "baseline"
+    expected = os.environ.get(backend.ISA_ENV, "auto")
+    assert info["isa"] == (info["isa_available"][0] if expected == "auto" else expected)
+
+
+def _isa_in_a_child(setting):
+    env = {**os.environ, backend.ISA_ENV: setting}
+    child = subprocess.run([sys.executable, "-c", "import json, convtrain; i = convtrain.build_info(); "
+                            "print(json.dumps([i['isa'], i['isa_available']]))"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    return (*json.loads(child.stdout), child.stderr)
+
+
+def test_the_environment_can_ask_for_the_portable_build():
+    isa, _, stderr = _isa_in_a_child("baseline")
+    assert isa == "baseline" and not stderr
+
+
+def test_asking_for_a_build_that_is_not_here_warns_and_takes_the_best_one():
+    isa, available, stderr = _isa_in_a_child("x86-64-v9")
+    assert isa == available[0]
+    assert "CONVTRAIN_KERNEL_ISA='x86-64-v9' is not available here" in stderr

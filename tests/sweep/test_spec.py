@@ -1,0 +1,112 @@
+"""Sweep files: what they may say, and the one-line errors for what they may not."""
+
+import pytest
+
+from convtrain.errors import ConfigError
+from convtrain.sweep.spec import Choices, Range, load_sweep
+
+
+def write(tmp_path, text, name="sweep.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_base_file_inline_overrides_and_defaults(tmp_path):
+    write(tmp_path, "[optim]\nepochs = 7\nlr = 0.01\n", "fit-base.toml")
+    spec = load_sweep(write(tmp_path, """
+base = "fit-base.toml"
+[fit]
+lr = 0.02
+[fit.data]
+limit = 300
+[space]
+l2 = {low = 1e-5, high = 1e-1, log = true}
+"""))
+    assert spec.base.epochs == 7 and spec.base.lr == 0.02 and spec.base.limit == 300
+    assert spec.name == "sweep" and spec.method == "tpe" and spec.n_trials == 20
+    assert spec.objective == "val_accuracy" and spec.direction == "maximize"
+    assert spec.space["l2"] == Range("l2", 1e-5, 1e-1, integer=False, log=True)
+    assert str(spec.out) == "runs/sweep"
+
+
+def test_list_choices_travel_as_labels_and_decode_back(tmp_path):
+    spec = load_sweep(write(tmp_path, """
+[sweep]
+method = "grid"
+[space]
+filters = [[8, 16], [16, 32], [32, 64]]
+kernel_sizes = [[3], [[5, 3]]]
+l2 = [1e-4, 1e-3]
+"""))
+    filters = spec.space["filters"]
+    assert isinstance(filters, Choices) and filters.labels == ("8,16", "16,32", "32,64")
+    assert spec.n_trials == spec.grid_size() == 12
+    point = spec.grid_points()[-1]
+    config = spec.trial_config(point)
+    assert config.filters == [32, 64] and config.kernel_sizes == [[5, 3]] and config.l2 == 1e-3
+
+
+def test_grid_expands_int_and_stepped_ranges_and_samples_when_smaller(tmp_path):
+    spec = load_sweep(write(tmp_path, """
+[sweep]
+method = "grid"
+n_trials = 4
+seed = 3
+[space]
+epochs = {low = 2, high = 6, step = 2}
+lr = {low = 0.01, high = 0.03, step = 0.01}
+"""))
+    assert spec.space["epochs"].grid_labels() == [2, 4, 6]
+    assert spec.space["lr"].grid_labels() == [0.01, 0.02, 0.03]
+    points = spec.grid_points()
+    assert len(points) == 4 and len({tuple(p.items()) for p in points}) == 4
+    assert points == load_sweep(spec.path).grid_points()  # the seed fixes the sample
+
+
+def test_command_line_wins_and_val_loss_minimizes(tmp_path):
+    spec = load_sweep(write(tmp_path, """
+[sweep]
+name = "from-file"
+objective = "val_loss"
+n_trials = 5
+[space]
+lr = {low = 0.001, high = 0.1}
+"""), n_trials=9, study_name="from-flag")
+    assert (spec.name, spec.n_trials, spec.direction) == ("from-flag", 9, "minimize")
+
+
+BAD = [
+    ("[space]\nlrr = [0.1]\n", "unknown fit parameter 'lrr' (did you mean 'lr'?)"),
+    ("[space]\nl2 = {low = 0.1, high = 0.01}\n", "empty range"),
+    ("[space]\nl2 = []\n", "choices is empty"),
+    ("[space]\n", "[space] is empty"),
+    ("[sweep]\nmethod = \"grdi\"\n[space]\nlr = [0.1]\n", "did you mean 'grid'"),
+    ("[sweep]\nmethod = \"grid\"\n[space]\nl2 = {low = 1e-5, high = 1e-1, log = true}\n",
+     "method 'grid' needs a finite set for 'l2'"),
+    ("[sweep]\npruner = \"mediann\"\n[space]\nlr = [0.1]\n", "did you mean 'median'"),
+    ("[sweep]\nobjective = \"accuracy\"\n[space]\nlr = [0.1]\n", "objective: got 'accuracy'"),
+    ("[sweep]\nn_trails = 3\n[space]\nlr = [0.1]\n", "did you mean 'n_trials'"),
+    ("[sweep]\nmethod = \"grid\"\nn_trials = 3\n[space]\nlr = [0.1, 0.2]\n", "exceeds the grid's 2 points"),
+    ("[space]\nlr = [0.1, -0.5]\n", "lr = -0.5 is not a valid fit value"),
+    ("[space]\nfilters = [[8, 16], [8, 16]]\n", "given twice"),
+    ("[space]\nfilters = {low = 4, high = 8}\n", "a range needs a number parameter"),
+    ("[space]\nepochs = {low = 1.5, high = 4}\n", "expected a whole number"),
+    ("[space]\nl2 = {low = 0, high = 0.1, log = true}\n", "a log range needs low > 0"),
+    ("[space]\nl2 = {low = 0.001, hihg = 0.1}\n", "did you mean 'high'"),
+    ("[space]\nout = [\"a\", \"b\"]\n", "'out' cannot be swept"),
+    ("[fit]\nepoch = 3\n[space]\nlr = [0.1]\n", "unknown [fit] key 'epoch' (did you mean 'epochs'?)"),
+    ("[fit]\nepochs = 0\n[space]\nlr = [0.1]\n", "epochs: got 0"),
+    ("base = \"missing.toml\"\n[space]\nlr = [0.1]\n", "config file not found"),
+    ("[space]\nlr = 0.1\n", "expected a list of choices or a range"),
+    ("[space\nlr = [0.1]\n", "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD, ids=[m for _, m in BAD])
+def test_bad_sweep_files_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_sweep(write(tmp_path, text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert str(tmp_path / "sweep.toml") in str(info.value) or "missing.toml" in str(info.value)

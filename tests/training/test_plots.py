@@ -1,0 +1,49 @@
+"""The three PNG figures of a fit: written, readable as PNG, robust to odd shapes."""
+
+import numpy as np
+import pytest
+
+from convtrain.training import plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_learning_curves_with_and_without_validation(tmp_path):
+    epochs = [{"epoch": e, "train_loss": 1 / e, "train_cost": 1.1 / e, "train_accuracy": 0.5 + e / 10,
+               "val_loss": 1.2 / e, "val_cost": 1.3 / e, "val_accuracy": 0.4 + e / 10} for e in (1, 2, 3)]
+    batches = [(s / 10, 1.5 / (1 + s / 10)) for s in range(30)]
+    assert _is_png(plots.learning_curves(epochs, tmp_path / "curves.png", batch_losses=batches))
+
+    train_only = [{k: v for k, v in row.items() if not k.startswith("val_")} for row in epochs]
+    assert _is_png(plots.learning_curves(train_only, tmp_path / "sub" / "train_only.png"))
+
+
+def test_confusion_matrix_small_and_many_classes(tmp_path):
+    counts = np.array([[5, 1], [0, 7]])
+    assert _is_png(plots.confusion_matrix(counts, ["cat", "dog"], tmp_path / "cm2.png"))
+    many = np.random.default_rng(0).integers(0, 20, size=(25, 25))
+    assert _is_png(plots.confusion_matrix(many, [f"c{i}" for i in range(25)], tmp_path / "cm25.png"))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 3, 3), (6, 3, 5, 5), (4, 28, 5, 3), (1, 1, 1, 1)])
+def test_filter_montage_for_grey_rgb_text_and_tiny_filters(tmp_path, shape):
+    weights = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    assert _is_png(plots.filter_montage(weights, tmp_path / "filters.png"))
+
+
+def test_filter_tiles_scale_each_filter_to_unit_range():
+    weights = np.stack([np.full((1, 2, 2), 3.0), np.arange(4.0).reshape(1, 2, 2)])
+    flat, ramp = plots.filter_tiles(weights)
+    assert np.all(flat == 0.5)  # a constant filter has no range to show
+    assert ramp.min() == 0.0 and ramp.max() == 1.0
+    rgb = plots.filter_tiles(np.zeros((2, 3, 4, 5)))
+    assert rgb[0].shape == (4, 5, 3)
+
+
+def test_filter_tiles_refuse_a_non_conv_weight():
+    with pytest.raises(ValueError, match=r"\(F, C, kh, kw\)"):
+        plots.filter_tiles(np.zeros((3, 3)))

@@ -1,0 +1,75 @@
+"""Progress output: live bars on a terminal, plain lines elsewhere, the table at the end."""
+
+import io
+import re
+
+from rich.console import Console
+
+from convtrain.training.progress import ProgressCallback, epoch_summary, history_table, seconds_text
+
+LOGS = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.75,
+        "val_balanced_accuracy": 0.74, "learning_rate": 0.05, "epoch_seconds": 1.25, "images_per_second": 1234.0}
+
+
+class History:
+    def __init__(self, epochs):
+        self.epochs = epochs
+        self.best_epoch = 2
+
+
+def drive(callback, epochs=2, steps=3):
+    callback.on_fit_start(None)
+    for epoch in range(1, epochs + 1):
+        callback.on_epoch_start(None, epoch)
+        for step in range(steps):
+            callback.on_batch_end(None, step + 1, {"loss": 0.5, "accuracy": 0.75, "batch_size": 10})
+        callback.on_epoch_end(None, epoch, LOGS)
+    callback.on_fit_end(None, History([{"epoch": e, **LOGS} for e in range(1, epochs + 1)]))
+
+
+def console(terminal: bool):
+    return Console(file=io.StringIO(), force_terminal=terminal, width=120, highlight=False)
+
+
+def test_epoch_summary_line():
+    line = epoch_summary(3, 12, LOGS)
+    assert line == ("epoch  3/12  train loss 0.5000 acc 0.8000 | val loss 0.6000 acc 0.7500 bal 0.7400"
+                    " | lr 0.05 | 1.2s 1,234 img/s")
+    assert epoch_summary(1, 1, {"train_loss": 0.1}) == "epoch 1/1  train loss 0.1000"
+
+
+def test_non_terminal_gets_plain_lines_and_the_table():
+    out = console(terminal=False)
+    drive(ProgressCallback(epochs=2, steps_per_epoch=3, console=out))
+    text = out.file.getvalue()
+    assert "\x1b[" not in text and "\r" not in text
+    assert len(re.findall(r"^epoch \d/2 ", text, flags=re.M)) == 2
+    assert "training history" in text and "best epoch (2)" in text
+
+
+def test_quiet_keeps_only_the_table():
+    out = console(terminal=False)
+    drive(ProgressCallback(epochs=2, steps_per_epoch=3, console=out, quiet=True))
+    text = out.file.getvalue()
+    assert not re.findall(r"^epoch \d/2 ", text, flags=re.M) and "training history" in text
+
+
+def test_terminal_gets_a_live_bar_that_is_stopped_on_errors():
+    out = console(terminal=True)
+    callback = ProgressCallback(epochs=2, steps_per_epoch=3, console=out)
+    drive(callback)
+    assert "epoch 2/2" in out.file.getvalue()
+    callback.on_fit_start(None)
+    callback.on_epoch_start(None, 1)
+    callback.on_exception(None, KeyboardInterrupt())
+    assert callback._progress is None  # the terminal is handed back
+
+
+def test_long_histories_are_shortened_in_the_table():
+    table = history_table([{"epoch": e, **LOGS} for e in range(1, 101)], best_epoch=50, max_rows=10)
+    assert table.row_count == 11  # 5 first, an ellipsis row, 5 last
+
+
+def test_sub_second_epochs_show_their_time_not_zero():
+    assert [seconds_text(s) for s in (0.043, 0.5, 1.25, 12.0)] == ["0.04", "0.50", "1.2", "12.0"]
+    assert "| 0.04s" in epoch_summary(1, 3, {"train_loss": 0.5, "epoch_seconds": 0.043})
