@@ -63,7 +63,7 @@ def load_npz(path: str | Path | None) -> RawData:
 
 
 def _read(path: Path, archive, key: str) -> np.ndarray:
-    _check_declared_size(path, archive, key)
+    _check_declared_size(path, archive.zip, key)
     try:
         return archive[key]
     except ValueError as exc:
@@ -75,7 +75,20 @@ def _read(path: Path, archive, key: str) -> np.ndarray:
         raise data_error(path, f"array {key!r} is corrupt ({exc})") from None
 
 
-def _check_declared_size(path: Path, archive, key: str) -> None:
+def check_npz_claims(path: str | Path) -> None:
+    """Check every array of an .npz file (e.g. `convtrain predict`'s input) as load_npz does,
+    before numpy reads any; a file that is no zip at all is left to numpy's own error."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = [name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
+            for key in keys:
+                _check_declared_size(path, archive, key)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+
+
+def _check_declared_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
     """Read only the .npy header of entry `key` and check its claim before numpy allocates it.
 
     numpy allocates the whole array its header declares and then reads into it, so 200 bytes
@@ -84,8 +97,8 @@ def _check_declared_size(path: Path, archive, key: str) -> None:
     then decompresses no more than the entry's size (zipfile stops there).
     """
     try:
-        info = archive.zip.getinfo(f"{key}.npy")
-        with archive.zip.open(info) as member:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
                 else np.lib.format.read_array_header_2_0

@@ -403,6 +403,9 @@ CASES = {
     "resume an unknown run id": Case(flags("fit", "--resume", "0123456789abcdef0123456789abcdef"), "0123456789abcdef"),
     # sizes taken on trust (issue 13, section 2): refused before anything is allocated
     "npz of 300 bytes declaring 5.8 TiB": Case(npz_bytes(_npz_declaring_terabytes), "5.8 TiB"),
+    "predict on an npz declaring 5.8 TiB": Case(
+        with_model(lambda tmp: ((tmp / "claims.npz").write_bytes(_npz_declaring_terabytes(tmp)),
+                                ["predict", "out/model.npz", "claims.npz"])[-1]), "declares array 'x'"),
     "idx gzip inflating past its header": Case(mnist(images=_gzip_inflating_past_its_header(), gz=True),
                                                "decompresses to more than the 2560 bytes"),
     "cifar pickle declaring 700,000 images": Case(
