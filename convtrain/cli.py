@@ -45,6 +45,12 @@ class ConvtrainGroup(TyperGroup):
                 raise
             _error_line(one_line(exc))
             code = exc.exit_code
+        except MemoryError as exc:  # whatever escaped the size checks: one line, not a traceback
+            if debug:
+                raise
+            _error_line(f"out of memory ({one_line(str(exc)) or 'an allocation failed'}); try a smaller batch, "
+                        "network or --limit")
+            code = 1
         except OSError as exc:  # unwritable folder, full disk, ...: the environment, not a bug
             if debug:
                 raise

@@ -195,8 +195,10 @@ def _interrupted_outside_training(stage: str, trainer, model_path: Path | None) 
 def _build_network(config: FitConfig, splits):
     """The configured network, carrying the training set's statistics, classes and data recipe."""
     from convtrain.data import Standardizer
+    from convtrain.nn.footprint import check_fits
     from convtrain.nn.network import Network
 
+    check_fits(config, splits.input_shape, splits.num_classes)  # before any weight is allocated
     network = Network.from_config(config, splits.input_shape, splits.num_classes)
     if splits.standardize:  # a property of the data set: not for one-hot names (see data/names.py)
         standardizer = Standardizer.fit(splits.x_train)
