@@ -157,9 +157,9 @@ def _fit_command_options() -> list[inspect.Parameter]:
     ]
 
 
-def fit(ctx: typer.Context, *, config: Path | None, print_config: bool, resume: str | None, quiet: bool,
-        **settings):
+def fit(ctx, *, config, print_config, resume, quiet, **settings):
     """Train a ConvNet; with no options: the default small net on the built-in digits."""
+    # parameters, types and flags: fit.__signature__ below (settings: one per FitConfig field)
     from convtrain.pipeline.fit import fit as run_fit
     from convtrain.pipeline.resume import resolve_fit_config
 

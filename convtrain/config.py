@@ -206,11 +206,12 @@ class FitConfig:
 
         `sources` says where each chosen value came from: FLAG, or the config file's path; every
         other value is a default (or, with `resumed`, the checkpoint's), which the other setting
-        may override. A file value equal to the default counts as the default, so a written
-        config.toml or best.toml (every key spelled out) can be passed back. Raises ConfigError
-        naming both settings and how to say what is meant."""
+        may override. A file value equal to the default (the checkpoint's) counts as that, so a
+        written config.toml or best.toml (every key spelled out) can be passed back. Raises
+        ConfigError naming both settings and how to say what is meant."""
+        base = resumed.to_dict() if resumed is not None else DEFAULTS
         chosen = {name: where for name, where in sources.items()
-                  if where == FLAG or getattr(self, name) != DEFAULTS.get(name)}
+                  if where == FLAG or getattr(self, name) != base.get(name)}
 
         def said(name: str) -> str:
             value = getattr(self, name)
@@ -227,9 +228,9 @@ class FitConfig:
                                   f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
                                   "continue it, or start a new fit without --resume")
         if self.schedule_sets_length and "epochs" in chosen:
-            raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} (cyclic schedule: {self.cycles} "
-                              f"x 2 x {self.n_s} = {2 * self.n_s * self.cycles} updates, whatever the epochs); "
-                              "pass --cycles for the length, or --schedule constant (or step, cosine) for --epochs")
+            raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({self.describe_length(None)}, "
+                              "whatever the epochs); pass --cycles for the length, or --schedule constant "
+                              "(or step, cosine) for --epochs")
         for name, users in SCHEDULE_SETTINGS.items():
             # flags only: a written config spells out every schedule's settings
             if chosen.get(name) == FLAG and self.schedule not in users:

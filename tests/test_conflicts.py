@@ -46,7 +46,7 @@ def test_epochs_flag_against_cycles_from_the_file_names_both():
     with pytest.raises(ConfigError) as info:
         config.check_settings({"epochs": FLAG, "cycles": "fit.toml", "schedule": "fit.toml", "n_s": "fit.toml"})
     message = str(info.value)
-    for fragment in ("--epochs 1", "cycles = 3 (fit.toml)", "3 x 2 x 800 = 4800 updates", "--cycles",
+    for fragment in ("--epochs 1", "cycles = 3 (fit.toml)", "3 cycles x 2 x 800 = 4800 updates", "--cycles",
                      "--schedule constant"):
         assert fragment in message
 
@@ -163,3 +163,10 @@ def test_cyclic_schedule_with_limit_says_the_epochs_before_training_and_progress
     assert epochs == math.ceil(24 / batches) and epochs > 1
     epoch_lines = [line for line in lines if re.match(r"epoch +\d+/", line)]
     assert [line.split()[1] for line in epoch_lines] == [f"{k}/{epochs}" for k in range(1, epochs + 1)]
+
+
+def test_a_config_file_with_resume_counts_where_it_changes_the_checkpoint():
+    saved = FitConfig(seed=5)
+    FitConfig(seed=5).check_settings({"seed": "again.toml"}, resumed=saved)  # the same value: no change
+    with pytest.raises(ConfigError, match=r"seed = 0 \(other.toml\) conflicts with --resume"):
+        FitConfig(seed=0).check_settings({"seed": "other.toml"}, resumed=saved)  # the default, but not the run's
