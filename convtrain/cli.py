@@ -199,13 +199,9 @@ def _planned_length(config: FitConfig) -> str:
 def _steps_per_epoch(config: FitConfig, y_train) -> int:
     import math
 
-    import numpy as np
+    from convtrain.training.trainer import epoch_size
 
-    n = len(y_train)
-    if config.balanced:  # an epoch draws the rarest class's count from every class, as the Trainer does
-        counts = np.bincount(y_train)
-        n = int((counts > 0).sum() * counts[counts > 0].min())
-    return math.ceil(n / config.batch_size)
+    return math.ceil(epoch_size(y_train, config.balanced) / config.batch_size)
 
 
 def _length_notice(config: FitConfig, console):

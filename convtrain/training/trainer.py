@@ -97,6 +97,16 @@ def _arrange_callbacks(callbacks: list[Callback]) -> list[Callback]:
     return early + others + checkpoints
 
 
+def epoch_size(y, balanced: bool) -> int:
+    """Examples an epoch draws: all of them, or with balanced batches the rarest class's count
+    from every class."""
+    if not balanced:
+        return len(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    return int(counts.size * counts.min())
+
+
 class Trainer:
     def __init__(self, network, optimizer: SGD, schedule: Schedule, *, epochs: int, batch_size: int,
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
@@ -213,11 +223,7 @@ class Trainer:
         return np.ascontiguousarray(x, dtype=self.network.dtype), y.astype(np.int64, copy=False)
 
     def _epoch_size(self, y) -> int:
-        if not self.balanced:
-            return len(y)
-        counts = np.bincount(y)
-        counts = counts[counts > 0]
-        return int(counts.size * counts.min())
+        return epoch_size(y, self.balanced)
 
     def _epoch_order_for(self, y) -> np.ndarray:
         if self.balanced:
