@@ -167,7 +167,7 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
     if print_config:
         typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.to_toml(), nl=False)
         return
-    _quiet_library_logs(ctx.obj["debug"])
+    _quiet_library_logs((ctx.obj or {}).get("debug", False))
     console = _console()
     notices = [] if quiet else [_length_notice(resolved, console)]
     try:
