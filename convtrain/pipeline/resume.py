@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from convtrain.config import FitConfig, read_toml
+from convtrain.config import FLAG, FitConfig, read_toml
 from convtrain.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -18,19 +18,24 @@ def resolve_fit_config(*, config_path: str | Path | None = None, overrides: dict
     """The config a fit runs with and, for --resume, the checkpoint it continues from.
 
     Without --resume: defaults < --config file < flags. With --resume: the config stored in the
-    checkpoint < --config file < flags (typically only --epochs changes).
+    checkpoint < --config file < flags (typically only --epochs changes). A value from a flag or
+    the file that another setting would override is refused (FitConfig.check_settings).
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    checkpoint = None
+    sources = dict.fromkeys(overrides, FLAG)  # what the user chose, and where: checked against conflicts
+    checkpoint = resumed = None
     if resume:
         checkpoint = resolve_checkpoint(resume, overrides.get("tracking_uri"))
-        config = checkpoint_config(checkpoint)
+        config = resumed = checkpoint_config(checkpoint)
     else:
         config = FitConfig()
     if config_path is not None:
         # with --resume a config file changes only the keys it names; otherwise it is the base
         config = config.with_overrides(_file_keys(config_path)) if resume else FitConfig.from_toml(config_path)
-    return config.with_overrides(overrides), checkpoint
+        sources = {**dict.fromkeys(_file_keys(config_path), str(config_path)), **sources}
+    config = config.with_overrides(overrides)
+    config.check_settings(sources, resumed=resumed)
+    return config, checkpoint
 
 def _file_keys(path) -> dict:
     values = FitConfig.from_toml(path).to_dict()
@@ -61,8 +66,7 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None) -> Path:
 
 def checkpoint_config(path: Path) -> FitConfig:
     """The resolved config a checkpoint was written with."""
-    import tomllib
-
+    from convtrain.config import tomllib  # tomli on Python 3.10
     from convtrain.nn.npz_files import read_npz
 
     arrays = read_npz(path, "checkpoint")

@@ -23,7 +23,6 @@ def sweep(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: the sweep file's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ):
     """Search fit parameters with Optuna; every trial is a child run of one MLflow parent run.
 

@@ -32,7 +32,7 @@ from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDi
 from convtrain.nn import backend
 from convtrain.nn.losses import cross_entropy_sum, softmax_cross_entropy
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
-from convtrain.nn.optim import SGD, Schedule, make_schedule
+from convtrain.nn.optim import SGD, Schedule, make_schedule, training_length
 from convtrain.training.callbacks import Callback, Checkpoint, EarlyStopping, improved, monitor_mode
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -97,6 +97,16 @@ def _arrange_callbacks(callbacks: list[Callback]) -> list[Callback]:
     return early + others + checkpoints
 
 
+def epoch_size(y, balanced: bool) -> int:
+    """Examples an epoch draws: all of them, or with balanced batches the rarest class's count
+    from every class."""
+    if not balanced:
+        return len(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    return int(counts.size * counts.min())
+
+
 class Trainer:
     def __init__(self, network, optimizer: SGD, schedule: Schedule, *, epochs: int, batch_size: int,
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
@@ -136,6 +146,7 @@ class Trainer:
         self.stop_training = False
         self.has_validation: bool | None = None
         self.max_steps: int | None = None
+        self.steps_per_epoch: int | None = None        # set by fit() from the data
         self._stop_requested = False
         self._epoch_order: np.ndarray | None = None   # sample order of the epoch in progress
         self._batches_done = 0                         # batches of that epoch already applied
@@ -172,13 +183,8 @@ class Trainer:
         else:
             x_val = y_val = None
         self.has_validation = x_val is not None
-        steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
-        planned = self.schedule.planned_steps()
-        if planned is not None:
-            self.epochs = math.ceil(planned / steps_per_epoch)
-            self.max_steps = planned
-        else:
-            self.max_steps = self.epochs * steps_per_epoch
+        self.steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
+        self.epochs, self.max_steps = training_length(self.schedule, self.epochs, self.steps_per_epoch)
         self.schedule.total_steps = self.max_steps
         if self._epoch_order is not None and (self._epoch_order.size and self._epoch_order.max() >= len(x_train)):
             raise CheckpointError("the checkpoint's epoch order indexes past the training set: "
@@ -217,11 +223,7 @@ class Trainer:
         return np.ascontiguousarray(x, dtype=self.network.dtype), y.astype(np.int64, copy=False)
 
     def _epoch_size(self, y) -> int:
-        if not self.balanced:
-            return len(y)
-        counts = np.bincount(y)
-        counts = counts[counts > 0]
-        return int(counts.size * counts.min())
+        return epoch_size(y, self.balanced)
 
     def _epoch_order_for(self, y) -> np.ndarray:
         if self.balanced:
