@@ -103,6 +103,7 @@ BAD = [
     ("base = \"missing.toml\"\n[space]\nlr = [0.1]\n", "config file not found"),
     ("[space]\nlr = 0.1\n", "expected a list of choices or a range"),
     ("[space\nlr = [0.1]\n", "invalid TOML"),
+    ("[sweep]\nname = \"" + "n" * 300 + "\"\n[space]\nlr = [0.1]\n", "name: 300 characters, expected at most 200"),
 ]
 
 
