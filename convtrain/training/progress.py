@@ -83,8 +83,8 @@ class ProgressCallback(Callback):
 
     key = "progress"
 
-    def __init__(self, *, epochs: int, steps_per_epoch: int, console: Console | None = None,
-                 quiet: bool = False):
+    def __init__(self, *, epochs: int | None = None, steps_per_epoch: int | None = None,
+                 console: Console | None = None, quiet: bool = False):
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.console = console or Console(highlight=False)
@@ -103,8 +103,10 @@ class ProgressCallback(Callback):
     # ---- callback hooks -------------------------------------------------------------
 
     def on_fit_start(self, trainer):
-        # the trainer knows the real length (a cyclic schedule sets it from its cycles)
+        # the trainer knows the real lengths (a cyclic schedule sets the epochs from its cycles,
+        # a balanced epoch is as long as the smallest class allows)
         self.epochs = getattr(trainer, "epochs", None) or self.epochs
+        self.steps_per_epoch = getattr(trainer, "steps_per_epoch", None) or self.steps_per_epoch
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
