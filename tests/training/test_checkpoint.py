@@ -13,33 +13,16 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.data import Standardizer, load_dataset
 from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.nn.npz_files import read_npz
-from convtrain.training.callbacks import BatchLossRecorder, Callback
+from convtrain.training.callbacks import BatchLossRecorder
 from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
 from convtrain.training.trainer import Trainer
+from tests.training.test_trainer import StopAt
 
 LEGACY = Path(__file__).parent / "data" / "checkpoint-a96555c.npz"
 LEGACY_CONFIG = FitConfig(epochs=3, filters=[4], patience=5, augment=True, nesterov=True, log_every=2)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.stop_step = step
-
-    def on_batch_end(self, trainer, step, logs):
-        if step == self.stop_step:
-            trainer.request_stop()
-
-
-@pytest.fixture(scope="module")
-def small():
-    splits = load_dataset("digits", val_fraction=0.1, seed=0)
-    standardizer = Standardizer.fit(splits.x_train)
-    return (standardizer.transform(splits.x_train)[:300], splits.y_train[:300],
-            standardizer.transform(splits.x_val)[:100], splits.y_val[:100])
 
 
 def legacy_trainer(callbacks=(), checkpoint_dir=None, config=LEGACY_CONFIG):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.data import Standardizer, load_dataset
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.training.callbacks import Callback, EarlyStopping
@@ -16,21 +15,6 @@ from convtrain.training.trainer import History, Trainer
 
 EPOCH_KEYS = {"train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy", "val_loss", "val_cost",
               "val_accuracy", "val_balanced_accuracy", "learning_rate", "epoch_seconds", "images_per_second"}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    splits = load_dataset("digits", val_fraction=0.1, seed=0)
-    standardizer = Standardizer.fit(splits.x_train)
-    return (standardizer.transform(splits.x_train), splits.y_train,
-            standardizer.transform(splits.x_val), splits.y_val)
-
-
-@pytest.fixture(scope="module")
-def small(digits):
-    """300 training and 100 validation digits: 5 batches of 64 per epoch."""
-    x_train, y_train, x_val, y_val = digits
-    return x_train[:300], y_train[:300], x_val[:100], y_val[:100]
 
 
 def make_trainer(config, callbacks=(), checkpoint_dir=None, input_shape=(1, 8, 8)):
