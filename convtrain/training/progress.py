@@ -124,8 +124,11 @@ class ProgressCallback(Callback):
             if self._task is not None:
                 self._progress.remove_task(self._task)
             width = len(str(self.epochs))
+            # an epoch resumed mid-way starts with the batches done before the interruption
             self._task = self._progress.add_task(f"epoch {epoch:>{width}}/{self.epochs}",
-                                                 total=self.steps_per_epoch, loss=0.0, acc=0.0, speed=0.0)
+                                                 total=self.steps_per_epoch,
+                                                 completed=getattr(trainer, "batches_done", 0),
+                                                 loss=0.0, acc=0.0, speed=0.0)
 
     def on_batch_end(self, trainer, step, logs):
         n = logs.get("batch_size", 1)
