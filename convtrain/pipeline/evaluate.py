@@ -35,6 +35,8 @@ def evaluate_model(model_path: str | Path, *, data: str | None = None, data_path
     meta = network.meta or {}
     if split not in ("auto", "test", "val", "train"):
         raise ConfigError(f"split: got {split!r}, expected test, val, train or auto")
+    if limit is not None and limit < 1:  # x[:0] has nothing to score, x[:-3] would drop the last 3
+        raise ConfigError(f"limit: got {limit}, expected a positive number of examples")
     name = data or meta.get("data")
     if name is None:
         raise ConfigError("data: the model does not record its data set; pass --data")

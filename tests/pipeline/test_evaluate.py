@@ -52,3 +52,12 @@ def test_evaluate_reports_the_defined_numbers(model_and_split):
         assert row["class"] == str(network.class_names[i]) and row["count"] == count
         assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision, recall, f1))
         assert all(math.isfinite(row[m]) for m in ("precision", "recall", "f1"))
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_one_is_refused_not_sliced(model_and_split, limit):
+    from convtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"limit: got {limit}, expected a positive number"):
+        evaluate_model(model_and_split[0], split="val", limit=limit)
+    assert evaluate_model(model_and_split[0], split="val", limit=7).count == 7
