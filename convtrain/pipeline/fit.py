@@ -272,7 +272,7 @@ def _final_evaluation(trainer, network, splits) -> Evaluation:
         split, x, y = "val", splits.x_val, splits.y_val
     else:
         split, x, y = "train", splits.x_train, splits.y_train
-    values, predictions = trainer.evaluate(network.normalize(x), y, return_predictions=True)
+    values, predictions = trainer.evaluate(x, y, normalize=True, return_predictions=True)  # a batch at a time
     metrics = {f"test_{k}": float(v) for k, v in values.items()} if split == "test" else {}
     return Evaluation(split, metrics, confusion_matrix(y, predictions, network.num_classes),
                       list(network.class_names or range(network.num_classes)))

@@ -235,11 +235,12 @@ class Trainer:
         accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
         return loss, cost, accuracy
 
-    def evaluate(self, x, y, *, return_predictions: bool = False):
-        """loss, cost, accuracy and balanced accuracy of normalized x in eval mode (and, with
-        return_predictions, the predicted labels); see metrics.evaluate_network."""
+    def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
+        """loss, cost, accuracy and balanced accuracy of normalized x (raw images with
+        `normalize`) in eval mode, and with return_predictions the predicted labels; see
+        metrics.evaluate_network."""
         return evaluate_network(self.network, x, y, l2=self.l2, batch_size=self.eval_batch_size,
-                                return_predictions=return_predictions)
+                                normalize=normalize, return_predictions=return_predictions)
 
     # ---- failure paths --------------------------------------------------------------
 
