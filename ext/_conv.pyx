@@ -616,7 +616,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     w_ext is w.reshape(F, K), with the bias appended as column K if it has K+1 columns (then
     the im2col buffer gets a row of ones, and the GEMM adds the bias).
     cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
-    out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW.
+    out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW
+    (None when G == 1: the GEMM writes into out).
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
@@ -632,7 +633,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
-            group_out = &out_scratch[threadid(), 0]
+            if G > 1:
+                group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
                 fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
             for group in prange(groups, schedule="dynamic"):
@@ -664,23 +666,23 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                     Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
                     Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t G,
                     floating[:, ::1] cols_scratch, floating[:, ::1] dout_scratch,
-                    int num_threads, bint mask, bint input_grad):
+                    int num_threads):
     """The whole backward pass of a conv layer in one parallel region, per group of images:
 
-        dout[n] *= (relu_out[n] > 0)                 if mask (the ReLU after this layer)
+        dout[n] *= (relu_out[n] > 0)                 unless relu_out is None (the ReLU after this layer)
         dW_ext[chunk] (F, K+1) += dout_g . [cols_g; 1]^T   (the lecture's X * G; column K is db)
-        dx[n] = col2im(W^T (K, F) . dout_g)          if input_grad (as conv2d_backward_input)
+        dx[n] = col2im(W^T (K, F) . dout_g)          unless dx is None (as conv2d_backward_input)
 
     so each image's dout is masked and used twice while it is in cache. dout is modified in
-    place when masked. w2d is w.reshape(F, K); relu_out has dout's shape (unread unless mask).
+    place when masked. w2d is w.reshape(F, K) (None with dx); relu_out has dout's shape.
     The im2col buffer is reused for the column gradients once the filter GEMM has read it
     (rows 0..K-1; the ones row K stays). dw_ext_per_chunk (chunks, F*(K+1)) must be zero on
     entry; the caller sums it over chunks. The chunks (contiguous runs of groups) depend only
     on N, G and the number of chunks, never on the threads, so the filter gradient is the same,
     bit for bit, for any thread count; each chunk belongs to one thread at a time (race-free),
-    and dx[n] is written by one thread. With input_grad and mask off this is the filter
-    gradient alone (w2d, relu_out and dx are then not read).
-    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
+    and dx[n] is written by one thread. With relu_out, w2d and dx None this is the filter
+    gradient alone.
+    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
@@ -691,13 +693,16 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef floating *group_dout = NULL
     cdef const floating *a = NULL
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    # the optional parts, decided once: the loops below test these flags, never the arrays
+    cdef bint mask = relu_out is not None, input_grad = dx is not None
     if N == 0:
         return
     with nogil:
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
-            group_dout = &dout_scratch[threadid(), 0]
+            if G > 1:
+                group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
@@ -739,7 +744,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     convolution G_zero-pad * F_rot180 summed over filters. Each image is written by one thread.
 
     cols_scratch (threads, K*G*P): the group's column gradients; dout_scratch (threads, F*G*P)
-    when G > 1.
+    when G > 1, else None.
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
@@ -757,7 +762,8 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
-            group_dout = &dout_scratch[threadid(), 0]
+            if G > 1:
+                group_dout = &dout_scratch[threadid(), 0]
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
@@ -809,12 +815,13 @@ def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w, const floa
 
 def dense_backward(const floating[:, ::1] dout, const floating[:, ::1] x,
                    const floating[:, ::1] w, floating[:, ::1] dw, floating[:, ::1] dx,
-                   Py_ssize_t block, int num_threads, bint input_grad):
-    """dw (O, I) = dout^T (O, N) . x (N, I) and, if input_grad, dx (N, I) = dout (N, O) . w (O, I),
+                   Py_ssize_t block, int num_threads):
+    """dw (O, I) = dout^T (O, N) . x (N, I) and, unless dx is None, dx (N, I) = dout (N, O) . w (O, I),
     in blocks of `block` columns of I (each block's dw and dx belong to one thread)."""
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = w.shape[0]
     cdef Py_ssize_t blocks = (I + block - 1) // block, blk, c0, cols
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    cdef bint input_grad = dx is not None
     if I == 0:
         return
     with nogil:

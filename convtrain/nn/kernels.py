@@ -174,9 +174,10 @@ def _plan(N, P, threads):
 
 
 def _group_scratch(threads, G, rows, P, F, dtype):
-    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) for G > 1 (else 1 element)."""
+    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) staging for G > 1 (else None:
+    one image's output or gradient is used where it lies)."""
     cols = np.empty((threads, rows * G * P), dtype=dtype)
-    staging = np.empty((threads, F * G * P if G > 1 else 1), dtype=dtype)
+    staging = np.empty((threads, F * G * P), dtype=dtype) if G > 1 else None
     return cols, staging
 
 
@@ -264,10 +265,9 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     if not dout.flags.writeable:  # the fused kernel takes a writeable dout (it can mask it)
         dout = dout.copy()
-    unread = np.empty((0, 0), dtype=x.dtype)  # weights: only read for the input gradient
-    with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, unread, dout, dw_ext, np.empty((0, C, H, W), x.dtype),
-                              kh, kw, *stride, *padding, G, cols, staging, threads, False, False)
+    with blas_pinned_to_one_thread():  # no weights, ReLU output or dx: the filter gradient alone
+        _conv.conv2d_backward(x, dout, None, None, dw_ext, None, kh, kw, *stride, *padding, G, cols,
+                              staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
@@ -342,13 +342,10 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         raise ValueError(
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
             f"w of shape {w.shape}, stride {stride}, padding {padding}")
-    mask = relu_out is not None
-    if mask:
+    if relu_out is not None:
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    else:
-        relu_out = dout  # unread
     dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
@@ -359,9 +356,8 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, w.reshape(F, K), relu_out, dw_ext,
-                              dx if input_grad else np.empty((0, C, H, W), x.dtype), kh, kw, *stride, *padding, G, cols,
-                              staging, threads, mask, bool(input_grad))
+        _conv.conv2d_backward(x, dout, w.reshape(F, K) if input_grad else None, relu_out, dw_ext, dx,
+                              kh, kw, *stride, *padding, G, cols, staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
@@ -418,8 +414,7 @@ def dense_backward(dout, x, w, input_grad=True):
     dx = np.empty((N, I), dtype=dout.dtype) if input_grad else None
     blocks = -(-I // DENSE_COLUMN_BLOCK)
     with blas_pinned_to_one_thread():
-        _conv.dense_backward(dout, x, w, dw, dx if input_grad else dw[:0], DENSE_COLUMN_BLOCK,
-                             _dense_threads(blocks, N * I * O), bool(input_grad))
+        _conv.dense_backward(dout, x, w, dw, dx, DENSE_COLUMN_BLOCK, _dense_threads(blocks, N * I * O))
     return dx, dw, dout.sum(axis=0)
 
 
