@@ -143,10 +143,6 @@ def register_blas_threads(size_t get_threads_address, size_t set_threads_address
     _pinned_blas_count += 1
 
 
-def registered_blas_count():
-    return _pinned_blas_count
-
-
 cdef inline void pin_blas(int *saved) noexcept nogil:
     """saved[i] = threads of BLAS i; then BLAS i gets one thread."""
     cdef int i

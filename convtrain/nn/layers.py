@@ -116,11 +116,6 @@ class Conv2D(Layer):
         self._x = self._out = None
         return dx
 
-    def describe(self) -> dict:
-        return {"type": "conv", "name": self.name, "filters": self.filters,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding)}
-
 
 class ReLU(Layer):
     """H = max(0, S). `inplace` reuses the input/gradient buffers when the caller owns them."""
@@ -199,9 +194,6 @@ class MaxPool2D(Layer):
         self._argmax = None
         return dx
 
-    def describe(self) -> dict:
-        return {"type": "maxpool", "name": self.name, "size": list(self.size), "stride": list(self.stride)}
-
 
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W) in C order, i.e. vec(H) as torch.nn.Flatten orders it."""
@@ -256,6 +248,3 @@ class Dense(Layer):
         self.grads = {"weight": dw, "bias": db}
         self._x = None
         return dx
-
-    def describe(self) -> dict:
-        return {"type": "dense", "name": self.name, "in": self.in_features, "out": self.out_features}
