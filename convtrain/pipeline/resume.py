@@ -8,6 +8,7 @@ from pathlib import Path
 
 from convtrain.config import FitConfig, read_toml
 from convtrain.errors import CheckpointError
+from convtrain.training.checkpoint_checks import check_checkpoint_entries
 
 CHECKPOINT_FILE = "checkpoint.npz"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -80,7 +81,9 @@ def checkpoint_callback_state(path: Path, key: str) -> dict:
     from convtrain.nn.npz_files import read_json, read_npz
 
     arrays = read_npz(path, "checkpoint")
-    return (read_json(arrays, "callbacks", path, "checkpoint") or {}).get(key) or {}
+    states = read_json(arrays, "callbacks", path, "checkpoint")
+    check_checkpoint_entries({"callbacks": states}, path)
+    return states.get(key) or {}
 
 def check_resumable(checkpoint: Path, network, config: FitConfig) -> None:
     """What Trainer.resume refuses, checked before the MLflow run is reopened and config.toml
@@ -93,6 +96,8 @@ def check_resumable(checkpoint: Path, network, config: FitConfig) -> None:
         raise CheckpointError(f"checkpoint file {str(checkpoint)!r} was written for a different network "
                               f"({architecture}) than this one ({network.architecture})")
     state = read_json(arrays, "trainer", checkpoint, "checkpoint")
+    check_checkpoint_entries({key: read_json(arrays, key, checkpoint, "checkpoint")
+                              for key in ("trainer", "history", "callbacks")}, checkpoint)
     if state.get("mid_epoch") and state.get("batch_size") != config.batch_size:
         raise CheckpointError(f"checkpoint file {str(checkpoint)!r} stopped mid-epoch with batch size "
                               f"{state.get('batch_size')}; resume with the same batch size (not {config.batch_size})")

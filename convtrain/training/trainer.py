@@ -34,6 +34,7 @@ from convtrain.nn.losses import cross_entropy_sum, softmax_cross_entropy
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
 from convtrain.nn.optim import SGD, Schedule, make_schedule
 from convtrain.training.callbacks import Callback, Checkpoint, EarlyStopping, improved, monitor_mode
+from convtrain.training.checkpoint_checks import check_checkpoint_entries
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
@@ -400,6 +401,8 @@ class Trainer:
                 f"checkpoint file {str(path)!r} was written for a different network "
                 f"({architecture}) than this one ({self.network.architecture})")
         state = read_json(arrays, "trainer", path, "checkpoint")
+        check_checkpoint_entries({key: read_json(arrays, key, path, "checkpoint")
+                                  for key in ("trainer", "history", "callbacks")}, path)
         if state["mid_epoch"] and state["batch_size"] != self.batch_size:
             raise CheckpointError(
                 f"checkpoint file {str(path)!r} stopped mid-epoch with batch size {state['batch_size']}; "

@@ -108,15 +108,15 @@ def test_a_creator_killed_at_any_moment_leaves_no_store_or_a_whole_one(tmp_path)
     creation = time.monotonic() - started
     whole = schema(store)
     outcomes = []
-    for step in range(12):
+    for step in range(8):
         store.unlink()
         creator = context.Process(target=open_store, args=(uri,))
         creator.start()
-        time.sleep(creation * step / 10)  # the moment of the kill, not a check: every moment must be safe
+        time.sleep(creation * step / 8)  # the moment of the kill, not a check: every moment must be safe
         os.kill(creator.pid, signal.SIGKILL)
         creator.join()
         if store.exists():
-            assert schema(store) == whole, f"a kill {step / 10:.0%} into the creation left a half-made store"
+            assert schema(store) == whole, f"a kill {step / 8:.0%} into the creation left a half-made store"
             outcomes.append("whole")
         else:
             outcomes.append("absent")
