@@ -137,6 +137,8 @@ class TrainingCheckpoint:
         if architecture != network.architecture:
             raise CheckpointError(f"{self.name} was written for a different network "
                                   f"({architecture}) than this one ({network.architecture})")
+        for key in _SHAPE_CHECKED:  # a hand-edited entry is refused now, not after the run reopens
+            self._json(key)
         state = self.state
         if state.get("mid_epoch") and state.get("batch_size") != batch_size:
             raise CheckpointError(f"{self.name} stopped mid-epoch with batch size {state.get('batch_size')}; "
