@@ -121,7 +121,7 @@ class Trainer:
         self.has_validation = x_val is not None
         self.steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
         self.epochs, self.max_steps = training_length(self.schedule, self.epochs, self.steps_per_epoch)
-        self.schedule.total_steps = self.max_steps
+        self.schedule.plan(self.max_steps, self.step)  # a resumed fit of another length re-plans from here
         if self.epoch_order is not None and (self.epoch_order.size and self.epoch_order.max() >= len(x_train)):
             raise CheckpointError("the checkpoint's epoch order indexes past the training set: "
                                   "resume with the same training data")
