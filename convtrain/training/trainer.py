@@ -83,6 +83,7 @@ class Trainer:
         self.epoch = 0             # last finished epoch
         self.step = 0              # updates done
         self.checkpoint_path: Path | None = None   # last good checkpoint
+        self.resumed_from: Path | None = None      # the checkpoint resume() restored, if any
         self.stop_training = False
         self.has_validation: bool | None = None
         self.max_steps: int | None = None
@@ -294,5 +295,5 @@ class Trainer:
         if not isinstance(checkpoint, TrainingCheckpoint):
             checkpoint = TrainingCheckpoint.load(checkpoint)
         checkpoint.restore(self)
-        self.checkpoint_path = checkpoint.path
+        self.checkpoint_path = self.resumed_from = checkpoint.path
         self._checkpoint_epoch = self.epoch
