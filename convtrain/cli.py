@@ -274,7 +274,8 @@ def _print_fit_result(console, result) -> None:
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="A model.npz (or checkpoint.npz) written by convtrain fit."),
+    model: Path = typer.Argument(..., help="A model.npz or checkpoint.npz written by convtrain fit, or the "
+                                           "fit's --out folder (runs/<name>)."),
     data: Optional[str] = typer.Option(None, help="Data set to evaluate on. (default: the one the model was trained on)"),
     data_path: Optional[str] = typer.Option(None, help="Where the data set is (a directory, or the .npz file)."),
     split: str = typer.Option("auto", help="test, val, train, or auto (test if the data set has one, else val)."),
@@ -318,7 +319,8 @@ def _print_evaluation(console, report) -> None:
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A model.npz (or checkpoint.npz) written by convtrain fit."),
+    model: Path = typer.Argument(..., help="A model.npz or checkpoint.npz written by convtrain fit, or the "
+                                           "fit's --out folder (runs/<name>)."),
     inputs: List[str] = typer.Argument(..., help="An .npz of images (array x), image files, or for a names "
                                                   "model a text file of names or the names themselves."),
     top: int = typer.Option(3, min=1, help="Show the most probable classes, this many."),

@@ -255,3 +255,27 @@ def test_names_model_predicts_names_given_inline_or_in_a_file(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["input"] for row in rows] == ["Tanaka", "Schmidt", "Yamada"]
     assert all(set(row["probabilities"]) == {"German", "Japanese"} for row in rows)
+
+
+def test_evaluate_and_predict_take_the_run_folder(digits_model, tmp_path):
+    by_file = json.loads(invoke("evaluate", digits_model / "model.npz", "--json").stdout)
+    by_folder = invoke("evaluate", digits_model, "--json")
+    assert by_folder.exit_code == 0, by_folder.output
+    report = json.loads(by_folder.stdout)
+    assert report["model"] == str(digits_model / "model.npz")
+    assert {k: v for k, v in report.items() if k != "model"} == {k: v for k, v in by_file.items() if k != "model"}
+    # a fit stopped before it saved its model: the folder's checkpoint
+    (digits_model / "model.npz").unlink()
+    assert json.loads(invoke("evaluate", digits_model, "--json").stdout)["model"] == str(digits_model / "checkpoint.npz")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("evaluate", tmp_path / "empty"), "model.npz", "checkpoint.npz", exit_code=1)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert invoke("predict", digits_model, tmp_path / "x.npz").exit_code == 0
+
+
+def test_a_resumed_fit_says_so_first(tmp_path):
+    assert invoke("fit", *TINY, "--out", "run").exit_code == 0
+    result = invoke("fit", "--resume", "run", "--epochs", "2", "--no-track")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "resuming the fit at epoch 2/2 from run/checkpoint.npz"
