@@ -15,7 +15,7 @@ def sweep(
     workers: int = typer.Option(1, "--workers", "-w", min=1,
                                 help="Worker processes on this machine; each gets cores/N kernel threads."),
     force_workers: bool = typer.Option(False, "--force-workers",
-                                       help="Allow more --workers than cores (up to 64)."),
+                                       help="Allow more --workers than cores (up to 64).", show_default="off"),
     storage: Optional[str] = typer.Option(
         None, help="Optuna storage URL; postgresql://... lets several machines share the study. "
                    "(default: sqlite:///optuna.db beside the MLflow store)"),
@@ -24,7 +24,7 @@ def sweep(
     tracking_uri: Optional[str] = typer.Option(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: the sweep file's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table.", show_default="off"),
 ):
     """Search fit parameters with Optuna; every trial is a child run of one MLflow parent run.
 
