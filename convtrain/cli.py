@@ -169,12 +169,14 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
     # parameters, types and flags: fit.__signature__ below (settings: one per FitConfig field)
     from convtrain.pipeline.fit import fit as run_fit
     from convtrain.pipeline.resume import resolve_fit_config
+    from convtrain.tracking.quiet import quiet_by_default
 
+    # before --resume <run id> asks MLflow for the run: MLflow sets its loggers up on import
+    quiet_by_default((ctx.obj or {}).get("debug", False))
     resolved, checkpoint = resolve_fit_config(config_path=config, overrides=settings, resume=resume)
     if print_config:
         typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.to_toml(), nl=False)
         return
-    _quiet_library_logs((ctx.obj or {}).get("debug", False))
     console = _console()
     notices = [] if quiet else [_length_notice(resolved, console)]
     try:
@@ -231,14 +233,6 @@ def _default_store() -> str:
     from convtrain.tracking.store import resolve_tracking_uri
 
     return resolve_tracking_uri()
-
-
-def _quiet_library_logs(debug: bool) -> None:
-    """MLflow logs INFO chatter (table creation, example validation) into the progress output;
-    the CLI shows its warnings and errors only, unless --debug. MLflow sets its loggers up
-    from MLFLOW_LOGGING_LEVEL when imported, so the variable (not the logger) is set here."""
-    if not debug:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _print_fit_result(console, result) -> None:

@@ -10,6 +10,7 @@ import typer
 
 
 def sweep(
+    ctx: typer.Context,
     sweep_file: Path = typer.Argument(..., help="A sweep TOML (see experiments/sweep-*.toml).",
                                       show_default=False),
     workers: int = typer.Option(1, "--workers", "-w", min=1,
@@ -32,7 +33,9 @@ def sweep(
     with one --storage postgresql://... URL shares the trials between them.
     """
     from convtrain.sweep.launcher import run_sweep
+    from convtrain.tracking.quiet import quiet_by_default
 
+    quiet_by_default((ctx.obj or {}).get("debug", False))  # no MLflow INFO between the trial lines
     outcome = run_sweep(sweep_file, workers=workers, storage=storage, n_trials=n_trials,
                         tracking_uri=tracking_uri, study_name=study_name, quiet=quiet,
                         force_workers=force_workers)
