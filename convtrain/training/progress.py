@@ -114,16 +114,20 @@ def resume_notice(trainer) -> str | None:
 
 
 class ProgressCallback(Callback):
-    """Shows a fit's progress; `quiet` keeps only the final table."""
+    """Shows a fit's progress; `quiet` keeps only the final table. `bar_only` shows nothing but
+    the transient bar on a terminal (a sweep trial, whose worker prints one line per trial)."""
 
     key = "progress"
 
     def __init__(self, *, epochs: int | None = None, steps_per_epoch: int | None = None,
-                 console: Console | None = None, quiet: bool = False):
+                 console: Console | None = None, quiet: bool = False, bar_only: bool = False,
+                 label: str = ""):
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.console = console or Console(highlight=False)
         self.quiet = quiet
+        self.bar_only = bar_only
+        self.label = label  # before the bar's "epoch 3/10", e.g. "trial 4 "
         self.live = self.console.is_terminal and not quiet
         self._progress = None
         self._task = None
@@ -142,7 +146,7 @@ class ProgressCallback(Callback):
         # a balanced epoch is as long as the smallest class allows)
         self.epochs = getattr(trainer, "epochs", None) or self.epochs
         self.steps_per_epoch = getattr(trainer, "steps_per_epoch", None) or self.steps_per_epoch
-        notice = None if self.quiet else resume_notice(trainer)
+        notice = None if self.quiet or self.bar_only else resume_notice(trainer)
         if notice:
             self.console.print(notice, soft_wrap=True, highlight=False, markup=False)
         if self.live:
@@ -163,7 +167,7 @@ class ProgressCallback(Callback):
                 self._progress.remove_task(self._task)
             width = len(str(self.epochs))
             # an epoch resumed mid-way starts with the batches done before the interruption
-            self._task = self._progress.add_task(f"epoch {epoch:>{width}}/{self.epochs}",
+            self._task = self._progress.add_task(f"{self.label}epoch {epoch:>{width}}/{self.epochs}",
                                                  total=self.steps_per_epoch,
                                                  completed=getattr(trainer, "batches_done", 0),
                                                  stats="")
@@ -179,7 +183,7 @@ class ProgressCallback(Callback):
                 self._loss_sum / self._seen, self._correct / self._seen, self._seen / elapsed))
 
     def on_epoch_end(self, trainer, epoch, logs):
-        if self.quiet:
+        if self.quiet or self.bar_only:
             return
         line = epoch_summary(epoch, self.epochs, logs)
         if self._progress is not None:
@@ -190,7 +194,7 @@ class ProgressCallback(Callback):
     def on_fit_end(self, trainer, history):
         self._stop()
         epochs = list(getattr(history, "epochs", []) or [])
-        if epochs:
+        if epochs and not self.bar_only:
             self.console.print(history_table(epochs, best_epoch=getattr(history, "best_epoch", None)))
 
     def on_exception(self, trainer, exc):

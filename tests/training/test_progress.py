@@ -146,3 +146,12 @@ def test_an_epoch_resumed_mid_way_starts_its_bar_at_the_batches_done():
     task = callback._progress.tasks[0]
     assert (task.completed, task.total, callback.epochs) == (2, 5, 3)
     callback.on_exception(Trainer(), KeyboardInterrupt())
+
+
+def test_bar_only_leaves_nothing_but_the_transient_bar():
+    for terminal in (True, False):
+        out = console(terminal=terminal)
+        drive(ProgressCallback(epochs=2, steps_per_epoch=3, console=out, bar_only=True, label="trial 4 "))
+        text = out.file.getvalue()
+        assert "train loss" not in text and "training history" not in text
+        assert ("trial 4 epoch" in text) == terminal  # drawn on a terminal only
