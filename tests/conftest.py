@@ -14,3 +14,11 @@ def test_data_dir() -> Path:
     # Set but wrong is a broken setup, not a reason to skip silently.
     assert path.is_dir(), f"CONVTRAIN_TEST_DATA={value} is not a directory"
     return path
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch) -> Path:
+    """The test runs in its own empty folder, with no tracking store from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

@@ -14,23 +14,14 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from convtrain.cli import app
 from convtrain.config import FitConfig, tomllib
+from tests.support.cli import invoke
 
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
+pytestmark = pytest.mark.usefixtures("in_tmp_cwd")
+
 TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32", "--no-track"]
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})})
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def assert_one_line_error(result, *fragments, exit_code=None):

@@ -8,24 +8,15 @@ import math
 import re
 
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
 from convtrain.config import FLAG, FitConfig, tomllib
 from convtrain.errors import ConfigError
+from tests.support.cli import invoke
 
-ENV = {"COLUMNS": "100", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
+pytestmark = pytest.mark.usefixtures("in_tmp_cwd")
+
 TINY = ["--limit", "300", "--filters", "4", "--batch-size", "32", "--no-track"]
 CYCLIC = {"schedule": "cyclic", "cycles": 3, "n_s": 800}
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
 
 
 def one_error_line(result) -> str:

@@ -20,7 +20,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
+from tests.support.cli import free_port, invoke
 
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -183,12 +176,6 @@ def write(name: str, text: str, *args) -> Callable[[Path], list]:
 
 def flags(*args) -> Callable[[Path], list]:
     return lambda tmp: list(args)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---- files that claim more than they hold (issue 13, section 2) --------------------------------

@@ -24,6 +24,7 @@ from convtrain.cli import app
 from convtrain.nn.losses import cross_entropy_sum, softmax, softmax_cross_entropy
 from convtrain.nn.network import Network
 from convtrain.nn.npz_files import read_json, read_npz
+from tests.support.cli import error_line
 
 ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 TINY = ["--limit", "300", "--filters", "4", "--batch-size", "32", "--quiet"]
@@ -51,15 +52,6 @@ def in_tmp_cwd(tmp_path, monkeypatch):
     logger.setLevel(logging.WARNING)
     yield
     logger.setLevel(level)
-
-
-def error_line(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr  # also: no RuntimeWarning from numpy
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def trainer_state(path: Path) -> dict:

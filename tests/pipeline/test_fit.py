@@ -17,13 +17,9 @@ from convtrain.pipeline.fit import fit
 from convtrain.pipeline.resume import resolve_fit_config
 from convtrain.training.callbacks import Callback
 
+pytestmark = pytest.mark.usefixtures("in_tmp_cwd")
+
 TINY = dict(limit=300, filters=[4], epochs=2, batch_size=32)
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def client(tmp_path):

@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
 from convtrain.pipeline.run_folder_lock import LOCK_FILE, RunFolderLock
+from tests.support.cli import error_line, invoke
 
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 TINY = ["--limit", "200", "--filters", "4", "--epochs", "1", "--quiet"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,24 +28,6 @@ with RunFolderLock() as lock:
     print("held", flush=True)
     time.sleep(600)
 """
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def error_line(result) -> str:
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-@pytest.fixture
-def in_tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
 
 
 @pytest.fixture

@@ -12,33 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
 from convtrain.nn.npz_files import json_entry, read_npz, write_npz_atomic
+from tests.support.cli import error_line, invoke
 
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 TINY = ["--limit", "200", "--filters", "4", "--quiet"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def error_line(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-@pytest.fixture
-def in_tmp_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
 
 
 def nothing_written(folder: Path) -> bool:

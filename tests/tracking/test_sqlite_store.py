@@ -4,25 +4,11 @@ tests/e2e/test_store_races.py kills and races the creation)."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
-
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.support.cli import free_port, invoke
 
 
 @pytest.fixture(scope="module")

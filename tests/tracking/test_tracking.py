@@ -19,23 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from convtrain.cli import app
 from convtrain.config import FitConfig
+from tests.support.cli import free_port, invoke
 
 EPOCH_METRICS = ["train_loss", "train_cost", "train_accuracy", "val_loss", "val_accuracy",
                  "val_balanced_accuracy", "learning_rate", "epoch_seconds", "images_per_second"]
-ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None}
 
 
 # ---- a real MLflow server -----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 class MlflowServer:
     """`mlflow server` on 127.0.0.1:<free port> with its own SQLite file, in its own process group."""
@@ -114,10 +106,6 @@ def store(request, tmp_path, monkeypatch):
         return f"sqlite:///{tmp_path / 'mlflow.db'}", experiment, ["--experiment", experiment]
     server = request.getfixturevalue("mlflow_server")
     return server.url, experiment, ["--experiment", experiment, "--tracking-uri", server.url]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
 
 
 # ---- the checks --------------------------------------------------------------------------------------
