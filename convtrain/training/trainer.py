@@ -1,16 +1,19 @@
 """Trainer: epochs of shuffled mini-batches, per-epoch evaluation, callbacks, exact resume.
 
-One update: forward -> softmax cross-entropy -> backward -> + 2*l2*W -> SGD step at the
-schedule's learning rate. After each epoch the training set (all of it up to
+One update: forward -> softmax cross-entropy (optionally label-smoothed) -> backward ->
++ 2*l2*W -> (clip the gradients to a global norm) -> SGD or AdamW step at the schedule's
+learning rate. After each epoch the training set (all of it up to
 `train_eval_limit` images, else a fixed seeded subset of that size) and the validation set
 are evaluated in eval mode: loss, cost, accuracy, balanced accuracy.
 
 Random streams, all derived from `seed`: the shuffling/augmentation generator
-(default_rng([seed, 1])) is the only state that evolves; the training-evaluation subset
+(default_rng([seed, 1])) and the dropout generator (default_rng([seed, 3])) are the only
+random state that evolves; the training-evaluation subset
 (default_rng([seed, 2])) is recomputed from the seed. Network initialization uses
 default_rng([seed, 0]) (see Network.initialize).
 
-Resuming is exact. A checkpoint holds the weights, velocities, update count, epoch, the
+Resuming is exact. A checkpoint holds the weights, batch norm's running statistics, the
+optimizer's state (see training/layer_state.py), update count, epoch, the
 shuffling generator's state, history and callbacks' state; a checkpoint written mid-epoch
 (request_stop) also holds that epoch's sample order and the number of batches done. Since
 those are all the inputs of the remaining computation, a resumed fit makes the same
@@ -32,8 +35,9 @@ from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDi
 from convtrain.nn import backend
 from convtrain.nn.losses import cross_entropy_sum, softmax_cross_entropy
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
-from convtrain.nn.optim import SGD, Schedule, make_schedule
+from convtrain.nn.optim import SGD, Schedule, clip_grad_norm_, make_optimizer, make_schedule
 from convtrain.training.callbacks import Callback, Checkpoint, EarlyStopping, improved, monitor_mode
+from convtrain.training.layer_state import layer_state_arrays, load_layer_state
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
@@ -102,7 +106,8 @@ class Trainer:
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
                  checkpoint_dir: str | Path | None = None, patience: int | None = None,
                  monitor: str = "val_loss", balanced: bool = False, augment: bool = False,
-                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = 500):
+                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = 500,
+                 label_smoothing: float = 0.0, clip_norm: float | None = None):
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f"epochs and batch_size: got {epochs} and {batch_size}, expected positive counts")
         self.network = network
@@ -111,6 +116,11 @@ class Trainer:
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.l2 = float(l2)
+        self.label_smoothing = float(label_smoothing)
+        self.clip_norm = None if not clip_norm else float(clip_norm)
+        if not 0 <= self.label_smoothing < 1 or (self.clip_norm is not None and self.clip_norm < 0):
+            raise ConfigError(f"label_smoothing and clip_norm: got {label_smoothing} and {clip_norm}, "
+                              f"expected a value in [0, 1) and a norm > 0")
         self.seed = int(seed)
         self.monitor = monitor
         self.balanced = bool(balanced)
@@ -129,6 +139,8 @@ class Trainer:
         self.callbacks = _arrange_callbacks(callbacks)
 
         self.rng = np.random.default_rng([self.seed, 1])
+        self.dropout_rng = np.random.default_rng([self.seed, 3])
+        network.set_dropout_generator(self.dropout_rng)
         self.epoch = 0             # last finished epoch
         self.step = 0              # updates done
         self.history = History(monitor=monitor)
@@ -144,11 +156,12 @@ class Trainer:
     @classmethod
     def from_config(cls, network, config, callbacks: Iterable[Callback] = (),
                     checkpoint_dir: str | Path | None = None) -> "Trainer":
-        optimizer = SGD(network.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-        return cls(network, optimizer, make_schedule(config), epochs=config.epochs,
+        return cls(network, make_optimizer(network, config), make_schedule(config), epochs=config.epochs,
                    batch_size=config.batch_size, l2=config.l2, seed=config.seed, callbacks=callbacks,
                    checkpoint_dir=checkpoint_dir, patience=config.patience, monitor=config.monitor,
-                   balanced=config.balanced, augment=config.augment, config=config)
+                   balanced=config.balanced, augment=config.augment, config=config,
+                   label_smoothing=getattr(config, "label_smoothing", 0.0),
+                   clip_norm=getattr(config, "clip_norm", None))
 
     # ---- control --------------------------------------------------------------------
 
@@ -293,13 +306,16 @@ class Trainer:
         # at the next batch), not as numpy RuntimeWarnings around that one-line error.
         with np.errstate(over="ignore", invalid="ignore"):
             scores = network.forward(xb, train=True)
-            loss, dscores = softmax_cross_entropy(scores, yb)
+            loss, dscores = softmax_cross_entropy(scores, yb, self.label_smoothing)
             if not math.isfinite(loss):
                 return None, loss, float("nan")
             network.backward(dscores)
             network.add_l2_gradients(self.l2)
             cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
-            self.optimizer.step(network.gradients(), lr)
+            grads = network.gradients()
+            if self.clip_norm:
+                clip_grad_norm_(grads, self.clip_norm)  # the cost's gradient, L2 term included
+            self.optimizer.step(grads, lr)
         accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
         return loss, cost, accuracy
 
@@ -364,8 +380,7 @@ class Trainer:
                     epoch=self.epoch + 1, checkpoint=self.checkpoint_path)
         arrays = self.network.to_arrays()
         arrays["format"] = np.array(CHECKPOINT_FORMAT)
-        for name, velocity in self.optimizer.velocities.items():
-            arrays[f"velocity/{name}"] = velocity
+        arrays.update(layer_state_arrays(self))
         mid_epoch = self._epoch_order is not None
         arrays["trainer"] = json_entry({
             "epoch": self.epoch, "step": self.step, "epochs": self.epochs, "batch_size": self.batch_size,
@@ -409,8 +424,7 @@ class Trainer:
         self.network.normalization = read_json(arrays, "normalization", path, "checkpoint")
         self.network.class_names = read_json(arrays, "class_names", path, "checkpoint")
         self.network.meta = read_json(arrays, "meta", path, "checkpoint") or {}
-        velocities = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
-        self.optimizer.load_state_dict(velocities)
+        load_layer_state(self, arrays, path)
 
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
