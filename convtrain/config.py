@@ -4,8 +4,10 @@ A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sw
 parameter all use the same name) but is written to TOML in sections for reading:
 
     [data]   data, data_path, val_fraction, limit, balanced, augment
-    [model]  filters, kernel_sizes, strides, padding, pool, hidden, dtype
-    [optim]  epochs, batch_size, lr, momentum, nesterov, l2, schedule and its parameters
+    [model]  filters, kernel_sizes, strides, padding, pool, hidden, dtype,
+             batch_norm, dropout, global_pool, pool_type
+    [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
+             eps, weight_decay, label_smoothing, clip_norm, schedule and its parameters
     [run]    seed, threads, patience, monitor, experiment, run_name, out, track, ...
 
 A TOML file may use the sections or plain top-level keys; both load the same.
@@ -30,6 +32,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
+OPTIMIZERS = ("sgd", "adamw")
+GLOBAL_POOLS = ("none", "avg")
+POOL_TYPES = ("max", "avg")
 PADDING_WORDS = ("same", "valid")
 
 
@@ -56,6 +61,10 @@ class FitConfig:
     pool: list[int] = _section("model", [0])
     hidden: list[int] = _section("model", [])
     dtype: str = _section("model", "float32")
+    batch_norm: bool = _section("model", False)        # after every conv and hidden dense layer
+    dropout: list[float] = _section("model", [0.0])    # after every hidden dense layer (one, or one each)
+    global_pool: str = _section("model", "none")       # "avg": channel means feed the dense layers
+    pool_type: str = _section("model", "max")          # the blocks' pooling: max or avg
     # [optim]
     epochs: int = _section("optim", 12)
     batch_size: int = _section("optim", 64)
@@ -70,6 +79,13 @@ class FitConfig:
     eta_max: float = _section("optim", 1e-1)
     n_s: int = _section("optim", 500)
     cycles: int | None = _section("optim", None)
+    optimizer: str = _section("optim", "sgd")
+    beta1: float = _section("optim", 0.9)              # AdamW's moment decays, eps and
+    beta2: float = _section("optim", 0.999)            # decoupled weight decay (PyTorch's
+    eps: float = _section("optim", 1e-8)               # defaults)
+    weight_decay: float = _section("optim", 0.01)
+    label_smoothing: float = _section("optim", 0.0)
+    clip_norm: float | None = _section("optim", None)  # clip the gradients' global L2 norm
     # [run]
     seed: int = _section("run", 0)
     threads: int | None = _section("run", None)
@@ -186,6 +202,7 @@ class FitConfig:
         for p in self.pool:
             _expect(isinstance(p, int) and p >= 0, "pool", self.pool, "pool sizes >= 0 (0 = no pooling)")
         _expect(self.dtype in DTYPES, "dtype", self.dtype, " or ".join(DTYPES))
+        self._validate_layer_options()
 
         _expect(self.epochs > 0, "epochs", self.epochs, "a positive count")
         _expect(self.batch_size > 0, "batch_size", self.batch_size, "a positive count")
@@ -200,12 +217,37 @@ class FitConfig:
                 f"a learning rate > eta_min ({self.eta_min})")
         _expect(self.n_s > 0, "n_s", self.n_s, "a positive number of updates")
         _expect(self.cycles is None or self.cycles > 0, "cycles", self.cycles, "a positive count")
+        self._validate_optimizer_options()
 
         _expect(self.threads is None or self.threads > 0, "threads", self.threads, "a positive count")
         _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
         _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
         _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
         _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
+
+
+    def _validate_layer_options(self) -> None:
+        for p in self.dropout:
+            _expect(_finite(p) and 0 <= p < 1, "dropout", self.dropout, "probabilities in [0, 1)")
+        _expect(len(self.dropout) == 1 or len(self.dropout) == len(self.hidden), "dropout", self.dropout,
+                f"1 or {len(self.hidden)} entries (one per hidden dense layer)")
+        _expect(self.hidden or not any(self.dropout), "dropout", self.dropout,
+                "0 without hidden dense layers (dropout follows each hidden layer; see --hidden)")
+        _expect(self.global_pool in GLOBAL_POOLS, "global_pool", self.global_pool, " or ".join(GLOBAL_POOLS))
+        _expect(self.pool_type in POOL_TYPES, "pool_type", self.pool_type, " or ".join(POOL_TYPES))
+
+    def _validate_optimizer_options(self) -> None:
+        _expect(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _expect(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
+        _expect(_finite(self.eps) and self.eps > 0, "eps", self.eps, "a value > 0")
+        _expect(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+                "a value >= 0")
+        _expect(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing",
+                self.label_smoothing, "a value in [0, 1)")
+        _expect(self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0), "clip_norm",
+                self.clip_norm, "a norm > 0 (or nothing: no clipping)")
 
 
 # ---- helpers ----------------------------------------------------------------------
@@ -255,6 +297,7 @@ _LIST_EXPECTATIONS = {
     "strides": "whole numbers, e.g. 1,2",
     "padding": "whole numbers >= 0, 'same' or 'valid'",
     "pool": "pool sizes, e.g. 2,0 (0 = no pooling)",
+    "dropout": "probabilities, e.g. 0.3 or 0.5,0.3 (one per hidden layer)",
 }
 
 
@@ -299,6 +342,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _list_item(name: str, v: Any) -> Any:
+    if name == "dropout":
+        if isinstance(v, bool):
+            raise ValueError
+        return float(v)
     if name == "padding" and isinstance(v, str) and v in PADDING_WORDS:
         return v
     if name == "kernel_sizes":
