@@ -7,6 +7,8 @@ L2 gradient, SGD momentum update (Trainer.train_step for convtrain). The three r
     DIGITS 1x8x8:   3x3x16, 3x3x32, FC10
     MNIST  1x28x28: 5x5x20, 5x5x50, FC10
     CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
+    CIFAR-BN          the CIFAR net with batch norm after each conv (before its ReLU): the
+                      cost of batch norm is its row against CIFAR's (torch: nn.BatchNorm2d)
 
 The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
@@ -53,6 +55,7 @@ NETS = {
     "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 10},
     "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 10},
 }
+NETS["cifar-bn"] = {**NETS["cifar"], "batch_norm": True}
 # PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
 BATCH = 100
@@ -103,7 +106,8 @@ class NumpyKernels:
 
 def build_network(spec):
     return Network.build(input_shape=spec["input_shape"], num_classes=10, filters=spec["filters"],
-                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0)
+                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0,
+                         batch_norm=spec.get("batch_norm", False))
 
 
 def batches(spec, count=4):
@@ -293,7 +297,8 @@ def format_row(net, threads, rates, medians):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", default="digits,mnist,cifar", help="comma-separated: digits, mnist, cifar")
+    parser.add_argument("--nets", default="digits,mnist,cifar,cifar-bn",
+                        help="comma-separated: digits, mnist, cifar, cifar-bn")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
