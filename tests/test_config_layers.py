@@ -77,3 +77,33 @@ def test_every_key_has_a_flag_in_fit_help():
     for flag in ("--batch-norm", "--dropout", "--global-pool", "--pool-type", "--optimizer", "--beta1",
                  "--beta2", "--eps", "--weight-decay", "--label-smoothing", "--clip-norm"):
         assert flag in result.output, flag
+
+
+def test_a_sweep_can_search_every_key(tmp_path):
+    from convtrain.sweep.spec import load_sweep
+
+    (tmp_path / "sweep.toml").write_text('''
+[fit]
+hidden = [32]
+[sweep]
+name = "layers"
+method = "tpe"
+[space]
+batch_norm = [true, false]
+dropout = [0.0, 0.3]
+global_pool = ["none", "avg"]
+pool_type = ["max", "avg"]
+optimizer = ["sgd", "adamw"]
+beta1 = {low = 0.8, high = 0.95}
+beta2 = {low = 0.99, high = 0.9999, log = true}
+eps = {low = 1e-9, high = 1e-6, log = true}
+weight_decay = {low = 1e-3, high = 0.1, log = true}
+label_smoothing = {low = 0.0, high = 0.2}
+clip_norm = {low = 0.5, high = 5.0}
+''')
+    spec = load_sweep(tmp_path / "sweep.toml", n_trials=2)
+    assert set(LAYER_KEYS) <= set(spec.space)
+    config = spec.trial_config({"batch_norm": True, "dropout": "0.3", "global_pool": "avg", "pool_type": "avg",
+                                "optimizer": "adamw", "beta1": 0.85, "beta2": 0.995, "eps": 1e-8,
+                                "weight_decay": 0.01, "label_smoothing": 0.1, "clip_norm": 1.0})
+    assert (config.batch_norm, config.dropout, config.optimizer, config.clip_norm) == (True, [0.3], "adamw", 1.0)
