@@ -18,7 +18,7 @@ _EXPORTS = {
     "SGD": "convtrain.nn.optim",
     "AdamW": "convtrain.nn.optim",
     "Trainer": "convtrain.training.trainer",
-    "History": "convtrain.training.trainer",
+    "History": "convtrain.training.callbacks",
     "make_schedule": "convtrain.nn.optim",
     "Callback": "convtrain.training.callbacks",
     "Checkpoint": "convtrain.training.callbacks",

@@ -107,3 +107,13 @@ clip_norm = {low = 0.5, high = 5.0}
                                 "optimizer": "adamw", "beta1": 0.85, "beta2": 0.995, "eps": 1e-8,
                                 "weight_decay": 0.01, "label_smoothing": 0.1, "clip_norm": 1.0})
     assert (config.batch_norm, config.dropout, config.optimizer, config.clip_norm) == (True, [0.3], "adamw", 1.0)
+
+
+def test_a_flag_the_chosen_optimizer_does_not_use_is_refused():
+    from convtrain.config import FLAG
+
+    with pytest.raises(ConfigError, match="--beta1 0.8 is not used by optimizer = sgd"):
+        FitConfig(beta1=0.8).check_settings({"beta1": FLAG})
+    with pytest.raises(ConfigError, match="--momentum 0.5 is not used by --optimizer adamw"):
+        FitConfig(optimizer="adamw", momentum=0.5).check_settings({"momentum": FLAG, "optimizer": FLAG})
+    FitConfig(optimizer="adamw", beta1=0.8).check_settings({"beta1": FLAG, "optimizer": FLAG})

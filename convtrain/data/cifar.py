@@ -8,11 +8,14 @@ refuses everything else before it is imported.
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
 import numpy as np
 from numpy._core.multiarray import _reconstruct
+
+from convtrain.errors import one_line
 
 from .base import RawData, check_labels, data_error, existing_dir
 
@@ -24,11 +27,26 @@ META_FILE = "batches.meta"
 DEFAULT_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                        "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SHAPE = (3, 32, 32)  # each row: 1024 red, then green, then blue, each 32x32 row-major
+# The format's limits: every official batch holds 10,000 images of 3,072 bytes.
+MAX_BATCH_IMAGES = 10_000
+PIXELS_PER_IMAGE = 3 * 32 * 32
+# What numpy arrays one batch file may ask the unpickler to allocate in all: the image array
+# plus room for its labels as an int64 array.
+_MAX_ARRAY_BYTES = MAX_BATCH_IMAGES * PIXELS_PER_IMAGE + MAX_BATCH_IMAGES * 8
+
+
+class _NdarrayType:
+    """Stands in for numpy.ndarray inside a batch pickle: numpy's own pickles only pass it to
+    _reconstruct; calling it directly (ndarray(shape) allocates any size) is refused."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("the pickle calls numpy.ndarray directly, refused")
+
 
 ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): np.dtype,
 }
 
@@ -41,12 +59,34 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="bytes")
         self.path = path
 
+        self.array_bytes = 0  # what the arrays built so far allocated
+
     def find_class(self, module: str, name: str):
         try:
-            return ALLOWED_GLOBALS[(module, name)]
+            found = ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise data_error(self.path, f"refused to unpickle: it asks for the global {module}.{name}, "
                                         "but only numpy array reconstruction is allowed") from None
+        return self._reconstruct if found == "_reconstruct" else found
+
+    def _reconstruct(self, subtype, shape, dtype):
+        """numpy's _reconstruct(ndarray, shape, dtype), which allocates `shape` uninitialized:
+        numpy's pickles pass shape (0,) and then fill the array from bytes in the file, but a
+        hand-made pickle can declare any shape here. Bounded by what a CIFAR batch can hold."""
+        if subtype is not _NdarrayType:
+            raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+        try:
+            itemsize = np.dtype(dtype).itemsize
+            sizes = [int(size) for size in (shape if isinstance(shape, tuple) else (shape,))]
+        except (TypeError, ValueError) as exc:
+            raise pickle.UnpicklingError(f"_reconstruct with shape {shape!r} and dtype {dtype!r} ({exc})") from None
+        self.array_bytes += max(math.prod(sizes), 0) * itemsize
+        # the first axis of a batch's arrays counts images (data (N, 3072), labels (N,))
+        if (sizes and sizes[0] > MAX_BATCH_IMAGES) or self.array_bytes > _MAX_ARRAY_BYTES:
+            raise data_error(self.path, f"declares numpy arrays of shape {shape!r} "
+                                        f"({self.array_bytes:,} bytes so far), more than a CIFAR batch of at most "
+                                        f"{MAX_BATCH_IMAGES:,} images of {PIXELS_PER_IMAGE:,} bytes holds")
+        return _reconstruct(np.ndarray, shape, dtype)
 
     def persistent_load(self, pid):
         raise data_error(self.path, "refused to unpickle: it uses persistent ids")
@@ -104,7 +144,9 @@ def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise data_error(path, f"'data' is {dtype} of shape {shape}, expected uint8 (N, {pixels_per_image})")
-    labels = np.asarray(batch["labels"])
+    if len(data) > MAX_BATCH_IMAGES:
+        raise data_error(path, f"holds {len(data)} images, more than the {MAX_BATCH_IMAGES:,} of a CIFAR batch")
+    labels = _label_array(path, batch["labels"])
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise data_error(path, f"'labels' must be a list of whole numbers, got {labels.dtype} of shape {labels.shape}")
     if len(labels) != len(data):
@@ -114,6 +156,17 @@ def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     labels = labels.astype(np.int64)
     check_labels(path, labels, num_classes)
     return data.reshape(len(data), *IMAGE_SHAPE), labels
+
+
+def _label_array(path: Path, labels) -> np.ndarray:
+    """The 'labels' entry as an array; a list nested past numpy's 64 dimensions, ragged lists or
+    values of mixed kinds are refused in one line."""
+    if isinstance(labels, (list, tuple)) and len(labels) > MAX_BATCH_IMAGES:
+        raise data_error(path, f"holds {len(labels)} labels, more than the {MAX_BATCH_IMAGES:,} of a CIFAR batch")
+    try:
+        return np.asarray(labels)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise data_error(path, f"'labels' must be a list of whole numbers ({one_line(str(exc))})") from None
 
 
 def _class_names(directory: Path) -> tuple[list[str], str]:

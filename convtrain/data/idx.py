@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import RawData, check_labels, data_error, existing_dir
+from .limits import check_data_memory, read_capped, values_in
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, cols)
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
@@ -70,36 +71,55 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
 
 def read_idx_images(path: Path) -> np.ndarray:
     """(count, 1, rows, cols) uint8, a read-only view of the file's bytes."""
-    data = _read_bytes(path)
-    count, rows, cols = _header(path, data, IMAGES_MAGIC, dims=3)
-    pixels = np.frombuffer(data, dtype=np.uint8, offset=16)
-    _check_payload(path, pixels.size, count * rows * cols, f"{count} images of {rows}x{cols}")
-    return pixels.reshape(count, 1, rows, cols)
+    (count, rows, cols), payload = _read_idx(path, IMAGES_MAGIC, "images")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(count, 1, rows, cols)
 
 
 def read_idx_labels(path: Path) -> np.ndarray:
-    data = _read_bytes(path)
-    (count,) = _header(path, data, LABELS_MAGIC, dims=1)
-    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
-    _check_payload(path, labels.size, count, f"{count} labels")
-    return labels.astype(np.int64)
+    (count,), payload = _read_idx(path, LABELS_MAGIC, "labels")
+    return np.frombuffer(payload, dtype=np.uint8).astype(np.int64)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_idx(path: Path, magic: int, what: str) -> tuple[tuple[int, ...], bytes]:
+    """The sizes the header declares and exactly that many payload bytes.
+
+    The header is read first and its claim checked (against the memory a fit would need, and
+    for a raw file against the file's size) before the payload is read; a gzipped payload is
+    decompressed with a cap, so a small .gz that inflates to gigabytes costs no more than its
+    header declared.
+    """
+    dims = 3 if magic == IMAGES_MAGIC else 1
+    header_size = 4 * (1 + dims)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as raw:
+            start = raw.read(2)
+            if not start:
+                raise data_error(path, "empty file")
+            raw.seek(0)
+            # Decide by content, not by name: a raw file called .gz (or the reverse) still loads.
+            gzipped = start == _GZIP_MAGIC
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            header = stream.read(header_size)
+            sizes = _header(path, header, magic, dims)
+            expected = values_in(sizes)
+            claim = (f"{sizes[0]} images of {sizes[1]}x{sizes[2]}" if dims == 3 else f"{sizes[0]} labels")
+            if not gzipped:
+                found = path.stat().st_size - header_size
+                _check_payload(path, found, expected, claim)
+            check_data_memory(path, claim, expected, 1)
+            if gzipped:
+                payload = read_capped(stream, expected, path, what)
+            else:
+                payload = stream.read(expected)
+            _check_payload(path, len(payload), expected, claim)
+            return sizes, payload
     except OSError as exc:
+        if isinstance(exc, gzip.BadGzipFile):
+            raise data_error(path, f"corrupt gzip data ({exc})") from None
         raise data_error(path, f"cannot read ({exc.strerror or exc})") from None
-    if not data:
-        raise data_error(path, "empty file")
-    # Decide by content, not by name: a raw file called .gz (or the reverse) still loads.
-    if not data.startswith(_GZIP_MAGIC):
-        return data
-    try:
-        return gzip.decompress(data)
     except EOFError:
         raise data_error(path, "truncated gzip stream (the file ends before the compressed data does)") from None
-    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+    except zlib.error as exc:
         raise data_error(path, f"corrupt gzip data ({exc})") from None
 
 

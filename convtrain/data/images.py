@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,24 @@ def load_image_file(path: str | Path) -> np.ndarray:
     except ImportError:
         return _read_with_matplotlib(path)
     try:
-        with Image.open(path) as image:
-            grayscale = image.mode in ("1", "L", "LA", "I", "I;16", "F") or \
-                (image.mode == "P" and _palette_is_gray(image))
-            pixels = np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.float32)
+        # Pillow only warns (on stderr) about an image between its pixel limit and twice that,
+        # then decodes it anyway: gigabytes for one prediction. Refuse it like a larger one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            pixels = _decode(Image, path)
     # Pillow reports bad files as OSError, ValueError or SyntaxError; huge ones as a bomb.
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise data_error(path, f"image too large ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise data_error(path, f"not a readable image ({exc})") from None
     return pixels if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _decode(Image, path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        grayscale = image.mode in ("1", "L", "LA", "I", "I;16", "F") or \
+            (image.mode == "P" and _palette_is_gray(image))
+        return np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.float32)
 
 
 def _palette_is_gray(image) -> bool:

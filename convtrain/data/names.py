@@ -21,6 +21,7 @@ one-hot input trained better (the measurements are in experiments/fit-names.toml
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from functools import partial
 from pathlib import Path
@@ -28,10 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from .base import RawData, data_error, existing_dir
+from .limits import MAX_ALPHABET, MAX_NAME_LENGTH, check_data_memory
 
 DD2424_NAMES = "ascii_names.txt"
 DD2424_CLASSES = "category_labels.txt"
 DD2424_HELD_OUT = "Validation_Inds.txt"
+
+# Class numbers and indices: ASCII digits only ("²".isdigit() is true, int("²") fails), and
+# few enough of them to be an index at all (int() refuses over 4,300 digits, int64 over 18).
+_NUMBER = re.compile(r"[0-9]{1,18}")
 
 # Letters that Unicode does not decompose into an ASCII base letter plus accents.
 _UNDECOMPOSABLE = str.maketrans({"ß": "ss", "ł": "l", "ø": "o", "æ": "ae", "œ": "oe",
@@ -68,10 +74,19 @@ def encode_names(names: list[str], alphabet: str, max_len: int) -> np.ndarray:
     return encoded
 
 
-def fit_name_encoder(max_len: int):
-    """RawData.fit_encoder for names: the alphabet is every letter of the training names."""
+def fit_name_encoder(max_len: int, directory: Path | str = "names"):
+    """RawData.fit_encoder for names: the alphabet is every letter of the training names.
+
+    The alphabet and the longest name size the one-hot encoding (N x letters x positions), so
+    both are bounded, and the encoding must fit in memory, before it is allocated.
+    """
     def fit(names: np.ndarray, train_idx: np.ndarray):
         alphabet = "".join(sorted(set("".join(names[train_idx].tolist()))))
+        if len(alphabet) > MAX_ALPHABET:
+            raise data_error(directory, f"the training names use {len(alphabet)} different letters, more than "
+                                        f"the {MAX_ALPHABET} an alphabet may have")
+        check_data_memory(directory, f"{len(names)} names of up to {max_len} letters from an alphabet of "
+                                     f"{len(alphabet)}", len(names) * len(alphabet) * max_len, 0)
         encode = partial(encode_names, alphabet=alphabet, max_len=max_len)
         return encode, {"alphabet": alphabet, "max_len": max_len}
     return fit
@@ -89,11 +104,14 @@ def load_names(path: str | Path | None) -> RawData:
         lines = _read_lines(file)
         if not lines:
             raise data_error(file, "empty file (no names)")
-        names += [normalize_name(line) for line in lines]
+        normalized = [normalize_name(line) for line in lines]
+        for number, name in enumerate(normalized, start=1):
+            _check_name_length(file, number, name)
+        names += normalized
         labels += [label] * len(lines)
     source = (f"{directory}: {len(files)} language files {files[0].name}..{files[-1].name} "
               f"({len(names)} names)")
-    return _raw_names(names, labels, [file.stem for file in files], source)
+    return _raw_names(names, labels, [file.stem for file in files], source, directory=directory)
 
 
 def _load_dd2424(directory: Path) -> RawData:
@@ -105,9 +123,10 @@ def _load_dd2424(directory: Path) -> RawData:
             continue
         # Names may contain spaces ("De La Cruz 17"): the class is after the last one.
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise data_error(names_path, f"line {number}: {line!r} is not '<name> <class number>'")
+        if len(parts) != 2 or not _NUMBER.fullmatch(parts[1]):
+            raise data_error(names_path, f"line {number}: {line[:60]!r} is not '<name> <class number>'")
         names.append(normalize_name(parts[0]))
+        _check_name_length(names_path, number, names[-1])
         labels.append(int(parts[1]) - 1)
     if not names:
         raise data_error(names_path, "empty file (no names)")
@@ -119,34 +138,47 @@ def _load_dd2424(directory: Path) -> RawData:
     held_out_path = directory / DD2424_HELD_OUT
     if not held_out_path.is_file():
         source = f"{directory}: {DD2424_NAMES} ({len(names)} names); no {DD2424_HELD_OUT}, no test set"
-        return _raw_names(names, labels, class_names, source)
+        return _raw_names(names, labels, class_names, source, directory=directory)
     held_out = _read_held_out(held_out_path, len(names))
+    if len(held_out) == len(names):
+        raise data_error(held_out_path, f"holds out all {len(names)} names of {DD2424_NAMES}, "
+                                        "leaving none to train on")
     is_held_out = np.zeros(len(names), dtype=bool)
     is_held_out[held_out] = True
     names = np.asarray(names)
     source = (f"{directory}: {DD2424_NAMES} ({len(names)} names); the {len(held_out)} names of "
               f"{DD2424_HELD_OUT} held out as the test set")
     return _raw_names(names[~is_held_out], labels[~is_held_out], class_names, source,
-                      names[is_held_out], labels[is_held_out])
+                      names[is_held_out], labels[is_held_out], directory=directory)
 
 
-def _raw_names(names, labels, class_names, source, test_names=None, test_labels=None) -> RawData:
+def _raw_names(names, labels, class_names, source, test_names=None, test_labels=None, *,
+               directory: Path) -> RawData:
+    names = list(names)
+    test_names = None if test_names is None else list(test_names)
+    longest = max([*names, *(test_names or [])], key=len)
     names = np.asarray(names, dtype=str)
-    max_len = max(len(name) for name in names.tolist())
     if test_names is not None:
         test_names = np.asarray(test_names, dtype=str)
-        max_len = max([max_len, *(len(name) for name in test_names.tolist())])
     return RawData(x=names, y=np.asarray(labels, dtype=np.int64), class_names=class_names, source=source,
                    x_test=test_names,
                    y_test=None if test_labels is None else np.asarray(test_labels, dtype=np.int64),
-                   fit_encoder=fit_name_encoder(max_len), standardize=False)
+                   fit_encoder=fit_name_encoder(len(longest), directory), standardize=False)
+
+
+def _check_name_length(path: Path, number: int, name: str) -> None:
+    """The longest name sizes every row of the one-hot encoding (and of numpy's string arrays
+    of the names): refuse an absurd one before any array is made."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise data_error(path, f"line {number}: a name of {len(name)} characters, more than the "
+                               f"{MAX_NAME_LENGTH} a name may have")
 
 
 def _read_class_names(path: Path) -> list[str]:
     numbered = {}
     for number, line in enumerate(_read_lines(path), start=1):
         parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit():
+        if len(parts) != 2 or not _NUMBER.fullmatch(parts[0]):
             raise data_error(path, f"line {number}: {line!r} is not '<class number> <language>'")
         numbered[int(parts[0])] = parts[1].strip()
     if not numbered:
@@ -160,8 +192,8 @@ def _read_held_out(path: Path, count: int) -> np.ndarray:
     tokens = " ".join(_read_lines(path)).split()
     if not tokens:
         raise data_error(path, "empty file (no indices)")
-    if not all(token.isdigit() for token in tokens):
-        bad = next(token for token in tokens if not token.isdigit())
+    if not all(_NUMBER.fullmatch(token) for token in tokens):
+        bad = next(token for token in tokens if not _NUMBER.fullmatch(token))
         raise data_error(path, f"{bad!r} is not an index")
     rows = np.asarray([int(token) for token in tokens], dtype=np.int64) - 1  # the indices are 1-based
     if rows.min() < 0 or rows.max() >= count:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
+from convtrain.nn.footprint import format_bytes
+
 from .base import RawData, check_labels, data_error
+from .limits import MAX_INFERRED_CLASSES, check_data_memory, values_in
+
+# Deflate cannot shrink data by more than about 1032:1, so a zip entry declaring more is lying.
+_DEFLATE_MAX_RATIO = 1032
+# Whole numbers a float64 holds exactly; larger "labels" are no class numbers (and casting
+# them to int64 is undefined: numpy warns and makes up a value).
+_LARGEST_FLOAT_LABEL = 2 ** 53
 
 
 def load_npz(path: str | Path | None) -> RawData:
@@ -40,6 +49,9 @@ def load_npz(path: str | Path | None) -> RawData:
 
     if class_names is None:
         highest = max(int(y.max()), int(y_test.max()) if y_test is not None and y_test.size else 0)
+        if highest >= MAX_INFERRED_CLASSES:
+            raise data_error(path, f"label {highest} would make {highest + 1} classes; without a 'class_names' "
+                                   f"array, labels must be below {MAX_INFERRED_CLASSES}")
         class_names = [str(label) for label in range(highest + 1)]
     check_labels(f"{path} (y)", y, len(class_names))
     if y_test is not None:
@@ -51,6 +63,7 @@ def load_npz(path: str | Path | None) -> RawData:
 
 
 def _read(path: Path, archive, key: str) -> np.ndarray:
+    _check_declared_size(path, archive.zip, key)
     try:
         return archive[key]
     except ValueError as exc:
@@ -60,6 +73,52 @@ def _read(path: Path, archive, key: str) -> np.ndarray:
         raise data_error(path, f"array {key!r} is unreadable ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise data_error(path, f"array {key!r} is corrupt ({exc})") from None
+
+
+def check_npz_claims(path: str | Path) -> None:
+    """Check every array of an .npz file (e.g. `convtrain predict`'s input) as load_npz does,
+    before numpy reads any; a file that is no zip at all is left to numpy's own error."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = [name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
+            for key in keys:
+                _check_declared_size(path, archive, key)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+
+
+def _check_declared_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
+    """Read only the .npy header of entry `key` and check its claim before numpy allocates it.
+
+    numpy allocates the whole array its header declares and then reads into it, so 200 bytes
+    can ask for terabytes. The declared size must match what the zip entry says it holds, the
+    entry must be possible for its compressed size, and the array must fit in memory; numpy
+    then decompresses no more than the entry's size (zipfile stops there).
+    """
+    try:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _fortran_order, dtype = read_header(member)
+            header_size = member.tell()
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise data_error(path, f"array {key!r} is unreadable ({exc})") from None
+    if dtype.hasobject:
+        return  # refused when read: numpy will not unpickle with allow_pickle=False
+    declared = values_in(shape) * dtype.itemsize
+    claim = f"array {key!r} of shape {tuple(shape)} {dtype} ({format_bytes(declared)})"
+    held = info.file_size - header_size
+    if declared != held:
+        raise data_error(path, f"declares {claim}, but its entry holds {format_bytes(max(held, 0))}")
+    stored_limit = path.stat().st_size if info.compress_type == zipfile.ZIP_STORED \
+        else info.compress_size * _DEFLATE_MAX_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else None
+    if stored_limit is not None and info.file_size > stored_limit:
+        raise data_error(path, f"declares {claim}, more than its {format_bytes(info.compress_size)} of "
+                               "compressed data can hold")
+    check_data_memory(path, claim, values_in(shape), dtype.itemsize)
 
 
 def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -92,6 +151,9 @@ def _labels(path: Path, key: str, y: np.ndarray, count: int) -> np.ndarray:
         # Whole-valued floats (as MATLAB or pandas often write labels) are accepted.
         if not np.isfinite(y).all() or (y != np.round(y)).any():
             raise data_error(path, f"{key!r} holds labels that are not whole numbers")
+        too_large = np.abs(y) > _LARGEST_FLOAT_LABEL
+        if too_large.any():
+            raise data_error(path, f"{key!r} holds the label {y[too_large][0]:g}, too large for a class number")
         return y.astype(np.int64)
     raise data_error(path, f"{key!r} has dtype {y.dtype}, expected whole-number class labels")
 

@@ -56,6 +56,44 @@ def _json_value(value):
     return value
 
 
+def checked_saved_extras(network: "Network", normalization, class_names, meta, where: str):
+    """(normalization, class_names, meta) read from a saved file, checked against `network`.
+
+    They are JSON a user can edit; a damaged one would otherwise fail deep inside predict or,
+    worse, quietly give NaN (a std of 0). Raises CheckpointError with one line naming the entry.
+    """
+    def refuse(problem: str):
+        return CheckpointError(f"{where}: {problem}")
+
+    channels = network.input_shape[0]
+    if normalization is not None:
+        if not isinstance(normalization, dict) or not {"mean", "std"} <= set(normalization):
+            raise refuse(f"'normalization' must be null or {{\"mean\": [...], \"std\": [...]}}, got {normalization!r:.80}")
+        for key in ("mean", "std"):
+            values = normalization[key]
+            if not isinstance(values, list) or len(values) != channels \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                               for v in values):
+                raise refuse(f"normalization {key} must be {channels} finite number(s), one per input "
+                             f"channel, got {values!r:.80}")
+        if any(v <= 0 for v in normalization["std"]):
+            raise refuse(f"normalization std must be positive in every channel, got {normalization['std']!r:.80}")
+    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != network.num_classes
+                                    or not all(isinstance(name, str) for name in class_names)):
+        raise refuse(f"'class_names' must be null or a list of {network.num_classes} strings, got {class_names!r:.80}")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise refuse(f"'meta' must be an object (a dict), got {meta!r:.80}")
+    if "alphabet" in meta:  # a names model: predict encodes names with these
+        alphabet, max_len = meta.get("alphabet"), meta.get("max_len")
+        if not isinstance(alphabet, str) or (max_len is not None and (
+                isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1)):
+            raise refuse(f"meta 'alphabet' must be a string and 'max_len' a positive whole number, "
+                         f"got {alphabet!r:.40} and {max_len!r:.20}")
+    return normalization, class_names, meta
+
+
 class Network:
     """A ConvNet for images (C, H, W) and `num_classes` classes; see the module docstring."""
 
@@ -221,6 +259,10 @@ class Network:
         """Copy values into the live buffers; names and shapes must match."""
         _copy_named(self.buffers(), values, source, "buffer")
 
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(layer, Dropout) for layer in self.layers)
+
     def set_dropout_generator(self, rng: np.random.Generator) -> None:
         """The generator every Dropout layer draws its masks from (the Trainer's, checkpointed)."""
         for layer in self.layers:
@@ -238,9 +280,6 @@ class Network:
                 # then spin against the kernels' OpenMP threads in the next step
                 total += float(np.einsum("i,i->", flat, flat))
         return total
-
-    def num_parameters(self) -> int:
-        return sum(int(v.size) for v in self.parameters().values())
 
     def set_parameters(self, values: dict[str, np.ndarray], *, source: str = "parameters") -> None:
         """Copy values into the live arrays (so optimizer references stay valid); names and shapes must match."""
@@ -359,9 +398,9 @@ class Network:
         values = {k[len(PARAM_PREFIX):]: v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
         network.set_parameters(values, source=f"{what} file {str(path)!r}")
         network.set_buffers(buffer_entries(arrays), source=f"{what} file {str(path)!r}")
-        network.normalization = read_json(arrays, "normalization", path, what)
-        network.class_names = read_json(arrays, "class_names", path, what)
-        network.meta = read_json(arrays, "meta", path, what) or {}
+        network.normalization, network.class_names, network.meta = checked_saved_extras(
+            network, read_json(arrays, "normalization", path, what), read_json(arrays, "class_names", path, what),
+            read_json(arrays, "meta", path, what), f"{what} file {str(path)!r}")
         return network
 
     @classmethod
@@ -390,14 +429,6 @@ class Network:
         buffer_names = set(self.buffers())
         self.set_parameters({k: v for k, v in values.items() if k not in buffer_names}, source="state dict")
         self.set_buffers({k: v for k, v in values.items() if k in buffer_names}, source="state dict")
-
-    def summary(self) -> str:
-        lines, shape = [], self.input_shape
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-            count = sum(int(v.size) for v in layer.params.values())
-            lines.append(f"{layer.name:<12} {type(layer).__name__:<10} -> {'x'.join(map(str, shape)):<12} {count} params")
-        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"Network({json.dumps(self.architecture)})"

@@ -144,7 +144,7 @@ def cifar_batch(n, offset=0):
 
 
 def test_cifar_batches_and_test_batch(tmp_path):
-    directory = write_cifar(tmp_path / "cifar-10-batches-py", {
+    write_cifar(tmp_path / "cifar-10-batches-py", {
         "data_batch_1": cifar_batch(20), "data_batch_3": cifar_batch(10, 7), "test_batch": cifar_batch(5)})
     splits = load_dataset("cifar10", tmp_path, val_fraction=0)  # the parent directory
     assert splits.x_train.shape == (30, 3, 32, 32) and splits.x_test.shape == (5, 3, 32, 32)

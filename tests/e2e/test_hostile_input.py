@@ -191,6 +191,90 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# ---- files that claim more than they hold (issue 13, section 2) --------------------------------
+
+class Declares:
+    """Pickles as numpy's _reconstruct(ndarray, shape, dtype): an array of any declared shape,
+    allocated by the unpickler, from a pickle of a few hundred bytes."""
+
+    def __init__(self, shape, dtype="u1"):
+        self.shape, self.dtype = shape, dtype
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, self.shape, self.dtype)
+
+
+def _npz_declaring_terabytes(_tmp) -> bytes:
+    """About 300 bytes whose x.npy header declares (1600000, 1, 1000, 1000) float32: 5.8 TiB."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (1_600_000, 1, 1000, 1000)})
+    labels = io.BytesIO()
+    np.save(labels, np.arange(4))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(16))
+        archive.writestr("y.npy", labels.getvalue())
+    return out.getvalue()
+
+
+def _gzip_inflating_past_its_header() -> bytes:
+    """An IDX header declaring 40 images of 8x8, then 32 MB of zeros, gzipped (about 32 KB)."""
+    import io
+
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as stream:
+        stream.write(good_idx_images()[:16])
+        for _ in range(32):
+            stream.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+def names_folder(**files: str) -> Callable[[Path], list]:
+    def setup(tmp: Path) -> list:
+        (tmp / "names").mkdir()
+        for name, text in files.items():
+            (tmp / "names" / name).write_text(text, encoding="utf-8")
+        return ["fit", "--data", "names", "--data-path", "names", "--filters", "4", "--epochs", "1",
+                "--batch-size", "2", "--kernel-sizes", "1"]
+    return setup
+
+
+def dd2424(names: str, held_out: str | None = None, classes: str = "1 Arabic\n2 Chinese\n"):
+    files = {"ascii_names.txt": names, "category_labels.txt": classes}
+    if held_out is not None:
+        files["Validation_Inds.txt"] = held_out
+    return names_folder(**files)
+
+
+def nested(depth: int):
+    value = [0]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def tamper_model(key: str, value):
+    """Replace the JSON entry `key` of out/model.npz (what a hand-edited model looks like)."""
+    import json
+
+    def damage(out: Path):
+        with np.load(out / "model.npz") as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        entry = json.loads(str(arrays[key][()]))
+        arrays[key] = np.array(json.dumps(value(entry) if callable(value) else value))
+        np.savez(out / "model.npz", **arrays)
+    return damage
+
+
+def evaluate_tampered(key: str, value):
+    return with_model(lambda tmp: ["evaluate", "out/model.npz"], tamper_model(key, value))
+
+
 # ---- the table ------------------------------------------------------------------------------------
 
 @dataclass
@@ -317,6 +401,46 @@ CASES = {
     "tracking store in a missing folder": Case(flags("fit", *TINY, "--tracking-uri", "sqlite:///no/such/dir/mlflow.db"),
                                                "does not exist"),
     "resume an unknown run id": Case(flags("fit", "--resume", "0123456789abcdef0123456789abcdef"), "0123456789abcdef"),
+    # sizes taken on trust (issue 13, section 2): refused before anything is allocated
+    "npz of 300 bytes declaring 5.8 TiB": Case(npz_bytes(_npz_declaring_terabytes), "5.8 TiB"),
+    "predict on an npz declaring 5.8 TiB": Case(
+        with_model(lambda tmp: ((tmp / "claims.npz").write_bytes(_npz_declaring_terabytes(tmp)),
+                                ["predict", "out/model.npz", "claims.npz"])[-1]), "declares array 'x'"),
+    "idx gzip inflating past its header": Case(mnist(images=_gzip_inflating_past_its_header(), gz=True),
+                                               "decompresses to more than the 2560 bytes"),
+    "cifar pickle declaring 700,000 images": Case(
+        cifar(lambda tmp: pickle.dumps({b"data": Declares((700_000, 3072)), b"labels": Declares((700_000,), "<i8")},
+                                       protocol=4)), "more than a CIFAR batch"),
+    "npz label of 10**9": Case(npz(x=images(), y=np.where(np.arange(20) == 3, 10**9, np.arange(20) % 10)),
+                               "label 1000000000 would make 1000000001 classes"),
+    "npz label of 1e20": Case(npz(x=images(), y=np.where(np.arange(20) == 3, 1e20, np.arange(20) % 10)),
+                              "label 1e+20, too large"),
+    "a surname of 200,000 characters": Case(names_folder(**{"English.txt": "smith\n" + "a" * 200_000 + "\n",
+                                                            "German.txt": "muller\n"}),
+                                            "a name of 200000 characters"),
+    "an alphabet of 20,000 letters": Case(names_folder(**{
+        "Chinese.txt": "\n".join("".join(chr(0x4E00 + i + j) for j in range(10)) for i in range(0, 20_000, 10)),
+        "English.txt": "smith\n"}), "different letters, more than the"),
+    "a billion filters": Case(flags("fit", "--filters", "1000000000"), "network: needs an estimated"),
+    "a billion hidden units": Case(flags("fit", "--hidden", "1000000000"), "network: needs an estimated"),
+    "padding of 100,000": Case(flags("fit", "--padding", "100000"), "network: needs an estimated"),
+    # data files with numbers and nesting that used to end in a traceback (section 5)
+    "dd2424 class written as a superscript": Case(dd2424("Abadi 1\nBai \u00b2\n"), "is not '<name> <class number>'"),
+    "dd2424 class number of 5,000 digits": Case(dd2424("Abadi 1\nBai " + "9" * 5000 + "\n"), "line 2:"),
+    "dd2424 index of 30 digits": Case(dd2424("Abadi 1\nBai 2\nChen 2\n", "1 " + "9" * 30 + "\n"), "is not an index"),
+    "dd2424 holding out every name": Case(dd2424("Abadi 1\nBai 2\n", "1 2\n"), "holds out all 2 names"),
+    "cifar labels nested past 64 dimensions": Case(
+        cifar(lambda tmp: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": nested(70)}, protocol=4)),
+        "'labels' must be a list of whole numbers"),
+    # a hand-edited model.npz (section 5)
+    "model normalization of the wrong length": Case(
+        evaluate_tampered("normalization", lambda n: {**n, "mean": n["mean"] * 2}), "normalization mean must be 1"),
+    "model normalization of strings": Case(
+        evaluate_tampered("normalization", lambda n: {**n, "std": ["x"]}), "normalization std must be 1"),
+    "model normalization std of 0": Case(
+        evaluate_tampered("normalization", lambda n: {**n, "std": [0.0]}), "std must be positive"),
+    "model class_names of 5": Case(evaluate_tampered("class_names", 5), "'class_names' must be null or a list"),
+    "model meta of a string": Case(evaluate_tampered("meta", "x"), "'meta' must be an object"),
     "sweep with an empty space": Case(write("sweep.toml", "[sweep]\nmethod = \"grid\"\n[space]\n",
                                             "sweep", "sweep.toml"), "[space] is empty"),
 }
@@ -354,3 +478,53 @@ def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypat
     before = snapshot(tmp_path)
     assert_one_line_error(invoke("fit", *TINY, "--out", "locked/run"), "not writable")
     assert snapshot(tmp_path) == before
+
+
+def test_a_zip_bomb_npz_is_refused_from_its_headers(tmp_path, monkeypatch):
+    """32 MB of zeros deflate to about 32 KB; with 40 MB of memory (a fit may plan on half)
+    the archive is refused in one line from its headers, never decompressed."""
+    import io
+    import zipfile
+
+    from convtrain.nn.footprint import MEMORY_LIMIT_ENV
+
+    monkeypatch.chdir(tmp_path)
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as entry:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": "|u1", "fortran_order": False, "shape": (512 * 1024, 1, 8, 8)})
+            entry.write(header.getvalue())
+            for _ in range(32):
+                entry.write(bytes(1 << 20))
+        archive.writestr("y.npy", b"")
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(40 << 20))
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(invoke("fit", "--data", "npz", "--data-path", "bomb.npz", *TINY),
+                                 "a fit may use")
+    assert "bomb.npz" in line and "32.0 MiB" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_memory_error_anywhere_is_one_line(tmp_path, monkeypatch):
+    import convtrain.pipeline.fit as pipeline_fit
+
+    def runs_out_of_memory(*_args, **_kwargs):
+        raise MemoryError("Unable to allocate 5.82 TiB for an array with shape (1600000, 1000, 1000)")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline_fit, "_build_network", runs_out_of_memory)
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(invoke("fit", *TINY), "out of memory (Unable to allocate 5.82 TiB")
+    assert "smaller" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_predict_on_an_image_past_pillows_pixel_limit(tmp_path, monkeypatch, trained):
+    """Between Pillow's pixel limit and twice it, Pillow only warns on stderr and decodes anyway."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert_one_line_error(invoke("predict", trained / "model.npz", "big.png"), "image too large")

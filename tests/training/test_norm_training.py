@@ -10,7 +10,8 @@ from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD, AdamW, make_schedule
 from convtrain.training.callbacks import Callback
-from convtrain.training.trainer import CHECKPOINT_NAME, Trainer
+from convtrain.training.checkpoint import CHECKPOINT_FILE
+from convtrain.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +104,14 @@ def test_resume_with_batch_norm_dropout_and_adamw_is_bit_exact(small, tmp_path, 
     with pytest.raises(TrainingInterrupted):
         interrupted.fit(*small)
     resumed = make_trainer(build(), tmp_path / "run", optimizer=optimizer)  # as a new process would
-    resumed.resume(tmp_path / "run" / CHECKPOINT_NAME)
+    resumed.resume(tmp_path / "run" / CHECKPOINT_FILE)
     resumed.fit(*small)
     assert resumed.step == reference.step == 15
     assert_same(state(resumed.network), state(reference.network))
     assert_same(resumed.optimizer.state_dict(), reference.optimizer.state_dict())
     other = make_trainer(build(), tmp_path / "other", optimizer="sgd" if optimizer == "adamw" else "adamw")
     with pytest.raises(CheckpointError, match="same optimizer"):
-        other.resume(tmp_path / "run" / CHECKPOINT_NAME)
+        other.resume(tmp_path / "run" / CHECKPOINT_FILE)
 
 
 def test_training_gives_the_same_bits_for_1_and_2_threads(small):

@@ -1,0 +1,189 @@
+"""How much memory a network will take, worked out from its shapes before any array exists.
+
+A config asks for `filters = [1000000000]` or `padding = [100000]` as easily as for 16 filters;
+building such a network would try to allocate terabytes (a MemoryError at best, the machine
+swapping to a halt at worst). `estimate` walks the architecture with plain integer arithmetic
+(no numpy arrays, no overflow) and `check_fits` refuses, in one line, a network whose estimate
+exceeds the memory available, before Network.build allocates its weights.
+
+The estimate is deliberately simple and a little generous; it is meant to catch requests that
+are off by orders of magnitude, not to predict the resident size to the megabyte:
+  parameters:  weights + gradients + momentum + the best-epoch copy kept for early stopping (4x)
+  activations: per batch, every layer's output and the gradient of it (2x), the input batch,
+               max-pooling's argmax indices (8 bytes each), and each thread's im2col scratch;
+               or, if larger, the forward pass alone over an evaluation batch (500 images).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from convtrain.errors import ArchitectureError
+
+_PARAMETER_COPIES = 4  # weights, gradients, momentum, best weights
+_ACTIVATION_COPIES = 2  # forward output, backward gradient
+_INDEX_BYTES = 8  # max-pooling's argmax (intp)
+EVAL_BATCH = 500  # images per forward pass in evaluation and prediction (Trainer, predict_proba)
+# The share of available memory a fit may plan to use; the rest is for the data, the Python
+# process itself and everything else running on the machine.
+MEMORY_SHARE = 0.5
+MEMORY_LIMIT_ENV = "CONVTRAIN_MEMORY_LIMIT"  # bytes; overrides what the system reports
+
+
+@dataclass(frozen=True)
+class Footprint:
+    parameters: int  # how many numbers the weights and biases hold
+    parameter_bytes: int  # with gradients, momentum and the best-weights copy
+    activation_bytes: int  # for one batch, forward and backward
+    batch_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.parameter_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        return (f"{format_bytes(self.total_bytes)} ({self.parameters:,} parameters: "
+                f"{format_bytes(self.parameter_bytes)} with gradients and optimizer state; "
+                f"activations for a batch of {self.batch_size}: {format_bytes(self.activation_bytes)})")
+
+
+def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, padding, pool,
+             hidden, dtype: str = "float32", batch_size: int = 1, threads: int = 1,
+             global_pool: str = "none") -> Footprint:
+    """The footprint of the network Network.build would make from these (per-block lists, one
+    entry per conv block). Shapes that do not fit stop the walk: Network.build reports those."""
+    itemsize = 8 if str(dtype) == "float64" else 4
+    channels, height, width = (int(v) for v in input_shape)
+    params = 0
+    activations = channels * height * width  # the input batch
+    index_values = 0
+    scratch = 0
+    fits = True
+    for f, k, s, p, q in zip(filters, kernel_sizes, strides, padding, pool):
+        (kh, kw), (sh, sw) = _pair(k), _pair(s)
+        ph, pw = _padding(p, kh, kw)
+        if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+            fits = False
+            break
+        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        if out_h < 1 or out_w < 1:
+            fits = False
+            break
+        f = int(f)
+        params += f * channels * kh * kw + f
+        activations += f * out_h * out_w
+        scratch = max(scratch, (channels * kh * kw + 1) * out_h * out_w)
+        channels, height, width = f, out_h, out_w
+        q = int(q)
+        if q:
+            height, width = (height - q) // q + 1, (width - q) // q + 1
+            if height < 1 or width < 1:
+                fits = False
+                break
+            activations += channels * height * width
+            index_values += channels * height * width
+    # global average pooling hands the dense layers one value per channel
+    features = channels if global_pool == "avg" else channels * height * width
+    if fits:
+        for units in [*(int(h) for h in hidden), int(num_classes)]:
+            params += features * units + units
+            activations += units
+            features = units
+    batch = max(int(batch_size), 1)
+    rows = max(_ACTIVATION_COPIES * batch, EVAL_BATCH)  # training (forward + backward) or evaluation
+    return Footprint(
+        parameters=params,
+        parameter_bytes=_PARAMETER_COPIES * params * itemsize,
+        activation_bytes=(rows * activations * itemsize + max(batch, EVAL_BATCH) * index_values * _INDEX_BYTES
+                          + max(int(threads), 1) * scratch * itemsize),
+        batch_size=batch,
+    )
+
+
+def estimate_for_config(config, input_shape, num_classes: int) -> Footprint:
+    """estimate() for a FitConfig's network on data of this shape and class count."""
+    return estimate(input_shape=input_shape, num_classes=num_classes, filters=config.filters,
+                    kernel_sizes=config.per_block("kernel_sizes"), strides=config.per_block("strides"),
+                    padding=config.per_block("padding"), pool=config.per_block("pool"),
+                    hidden=config.hidden, dtype=config.dtype, batch_size=config.batch_size,
+                    threads=config.threads or os.cpu_count() or 1,
+                    global_pool=getattr(config, "global_pool", "none"))
+
+
+def check_fits(config, input_shape, num_classes: int, available: int | None = None) -> Footprint:
+    """Refuse (ArchitectureError, one line) a configured network that would not fit in memory."""
+    footprint = estimate_for_config(config, input_shape, num_classes)
+    available = available_memory() if available is None else available
+    if available is not None and footprint.total_bytes > MEMORY_SHARE * available:
+        raise ArchitectureError(
+            f"network: needs an estimated {footprint.describe()}, more than the "
+            f"{format_bytes(int(MEMORY_SHARE * available))} a fit may use (half of the "
+            f"{format_bytes(available)} of memory available); use fewer or smaller layers, "
+            "less padding or a smaller batch")
+    return footprint
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: $CONVTRAIN_MEMORY_LIMIT if set, else the smaller of
+    Linux's MemAvailable and the room left under a cgroup (container) limit, else the free
+    physical pages the C library reports; None where none of these can be read."""
+    override = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if override:
+        try:
+            return max(int(float(override)), 0)
+        except (ValueError, OverflowError):
+            raise ArchitectureError(f"{MEMORY_LIMIT_ENV}: got {override!r}, expected a number of bytes") from None
+    candidates = [value for value in (_meminfo_available(), _cgroup_room()) if value is not None]
+    if candidates:
+        return min(candidates)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), if it has a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def format_bytes(count: int | float) -> str:
+    """1536 -> '1.5 KiB', 6.4e12 -> '5.8 TiB'."""
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"  # not reached
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[1])) if len(value) == 2 else (int(value[0]),) * 2
+    return int(value), int(value)
+
+
+def _padding(value, kh: int, kw: int) -> tuple[int, int]:
+    if value == "valid":
+        return 0, 0
+    if value == "same":
+        return (kh - 1) // 2, (kw - 1) // 2
+    return _pair(value)
