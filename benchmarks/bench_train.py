@@ -3,7 +3,8 @@
 One "step" is a full training update on a batch: forward, softmax cross-entropy, backward,
 L2 gradient, SGD momentum update (Trainer.train_step for convtrain), on the three reference
 nets of benchmarks/nets.py (DIGITS, MNIST, CIFAR: two valid convolutions with ReLU, FC10,
-float32, batch 100).
+float32, batch 100; CIFAR-BN: the CIFAR net with batch norm after each conv, before its ReLU,
+so that its row against CIFAR's is the cost of batch norm; torch: nn.BatchNorm2d).
 
 The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
@@ -268,7 +269,8 @@ def format_row(net, threads, rates, medians):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", default="digits,mnist,cifar", help="comma-separated: digits, mnist, cifar")
+    parser.add_argument("--nets", default="digits,mnist,cifar,cifar-bn",
+                        help="comma-separated: digits, mnist, cifar, cifar-bn")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")

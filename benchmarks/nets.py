@@ -5,6 +5,7 @@ their figures describe the same step.
     DIGITS 1x8x8:   3x3x16, 3x3x32, FC10
     MNIST  1x28x28: 5x5x20, 5x5x50, FC10
     CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
+    CIFAR-BN        the CIFAR net with batch norm after each conv (before its ReLU)
 
 (valid convolutions, stride 1, no pooling, ReLU after each conv, float32, batch 100.)
 """
@@ -23,6 +24,7 @@ NETS = {
     "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 10},
     "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 10},
 }
+NETS["cifar-bn"] = {**NETS["cifar"], "batch_norm": True}
 BATCH = 100
 LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
 
@@ -30,7 +32,8 @@ LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
 def build_network(spec):
     """The net of NETS[name] with float32 He-initialized weights, the same for every run (seed 0)."""
     return Network.build(input_shape=spec["input_shape"], num_classes=10, filters=spec["filters"],
-                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0)
+                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0,
+                         batch_norm=spec.get("batch_norm", False))
 
 
 def batches(spec, count=4):

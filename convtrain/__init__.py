@@ -16,6 +16,7 @@ _EXPORTS = {
     "get_num_threads": "convtrain.nn.backend",
     "Network": "convtrain.nn.network",
     "SGD": "convtrain.nn.optim",
+    "AdamW": "convtrain.nn.optim",
     "Trainer": "convtrain.training.trainer",
     "History": "convtrain.training.callbacks",
     "make_schedule": "convtrain.nn.optim",

@@ -4,8 +4,10 @@ A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sw
 parameter all use the same name) but is written to TOML in sections for reading:
 
     [data]   data, data_path, val_fraction, limit, balanced, augment
-    [model]  filters, kernel_sizes, strides, padding, pool, hidden, dtype
-    [optim]  epochs, batch_size, lr, momentum, nesterov, l2, schedule and its parameters
+    [model]  filters, kernel_sizes, strides, padding, pool, hidden, dtype,
+             batch_norm, dropout, global_pool, pool_type
+    [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
+             eps, weight_decay, label_smoothing, clip_norm, schedule and its parameters
     [run]    seed, threads, patience, monitor, experiment, run_name, out, track, ...
 
 A TOML file may use the sections or plain top-level keys; both load the same.
@@ -41,6 +43,9 @@ SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
+OPTIMIZERS = ("sgd", "adamw")
+GLOBAL_POOLS = ("none", "avg")
+POOL_TYPES = ("max", "avg")
 PADDING_WORDS = ("same", "valid")
 
 
@@ -75,13 +80,30 @@ class FitConfig:
     pool: list[int] = option("model", [0], "Max-pool size per block, 0 = none.")
     hidden: list[int] = option("model", [], "Hidden dense layer sizes before the output, e.g. 64.")
     dtype: str = option("model", "float32", "float32 or float64.")
+    batch_norm: bool = option("model", False, "Batch normalization after every conv and hidden dense layer, "
+                              "before its ReLU.")
+    dropout: list[float] = option("model", [0.0], "Dropout probability after each hidden dense layer, or one "
+                                  "per layer, e.g. 0.5,0.3.")
+    global_pool: str = option("model", "none", "avg: global average pooling after the last block (the dense "
+                              "layers see one value per channel), or none.")
+    pool_type: str = option("model", "max", "Pooling in the blocks that pool: max or avg.")
     # [optim]
     epochs: int = option("optim", 12, "Epochs to train.")
     batch_size: int = option("optim", 64, "Mini-batch size.")
+    optimizer: str = option("optim", "sgd", "sgd (--momentum, --nesterov) or adamw (--beta1, --beta2, --eps, "
+                            "decoupled --weight-decay).")
     lr: float = option("optim", 0.05, "Learning rate (constant, step, cosine).")
     momentum: float = option("optim", 0.9, "SGD momentum in [0, 1).")
     nesterov: bool = option("optim", False, "Nesterov momentum.")
     l2: float = option("optim", 1e-4, "L2 penalty lambda on the weights.")
+    beta1: float = option("optim", 0.9, "adamw: decay of the first moment.")
+    beta2: float = option("optim", 0.999, "adamw: decay of the second moment.")
+    eps: float = option("optim", 1e-8, "adamw: added to the denominator.")
+    weight_decay: float = option("optim", 0.01, "adamw: decoupled weight decay of the conv and dense weights.")
+    label_smoothing: float = option("optim", 0.0, "Label smoothing e of the cross-entropy: targets "
+                                    "(1-e)*onehot + e/K.")
+    clip_norm: float | None = option("optim", None, "Clip the gradients to this global L2 norm.",
+                                     shown="no clipping")
     schedule: str = option("optim", "constant", "LR schedule: constant, step, cosine, cyclic.")
     step_epochs: int = option("optim", 10, "step: epochs between LR drops.")
     gamma: float = option("optim", 0.1, "step: LR factor per drop.")
@@ -238,6 +260,10 @@ class FitConfig:
                 raise ConfigError(f"{said(name)} is not used by {said('schedule')} (it is a setting of the "
                                   f"{' and '.join(users)} schedule{'s' if len(users) > 1 else ''}); "
                                   f"pass --schedule {users[0]}, or leave {flag_name(name)} out")
+        for name, users in OPTIMIZER_SETTINGS.items():
+            if chosen.get(name) == FLAG and self.optimizer not in users:
+                raise ConfigError(f"{said(name)} is not used by {said('optimizer')} (it is a setting of "
+                                  f"{users[0]}); pass --optimizer {users[0]}, or leave {flag_name(name)} out")
         if (self.schedule == "step" and self.step_epochs >= self.epochs
                 and {"schedule", "step_epochs", "epochs"} & set(chosen)):
             raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "
@@ -284,6 +310,7 @@ class FitConfig:
         for p in self.pool:
             _expect(isinstance(p, int) and p >= 0, "pool", self.pool, "pool sizes >= 0 (0 = no pooling)")
         _expect(self.dtype in DTYPES, "dtype", self.dtype, " or ".join(DTYPES))
+        self._validate_layer_options()
 
         _expect(self.epochs > 0, "epochs", self.epochs, "a positive count")
         _expect(self.batch_size > 0, "batch_size", self.batch_size, "a positive count")
@@ -298,6 +325,7 @@ class FitConfig:
                 f"a learning rate > eta_min ({self.eta_min})")
         _expect(self.n_s > 0, "n_s", self.n_s, "a positive number of updates")
         _expect(self.cycles is None or self.cycles > 0, "cycles", self.cycles, "a positive count")
+        self._validate_optimizer_options()
 
         _expect(self.threads is None or self.threads > 0, "threads", self.threads, "a positive count")
         _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
@@ -307,6 +335,30 @@ class FitConfig:
             raise ConfigError(f"run_name: got {len(self.run_name)} characters, expected at most {MAX_RUN_NAME} "
                               "(MLflow's limit)")
         _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
+
+
+    def _validate_layer_options(self) -> None:
+        for p in self.dropout:
+            _expect(_finite(p) and 0 <= p < 1, "dropout", self.dropout, "probabilities in [0, 1)")
+        _expect(len(self.dropout) == 1 or len(self.dropout) == len(self.hidden), "dropout", self.dropout,
+                f"1 or {len(self.hidden)} entries (one per hidden dense layer)")
+        _expect(self.hidden or not any(self.dropout), "dropout", self.dropout,
+                "0 without hidden dense layers (dropout follows each hidden layer; see --hidden)")
+        _expect(self.global_pool in GLOBAL_POOLS, "global_pool", self.global_pool, " or ".join(GLOBAL_POOLS))
+        _expect(self.pool_type in POOL_TYPES, "pool_type", self.pool_type, " or ".join(POOL_TYPES))
+
+    def _validate_optimizer_options(self) -> None:
+        _expect(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _expect(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
+        _expect(_finite(self.eps) and self.eps > 0, "eps", self.eps, "a value > 0")
+        _expect(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+                "a value >= 0")
+        _expect(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing",
+                self.label_smoothing, "a value in [0, 1)")
+        _expect(self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0), "clip_norm",
+                self.clip_norm, "a norm > 0 (or nothing: no clipping)")
 
 
 # ---- helpers ----------------------------------------------------------------------
@@ -323,9 +375,13 @@ DEFAULTS = {f.name: f.default_factory() if f.default is dataclasses.MISSING else
 SCHEDULE_SETTINGS = {"lr": ("constant", "step", "cosine"), "step_epochs": ("step",), "gamma": ("step",),
                      "eta_min": ("cosine", "cyclic"), "eta_max": ("cyclic",), "n_s": ("cyclic",),
                      "cycles": ("cyclic",)}
+# the optimizers that use each optimizer setting: a flag for the other one would be ignored
+OPTIMIZER_SETTINGS = {"momentum": ("sgd",), "nesterov": ("sgd",), "beta1": ("adamw",), "beta2": ("adamw",),
+                      "eps": ("adamw",), "weight_decay": ("adamw",)}
 # what --resume continues unchanged, else silently ignored or mixed: the data and its split, the
 # run and its folder (a different network is refused when the checkpoint is read)
-FIXED_ON_RESUME = ("data", "val_fraction", "limit", "seed", "balanced", "experiment", "run_name", "out")
+FIXED_ON_RESUME = ("data", "val_fraction", "limit", "seed", "balanced", "experiment", "run_name", "out",
+                   "optimizer")
 
 
 def flag_name(name: str) -> str:
@@ -386,6 +442,7 @@ _LIST_EXPECTATIONS = {
     "strides": "whole numbers, e.g. 1,2",
     "padding": "whole numbers >= 0, 'same' or 'valid'",
     "pool": "pool sizes, e.g. 2,0 (0 = no pooling)",
+    "dropout": "probabilities, e.g. 0.3 or 0.5,0.3 (one per hidden layer)",
 }
 
 
@@ -430,6 +487,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _list_item(name: str, v: Any) -> Any:
+    if name == "dropout":
+        if isinstance(v, bool):
+            raise ValueError
+        return float(v)
     if name == "padding" and isinstance(v, str) and v in PADDING_WORDS:
         return v
     if name == "kernel_sizes":

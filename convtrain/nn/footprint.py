@@ -50,7 +50,8 @@ class Footprint:
 
 
 def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, padding, pool,
-             hidden, dtype: str = "float32", batch_size: int = 1, threads: int = 1) -> Footprint:
+             hidden, dtype: str = "float32", batch_size: int = 1, threads: int = 1,
+             global_pool: str = "none") -> Footprint:
     """The footprint of the network Network.build would make from these (per-block lists, one
     entry per conv block). Shapes that do not fit stop the walk: Network.build reports those."""
     itemsize = 8 if str(dtype) == "float64" else 4
@@ -83,7 +84,8 @@ def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, p
                 break
             activations += channels * height * width
             index_values += channels * height * width
-    features = channels * height * width
+    # global average pooling hands the dense layers one value per channel
+    features = channels if global_pool == "avg" else channels * height * width
     if fits:
         for units in [*(int(h) for h in hidden), int(num_classes)]:
             params += features * units + units
@@ -106,7 +108,8 @@ def estimate_for_config(config, input_shape, num_classes: int) -> Footprint:
                     kernel_sizes=config.per_block("kernel_sizes"), strides=config.per_block("strides"),
                     padding=config.per_block("padding"), pool=config.per_block("pool"),
                     hidden=config.hidden, dtype=config.dtype, batch_size=config.batch_size,
-                    threads=config.threads or os.cpu_count() or 1)
+                    threads=config.threads or os.cpu_count() or 1,
+                    global_pool=getattr(config, "global_pool", "none"))
 
 
 def check_fits(config, input_shape, num_classes: int, available: int | None = None) -> Footprint:

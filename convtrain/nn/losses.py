@@ -13,19 +13,32 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
+                          label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of scores (N, K) against labels y (N,) and its gradient dscores (N, K).
 
     loss = mean_i( logsumexp(s_i) - s_i[y_i] ),  dscores = (softmax(s) - onehot(y)) / N
+
+    With label smoothing e the target is q = (1 - e) * onehot(y) + e / K, as in PyTorch's
+    CrossEntropyLoss(label_smoothing=e): loss = mean_i( logsumexp(s_i) - sum_k q_ik s_ik ),
+    dscores = (softmax(s) - q) / N.
     """
-    n = scores.shape[0]
+    n, k = scores.shape
     rows = np.arange(n)
     shifted = scores - scores.max(axis=1, keepdims=True)
     dscores = np.exp(shifted)
     sum_exp = dscores.sum(axis=1, keepdims=True)
-    loss = (float(np.log(sum_exp).sum(dtype=np.float64)) - float(shifted[rows, y].sum(dtype=np.float64))) / n
+    target = float(shifted[rows, y].sum(dtype=np.float64))
+    if label_smoothing:
+        e = float(label_smoothing)
+        target = (1 - e) * target + (e / k) * float(shifted.sum(dtype=np.float64))
+    loss = (float(np.log(sum_exp).sum(dtype=np.float64)) - target) / n
     dscores *= (1.0 / n) / sum_exp
-    dscores[rows, y] -= 1.0 / n
+    if label_smoothing:
+        dscores -= e / (k * n)
+        dscores[rows, y] -= (1 - e) / n
+    else:
+        dscores[rows, y] -= 1.0 / n
     return loss, dscores
 
 

@@ -1,8 +1,11 @@
 """Network: a stack of conv blocks and dense layers built from a plain description.
 
-    [conv -> ReLU -> (maxpool)] x blocks -> flatten -> [dense -> ReLU] x hidden -> dense -> scores
+    [conv -> (batch norm) -> ReLU -> (max/avg pool)] x blocks -> flatten | global avg pool
+        -> [dense -> (batch norm) -> ReLU -> (dropout)] x hidden -> dense -> scores
 
-Cost J = mean cross-entropy + l2 * sum ||W||^2 over conv and dense weights (not biases).
+Cost J = mean cross-entropy + l2 * sum ||W||^2 over conv and dense weights (not biases,
+not batch norm's gamma/beta). Batch norm's running statistics are buffers (state, not
+parameters), saved with the model as PyTorch keeps them.
 Parameters are named like PyTorch's state_dict ("conv1.weight", "fc1.bias", "fc.weight"),
 and a network saves to one pickle-free .npz with everything needed to rebuild and use it.
 """
@@ -16,12 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
+from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.nn.losses import softmax, softmax_cross_entropy
+from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, write_npz_atomic
+from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 
 MODEL_FORMAT = "convtrain-model-1"
 PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
+GLOBAL_POOLS = ("none", "avg")
+POOL_TYPES = ("max", "avg")
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:
@@ -123,9 +132,14 @@ class Network:
     @classmethod
     def build(cls, *, input_shape: Sequence[int], num_classes: int, filters: Sequence[int],
               kernel_sizes=3, strides=1, padding=0, pool=0, hidden: Sequence[int] = (),
-              dtype: str = "float32", seed: int = 0) -> "Network":
+              dtype: str = "float32", seed: int = 0, batch_norm: bool = False, dropout=0.0,
+              global_pool: str = "none", pool_type: str = "max") -> "Network":
         """Per-block options take one value for all blocks or one entry per block
-        (a kernel entry is an int or [kh, kw]; padding an int, [ph, pw], 'same' or 'valid')."""
+        (a kernel entry is an int or [kh, kw]; padding an int, [ph, pw], 'same' or 'valid').
+        batch_norm: after every conv and hidden dense layer (before its ReLU); dropout: after
+        every hidden dense layer's ReLU (a probability, or one per hidden layer);
+        global_pool "avg": the channel means feed the dense layers instead of the flattened
+        maps; pool_type: max or average pooling in the blocks that pool."""
         filters = [int(f) for f in ([filters] if isinstance(filters, (int, np.integer)) else filters)]
         if not filters:
             raise ArchitectureError("filters: expected at least one conv block")
@@ -148,6 +162,8 @@ class Network:
             "hidden": [int(h) for h in hidden],
             "dtype": str(np.dtype(dtype)),
         }
+        architecture.update(_layer_options(batch_norm, dropout, len(architecture["hidden"]),
+                                           global_pool, pool_type))
         return cls(architecture, seed=seed)
 
     @classmethod
@@ -156,7 +172,9 @@ class Network:
             input_shape=input_shape, num_classes=num_classes, filters=config.filters,
             kernel_sizes=config.per_block("kernel_sizes"), strides=config.per_block("strides"),
             padding=config.per_block("padding"), pool=config.per_block("pool"),
-            hidden=config.hidden, dtype=config.dtype, seed=config.seed)
+            hidden=config.hidden, dtype=config.dtype, seed=config.seed,
+            batch_norm=getattr(config, "batch_norm", False), dropout=getattr(config, "dropout", 0.0),
+            global_pool=getattr(config, "global_pool", "none"), pool_type=getattr(config, "pool_type", "max"))
 
     def _build_layers(self, arch: dict) -> list[Layer]:
         if arch["num_classes"] < 1:
@@ -171,23 +189,34 @@ class Network:
             shape = layer.output_shape(shape)
             layers.append(layer)
 
+        # Keys absent from architectures written before these layers existed: their defaults.
+        batch_norm = bool(arch.get("batch_norm", False))
+        dropout = arch.get("dropout") or [0.0] * len(arch["hidden"])
+        pool_class = {"max": MaxPool2D, "avg": AvgPool2D}[arch.get("pool_type", "max")]
         for i, block in enumerate(arch["blocks"], start=1):
             if int(block["filters"]) < 1:
                 raise ArchitectureError(f"conv{i}: got {block['filters']} filters, expected at least 1")
             add(Conv2D(shape[0], block["filters"], block["kernel_size"], block["stride"], block["padding"],
                        dtype=self.dtype, name=f"conv{i}"))
+            if batch_norm:
+                add(BatchNorm2D(shape[0], dtype=self.dtype, name=f"bn{i}"))
             add(ReLU(f"conv{i}_relu", inplace=True))
             if block["pool"]:
-                add(MaxPool2D(block["pool"], name=f"pool{i}"))
-        add(Flatten("flatten"))
-        for j, width in enumerate(arch["hidden"], start=1):
+                add(pool_class(block["pool"], name=f"pool{i}"))
+        add(GlobalAvgPool("gap") if arch.get("global_pool", "none") == "avg" else Flatten("flatten"))
+        for j, (width, p) in enumerate(zip(arch["hidden"], dropout), start=1):
             if width < 1:
                 raise ArchitectureError(f"fc{j}: got {width} units, expected at least 1")
             add(Dense(shape[0], width, dtype=self.dtype, name=f"fc{j}"))
+            if batch_norm:
+                add(BatchNorm1D(shape[0], dtype=self.dtype, name=f"fc{j}_bn"))
             add(ReLU(f"fc{j}_relu", inplace=True))
+            if p:
+                add(Dropout(p, name=f"fc{j}_dropout"))
         add(Dense(shape[0], self.num_classes, dtype=self.dtype, name="fc"))
         layers[0].needs_input_grad = False
         fuse_conv_relu(layers)
+        fuse_norm_relu(layers)
         return layers
 
     def initialize(self, seed: int) -> None:
@@ -195,7 +224,9 @@ class Network:
         float32 and a float64 network with the same seed start from the same weights."""
         rng = np.random.default_rng([int(seed), 0])
         for layer in self.layers:
-            if "weight" in layer.params:
+            if isinstance(layer, (BatchNorm1D, BatchNorm2D)):
+                layer.reset_parameters()  # gamma 1, beta 0, fresh running statistics: no draw
+            elif "weight" in layer.params:
                 weight = layer.params["weight"]
                 draw = rng.standard_normal(weight.shape) * np.sqrt(2.0 / layer.fan_in)
                 weight[...] = draw
@@ -211,10 +242,37 @@ class Network:
         """Gradients of the last backward pass, same names as parameters()."""
         return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.grads.items()}
 
+    def weight_names(self) -> list[str]:
+        """The parameters under L2: conv and dense weights, not biases nor batch norm's gamma."""
+        return [f"{layer.name}.weight" for layer in self._regularized_layers()]
+
+    def _regularized_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers
+                if "weight" in layer.params and getattr(layer, "regularized", True)]
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """The live state arrays that are not parameters (batch norm's running statistics)."""
+        return {f"{layer.name}.{key}": value for layer in self.layers
+                for key, value in getattr(layer, "buffers", {}).items()}
+
+    def set_buffers(self, values: dict[str, np.ndarray], *, source: str = "buffers") -> None:
+        """Copy values into the live buffers; names and shapes must match."""
+        _copy_named(self.buffers(), values, source, "buffer")
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(layer, Dropout) for layer in self.layers)
+
+    def set_dropout_generator(self, rng: np.random.Generator) -> None:
+        """The generator every Dropout layer draws its masks from (the Trainer's, checkpointed)."""
+        for layer in self.layers:
+            if isinstance(layer, Dropout):
+                layer.rng = rng
+
     def l2_penalty(self) -> float:
         """sum ||W||^2 over conv and dense weights."""
         total = 0.0
-        for layer in self.layers:
+        for layer in self._regularized_layers():
             weight = layer.params.get("weight")
             if weight is not None:
                 flat = weight.reshape(-1)
@@ -257,15 +315,16 @@ class Network:
         """grads[W] += 2 * l2 * W for every conv and dense weight."""
         if l2 == 0:
             return
-        for layer in self.layers:
+        for layer in self._regularized_layers():
             weight = layer.params.get("weight")
             if weight is not None:
                 layer.grads["weight"] += (2.0 * l2) * weight
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, l2: float = 0.0) -> tuple[float, float]:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, l2: float = 0.0,
+                       label_smoothing: float = 0.0) -> tuple[float, float]:
         """(loss, cost) on a batch and gradients of the cost in gradients()."""
         scores = self.forward(x, train=True)
-        loss, dscores = softmax_cross_entropy(scores, y)
+        loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
         self.backward(dscores)
         self.add_l2_gradients(l2)
         return loss, loss + l2 * self.l2_penalty()
@@ -314,6 +373,7 @@ class Network:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything a saved model holds, as .npz entries (also embedded in checkpoints)."""
         arrays = {f"{PARAM_PREFIX}{name}": value for name, value in self.parameters().items()}
+        arrays.update({f"{BUFFER_PREFIX}{name}": value for name, value in self.buffers().items()})
         arrays["format"] = np.array(MODEL_FORMAT)
         arrays["architecture"] = json_entry(self.architecture)
         arrays["normalization"] = json_entry(self.normalization)
@@ -337,6 +397,7 @@ class Network:
             raise CheckpointError(f"{what} file {str(path)!r}: invalid architecture ({exc!r})") from None
         values = {k[len(PARAM_PREFIX):]: v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
         network.set_parameters(values, source=f"{what} file {str(path)!r}")
+        network.set_buffers(buffer_entries(arrays), source=f"{what} file {str(path)!r}")
         network.normalization, network.class_names, network.meta = checked_saved_extras(
             network, read_json(arrays, "normalization", path, what), read_json(arrays, "class_names", path, what),
             read_json(arrays, "meta", path, what), f"{what} file {str(path)!r}")
@@ -353,16 +414,77 @@ class Network:
         """Copies of the weights in PyTorch's layout and naming: conv (F, C, kh, kw), linear
         (out, in), and flattening in NCHW order as torch.nn.Flatten does. These are the
         layouts used internally, so this is a plain copy; see convtrain.torch_compat."""
-        return {name: value.copy() for name, value in self.parameters().items()}
+        state = {name: value.copy() for name, value in self.parameters().items()}
+        state.update({name: value.copy() for name, value in self.buffers().items()})
+        return state
 
     def load_state_dict_torch(self, state: dict) -> None:
-        """Import weights given in PyTorch's layout (numpy arrays or torch tensors)."""
+        """Import weights (and batch norm's buffers) given in PyTorch's layout (numpy arrays or
+        torch tensors)."""
         values = {}
         for name, value in state.items():
             if hasattr(value, "detach"):
                 value = value.detach().cpu().numpy()
             values[name] = value
-        self.set_parameters(values, source="state dict")
+        buffer_names = set(self.buffers())
+        self.set_parameters({k: v for k, v in values.items() if k not in buffer_names}, source="state dict")
+        self.set_buffers({k: v for k, v in values.items() if k in buffer_names}, source="state dict")
 
     def __repr__(self) -> str:
         return f"Network({json.dumps(self.architecture)})"
+
+
+# ---- batch norm, dropout and pooling options ---------------------------------------------
+
+
+def _layer_options(batch_norm, dropout, num_hidden: int, global_pool: str, pool_type: str) -> dict:
+    """The architecture entries of the optional layers; only those not at their default, so an
+    architecture without them reads (and compares) as it did before they existed."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ArchitectureError(f"global_pool: got {global_pool!r}, expected one of {', '.join(GLOBAL_POOLS)}")
+    if pool_type not in POOL_TYPES:
+        raise ArchitectureError(f"pool_type: got {pool_type!r}, expected one of {', '.join(POOL_TYPES)}")
+    rates = [float(p) for p in _per_hidden_layer(dropout, num_hidden)]
+    for p in rates:
+        if not 0 <= p < 1:
+            raise ArchitectureError(f"dropout: got {dropout!r}, expected probabilities in [0, 1)")
+    options: dict[str, Any] = {}
+    if batch_norm:
+        options["batch_norm"] = True
+    if any(rates):
+        options["dropout"] = rates
+    if global_pool != "none":
+        options["global_pool"] = global_pool
+    if pool_type != "max":
+        options["pool_type"] = pool_type
+    return options
+
+
+def _per_hidden_layer(dropout, num_hidden: int) -> list:
+    if isinstance(dropout, (int, float, np.floating, np.integer)):
+        return [dropout] * num_hidden
+    values = list(dropout)
+    if len(values) == 1:
+        return values * num_hidden
+    if len(values) != num_hidden and any(values):
+        raise ArchitectureError(
+            f"dropout: got {dropout!r}, expected 1 or {num_hidden} entries (one per hidden dense layer)")
+    return values if values else [0.0] * num_hidden
+
+
+def buffer_entries(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The buffers saved in a model or checkpoint's arrays, by name."""
+    return {k[len(BUFFER_PREFIX):]: v for k, v in arrays.items() if k.startswith(BUFFER_PREFIX)}
+
+
+def _copy_named(targets: dict[str, np.ndarray], values: dict[str, np.ndarray], source: str, what: str) -> None:
+    missing = sorted(set(targets) - set(values))
+    unexpected = sorted(set(values) - set(targets))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: {what} names do not match the network "
+                              f"(missing {missing or 'none'}, unexpected {unexpected or 'none'})")
+    for name, target in targets.items():
+        value = np.asarray(values[name])
+        if value.shape != target.shape:
+            raise CheckpointError(f"{source}: {what} {name} has shape {value.shape}, the network needs {target.shape}")
+        np.copyto(target, value, casting="same_kind")

@@ -1,4 +1,4 @@
-"""Mini-batch SGD with (Nesterov) momentum, and learning-rate schedules.
+"""Mini-batch SGD with (Nesterov) momentum, AdamW, gradient clipping, and learning-rate schedules.
 
 SGD follows PyTorch's formulation, so its updates can be checked against torch.optim.SGD:
 
@@ -72,6 +72,104 @@ class SGD:
             if value.shape != velocity.shape:
                 raise CheckpointError(f"optimizer state: velocity {name} has shape {value.shape}, expected {velocity.shape}")
             np.copyto(velocity, value, casting="same_kind")
+
+
+class AdamW:
+    """Adam with decoupled weight decay, as torch.optim.AdamW (same defaults, same order):
+
+        p <- p * (1 - lr * weight_decay)               (only the parameters in `decay`)
+        m <- beta1 * m + (1 - beta1) * g,   v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    `decay` names the parameters that decay (default: all, as PyTorch with one param group;
+    the Trainer passes the conv and dense weights, not biases nor batch norm's gamma/beta).
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, decay=None):
+        beta1, beta2 = (float(b) for b in betas)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ConfigError(f"beta1, beta2: got {beta1!r}, {beta2!r}, expected values in [0, 1)")
+        if not eps > 0:
+            raise ConfigError(f"eps: got {eps!r}, expected a value > 0")
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight_decay: got {weight_decay!r}, expected a value >= 0")
+        self.params = params
+        self.lr = float(lr)
+        self.beta1, self.beta2, self.eps = beta1, beta2, float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decay = set(params) if decay is None else set(decay)
+        self.steps = 0
+        self.exp_avg = {name: np.zeros_like(p) for name, p in params.items()}
+        self.exp_avg_sq = {name: np.zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
+        lr = self.lr if lr is None else float(lr)
+        self.steps += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = lr / (1 - b1 ** self.steps)
+        correction2_sqrt = math.sqrt(1 - b2 ** self.steps)
+        for name, param in self.params.items():
+            grad = grads[name]
+            if self.weight_decay and name in self.decay:
+                param *= 1 - lr * self.weight_decay
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            m *= b1
+            m += (1 - b1) * grad
+            v *= b2
+            v += (1 - b2) * grad * grad
+            denom = np.sqrt(v)
+            denom /= correction2_sqrt
+            denom += self.eps
+            param -= step_size * (m / denom)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The moments as arrays ("exp_avg/<name>", "exp_avg_sq/<name>") and the step count."""
+        state = {"steps": np.array(self.steps, dtype=np.int64)}
+        for name in self.params:
+            state[f"exp_avg/{name}"] = self.exp_avg[name].copy()
+            state[f"exp_avg_sq/{name}"] = self.exp_avg_sq[name].copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        expected = {"steps"} | {f"{kind}/{name}" for kind in ("exp_avg", "exp_avg_sq") for name in self.params}
+        if set(state) != expected:
+            raise CheckpointError(
+                f"AdamW state: got entries {sorted(state)[:6]}..., expected {sorted(expected)[:6]}...")
+        for kind, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            for name, target in moments.items():
+                value = np.asarray(state[f"{kind}/{name}"])
+                if value.shape != target.shape:
+                    raise CheckpointError(f"AdamW state: {kind} {name} has shape {value.shape}, expected {target.shape}")
+                np.copyto(target, value, casting="same_kind")
+        self.steps = int(state["steps"])
+
+
+def clip_grad_norm_(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """Scale all gradients in place by max_norm / (total + 1e-6) when their global L2 norm
+    `total` exceeds max_norm, as torch.nn.utils.clip_grad_norm_; returns total (before)."""
+    total = 0.0
+    for grad in grads.values():
+        flat = grad.reshape(-1).astype(np.float64, copy=False)
+        total += float(np.einsum("i,i->", flat, flat))  # einsum: no BLAS threads, fixed order
+    total = math.sqrt(total)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for grad in grads.values():
+            grad *= grad.dtype.type(coef)
+    return total
+
+
+def make_optimizer(network, config):
+    """SGD or AdamW as a FitConfig asks (fields optimizer, lr, momentum, nesterov, beta1,
+    beta2, eps, weight_decay); AdamW's weight decay applies to conv and dense weights only."""
+    kind = getattr(config, "optimizer", "sgd")
+    if kind == "sgd":
+        return SGD(network.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if kind == "adamw":
+        return AdamW(network.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                     eps=config.eps, weight_decay=config.weight_decay, decay=network.weight_names())
+    raise ConfigError(f"optimizer: got {kind!r}, expected sgd or adamw")
 
 
 # ---- schedules ----------------------------------------------------------------------

@@ -2,14 +2,19 @@
 
 torch is optional and never a dependency of convtrain: it is imported only when this is
 called. The module's children carry the Network's layer names, so its state_dict keys
-("conv1.weight", "fc.bias", ...) are exactly Network.state_dict_torch()'s.
+("conv1.weight", "fc.bias", "bn1.running_mean", ...) are exactly Network.state_dict_torch()'s.
+Batch norm, dropout and the pools map to their torch.nn twins (a GlobalAvgPool to
+AdaptiveAvgPool2d(1) + Flatten); call .eval() on the module to compare with convtrain's eval mode.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from convtrain.nn.norm import BatchNorm1D, BatchNorm2D
+from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 
 
 def to_torch_module(network, copy_weights: bool = True):
@@ -30,6 +35,15 @@ def to_torch_module(network, copy_weights: bool = True):
             module = nn.Flatten()
         elif isinstance(layer, Dense):
             module = nn.Linear(layer.in_features, layer.out_features)
+        elif isinstance(layer, (BatchNorm1D, BatchNorm2D)):
+            kind = nn.BatchNorm2d if isinstance(layer, BatchNorm2D) else nn.BatchNorm1d
+            module = kind(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+        elif isinstance(layer, Dropout):
+            module = nn.Dropout(layer.p)
+        elif isinstance(layer, AvgPool2D):
+            module = nn.AvgPool2d(layer.size, stride=layer.stride)
+        elif isinstance(layer, GlobalAvgPool):
+            module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         else:
             raise TypeError(f"no torch equivalent for layer {layer!r}")
         children[layer.name] = module

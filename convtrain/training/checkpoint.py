@@ -6,11 +6,14 @@ state, whether a network and batch size can continue it, and restoring a trainer
 reads these entries.
 
 Entries (plain arrays and JSON documents, no pickles; see nn/npz_files.py):
-    param/<name>, architecture, normalization, class_names, meta
+    param/<name>, buffer/<name>, architecture, normalization, class_names, meta
                      the network, exactly as a saved model holds it (so Network.load reads a
-                     checkpoint, and restoring goes through Network.from_arrays)
+                     checkpoint, and restoring goes through Network.from_arrays); buffers are
+                     batch norm's running statistics
     format           "convtrain-checkpoint-1"
-    velocity/<name>  the optimizer's state_dict() arrays (SGD's velocities)
+    velocity/<name>  SGD's state_dict() arrays (its velocities)
+    adamw/<key>      or AdamW's: "steps", "exp_avg/<name>", "exp_avg_sq/<name>"
+    dropout_rng      the dropout generator's state (only for a network with dropout)
     trainer          epoch, step, epochs, batch_size, l2, seed, stop_training, mid_epoch,
                      batches_done
     epoch_order      the sample order of the epoch in progress (empty unless mid_epoch)
@@ -39,6 +42,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 _SHAPE_CHECKED = ("trainer", "history", "callbacks")  # see checkpoint_checks.py
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
 OPTIMIZER_PREFIX = "velocity/"   # named after SGD's state, the first optimizer's
+ADAMW_PREFIX = "adamw/"
 CALLBACK_PREFIX = "callback/"
 HISTORY_KEY = "history"           # the History callback's key, and its own entry
 
@@ -57,8 +61,11 @@ class TrainingCheckpoint:
         """The complete training state of `trainer`, at an epoch end or mid-epoch."""
         arrays = trainer.network.to_arrays()
         arrays["format"] = np.array(CHECKPOINT_FORMAT)
+        prefix = _optimizer_prefix(trainer.optimizer)
         for name, value in trainer.optimizer.state_dict().items():
-            arrays[OPTIMIZER_PREFIX + name] = value
+            arrays[prefix + name] = value
+        if trainer.network.has_dropout:  # so a net without dropout writes the entries it always did
+            arrays["dropout_rng"] = json_entry(trainer.dropout_rng.bit_generator.state)
         mid_epoch = trainer.epoch_order is not None
         arrays["trainer"] = json_entry({
             "epoch": trainer.epoch, "step": trainer.step, "epochs": trainer.epochs,
@@ -163,8 +170,13 @@ class TrainingCheckpoint:
         trainer.network.normalization = saved.normalization
         trainer.network.class_names = saved.class_names
         trainer.network.meta = saved.meta
-        trainer.optimizer.load_state_dict({k[len(OPTIMIZER_PREFIX):]: v for k, v in self.arrays.items()
-                                           if k.startswith(OPTIMIZER_PREFIX)})
+        trainer.network.set_buffers(saved.buffers(), source=self.name)
+        self._restore_optimizer(trainer.optimizer)
+        if "dropout_rng" in self.arrays:
+            try:
+                trainer.dropout_rng.bit_generator.state = self._json("dropout_rng")
+            except (TypeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{self.name}: unusable dropout generator state ({exc})") from None
 
         state = self.state
         trainer.epoch = int(state["epoch"])
@@ -184,6 +196,15 @@ class TrainingCheckpoint:
         trainer.callbacks.load_state_dict({**self._json("callbacks"), HISTORY_KEY: self._json("history")})
         trainer.callbacks.load_state_arrays(self._callback_arrays())
 
+    def _restore_optimizer(self, optimizer) -> None:
+        saved_adamw = any(k.startswith(ADAMW_PREFIX) for k in self.arrays)
+        prefix = _optimizer_prefix(optimizer)
+        if saved_adamw != (prefix == ADAMW_PREFIX):
+            raise CheckpointError(
+                f"{self.name} was written by a fit with optimizer {'adamw' if saved_adamw else 'sgd'}; "
+                f"resume with the same optimizer (not {'adamw' if prefix == ADAMW_PREFIX else 'sgd'})")
+        optimizer.load_state_dict({k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)})
+
     def _callback_arrays(self) -> dict[str, dict[str, np.ndarray]]:
         grouped: dict[str, dict[str, np.ndarray]] = {}
         for entry, value in self.arrays.items():
@@ -191,3 +212,9 @@ class TrainingCheckpoint:
                 key, name = entry[len(CALLBACK_PREFIX):].rsplit("/", 1)
                 grouped.setdefault(key, {})[name] = value
         return grouped
+
+
+def _optimizer_prefix(optimizer) -> str:
+    from convtrain.nn.optim import AdamW
+
+    return ADAMW_PREFIX if isinstance(optimizer, AdamW) else OPTIMIZER_PREFIX

@@ -1,17 +1,20 @@
 """Trainer: epochs of shuffled mini-batches, per-epoch evaluation, callbacks, exact resume.
 
-One update: forward -> softmax cross-entropy -> backward -> + 2*l2*W -> SGD step at the
-schedule's learning rate. After each epoch the training set (all of it up to
+One update: forward -> softmax cross-entropy (optionally label-smoothed) -> backward ->
++ 2*l2*W -> (clip the gradients to a global norm) -> SGD or AdamW step at the schedule's
+learning rate. After each epoch the training set (all of it up to
 `train_eval_limit` images, else a fixed seeded subset of that size) and the validation set
 are evaluated in eval mode: loss, cost, accuracy, balanced accuracy.
 
 Random streams, all derived from `seed`: the shuffling/augmentation generator
-(default_rng([seed, 1])) is the only state that evolves; the training-evaluation subset
+(default_rng([seed, 1])) and the dropout generator (default_rng([seed, 3])) are the only
+random state that evolves; the training-evaluation subset
 (default_rng([seed, 2])) is recomputed from the seed. Network initialization uses
 default_rng([seed, 0]) (see Network.initialize).
 
 Resuming is exact. A checkpoint (training/checkpoint.py, the format's one owner) holds the
-weights, velocities, update count, epoch, the shuffling generator's state, history and
+weights, batch norm's running statistics, the optimizer's state (SGD's velocities or AdamW's
+moments), update count, epoch, the shuffling and dropout generators' states, history and
 callbacks' state; a checkpoint written mid-epoch (request_stop) also holds that epoch's sample
 order and the number of batches done. Since
 those are all the inputs of the remaining computation, a resumed fit makes the same
@@ -31,7 +34,7 @@ import numpy as np
 from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
 from convtrain.nn.losses import softmax_cross_entropy
-from convtrain.nn.optim import SGD, Schedule, make_schedule, training_length
+from convtrain.nn.optim import SGD, Schedule, clip_grad_norm_, make_optimizer, make_schedule, training_length
 from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
 from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
 from convtrain.training.metrics import evaluate_network
@@ -52,7 +55,8 @@ class Trainer:
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
                  checkpoint_dir: str | Path | None = None, patience: int | None = None,
                  monitor: str = "val_loss", balanced: bool = False, augment: bool = False,
-                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = 500):
+                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = 500,
+                 label_smoothing: float = 0.0, clip_norm: float | None = None):
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f"epochs and batch_size: got {epochs} and {batch_size}, expected positive counts")
         self.network = network
@@ -61,6 +65,11 @@ class Trainer:
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.l2 = float(l2)
+        self.label_smoothing = float(label_smoothing)
+        self.clip_norm = None if not clip_norm else float(clip_norm)
+        if not 0 <= self.label_smoothing < 1 or (self.clip_norm is not None and self.clip_norm < 0):
+            raise ConfigError(f"label_smoothing and clip_norm: got {label_smoothing} and {clip_norm}, "
+                              f"expected a value in [0, 1) and a norm > 0")
         self.seed = int(seed)
         self.monitor = monitor
         self.balanced = bool(balanced)
@@ -80,6 +89,8 @@ class Trainer:
         self.callbacks = CallbackList([self.history, *callbacks])
 
         self.rng = np.random.default_rng([self.seed, 1])
+        self.dropout_rng = np.random.default_rng([self.seed, 3])
+        network.set_dropout_generator(self.dropout_rng)
         self.epoch = 0             # last finished epoch
         self.step = 0              # updates done
         self.checkpoint_path: Path | None = None   # last good checkpoint
@@ -96,11 +107,12 @@ class Trainer:
     @classmethod
     def from_config(cls, network, config, callbacks: Iterable[Callback] = (),
                     checkpoint_dir: str | Path | None = None) -> "Trainer":
-        optimizer = SGD(network.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-        return cls(network, optimizer, make_schedule(config), epochs=config.epochs,
+        return cls(network, make_optimizer(network, config), make_schedule(config), epochs=config.epochs,
                    batch_size=config.batch_size, l2=config.l2, seed=config.seed, callbacks=callbacks,
                    checkpoint_dir=checkpoint_dir, patience=config.patience, monitor=config.monitor,
-                   balanced=config.balanced, augment=config.augment, config=config)
+                   balanced=config.balanced, augment=config.augment, config=config,
+                   label_smoothing=getattr(config, "label_smoothing", 0.0),
+                   clip_norm=getattr(config, "clip_norm", None))
 
     # ---- control --------------------------------------------------------------------
 
@@ -227,13 +239,16 @@ class Trainer:
         # at the next batch), not as numpy RuntimeWarnings around that one-line error.
         with np.errstate(over="ignore", invalid="ignore"):
             scores = network.forward(xb, train=True)
-            loss, dscores = softmax_cross_entropy(scores, yb)
+            loss, dscores = softmax_cross_entropy(scores, yb, self.label_smoothing)
             if not math.isfinite(loss):
                 return None, loss, float("nan")
             network.backward(dscores)
             network.add_l2_gradients(self.l2)
             cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
-            self.optimizer.step(network.gradients(), lr)
+            grads = network.gradients()
+            if self.clip_norm:
+                clip_grad_norm_(grads, self.clip_norm)  # the cost's gradient, L2 term included
+            self.optimizer.step(grads, lr)
         accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
         return loss, cost, accuracy
 

@@ -1,0 +1,155 @@
+"""Batch normalization: BatchNorm2D (per channel, after a conv) and BatchNorm1D (per feature,
+after a dense layer), as torch.nn.BatchNorm2d / BatchNorm1d define them.
+
+Train mode normalizes with the batch's statistics (biased variance) and updates the running
+ones as PyTorch does: running = (1 - momentum) * running + momentum * batch, the running
+variance from the unbiased batch variance. Eval mode normalizes with the running statistics.
+gamma ("weight") and beta ("bias") are learned; they are not under L2 (`regularized` False).
+Both passes run in the compiled ext/_norm kernels, threaded over channels, the same bits for
+any thread count. A BatchNorm followed by an inplace ReLU computes that ReLU itself
+(fuse_norm_relu), as a conv does: no separate pass over the activations.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from convtrain.errors import ArchitectureError
+from convtrain.nn import backend
+from convtrain.nn.layers import Layer, ReLU
+
+_norm = None
+
+
+def _kernels():
+    """The compiled module, loaded after the conv kernels (which set OpenMP's environment)."""
+    global _norm
+    if _norm is None:
+        backend.compiled()
+        _norm = importlib.import_module("convtrain.nn._norm")
+    return _norm
+
+
+def _threads() -> int:
+    # The conv kernels' setting: one knob (convtrain.set_num_threads) for every kernel,
+    # and 1 in a process forked after the kernels ran multithreaded.
+    return backend.get_num_threads()
+
+
+class _BatchNorm(Layer):
+    """Shared by both: x viewed as (N, C, P); statistics per c over N * P values."""
+
+    regularized = False  # gamma and beta are not under L2 / weight decay
+    ndim = 0
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
+                 dtype="float32", name: str = "bn"):
+        super().__init__(name)
+        self.num_features = int(num_features)
+        if self.num_features < 1:
+            raise ArchitectureError(f"{name}: got {num_features} features, expected at least 1")
+        if not 0 <= momentum <= 1 or not eps > 0:
+            raise ArchitectureError(f"{name}: momentum {momentum} must be in [0, 1] and eps {eps} > 0")
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.dtype = np.dtype(dtype)
+        self.params = {"weight": np.ones(self.num_features, dtype=self.dtype),
+                       "bias": np.zeros(self.num_features, dtype=self.dtype)}
+        # Running statistics: state, not parameters (no gradient); named as PyTorch's buffers.
+        self.buffers = {"running_mean": np.zeros(self.num_features, dtype=self.dtype),
+                        "running_var": np.ones(self.num_features, dtype=self.dtype),
+                        "num_batches_tracked": np.zeros((), dtype=np.int64)}
+        self.fused_relu = False  # set by fuse_norm_relu
+        self._cache = None
+
+    def reset_parameters(self) -> None:
+        self.params["weight"][...] = 1
+        self.params["bias"][...] = 0
+        self.buffers["running_mean"][...] = 0
+        self.buffers["running_var"][...] = 1
+        self.buffers["num_batches_tracked"][...] = 0
+
+    def _view(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != self.ndim or x.shape[1] != self.num_features:
+            raise ArchitectureError(
+                f"{self.name}: expects a {self.ndim}-d input with {self.num_features} channels, got {x.shape}")
+        if x.dtype != self.dtype:
+            raise ArchitectureError(f"{self.name}: expects {self.dtype} input, got {x.dtype}")
+        return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+
+    def forward(self, x, train=False):
+        x3 = self._view(x)
+        out = np.empty_like(x3)
+        gamma, beta = self.params["weight"], self.params["bias"]
+        if not train:
+            inv_std = 1.0 / np.sqrt(self.buffers["running_var"].astype(np.float64) + self.eps)
+            scale = gamma.astype(np.float64) * inv_std
+            shift = beta - self.buffers["running_mean"].astype(np.float64) * scale
+            _kernels().bn_affine_forward(x3, scale.astype(self.dtype), shift.astype(self.dtype), out,
+                                         self.fused_relu, _threads())
+            return out.reshape(x.shape)
+        c = self.num_features
+        mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
+        _kernels().bn_train_forward(x3, gamma, beta, out, mean, var, inv_std, self.eps,
+                                    self.fused_relu, _threads())
+        self._update_running(mean, var, x3.shape[0] * x3.shape[2])
+        self._cache = (x3, out if self.fused_relu else None, mean, inv_std, x.shape)
+        return out.reshape(x.shape)
+
+    def _update_running(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
+        m = self.momentum
+        # The unbiased variance, as PyTorch keeps it (one value per channel: no correction).
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        running_mean[...] = (1 - m) * running_mean + m * mean
+        running_var[...] = (1 - m) * running_var + m * unbiased
+        self.buffers["num_batches_tracked"] += 1
+
+    def backward(self, dout):
+        x3, out, mean, inv_std, shape = self._cache
+        self._cache = None
+        d3 = np.ascontiguousarray(dout, dtype=self.dtype).reshape(x3.shape)
+        dx = np.empty_like(x3)
+        dgamma = np.empty(self.num_features, dtype=self.dtype)
+        dbeta = np.empty(self.num_features, dtype=self.dtype)
+        _kernels().bn_backward(x3, d3, out if out is not None else x3, out is not None,
+                               mean, inv_std, self.params["weight"], dx, dgamma, dbeta, _threads())
+        self.grads = {"weight": dgamma, "bias": dbeta}
+        return dx.reshape(shape)
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__.lower(), "name": self.name, "features": self.num_features,
+                "eps": self.eps, "momentum": self.momentum}
+
+
+class BatchNorm2D(_BatchNorm):
+    """Per channel of (N, C, H, W): statistics over N * H * W values."""
+
+    ndim = 4
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.num_features:
+            raise ArchitectureError(f"{self.name}: expects ({self.num_features}, H, W) inputs, got {input_shape}")
+        return tuple(input_shape)
+
+
+class BatchNorm1D(_BatchNorm):
+    """Per feature of (N, F): statistics over the N values of the batch."""
+
+    ndim = 2
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.num_features,):
+            raise ArchitectureError(f"{self.name}: expects {self.num_features} inputs, got {input_shape}")
+        return tuple(input_shape)
+
+
+def fuse_norm_relu(layers: list[Layer]) -> None:
+    """Let every batch norm followed by an inplace ReLU apply it in its own kernels (the ReLU
+    stays in the list and passes values through, as after a conv: see fuse_conv_relu)."""
+    for norm, relu in zip(layers, layers[1:]):
+        if isinstance(norm, _BatchNorm) and isinstance(relu, ReLU) and relu.inplace:
+            norm.fused_relu = True
+            relu.fused = True
