@@ -81,6 +81,10 @@ class FitConfig:
     track: bool = _section("run", True)
     tracking_uri: str | None = _section("run", None)
     log_every: int = _section("run", 10)
+    # a name in the MLflow model registry: the fit's model becomes its next version
+    register_model: str | None = _section("run", None)
+    # an MLflow run id this fit's run becomes a child of (a sweep's best.toml sets its parent)
+    parent_run: str | None = _section("run", None)
 
     # ---- construction -------------------------------------------------------------
 
@@ -206,6 +210,11 @@ class FitConfig:
         _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
         _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
         _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
+        _expect(self.register_model is None or (bool(str(self.register_model).strip())
+                                                and not set(str(self.register_model)) & set("/:%")),
+                "register_model", self.register_model, "a model registry name without '/', ':' or '%'")
+        _expect(self.parent_run is None or str(self.parent_run).isalnum(), "parent_run", self.parent_run,
+                "an MLflow run id")
 
 
 # ---- helpers ----------------------------------------------------------------------
