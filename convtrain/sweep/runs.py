@@ -138,7 +138,9 @@ def log_summary(parent_run_id: str, *, tracking_uri: str, spec: SweepSpec, summa
             client.log_artifact(parent_run_id, str(path), "sweep")
     if spec.register_model and best is not None and best.run_id:
         try:
-            return register_best(client, spec.register_model, best.run_id, experiment_id)
+            return register_best(client, spec.register_model, best.run_id, experiment_id,
+                                 description=f"sweep {spec.name}, best trial {best.number}: "
+                                             f"{spec.objective} {best.value:.6g}")
         except Exception as exc:  # the sweep's results stand without the registry entry
             from convtrain.errors import one_line
 
@@ -146,7 +148,7 @@ def log_summary(parent_run_id: str, *, tracking_uri: str, spec: SweepSpec, summa
     return None
 
 
-def register_best(client, name: str, run_id: str, experiment_id: str) -> str | None:
+def register_best(client, name: str, run_id: str, experiment_id: str, *, description: str) -> str | None:
     """Register run `run_id`'s logged model as a new version of `name`, unless a version from
     that run is there already (the summary is written again each time the sweep command runs)."""
     from mlflow.entities import LoggedModelStatus
@@ -162,5 +164,5 @@ def register_best(client, name: str, run_id: str, experiment_id: str) -> str | N
     model = next((m for m in run_models(client, experiment_id, run_id) if m.status == LoggedModelStatus.READY), None)
     if model is None:
         return None
-    version = register(client, model.model_id, name, run_id=run_id, description=f"best trial of run {run_id}")
+    version = register(client, model.model_id, name, run_id=run_id, description=description)
     return f"{version.name} version {version.version}"

@@ -27,14 +27,15 @@ def architecture_rows(network) -> list[tuple[str, str, str, int]]:
         shape = layer.output_shape(shape)
         kind = type(layer).__name__
         if kind == "Conv2D":
-            info = layer.describe()
-            kind += f" {info['filters']} of {_pair(info['kernel_size'])}"
-            if tuple(info["stride"]) != (1, 1):
-                kind += f", stride {_pair(info['stride'])}"
-            if any(info["padding"]):
-                kind += f", pad {_pair(info['padding'])}"
+            kind += f", {layer.filters} filters {_shape(layer.kernel_size)}"
+            if tuple(layer.stride) != (1, 1):
+                kind += f", stride {_pair(layer.stride)}"
+            if any(layer.padding):
+                kind += f", pad {_pair(layer.padding)}"
         elif kind == "MaxPool2D":
-            kind += f" {_pair(layer.describe()['size'])}"
+            kind += f" {_shape(layer.size)}"
+            if tuple(layer.stride) != tuple(layer.size):
+                kind += f", stride {_pair(layer.stride)}"
         rows.append((layer.name, kind, _shape(shape), sum(int(v.size) for v in layer.params.values())))
     return rows
 
@@ -75,7 +76,8 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                  + f", {network.num_classes} classes, input {_shape(network.input_shape)}; "
                  f"split {split_text} examples" + (f" (limit {config.limit})" if config.limit else "") + ".")
     lines.append("")
-    lines.append(f"**Network** ({network.num_parameters():,} parameters, {network.dtype.name}):")
+    total = sum(int(v.size) for v in network.parameters().values())
+    lines.append(f"**Network** ({total:,} parameters, {network.dtype.name}):")
     lines.append("")
     lines += ["| layer | kind | output | parameters |", "|---|---|---|---:|"]
     lines += [f"| {name} | {kind} | {shape} | {count:,} |" for name, kind, shape, count in architecture_rows(network)]

@@ -124,6 +124,9 @@ def test_register_model_adds_a_version_per_fit(tmp_path, request, where):
         listed = json.loads(model.tags["mlflow.modelVersions"])  # what the Models table shows
         assert [(e["name"], str(e["version"])) for e in listed] == [("digits-net", str(version.version))]
         assert "registered as `digits-net version" in client.get_run(run.run_id).data.tags[NOTE_TAG]
+        # linking the metrics to the model added no second value to the run's one-epoch history
+        assert [m.step for m in client.get_metric_history(run.run_id, "val_loss")] == [1]
+        assert len(client.get_metric_history(run.run_id, "best_epoch")) == 1
 
 
 
