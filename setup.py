@@ -156,7 +156,10 @@ def extensions():
         return Extension(
             name,
             [str(pyx.relative_to(HERE))],
-            include_dirs=[np.get_include()],
+            # ext/ for the C helpers the .pyx files include (conv_support.h); a change to a
+            # header rebuilds the modules
+            include_dirs=[np.get_include(), "ext"],
+            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
             define_macros=[
                 ("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                 ("CONVTRAIN_CYTHON_VERSION", f'"{cython_version}"'),

@@ -1,12 +1,9 @@
 """End-to-end training throughput: convtrain vs PyTorch CPU vs a pure-numpy im2col baseline.
 
 One "step" is a full training update on a batch: forward, softmax cross-entropy, backward,
-L2 gradient, SGD momentum update (Trainer.train_step for convtrain). The three reference nets
-(valid convolutions, stride 1, no pooling, ReLU after each conv, float32, batch 100):
-
-    DIGITS 1x8x8:   3x3x16, 3x3x32, FC10
-    MNIST  1x28x28: 5x5x20, 5x5x50, FC10
-    CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
+L2 gradient, SGD momentum update (Trainer.train_step for convtrain), on the three reference
+nets of benchmarks/nets.py (DIGITS, MNIST, CIFAR: two valid convolutions with ReLU, FC10,
+float32, batch 100).
 
 The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
@@ -41,22 +38,14 @@ from threadpoolctl import threadpool_limits
 
 import convtrain
 from convtrain.nn import layers as convtrain_layers
-from convtrain.nn.network import Network
-from convtrain.nn.optim import SGD, make_schedule
-from convtrain.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy_conv  # the shared pure-numpy im2col baseline, same API as convtrain.nn.kernels
+import numpy_conv  # noqa: E402  the shared pure-numpy im2col baseline, same API as convtrain.nn.kernels
+import profile_step  # noqa: E402
+from nets import BATCH, L2, LR, MOMENTUM, NETS, batches, build_network, trainer_for  # noqa: E402
 
-NETS = {
-    "digits": {"input_shape": (1, 8, 8), "filters": [16, 32], "kernel_sizes": [3, 3], "steps": 300},
-    "mnist": {"input_shape": (1, 28, 28), "filters": [20, 50], "kernel_sizes": [5, 5], "steps": 10},
-    "cifar": {"input_shape": (3, 32, 32), "filters": [32, 64], "kernel_sizes": [5, 3], "steps": 10},
-}
 # PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
-BATCH = 100
-LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
 
 
 class NumpyKernels:
@@ -101,22 +90,8 @@ class NumpyKernels:
 
 # ---- one implementation = a function that runs k steps ----------------------------------------
 
-def build_network(spec):
-    return Network.build(input_shape=spec["input_shape"], num_classes=10, filters=spec["filters"],
-                         kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0)
-
-
-def batches(spec, count=4):
-    rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((BATCH, *spec["input_shape"]), dtype=np.float32) for _ in range(count)]
-    ys = [rng.integers(0, 10, BATCH) for _ in range(count)]
-    return xs, ys
-
-
 def convtrain_runner(spec, kernels_module=None):
-    network = build_network(spec)
-    trainer = Trainer(network, SGD(network.parameters(), LR, MOMENTUM), make_schedule(kind="constant", lr=LR),
-                      epochs=1, batch_size=BATCH, l2=L2)
+    trainer = trainer_for(build_network(spec))
     xs, ys = batches(spec)
 
     def run(steps):
@@ -365,7 +340,6 @@ def main(argv=None):
                 if result["net"] == net:
                     result["rss_mib"] = rss
     if not args.no_profile:
-        import profile_step
         print("\nper-phase profile of convtrain's step (benchmarks/profile_step.py)")
         for net in args.nets.split(","):
             for threads in thread_counts:

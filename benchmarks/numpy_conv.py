@@ -1,7 +1,7 @@
 """A pure-NumPy im2col convolution: the baseline convtrain's kernels are measured against.
 
 Same conventions and signatures as convtrain.nn.kernels (NCHW, filters (F, C, kh, kw), int or pair
-kernel_size/stride/padding), no argument checking. The im2col is a strided view copied once
+kernel_size/stride/padding, read by convtrain.nn.geometry), no other argument checking. The im2col is a strided view copied once
 per call (N * C*kh*kw * Ho*Wo elements: the whole batch at once), the GEMMs are np.matmul /
 np.tensordot (threaded BLAS), col2im is kh*kw vectorized strided additions.
 """
@@ -9,9 +9,11 @@ np.tensordot (threaded BLAS), col2im is kh*kw vectorized strided additions.
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from convtrain.nn.geometry import output_size, pair
 
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+def _geometry(kernel_size, stride, padding):
+    return pair("kernel_size", kernel_size, 1), pair("stride", stride, 1), pair("padding", padding)
 
 
 def _padded(x, ph, pw):
@@ -22,7 +24,7 @@ def _padded(x, ph, pw):
 
 def im2col(x, kernel_size, stride=1, padding=0):
     """cols (N, C*kh*kw, Ho*Wo), rows (c, i, j), columns (oh, ow), as convtrain.kernels.im2col."""
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
+    (kh, kw), (sh, sw), (ph, pw) = _geometry(kernel_size, stride, padding)
     N, C = x.shape[:2]
     windows = sliding_window_view(_padded(x, ph, pw), (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     Ho, Wo = windows.shape[2:4]
@@ -32,9 +34,9 @@ def im2col(x, kernel_size, stride=1, padding=0):
 
 def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     """The adjoint of im2col: x (N, C, H, W)."""
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
+    (kh, kw), (sh, sw), (ph, pw) = _geometry(kernel_size, stride, padding)
     N, C, H, W = x_shape
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     cols = cols.reshape(N, C, kh, kw, Ho, Wo)
     xp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
     for i in range(kh):
@@ -45,10 +47,9 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
     """out (N, F, Ho, Wo) = w.reshape(F, -1) @ im2col(x) + b."""
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     N, _, H, W = x.shape
     F, _, kh, kw = w.shape
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = output_size((H, W), *_geometry((kh, kw), stride, padding))
     out = np.matmul(w.reshape(F, -1), im2col(x, (kh, kw), stride, padding))
     if b is not None:
         out += b[:, None]
@@ -57,7 +58,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
 
 def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     """(dw, db): dw = sum_n dout[n] @ im2col(x)[n].T, db = dout summed over n, h, w."""
-    kh, kw = _pair(kernel_size)
+    kh, kw = pair("kernel_size", kernel_size, 1)
     N, C = x.shape[:2]
     F = dout.shape[1]
     cols = im2col(x, (kh, kw), stride, padding)

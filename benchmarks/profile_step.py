@@ -24,12 +24,10 @@ import numpy as np
 
 import convtrain
 from convtrain.nn import kernels, layers
-from convtrain.nn.optim import SGD, make_schedule
 from convtrain.training import trainer as train_module
-from convtrain.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import BATCH, L2, LR, MOMENTUM, NETS, batches, build_network  # noqa: E402
+from nets import BATCH, LR, NETS, batches, build_network, trainer_for  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -73,9 +71,7 @@ def profile(net, threads, steps, clock):
     """{label: seconds per step} for `steps` train steps of net at `threads` threads."""
     spec = NETS[net]
     network = build_network(spec)
-    optimizer = SGD(network.parameters(), LR, MOMENTUM)
-    trainer = Trainer(network, optimizer, make_schedule(kind="constant", lr=LR),
-                      epochs=1, batch_size=BATCH, l2=L2)
+    trainer = trainer_for(network)
     xs, ys = batches(spec)
     convtrain.set_num_threads(threads)
     from threadpoolctl import threadpool_limits
@@ -90,7 +86,7 @@ def profile(net, threads, steps, clock):
         timer.wrap(train_module, "softmax_cross_entropy", "softmax + cross-entropy")
         timer.wrap(network, "add_l2_gradients", "L2 gradient")
         timer.wrap(network, "l2_penalty", "L2 penalty")
-        timer.wrap(optimizer, "step", "SGD update")
+        timer.wrap(trainer.optimizer, "step", "SGD update")
         started = timer.clock()
         for i in range(steps):
             trainer.train_step(xs[i % 4], ys[i % 4], LR)

@@ -1,5 +1,5 @@
 """What one convtrain training step costs the process: wall time, CPU time split into user and
-system, and page faults, per step, on the reference nets of bench_train.py.
+system, and page faults, per step, on the reference nets of benchmarks/nets.py.
 
 System time and page faults are what memory churn costs (arrays handed back to the kernel
 and faulted in again every step); they should stay near zero in a steady state.
@@ -19,7 +19,8 @@ from pathlib import Path
 import convtrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import BATCH, NETS, convtrain_runner  # noqa: E402
+from bench_train import convtrain_runner  # noqa: E402
+from nets import BATCH, NETS  # noqa: E402
 
 
 def step_cost(net: str, threads: int, steps: int) -> dict:

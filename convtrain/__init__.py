@@ -17,7 +17,7 @@ _EXPORTS = {
     "Network": "convtrain.nn.network",
     "SGD": "convtrain.nn.optim",
     "Trainer": "convtrain.training.trainer",
-    "History": "convtrain.training.trainer",
+    "History": "convtrain.training.callbacks",
     "make_schedule": "convtrain.nn.optim",
     "Callback": "convtrain.training.callbacks",
     "Checkpoint": "convtrain.training.callbacks",

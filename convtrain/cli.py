@@ -4,21 +4,27 @@ Only typer and the config module are imported at the top: numpy, the engine and 
 inside the commands, so `convtrain --help` answers at once.
 
 Errors a user can fix (ConvtrainError, bad flags, OS errors such as a full disk) print one
-line on stderr and exit non-zero; `--debug` (or CONVTRAIN_DEBUG=1) shows the traceback.
+line on stderr and exit non-zero; `convtrain --debug ...` (or CONVTRAIN_DEBUG=1) also prints
+the traceback, with the same exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from convtrain.config import FitConfig
+from convtrain.config import DEFAULTS, FIELD_TYPES, FitConfig, flag_name, show_value
 from convtrain.errors import ConvtrainError, TrainingInterrupted, one_line
+
+DEBUG_FLAG = "--debug"
 
 
 class ConvtrainGroup(TyperGroup):
@@ -26,10 +32,14 @@ class ConvtrainGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv or os.environ.get("CONVTRAIN_DEBUG", "") not in ("", "0")
+        # `convtrain fit --debug` means `convtrain --debug fit`: the option is the app's, given anywhere
+        end = argv.index("--") if "--" in argv else len(argv)
+        debug = DEBUG_FLAG in argv[:end] or os.environ.get("CONVTRAIN_DEBUG", "") not in ("", "0")
+        if DEBUG_FLAG in argv[:end]:
+            argv = [DEBUG_FLAG] + [a for a in argv[:end] if a != DEBUG_FLAG] + argv[end:]
         try:
             result = super().main(args=argv, prog_name=prog_name or "convtrain", complete_var=complete_var,
-                                  standalone_mode=False, **extra)
+                                  standalone_mode=False, obj={"debug": debug}, **extra)
             code = result if isinstance(result, int) else 0
         except typer.TyperException as exc:  # typer's bad-flag errors (its vendored click's ClickException)
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `convtrain`: the help was shown
@@ -40,21 +50,16 @@ class ConvtrainGroup(TyperGroup):
         except typer.Abort:
             _error_line("aborted")
             code = 130
-        except ConvtrainError as exc:
+        except (ConvtrainError, OSError) as exc:  # OSError: unwritable folder, full disk: the environment
             if debug:
-                raise
+                traceback.print_exc()
             _error_line(one_line(exc))
-            code = exc.exit_code
+            code = exc.exit_code if isinstance(exc, ConvtrainError) else 1
         except MemoryError as exc:  # whatever escaped the size checks: one line, not a traceback
             if debug:
-                raise
+                traceback.print_exc()
             _error_line(f"out of memory ({one_line(str(exc)) or 'an allocation failed'}); try a smaller batch, "
                         "network or --limit")
-            code = 1
-        except OSError as exc:  # unwritable folder, full disk, ...: the environment, not a bug
-            if debug:
-                raise
-            _error_line(one_line(exc))
             code = 1
         if not standalone_mode:
             return code
@@ -83,7 +88,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DEBUG_HELP = "Show tracebacks instead of one-line errors."
+
+def _print_version(value: bool) -> None:
+    if value:
+        from convtrain import __version__
+
+        typer.echo(f"convtrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    debug: bool = typer.Option(False, DEBUG_FLAG, help="Show tracebacks as well as the one-line errors "
+                                                        "(also: CONVTRAIN_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print convtrain's version and exit."),
+):
+    """Train ConvNets from scratch (Cython kernels, NumPy engine); every fit is tracked in MLflow."""
+    # --debug is acted on in ConvtrainGroup.main, before any parsing can fail
 
 
 def _console(**kwargs):
@@ -92,81 +114,70 @@ def _console(**kwargs):
     return Console(highlight=False, soft_wrap=True, **kwargs)
 
 
-def _default(name: str) -> str:
-    """'(default: …)' from FitConfig itself, so the help never drifts from the real defaults."""
-    value = getattr(_DEFAULTS, name)
-    shown = ",".join(str(v) for v in value) if isinstance(value, list) else value
-    return f"(default: {shown})"
-
-
-_DEFAULTS = FitConfig()
-
 # ---- fit ----------------------------------------------------------------------------------
+# The flags of the config settings are generated from FitConfig's fields (help, section, default):
+# adding a field to convtrain/config.py adds its flag.
 
 CONFIG = "Config"
-DATA = "Data"
-MODEL = "Model"
-OPTIM = "Optimizer"
 RUN = "Run and tracking"
+PANELS = {"data": "Data", "model": "Model", "optim": "Optimizer", "run": RUN}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": str}  # a list flag takes 16,32
 
 
-@app.command(no_args_is_help=False)
-def fit(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A fit config TOML; flags override it.", rich_help_panel=CONFIG),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit.", rich_help_panel=CONFIG),
-    resume: Optional[str] = typer.Option(None, help="Continue a stopped fit: its checkpoint, its --out folder, or its MLflow run id.", rich_help_panel=CONFIG),
-    data: Optional[str] = typer.Option(None, help=f"Data set: digits, mnist, cifar10, npz, names. {_default('data')}", rich_help_panel=DATA),
-    data_path: Optional[str] = typer.Option(None, help="Where the data set is: a directory, or the .npz file.", rich_help_panel=DATA),
-    val_fraction: Optional[float] = typer.Option(None, help=f"Validation split: a fraction of train, or a count. {_default('val_fraction')}", rich_help_panel=DATA),
-    limit: Optional[int] = typer.Option(None, help="Use at most this many training examples.", rich_help_panel=DATA),
-    balanced: Optional[bool] = typer.Option(None, "--balanced/--no-balanced", help="Class-balanced mini-batches.", rich_help_panel=DATA),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random flips and shifts of training images.", rich_help_panel=DATA),
-    filters: Optional[str] = typer.Option(None, help=f"Filters per conv block, e.g. 16,32. {_default('filters')}", rich_help_panel=MODEL),
-    kernel_sizes: Optional[str] = typer.Option(None, help=f"Kernel size per block: 3,3 or 5x3 for height x width. {_default('kernel_sizes')}", rich_help_panel=MODEL),
-    strides: Optional[str] = typer.Option(None, help=f"Stride per block, e.g. 1,2. {_default('strides')}", rich_help_panel=MODEL),
-    padding: Optional[str] = typer.Option(None, help=f"Padding per block: a number, 'same' or 'valid'. {_default('padding')}", rich_help_panel=MODEL),
-    pool: Optional[str] = typer.Option(None, help=f"Max-pool size per block, 0 = none. {_default('pool')}", rich_help_panel=MODEL),
-    hidden: Optional[str] = typer.Option(None, help="Hidden dense layer sizes before the output, e.g. 64.", rich_help_panel=MODEL),
-    dtype: Optional[str] = typer.Option(None, help=f"float32 or float64. {_default('dtype')}", rich_help_panel=MODEL),
-    epochs: Optional[int] = typer.Option(None, help=f"Epochs to train. {_default('epochs')}", rich_help_panel=OPTIM),
-    batch_size: Optional[int] = typer.Option(None, help=f"Mini-batch size. {_default('batch_size')}", rich_help_panel=OPTIM),
-    lr: Optional[float] = typer.Option(None, help=f"Learning rate. {_default('lr')}", rich_help_panel=OPTIM),
-    momentum: Optional[float] = typer.Option(None, help=f"SGD momentum in [0, 1). {_default('momentum')}", rich_help_panel=OPTIM),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum.", rich_help_panel=OPTIM),
-    l2: Optional[float] = typer.Option(None, help=f"L2 penalty lambda on the weights. {_default('l2')}", rich_help_panel=OPTIM),
-    schedule: Optional[str] = typer.Option(None, help=f"LR schedule: constant, step, cosine, cyclic. {_default('schedule')}", rich_help_panel=OPTIM),
-    step_epochs: Optional[int] = typer.Option(None, help="step: epochs between LR drops.", rich_help_panel=OPTIM),
-    gamma: Optional[float] = typer.Option(None, help="step: LR factor per drop.", rich_help_panel=OPTIM),
-    eta_min: Optional[float] = typer.Option(None, help="cosine/cyclic: lowest LR.", rich_help_panel=OPTIM),
-    eta_max: Optional[float] = typer.Option(None, help="cyclic: highest LR.", rich_help_panel=OPTIM),
-    n_s: Optional[int] = typer.Option(None, help="cyclic: updates per half cycle.", rich_help_panel=OPTIM),
-    cycles: Optional[int] = typer.Option(None, help="cyclic: train for this many cycles instead of --epochs.", rich_help_panel=OPTIM),
-    seed: Optional[int] = typer.Option(None, help=f"Seed for the split, the weights and the batches. {_default('seed')}", rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, help="Kernel threads. (default: all cores)", rich_help_panel=RUN),
-    patience: Optional[int] = typer.Option(None, help="Early stopping after this many epochs without improvement.", rich_help_panel=RUN),
-    monitor: Optional[str] = typer.Option(None, help=f"Metric for early stopping and the best epoch. {_default('monitor')}", rich_help_panel=RUN),
-    experiment: Optional[str] = typer.Option(None, help=f"MLflow experiment. {_default('experiment')}", rich_help_panel=RUN),
-    run_name: Optional[str] = typer.Option(None, help="MLflow run name (also names the --out folder).", rich_help_panel=RUN),
-    out: Optional[str] = typer.Option(None, help="Folder for checkpoints, model.npz and config.toml. (default: runs/<run name>)", rich_help_panel=RUN),
-    track: Optional[bool] = typer.Option(None, "--track/--no-track", help="Log the run to MLflow. (default: track)", rich_help_panel=RUN),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store. (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)", rich_help_panel=RUN),
-    log_every: Optional[int] = typer.Option(None, help=f"Log the batch loss every this many updates. {_default('log_every')}", rich_help_panel=RUN),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary.", rich_help_panel=RUN),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP, rich_help_panel=RUN),
-):
+def _shown_default(f: dataclasses.Field) -> str:
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
+    value = DEFAULTS[f.name]
+    if isinstance(value, bool):
+        return flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:]
+    return show_value(value)
+
+
+def _config_option(f: dataclasses.Field) -> inspect.Parameter:
+    """The `fit` flag of one FitConfig field; its default is None, so a flag the user did not
+    type is told apart from one set to the default value."""
+    kind = _FLAG_TYPES[FIELD_TYPES[f.name].split("[")[0].split(" ")[0]]
+    decls = [f"{flag_name(f.name)}/--no-{flag_name(f.name)[2:]}" if kind is bool else flag_name(f.name)]
+    option = typer.Option(None, *decls, help=f"{f.metadata['help']} (default: {_shown_default(f)})",
+                          rich_help_panel=PANELS[f.metadata["section"]], show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
+
+
+def _fit_command_options() -> list[inspect.Parameter]:
+    def keyword(name, annotation, option):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+    return [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        keyword("config", Optional[Path], typer.Option(
+            None, "--config", "-c", help="A fit config TOML; flags override it.", rich_help_panel=CONFIG)),
+        keyword("print_config", bool, typer.Option(
+            False, "--print-config", help="Print the resolved config as TOML (and the length it trains) and exit.",
+            rich_help_panel=CONFIG)),
+        keyword("resume", Optional[str], typer.Option(
+            None, help="Continue a stopped fit: its checkpoint, its --out folder, or its MLflow run id.",
+            rich_help_panel=CONFIG)),
+        *(_config_option(f) for f in dataclasses.fields(FitConfig)),
+        keyword("quiet", bool, typer.Option(
+            False, "--quiet", "-q", help="Print only the final summary.", rich_help_panel=RUN)),
+    ]
+
+
+def fit(ctx, *, config, print_config, resume, quiet, **settings):
     """Train a ConvNet; with no options: the default small net on the built-in digits."""
+    # parameters, types and flags: fit.__signature__ below (settings: one per FitConfig field)
     from convtrain.pipeline.fit import fit as run_fit
     from convtrain.pipeline.resume import resolve_fit_config
 
-    overrides = {name: value for name, value in locals().items() if name in _CONFIG_FLAGS}
-    resolved, checkpoint = resolve_fit_config(config_path=config, overrides=overrides, resume=resume)
+    resolved, checkpoint = resolve_fit_config(config_path=config, overrides=settings, resume=resume)
     if print_config:
-        typer.echo(resolved.to_toml(), nl=False)
+        typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.to_toml(), nl=False)
         return
-    _quiet_library_logs(debug)
+    _quiet_library_logs((ctx.obj or {}).get("debug", False))
     console = _console()
+    notices = [] if quiet else [_length_notice(resolved, console)]
     try:
-        result = run_fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto")
+        result = run_fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto", callbacks=notices)
     except TrainingInterrupted as exc:
         folder = Path(exc.checkpoint).parent if exc.checkpoint else None
         hint = f"; continue with: convtrain fit --resume {folder}" if folder else "; nothing to resume"
@@ -175,12 +186,44 @@ def fit(
     _print_fit_result(console, result)
 
 
-_CONFIG_FLAGS = {
-    "data", "data_path", "val_fraction", "limit", "balanced", "augment", "filters", "kernel_sizes",
-    "strides", "padding", "pool", "hidden", "dtype", "epochs", "batch_size", "lr", "momentum", "nesterov",
-    "l2", "schedule", "step_epochs", "gamma", "eta_min", "eta_max", "n_s", "cycles", "seed", "threads",
-    "patience", "monitor", "experiment", "run_name", "out", "track", "tracking_uri", "log_every",
-}
+fit.__signature__ = inspect.Signature(_fit_command_options())
+app.command(no_args_is_help=False)(fit)
+
+
+def _planned_length(config: FitConfig) -> str:
+    """What --print-config says the fit will train, counted on the data as configured."""
+    from convtrain.data.registry import load_dataset
+
+    try:
+        splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
+                              limit=config.limit)
+    except (ConvtrainError, OSError) as exc:
+        return config.describe_length(None) + f" (the data could not be read: {one_line(exc)})"
+    return config.describe_length(_steps_per_epoch(config, splits.y_train))
+
+
+def _steps_per_epoch(config: FitConfig, y_train) -> int:
+    import math
+
+    from convtrain.training.trainer import epoch_size
+
+    return math.ceil(epoch_size(y_train, config.balanced) / config.batch_size)
+
+
+def _length_notice(config: FitConfig, console):
+    """Before the first epoch, when the schedule (not --epochs) sets the length, one line saying
+    how many epochs and updates that makes on this data (e.g. a cyclic n_s chosen for the full
+    data set, used with --limit). A callback, so the numbers are the Trainer's own."""
+    from convtrain.training.callbacks import Callback
+
+    class LengthNotice(Callback):
+        key = "length_notice"
+
+        def on_fit_start(self, trainer):
+            if config.schedule_sets_length:
+                console.print(config.describe_length(trainer.steps_per_epoch), markup=False)
+
+    return LengthNotice()
 
 
 def _default_store() -> str:
@@ -237,7 +280,6 @@ def evaluate(
     split: str = typer.Option("auto", help="test, val, train, or auto (test if the data set has one, else val)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most this many examples."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Accuracy, balanced accuracy, a per-class table and the confusion matrix of a saved model."""
     from convtrain.pipeline.evaluate import evaluate_model
@@ -281,7 +323,6 @@ def predict(
                                                   "model a text file of names or the names themselves."),
     top: int = typer.Option(3, min=1, help="Show the most probable classes, this many."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per input with all probabilities."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """The predicted class and probabilities for each input."""
     import json
@@ -303,7 +344,7 @@ def predict(
 # ---- info / ui ------------------------------------------------------------------------------------
 
 @app.command()
-def info(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP)):
+def info():
     """Version and build: OpenMP, kernel threads, BLAS, and the default tracking store."""
     from convtrain.pipeline.info import describe_installation
 
@@ -318,7 +359,6 @@ def ui(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store. (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
     experiment: str = typer.Option("convtrain", help="Experiment whose runs table the printed URL opens."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Start the MLflow UI on the store your fits use and print the runs-table URL."""
     from convtrain.tracking.ui import serve_ui

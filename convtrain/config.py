@@ -9,6 +9,16 @@ parameter all use the same name) but is written to TOML in sections for reading:
     [run]    seed, threads, patience, monitor, experiment, run_name, out, track, ...
 
 A TOML file may use the sections or plain top-level keys; both load the same.
+
+Each field is declared with `option(section, default, help)`, and `convtrain fit`'s flags are
+generated from these (convtrain.cli): a new setting is one line here, e.g.
+
+    dropout: float = option("model", 0.0, "Dropout rate before each dense layer.")
+
+gives `--dropout` (a bool gives `--name/--no-name`, a list takes `16,32`), its help with the
+default, its panel, its TOML section and MLflow param. A setting used only by some values of
+another (like `n_s` by the cyclic schedule) is declared in SCHEDULE_SETTINGS or checked in
+`check_settings`, so a flag the user gives is never silently ignored.
 """
 
 from __future__ import annotations
@@ -33,58 +43,71 @@ DTYPES = ("float32", "float64")
 PADDING_WORDS = ("same", "valid")
 
 
-def _section(name, default, **kwargs):
+def option(section: str, default: Any, help: str, *, shown: str | None = None) -> Any:
+    """A FitConfig field with everything its flag is made of: the TOML section it is written
+    under (also its panel in `convtrain fit --help`), its default and its help. `shown` is the
+    default as the help prints it when the value alone would not say it ("all cores" for None).
+
+    The flag is generated from this (see convtrain.cli): `n_s` becomes `--n-s`, a bool becomes
+    `--name/--no-name`, a list takes `16,32`; so a new setting is one line here."""
+    metadata = {"section": section, "help": help, "shown": shown}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"section": name}, **kwargs)
-    return field(default=default, metadata={"section": name}, **kwargs)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class FitConfig:
     # [data]
-    data: str = _section("data", "digits")
-    data_path: str | None = _section("data", None)
-    val_fraction: float = _section("data", 0.1)
-    limit: int | None = _section("data", None)
-    balanced: bool = _section("data", False)
-    augment: bool = _section("data", False)
+    data: str = option("data", "digits", "Data set: digits, mnist, cifar10, npz, names.")
+    data_path: str | None = option("data", None, "Where the data set is: a directory, or the .npz file.",
+                                   shown="none, for the built-in digits")
+    val_fraction: float = option("data", 0.1, "Validation split: a fraction of train, or a count.")
+    limit: int | None = option("data", None, "Use at most this many training examples.", shown="all")
+    balanced: bool = option("data", False, "Class-balanced mini-batches.")
+    augment: bool = option("data", False, "Random flips and shifts of training images.")
     # [model]: one entry per conv block; a single entry applies to every block
-    filters: list[int] = _section("model", [16, 32])
-    kernel_sizes: list[Any] = _section("model", [3])
-    strides: list[int] = _section("model", [1])
-    padding: list[Any] = _section("model", [0])
-    pool: list[int] = _section("model", [0])
-    hidden: list[int] = _section("model", [])
-    dtype: str = _section("model", "float32")
+    filters: list[int] = option("model", [16, 32], "Filters per conv block, e.g. 16,32.")
+    kernel_sizes: list[Any] = option("model", [3], "Kernel size per block: 3,3 or 5x3 for height x width.")
+    strides: list[int] = option("model", [1], "Stride per block, e.g. 1,2.")
+    padding: list[Any] = option("model", [0], "Padding per block: a number, 'same' or 'valid'.")
+    pool: list[int] = option("model", [0], "Max-pool size per block, 0 = none.")
+    hidden: list[int] = option("model", [], "Hidden dense layer sizes before the output, e.g. 64.")
+    dtype: str = option("model", "float32", "float32 or float64.")
     # [optim]
-    epochs: int = _section("optim", 12)
-    batch_size: int = _section("optim", 64)
-    lr: float = _section("optim", 0.05)
-    momentum: float = _section("optim", 0.9)
-    nesterov: bool = _section("optim", False)
-    l2: float = _section("optim", 1e-4)
-    schedule: str = _section("optim", "constant")
-    step_epochs: int = _section("optim", 10)
-    gamma: float = _section("optim", 0.1)
-    eta_min: float = _section("optim", 1e-5)
-    eta_max: float = _section("optim", 1e-1)
-    n_s: int = _section("optim", 500)
-    cycles: int | None = _section("optim", None)
+    epochs: int = option("optim", 12, "Epochs to train.")
+    batch_size: int = option("optim", 64, "Mini-batch size.")
+    lr: float = option("optim", 0.05, "Learning rate (constant, step, cosine).")
+    momentum: float = option("optim", 0.9, "SGD momentum in [0, 1).")
+    nesterov: bool = option("optim", False, "Nesterov momentum.")
+    l2: float = option("optim", 1e-4, "L2 penalty lambda on the weights.")
+    schedule: str = option("optim", "constant", "LR schedule: constant, step, cosine, cyclic.")
+    step_epochs: int = option("optim", 10, "step: epochs between LR drops.")
+    gamma: float = option("optim", 0.1, "step: LR factor per drop.")
+    eta_min: float = option("optim", 1e-5, "cosine/cyclic: lowest LR.")
+    eta_max: float = option("optim", 1e-1, "cyclic: highest LR.")
+    n_s: int = option("optim", 500, "cyclic: updates per half cycle.")
+    cycles: int | None = option("optim", None, "cyclic: train for this many cycles instead of --epochs.",
+                                shown="none, --epochs sets the length")
     # [run]
-    seed: int = _section("run", 0)
-    threads: int | None = _section("run", None)
-    patience: int | None = _section("run", None)
-    monitor: str = _section("run", "val_loss")
-    experiment: str = _section("run", "convtrain")
-    run_name: str | None = _section("run", None)
-    out: str | None = _section("run", None)
-    track: bool = _section("run", True)
-    tracking_uri: str | None = _section("run", None)
-    log_every: int = _section("run", 10)
-    # a name in the MLflow model registry: the fit's model becomes its next version
-    register_model: str | None = _section("run", None)
-    # an MLflow run id this fit's run becomes a child of (a sweep's best.toml sets its parent)
-    parent_run: str | None = _section("run", None)
+    seed: int = option("run", 0, "Seed for the split, the weights and the batches.")
+    threads: int | None = option("run", None, "Kernel threads.", shown="all cores")
+    patience: int | None = option("run", None, "Early stopping after this many epochs without improvement.",
+                                  shown="no early stopping")
+    monitor: str = option("run", "val_loss", "Metric for early stopping and the best epoch.")
+    experiment: str = option("run", "convtrain", "MLflow experiment.")
+    run_name: str | None = option("run", None, "MLflow run name (also names the --out folder).",
+                                  shown="MLflow's generated name")
+    out: str | None = option("run", None, "Folder for checkpoints, model.npz and config.toml.",
+                             shown="runs/<run name>")
+    track: bool = option("run", True, "Log the run to MLflow.")
+    tracking_uri: str | None = option("run", None, "MLflow store.",
+                                      shown="$MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    log_every: int = option("run", 10, "Log the batch loss every this many updates.")
+    register_model: str | None = option("run", None, "Add the fit's model to the MLflow model registry as the next "
+                                        "version of this name.", shown="not registered")
+    parent_run: str | None = option("run", None, "An MLflow run id this fit's run becomes a child of (a sweep's "
+                                    "best.toml sets its parent run).", shown="none")
 
     # ---- construction -------------------------------------------------------------
 
@@ -156,6 +179,80 @@ class FitConfig:
             params[name] = "" if value is None else str(value)
         return params
 
+    # ---- length -------------------------------------------------------------------
+
+    @property
+    def schedule_sets_length(self) -> bool:
+        """A cyclic schedule with `cycles` runs 2 x n_s x cycles updates; `epochs` is then unused."""
+        return self.schedule == "cyclic" and self.cycles is not None
+
+    def describe_length(self, steps_per_epoch: int | None) -> str:
+        """The length this config trains, in epochs and updates, at `steps_per_epoch` batches an
+        epoch (None: not known yet). Counted by the function the Trainer runs."""
+        from convtrain.nn.optim import make_schedule, training_length
+
+        schedule = make_schedule(self)
+        cyclic = None
+        if self.schedule_sets_length:
+            cycles = f"{self.cycles} cycle{'s' * (self.cycles != 1)}"
+            cyclic = f"cyclic schedule: {cycles} x 2 x {self.n_s} = {schedule.planned_steps()} updates"
+        if steps_per_epoch is None:
+            return cyclic or f"{self.epochs} epochs"
+        epochs, updates = training_length(schedule, self.epochs, steps_per_epoch)
+        if cyclic:
+            return f"{cyclic} = {epochs} epochs of {steps_per_epoch} batches"
+        return f"{epochs} epochs x {steps_per_epoch} batches = {updates} updates"
+
+    # ---- settings that decide the same thing ------------------------------------------
+
+    def check_settings(self, sources: dict[str, str], *, resumed: "FitConfig | None" = None) -> None:
+        """Refuse a setting the user chose that another setting would silently override.
+
+        `sources` says where each chosen value came from: FLAG, or the config file's path; every
+        other value is a default (or, with `resumed`, the checkpoint's), which the other setting
+        may override. A file value equal to the default (the checkpoint's) counts as that, so a
+        written config.toml or best.toml (every key spelled out) can be passed back. Raises
+        ConfigError naming both settings and how to say what is meant."""
+        base = resumed.to_dict() if resumed is not None else DEFAULTS
+        chosen = {name: where for name, where in sources.items()
+                  if where == FLAG or getattr(self, name) != base.get(name)}
+
+        def said(name: str) -> str:
+            value = getattr(self, name)
+            if chosen.get(name) == FLAG:
+                if isinstance(value, bool):
+                    return flag_name(name) if value else "--no-" + flag_name(name)[2:]
+                return f"{flag_name(name)} {show_value(value)}"
+            where = chosen.get(name) or ("the checkpoint" if resumed is not None else "default")
+            return f"{name} = {show_value(value)} ({where})"
+
+        for name in FIXED_ON_RESUME if resumed is not None else ():
+            if name in chosen and not _same_setting(name, getattr(self, name), getattr(resumed, name)):
+                raise ConfigError(f"{said(name)} conflicts with --resume: the checkpoint was trained with "
+                                  f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
+                                  "continue it, or start a new fit without --resume")
+        if self.schedule_sets_length and "epochs" in chosen:
+            raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({self.describe_length(None)}, "
+                              "whatever the epochs); pass --cycles for the length, or --schedule constant "
+                              "(or step, cosine) for --epochs")
+        for name, users in SCHEDULE_SETTINGS.items():
+            # flags only: a written config spells out every schedule's settings
+            if chosen.get(name) == FLAG and self.schedule not in users:
+                raise ConfigError(f"{said(name)} is not used by {said('schedule')} (it is a setting of the "
+                                  f"{' and '.join(users)} schedule{'s' if len(users) > 1 else ''}); "
+                                  f"pass --schedule {users[0]}, or leave {flag_name(name)} out")
+        if (self.schedule == "step" and self.step_epochs >= self.epochs
+                and {"schedule", "step_epochs", "epochs"} & set(chosen)):
+            raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "
+                              f"learning rate (it drops after every step_epochs epochs); pass --step-epochs "
+                              f"below {self.epochs}, or more --epochs")
+        if self.val_fraction == 0 and self.monitor.startswith("val_"):
+            for name in ("patience", "monitor"):
+                if name in chosen and getattr(self, name) is not None:
+                    raise ConfigError(f"{said(name)} needs a validation split ({self.monitor}), and "
+                                      f"{said('val_fraction')} makes none; pass --val-fraction 0.1 (or a count), "
+                                      "or --monitor train_loss")
+
     # ---- validation ---------------------------------------------------------------
 
     def validate(self) -> None:
@@ -221,6 +318,36 @@ class FitConfig:
 
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(FitConfig)}
 _SECTIONS = {f.metadata["section"] for f in dataclasses.fields(FitConfig)}
+
+
+FLAG = "flag"  # where a setting typed on the command line came from (else: a config file's path)
+DEFAULTS = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(FitConfig)}
+
+# the schedules that use each schedule setting: a flag for another schedule would be ignored
+SCHEDULE_SETTINGS = {"lr": ("constant", "step", "cosine"), "step_epochs": ("step",), "gamma": ("step",),
+                     "eta_min": ("cosine", "cyclic"), "eta_max": ("cyclic",), "n_s": ("cyclic",),
+                     "cycles": ("cyclic",)}
+# what --resume continues unchanged, else silently ignored or mixed: the data and its split, the
+# run and its folder (a different network is refused when the checkpoint is read)
+FIXED_ON_RESUME = ("data", "val_fraction", "limit", "seed", "balanced", "experiment", "run_name", "out")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def show_value(value: Any) -> str:
+    """A setting as a flag takes it: lists comma-joined (5x3 for a kernel pair), None as none."""
+    if isinstance(value, list):
+        return ",".join("x".join(map(str, v)) if isinstance(v, list) else str(v) for v in value) or "none"
+    return "none" if value is None else str(value)
+
+
+def _same_setting(name: str, a: Any, b: Any) -> bool:
+    if name == "out" and a is not None and b is not None:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
 
 
 def _finite(x) -> bool:
@@ -337,27 +464,22 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Write {section: {key: value}} as TOML; None values are left out (TOML has no null)."""
+    """Write {section: {key: value}} as TOML; None values are left out (TOML has no null).
+    tomli-w writes every value (escapes, number formats); only the layout is ours: arrays stay
+    on one line (`filters = [16, 32]`), where tomli-w puts each item on a line of its own."""
     lines: list[str] = []
     for section, values in sections.items():
         if lines:
             lines.append("")
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+        lines += [f"{key} = {_toml_literal(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"
+
+
+def _toml_literal(value: Any) -> str:
+    import tomli_w
+
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")

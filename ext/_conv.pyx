@@ -3,7 +3,7 @@
 What this file is: the few loops that dominate a ConvNet's training time, written once for
 float32 and float64 (`floating`), over NCHW tensors and (F, C, kh, kw) filters, with the GIL
 released, OpenMP over the batch and GEMMs through scipy's BLAS (`scipy.linalg.cython_blas`).
-What it refuses to be: a Python API. Every `def` here trusts its caller (convtrain.kernels)
+What it refuses to be: a Python API. Every `def` here trusts its caller (convtrain.nn.kernels)
 to have checked shapes, dtypes and contiguity and to have allocated outputs and scratch.
 
 Threading: the batch is handed out dynamically (the machine may be shared) to OpenMP threads
@@ -16,7 +16,8 @@ reference nets are too small for OpenBLAS to split well (measured on 2 cores, be
 threads gave 0.6-1.0x of 1 thread on the MNIST/CIFAR per-image shapes), while the images are
 independent, keep their im2col matrix in the thread's own L2 and need no synchronization.
 A single-threaded GEMM per image runs at 85-95% of the same GEMM over the whole batch.
-Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.py.
+Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.py; the C helpers
+(build settings, thread count, CPU probe, short-row copies) are in conv_support.h beside this file.
 """
 
 from cython cimport floating
@@ -27,99 +28,7 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 import os
 import warnings
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    #define CONVTRAIN_HAVE_OPENMP 1
-    static int convtrain_max_threads(void) { return omp_get_max_threads(); }
-    #else
-    #define CONVTRAIN_HAVE_OPENMP 0
-    static int convtrain_max_threads(void) { return 1; }
-    #endif
-    #ifndef CONVTRAIN_CYTHON_VERSION
-    #define CONVTRAIN_CYTHON_VERSION "unknown"
-    #endif
-    #ifndef CONVTRAIN_DEBUG_CHECKS
-    #define CONVTRAIN_DEBUG_CHECKS 0
-    #endif
-    #ifndef CONVTRAIN_ISA
-    #define CONVTRAIN_ISA "baseline"
-    #endif
-    /* The newest x86-64 level (3: AVX2+FMA, 4: AVX-512) this CPU and OS run, else 0. */
-    static int convtrain_cpu_x86_64_level(void) {
-    #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-        __builtin_cpu_init();
-        int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                 && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
-        int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-                 && __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq")
-                 && __builtin_cpu_supports("avx512vl");
-        return v4 ? 4 : v3 ? 3 : 0;
-    #else
-        return 0;
-    #endif
-    }
-    #include <string.h>
-    /* Copy `rows` short rows of an im2col matrix (n values, under 64 bytes: Wo = 4-6 on
-       DIGITS), the source rows `step` apart, the destination rows back to back: with whole
-       32- or 16-byte vector moves, two overlapping ones when n is between sizes (they rewrite
-       a few values with themselves), the size worked out once per block, not per row. Left
-       to itself, the AVX-512 build copied such rows one value at a time and ran DIGITS'
-       im2col 1.8x slower than the SSE2 build. Longer rows stay in the kernels' own loops:
-       GCC turns a separate copy loop into a memcpy call, 1.5-1.8x slower on rows of 20-30
-       values. Plain copies and element-wise adds: the same bits in every build. */
-    #define CONVTRAIN_SHORT_ROWS(T)                                                           \
-    static inline void copy_short_rows_##T(T *restrict dst, const T *restrict src,            \
-                                           Py_ssize_t rows, Py_ssize_t n, Py_ssize_t step) {  \
-        const Py_ssize_t bytes = n * (Py_ssize_t) sizeof(T);                                  \
-        Py_ssize_t r, k;                                                                      \
-        if (bytes >= 32) {                                                                    \
-            for (r = 0; r < rows; r++, dst += n, src += step) {                               \
-                memcpy(dst, src, 32);                                                         \
-                memcpy((char *) dst + bytes - 32, (const char *) src + bytes - 32, 32);       \
-            }                                                                                 \
-        } else if (bytes == 16) {                                                             \
-            for (r = 0; r < rows; r++, dst += n, src += step) memcpy(dst, src, 16);           \
-        } else if (bytes > 16) {                                                              \
-            for (r = 0; r < rows; r++, dst += n, src += step) {                               \
-                memcpy(dst, src, 16);                                                         \
-                memcpy((char *) dst + bytes - 16, (const char *) src + bytes - 16, 16);       \
-            }                                                                                 \
-        } else {                                                                              \
-            for (r = 0; r < rows; r++, dst += n, src += step)                                 \
-                for (k = 0; k < n; k++) dst[k] = src[k];                                      \
-        }                                                                                     \
-    }                                                                                         \
-    /* And accumulate them (col2im): dst rows `step` apart, src rows back to back;         \
-       16-byte vector adds, then single values. */                                          \
-    typedef T convtrain_v16_##T __attribute__((vector_size(16)));                             \
-    static inline void add_short_rows_##T(T *restrict dst, Py_ssize_t step, const T *restrict src, \
-                                          Py_ssize_t rows, Py_ssize_t n) {                    \
-        const Py_ssize_t lanes = 16 / (Py_ssize_t) sizeof(T);                                 \
-        Py_ssize_t r, k;                                                                      \
-        if (n == lanes) {  /* DIGITS' 4-wide rows: one add a row, no inner loop */            \
-            for (r = 0; r < rows; r++, dst += step, src += n) {                               \
-                convtrain_v16_##T a, b;                                                       \
-                memcpy(&a, dst, 16); memcpy(&b, src, 16);                                     \
-                a += b;                                                                       \
-                memcpy(dst, &a, 16);                                                          \
-            }                                                                                 \
-            return;                                                                           \
-        }                                                                                     \
-        for (r = 0; r < rows; r++, dst += step, src += n) {                                   \
-            for (k = 0; k + lanes <= n; k += lanes) {                                         \
-                convtrain_v16_##T a, b;                                                       \
-                memcpy(&a, dst + k, 16); memcpy(&b, src + k, 16);                             \
-                a += b;                                                                       \
-                memcpy(dst + k, &a, 16);                                                      \
-            }                                                                                 \
-            for (; k < n; k++) dst[k] += src[k];                                              \
-        }                                                                                     \
-    }
-    CONVTRAIN_SHORT_ROWS(float)
-    CONVTRAIN_SHORT_ROWS(double)
-    """
+cdef extern from "conv_support.h":
     int CONVTRAIN_HAVE_OPENMP
     int CONVTRAIN_DEBUG_CHECKS
     const char *CONVTRAIN_CYTHON_VERSION
@@ -209,7 +118,7 @@ def get_num_threads():
 # A threaded BLAS called from inside an OpenMP region would oversubscribe the cores, so every
 # kernel pins the BLAS libraries registered here (OpenBLAS with its own pthreads pool) to one
 # thread around its parallel region and restores them afterwards: two C calls per library,
-# no Python. convtrain._build registers them; other BLAS are pinned from Python instead.
+# no Python. convtrain.nn.backend registers them; other BLAS are pinned from Python instead.
 
 ctypedef int (*blas_get_threads_fn)() noexcept nogil
 ctypedef void (*blas_set_threads_fn)(int) noexcept nogil
@@ -232,10 +141,6 @@ def register_blas_threads(size_t get_threads_address, size_t set_threads_address
     _blas_get_threads[_pinned_blas_count] = <blas_get_threads_fn> get_threads_address
     _blas_set_threads[_pinned_blas_count] = <blas_set_threads_fn> set_threads_address
     _pinned_blas_count += 1
-
-
-def registered_blas_count():
-    return _pinned_blas_count
 
 
 cdef inline void pin_blas(int *saved) noexcept nogil:
@@ -616,7 +521,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     w_ext is w.reshape(F, K), with the bias appended as column K if it has K+1 columns (then
     the im2col buffer gets a row of ones, and the GEMM adds the bias).
     cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
-    out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW.
+    out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW
+    (None when G == 1: the GEMM writes into out).
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
@@ -632,7 +538,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
-            group_out = &out_scratch[threadid(), 0]
+            if G > 1:
+                group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
                 fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
             for group in prange(groups, schedule="dynamic"):
@@ -664,23 +571,23 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                     Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
                     Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t G,
                     floating[:, ::1] cols_scratch, floating[:, ::1] dout_scratch,
-                    int num_threads, bint mask, bint input_grad):
+                    int num_threads):
     """The whole backward pass of a conv layer in one parallel region, per group of images:
 
-        dout[n] *= (relu_out[n] > 0)                 if mask (the ReLU after this layer)
+        dout[n] *= (relu_out[n] > 0)                 unless relu_out is None (the ReLU after this layer)
         dW_ext[chunk] (F, K+1) += dout_g . [cols_g; 1]^T   (the lecture's X * G; column K is db)
-        dx[n] = col2im(W^T (K, F) . dout_g)          if input_grad (as conv2d_backward_input)
+        dx[n] = col2im(W^T (K, F) . dout_g)          unless dx is None (as conv2d_backward_input)
 
     so each image's dout is masked and used twice while it is in cache. dout is modified in
-    place when masked. w2d is w.reshape(F, K); relu_out has dout's shape (unread unless mask).
+    place when masked. w2d is w.reshape(F, K) (None with dx); relu_out has dout's shape.
     The im2col buffer is reused for the column gradients once the filter GEMM has read it
     (rows 0..K-1; the ones row K stays). dw_ext_per_chunk (chunks, F*(K+1)) must be zero on
     entry; the caller sums it over chunks. The chunks (contiguous runs of groups) depend only
     on N, G and the number of chunks, never on the threads, so the filter gradient is the same,
     bit for bit, for any thread count; each chunk belongs to one thread at a time (race-free),
-    and dx[n] is written by one thread. With input_grad and mask off this is the filter
-    gradient alone (w2d, relu_out and dx are then not read).
-    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1.
+    and dx[n] is written by one thread. With relu_out, w2d and dx None this is the filter
+    gradient alone.
+    cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
@@ -691,13 +598,16 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef floating *group_dout = NULL
     cdef const floating *a = NULL
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    # the optional parts, decided once: the loops below test these flags, never the arrays
+    cdef bint mask = relu_out is not None, input_grad = dx is not None
     if N == 0:
         return
     with nogil:
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
-            group_dout = &dout_scratch[threadid(), 0]
+            if G > 1:
+                group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
@@ -739,7 +649,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     convolution G_zero-pad * F_rot180 summed over filters. Each image is written by one thread.
 
     cols_scratch (threads, K*G*P): the group's column gradients; dout_scratch (threads, F*G*P)
-    when G > 1.
+    when G > 1, else None.
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
@@ -757,7 +667,8 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
-            group_dout = &dout_scratch[threadid(), 0]
+            if G > 1:
+                group_dout = &dout_scratch[threadid(), 0]
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
@@ -809,12 +720,13 @@ def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w, const floa
 
 def dense_backward(const floating[:, ::1] dout, const floating[:, ::1] x,
                    const floating[:, ::1] w, floating[:, ::1] dw, floating[:, ::1] dx,
-                   Py_ssize_t block, int num_threads, bint input_grad):
-    """dw (O, I) = dout^T (O, N) . x (N, I) and, if input_grad, dx (N, I) = dout (N, O) . w (O, I),
+                   Py_ssize_t block, int num_threads):
+    """dw (O, I) = dout^T (O, N) . x (N, I) and, unless dx is None, dx (N, I) = dout (N, O) . w (O, I),
     in blocks of `block` columns of I (each block's dw and dx belong to one thread)."""
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = w.shape[0]
     cdef Py_ssize_t blocks = (I + block - 1) // block, blk, c0, cols
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    cdef bint input_grad = dx is not None
     if I == 0:
         return
     with nogil:

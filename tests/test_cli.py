@@ -14,11 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from convtrain.cli import app
-from convtrain.config import FitConfig
+from convtrain.config import FitConfig, tomllib
 
 ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32", "--no-track"]
@@ -63,9 +62,40 @@ def test_fit_help_has_a_flag_for_every_config_field():
             assert "--no-track" in result.output
         else:
             assert "--" + name.replace("_", "-") in result.output, name
-    for flag in ("--config", "--print-config", "--resume", "--quiet", "--debug"):
+    for flag in ("--config", "--print-config", "--resume", "--quiet"):
         assert flag in result.output
     assert f"(default: {FitConfig().epochs})" in result.output  # defaults come from FitConfig
+    # every setting's flag shows its default
+    assert result.output.count("(default:") == len(FitConfig.field_names())
+    assert "--debug" in invoke("--help").output  # one option of the app, for every command
+
+
+def test_fit_flags_keep_their_spellings():
+    result = invoke("fit", "--filters", "8,16", "--kernel-sizes", "5x3", "--padding", "same", "--no-track",
+                    "--nesterov", "--balanced", "--n-s", "40", "--schedule", "cyclic", "--cycles", "2",
+                    "--val-fraction", "0.2", "--data-path", "x.npz", "--data", "npz", "--print-config")
+    # the npz file does not exist: --print-config still prints, saying the length it could count
+    assert result.exit_code == 0, result.output
+    printed = FitConfig.from_dict(tomllib.loads(result.stdout))
+    assert printed.filters == [8, 16] and printed.kernel_sizes == [[5, 3]] and printed.padding == ["same"]
+    assert (printed.track, printed.nesterov, printed.balanced) == (False, True, True)
+    assert (printed.n_s, printed.schedule, printed.cycles, printed.val_fraction) == (40, "cyclic", 2, 0.2)
+    assert "# length: cyclic schedule: 2 cycles x 2 x 40 = 160 updates" in result.stdout
+    assert "x.npz" in result.stdout.splitlines()[0]
+
+
+def test_version():
+    from convtrain import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"convtrain {__version__}"
+
+
+def test_sweep_command_is_registered():
+    result = invoke("sweep", "--help")
+    assert result.exit_code == 0
+    assert "--workers" in result.output
 
 
 def test_importing_the_cli_loads_neither_mlflow_nor_numpy():
@@ -119,12 +149,13 @@ def test_unknown_config_key_suggests_the_close_name(tmp_path):
     assert_one_line_error(invoke("fit", "--config", "fit.toml"), "epoch", "did you mean 'epochs'")
 
 
-def test_debug_lets_the_traceback_through():
-    result = invoke("fit", "--lr", "-1", "--debug")
-    assert result.exit_code != 0
-    from convtrain.errors import ConfigError
-
-    assert isinstance(result.exception, ConfigError)
+@pytest.mark.parametrize("args", [["--debug", "fit", "--lr", "-1"], ["fit", "--lr", "-1", "--debug"]])
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(args):
+    plain = invoke("fit", "--lr", "-1")
+    result = invoke(*args)
+    assert result.exit_code == plain.exit_code == 2
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
 def test_existing_checkpoint_in_out_is_not_overwritten(tmp_path):

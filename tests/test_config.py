@@ -4,9 +4,8 @@ import os
 
 import numpy as np
 import pytest
-import tomllib
 
-from convtrain.config import FitConfig, dump_toml
+from convtrain.config import FitConfig, dump_toml, tomllib
 from convtrain.errors import ConfigError
 from convtrain.nn.npz_files import write_npz_atomic
 
@@ -111,6 +110,17 @@ def test_missing_config_file(tmp_path):
 def test_dump_toml_leaves_out_none_and_quotes_strings():
     text = dump_toml({"run": {"run_name": None, "experiment": 'a "b"', "track": False}})
     assert tomllib.loads(text) == {"run": {"experiment": 'a "b"', "track": False}}
+
+
+def test_control_characters_in_strings_round_trip():
+    config = FitConfig(run_name='tab\there "quoted" \\ bell\x07 newline\n', experiment="\x1b[31mred")
+    text = config.to_toml()
+    assert FitConfig.from_dict(tomllib.loads(text)) == config
+    assert "\x07" not in text and "\x1b" not in text
+
+
+def test_lists_are_written_on_one_line():
+    assert "filters = [8, 16]\n" in FitConfig(filters=[8, 16]).to_toml()
 
 
 def test_atomic_npz_files_get_the_umask_mode(tmp_path):

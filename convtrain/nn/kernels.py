@@ -31,6 +31,7 @@ import operator
 import numpy as np
 
 from convtrain.nn.backend import blas_pinned_to_one_thread, compiled
+from convtrain.nn.geometry import output_size, pair
 
 _conv = compiled()  # the build this CPU runs, loaded after OpenMP's environment is set
 
@@ -56,32 +57,6 @@ _BLAS_INT_MAX = 2**31 - 1  # GEMM dimensions are Fortran INTEGER (32-bit) in sci
 
 
 # ----------------------------------------------------------------------------- argument checks
-
-def _pair(name, value, minimum):
-    """An int or a pair of ints, each >= minimum -> (h, w)."""
-    if type(value) is int and value >= minimum:  # the common case, fast
-        return value, value
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-        items = value
-    else:
-        items = (value, value)
-    pair = []
-    for item in items:
-        if isinstance(item, (bool, np.bool_)):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-        try:
-            pair.append(operator.index(item))
-        except TypeError:
-            raise TypeError(
-                f"{name} must be an int or a pair of ints, got {value!r} "
-                f"of type {type(value).__name__}"
-            ) from None
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (an int or a pair), got {value!r}")
-    return tuple(pair)
-
 
 def _array(name, value, ndim, dtype=None):
     """A C-contiguous, native-order float32/float64 ndarray of the given ndim (and dtype)."""
@@ -114,16 +89,6 @@ def _shape(name, value, length):
     return shape
 
 
-def _output_hw(H, W, kernel, stride, padding, what="kernel_size"):
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    if H + 2 * ph < kh or W + 2 * pw < kw:
-        raise ValueError(
-            f"{what} {kernel} is larger than the padded input {(H + 2 * ph, W + 2 * pw)} "
-            f"(input {(H, W)}, padding {padding}); expected {what} <= input + 2*padding"
-        )
-    return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-
-
 def _check_positive(name, value, what):
     if value < 1:
         raise ValueError(f"{name} must have at least one {what}, got shape {value}")
@@ -143,8 +108,8 @@ def conv2d_output_shape(x_shape, w_shape, stride=1, padding=0):
     F, Cw, kh, kw = _shape("w_shape", w_shape, 4)
     if C != Cw:
         raise ValueError(f"w_shape {tuple(w_shape)} has {Cw} input channels, x_shape has {C}")
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    return (N, F) + _output_hw(H, W, _pair("kernel_size", (kh, kw), 1), stride, padding)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    return (N, F) + output_size((H, W), pair("kernel_size", (kh, kw), 1), stride, padding)
 
 
 # ----------------------------------------------------------------------------- im2col / col2im
@@ -156,10 +121,10 @@ def im2col(x, kernel_size, stride=1, padding=0):
     (0 where that index falls into the padding).
     """
     x = _array("x", x, 4)
-    kernel = _pair("kernel_size", kernel_size, 1)
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    kernel = pair("kernel_size", kernel_size, 1)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
     N, C, H, W = x.shape
-    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    Ho, Wo = output_size((H, W), kernel, stride, padding)
     cols = np.empty((N, C * kernel[0] * kernel[1], Ho * Wo), dtype=x.dtype)
     _conv.im2col(x, cols, *kernel, *stride, *padding)
     return cols
@@ -173,9 +138,9 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     """
     cols = _array("cols", cols, 3)
     N, C, H, W = _shape("x_shape", x_shape, 4)
-    kernel = _pair("kernel_size", kernel_size, 1)
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    Ho, Wo = _output_hw(H, W, kernel, stride, padding)
+    kernel = pair("kernel_size", kernel_size, 1)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    Ho, Wo = output_size((H, W), kernel, stride, padding)
     expected = (N, C * kernel[0] * kernel[1], Ho * Wo)
     if cols.shape != expected:
         raise ValueError(
@@ -209,9 +174,10 @@ def _plan(N, P, threads):
 
 
 def _group_scratch(threads, G, rows, P, F, dtype):
-    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) for G > 1 (else 1 element)."""
+    """Per-thread scratch: (rows, G*P) column matrices, and (F, G*P) staging for G > 1 (else None:
+    one image's output or gradient is used where it lies)."""
     cols = np.empty((threads, rows * G * P), dtype=dtype)
-    staging = np.empty((threads, F * G * P if G > 1 else 1), dtype=dtype)
+    staging = np.empty((threads, F * G * P), dtype=dtype) if G > 1 else None
     return cols, staging
 
 
@@ -248,8 +214,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
         if bias.shape != (F,):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
         w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
@@ -278,10 +244,10 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     x = _array("x", x, 4)
     dout = _array("dout", dout, 4, x.dtype)
     N, C, H, W = x.shape
-    kh, kw = _pair("kernel_size", kernel_size, 1)
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    kh, kw = pair("kernel_size", kernel_size, 1)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
     _check_positive("x", C, "channel")
-    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     F = dout.shape[1]
     _check_positive("dout", F, "channel (filter)")
     if dout.shape != (N, F, Ho, Wo):
@@ -299,10 +265,9 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     if not dout.flags.writeable:  # the fused kernel takes a writeable dout (it can mask it)
         dout = dout.copy()
-    unread = np.empty((0, 0), dtype=x.dtype)  # weights: only read for the input gradient
-    with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, unread, dout, dw_ext, np.empty((0, C, H, W), x.dtype),
-                              kh, kw, *stride, *padding, G, cols, staging, threads, False, False)
+    with blas_pinned_to_one_thread():  # no weights, ReLU output or dx: the filter gradient alone
+        _conv.conv2d_backward(x, dout, None, None, dw_ext, None, kh, kw, *stride, *padding, G, cols,
+                              staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
@@ -328,8 +293,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
         raise ValueError(
             f"w has shape {w.shape} with {Cw} input channels but x_shape {(N, C, H, W)} has {C}"
         )
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     if dout.shape != (N, F, Ho, Wo):
         raise ValueError(
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
@@ -371,19 +336,16 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     if Cw != C:
         raise ValueError(f"w has shape {w.shape} with {Cw} input channels but x has {C} "
                          f"(shape {x.shape}); expected w of shape (F, {C}, kh, kw)")
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    Ho, Wo = _output_hw(H, W, (kh, kw), stride, padding)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     if dout.shape != (N, F, Ho, Wo):
         raise ValueError(
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
             f"w of shape {w.shape}, stride {stride}, padding {padding}")
-    mask = relu_out is not None
-    if mask:
+    if relu_out is not None:
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    else:
-        relu_out = dout  # unread
     dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
@@ -394,9 +356,8 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, w.reshape(F, K), relu_out, dw_ext,
-                              dx if input_grad else np.empty((0, C, H, W), x.dtype), kh, kw, *stride, *padding, G, cols,
-                              staging, threads, mask, bool(input_grad))
+        _conv.conv2d_backward(x, dout, w.reshape(F, K) if input_grad else None, relu_out, dw_ext, dx,
+                              kh, kw, *stride, *padding, G, cols, staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
@@ -453,8 +414,7 @@ def dense_backward(dout, x, w, input_grad=True):
     dx = np.empty((N, I), dtype=dout.dtype) if input_grad else None
     blocks = -(-I // DENSE_COLUMN_BLOCK)
     with blas_pinned_to_one_thread():
-        _conv.dense_backward(dout, x, w, dw, dx if input_grad else dw[:0], DENSE_COLUMN_BLOCK,
-                             _dense_threads(blocks, N * I * O), bool(input_grad))
+        _conv.dense_backward(dout, x, w, dw, dx, DENSE_COLUMN_BLOCK, _dense_threads(blocks, N * I * O))
     return dx, dw, dout.sum(axis=0)
 
 
@@ -492,9 +452,9 @@ def relu_backward_(dout, out):
 def maxpool2d_output_shape(x_shape, size, stride=None):
     """(N, C, Ho, Wo) of maxpool2d_forward: Ho = (H - size_h) // stride_h + 1 (no padding)."""
     N, C, H, W = _shape("x_shape", x_shape, 4)
-    size = _pair("size", size, 1)
-    stride = size if stride is None else _pair("stride", stride, 1)
-    return (N, C) + _output_hw(H, W, size, stride, (0, 0), what="size")
+    size = pair("size", size, 1)
+    stride = size if stride is None else pair("stride", stride, 1)
+    return (N, C) + output_size((H, W), size, stride, (0, 0), what="size")
 
 
 def maxpool2d_forward(x, size, stride=None):
@@ -506,9 +466,9 @@ def maxpool2d_forward(x, size, stride=None):
     """
     x = _array("x", x, 4)
     N, C, H, W = x.shape
-    size = _pair("size", size, 1)
-    stride = size if stride is None else _pair("stride", stride, 1)
-    Ho, Wo = _output_hw(H, W, size, stride, (0, 0), what="size")
+    size = pair("size", size, 1)
+    stride = size if stride is None else pair("stride", stride, 1)
+    Ho, Wo = output_size((H, W), size, stride, (0, 0), what="size")
     out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
     argmax = np.empty((N, C, Ho, Wo), dtype=np.intp)
     _conv.maxpool2d_forward(x, out, argmax, *size, *stride)

@@ -12,16 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from convtrain.errors import ArchitectureError
-from convtrain.nn import kernels
+from convtrain.nn import geometry, kernels
 
 
-def as_pair(value, what: str) -> tuple[int, int]:
-    """An int or an (h, w) pair as a tuple of two ints."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ArchitectureError(f"{what}: got {value!r}, expected an int or a [height, width] pair")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+def as_pair(value, what: str, minimum: int = 0) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints >= minimum as a tuple of two ints (geometry.pair, with
+    the ArchitectureError a user sees as one line naming `what`)."""
+    return geometry.pair(what, value, minimum, error=ArchitectureError)
 
 
 def resolve_padding(padding, kernel_size: tuple[int, int], name: str) -> tuple[int, int]:
@@ -34,10 +31,7 @@ def resolve_padding(padding, kernel_size: tuple[int, int], name: str) -> tuple[i
             raise ArchitectureError(
                 f"{name}: padding 'same' needs an odd kernel size, got {kh}x{kw}")
         return (kh - 1) // 2, (kw - 1) // 2
-    pad = as_pair(padding, f"{name} padding")
-    if min(pad) < 0:
-        raise ArchitectureError(f"{name}: padding {padding!r} is negative")
-    return pad
+    return as_pair(padding, f"{name} padding")
 
 
 class Layer:
@@ -71,12 +65,9 @@ class Conv2D(Layer):
         super().__init__(name)
         self.in_channels = int(in_channels)
         self.filters = int(filters)
-        self.kernel_size = as_pair(kernel_size, f"{name} kernel_size")
-        self.stride = as_pair(stride, f"{name} stride")
+        self.kernel_size = as_pair(kernel_size, f"{name} kernel_size", minimum=1)
+        self.stride = as_pair(stride, f"{name} stride", minimum=1)
         self.padding = resolve_padding(padding, self.kernel_size, name)
-        if min(self.kernel_size) < 1 or min(self.stride) < 1:
-            raise ArchitectureError(
-                f"{name}: kernel size {self.kernel_size} and stride {self.stride} must be positive")
         self.dtype = np.dtype(dtype)
         kh, kw = self.kernel_size
         self.params = {
@@ -98,14 +89,13 @@ class Conv2D(Layer):
         c, h, w = input_shape
         if c != self.in_channels:
             raise ArchitectureError(f"{self.name}: expects {self.in_channels} input channels, got {c}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        out_h = (h + 2 * ph - kh) // sh + 1
-        out_w = (w + 2 * pw - kw) // sw + 1
-        if out_h <= 0 or out_w <= 0:
+        try:
+            return (self.filters, *geometry.output_size((h, w), self.kernel_size, self.stride, self.padding))
+        except geometry.WindowDoesNotFit as error:
+            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
             raise ArchitectureError(
                 f"{self.name}: a {kh}x{kw} kernel (stride {sh}x{sw}, padding {ph}x{pw}) does not fit "
-                f"its {c}x{h}x{w} input: the output would be {out_h}x{out_w}")
-        return self.filters, out_h, out_w
+                f"its {c}x{h}x{w} input: the output would be {'x'.join(map(str, error.output))}") from None
 
     def forward(self, x, train=False):
         out = kernels.conv2d_forward(x, self.params["weight"], self.params["bias"],
@@ -125,11 +115,6 @@ class Conv2D(Layer):
         self.grads = {"weight": dw, "bias": db}
         self._x = self._out = None
         return dx
-
-    def describe(self) -> dict:
-        return {"type": "conv", "name": self.name, "filters": self.filters,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding)}
 
 
 class ReLU(Layer):
@@ -183,23 +168,20 @@ class MaxPool2D(Layer):
 
     def __init__(self, size, stride=None, *, name: str = "pool"):
         super().__init__(name)
-        self.size = as_pair(size, f"{name} size")
-        self.stride = as_pair(stride if stride is not None else size, f"{name} stride")
-        if min(self.size) < 1 or min(self.stride) < 1:
-            raise ArchitectureError(f"{name}: pool size {self.size} and stride {self.stride} must be positive")
+        self.size = as_pair(size, f"{name} size", minimum=1)
+        self.stride = as_pair(stride if stride is not None else size, f"{name} stride", minimum=1)
         self._argmax = None
         self._x_shape = None
 
     def output_shape(self, input_shape):
         c, h, w = input_shape
-        (kh, kw), (sh, sw) = self.size, self.stride
-        out_h = (h - kh) // sh + 1
-        out_w = (w - kw) // sw + 1
-        if out_h <= 0 or out_w <= 0:
+        try:
+            return (c, *geometry.output_size((h, w), self.size, self.stride))
+        except geometry.WindowDoesNotFit as error:
+            (kh, kw), (sh, sw) = self.size, self.stride
             raise ArchitectureError(
                 f"{self.name}: {kh}x{kw} pooling (stride {sh}x{sw}) does not fit its {c}x{h}x{w} "
-                f"input: the output would be {out_h}x{out_w}")
-        return c, out_h, out_w
+                f"input: the output would be {'x'.join(map(str, error.output))}") from None
 
     def forward(self, x, train=False):
         out, argmax = kernels.maxpool2d_forward(x, self.size, self.stride)
@@ -211,9 +193,6 @@ class MaxPool2D(Layer):
         dx = kernels.maxpool2d_backward(dout, self._argmax, self._x_shape)
         self._argmax = None
         return dx
-
-    def describe(self) -> dict:
-        return {"type": "maxpool", "name": self.name, "size": list(self.size), "stride": list(self.stride)}
 
 
 class Flatten(Layer):
@@ -269,6 +248,3 @@ class Dense(Layer):
         self.grads = {"weight": dw, "bias": db}
         self._x = None
         return dx
-
-    def describe(self) -> dict:
-        return {"type": "dense", "name": self.name, "in": self.in_features, "out": self.out_features}

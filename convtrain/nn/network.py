@@ -211,10 +211,6 @@ class Network:
         """Gradients of the last backward pass, same names as parameters()."""
         return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.grads.items()}
 
-    def weight_names(self) -> list[str]:
-        """The parameters under L2: conv and dense weights, not biases."""
-        return [name for name in self.parameters() if name.endswith(".weight")]
-
     def l2_penalty(self) -> float:
         """sum ||W||^2 over conv and dense weights."""
         total = 0.0
@@ -226,9 +222,6 @@ class Network:
                 # then spin against the kernels' OpenMP threads in the next step
                 total += float(np.einsum("i,i->", flat, flat))
         return total
-
-    def num_parameters(self) -> int:
-        return sum(int(v.size) for v in self.parameters().values())
 
     def set_parameters(self, values: dict[str, np.ndarray], *, source: str = "parameters") -> None:
         """Copy values into the live arrays (so optimizer references stay valid); names and shapes must match."""
@@ -370,14 +363,6 @@ class Network:
                 value = value.detach().cpu().numpy()
             values[name] = value
         self.set_parameters(values, source="state dict")
-
-    def summary(self) -> str:
-        lines, shape = [], self.input_shape
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-            count = sum(int(v.size) for v in layer.params.values())
-            lines.append(f"{layer.name:<12} {type(layer).__name__:<10} -> {'x'.join(map(str, shape)):<12} {count} params")
-        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"Network({json.dumps(self.architecture)})"

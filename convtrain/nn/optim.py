@@ -159,6 +159,16 @@ class CyclicSchedule(Schedule):
                 "n_s": self.n_s, "cycles": self.cycles}
 
 
+def training_length(schedule: Schedule, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, updates) a fit trains: the schedule's planned updates when it has them (cyclic
+    with `cycles`; the last epoch may stop part-way), else `epochs` full epochs. The Trainer
+    runs this length and `convtrain fit` reports it, from this one function."""
+    planned = schedule.planned_steps()
+    if planned is not None:
+        return math.ceil(planned / steps_per_epoch), planned
+    return epochs, epochs * steps_per_epoch
+
+
 def make_schedule(config=None, **kwargs) -> Schedule:
     """A schedule from a FitConfig (fields schedule, lr, step_epochs, gamma, eta_min, eta_max,
     n_s, cycles) and/or keyword overrides of the same names (`kind` = `schedule`)."""

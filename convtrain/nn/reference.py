@@ -20,14 +20,16 @@ Notation (0-based in code, 1-based on the slides):
 
 The lecture has stride 1 and no padding. Here stride (sh, sw) and zero padding (ph, pw) are
 general: output (l, m) reads padded-image pixel (l*sh + i, m*sw + j); a pixel in the padding
-is a zero and has no column in M_F^filter.
+is a zero and has no column in M_F^filter. The output is Ho x Wo with Ho = (H + 2ph - kh) // sh + 1
+(likewise Wo), as everywhere in convtrain (convtrain.nn.geometry.output_size).
 """
 
 import numpy as np
 
+from convtrain.nn.geometry import output_size, pair
+
 __all__ = [
     "correlate",
-    "output_size",
     "pad",
     "rot180",
     "mx_im",
@@ -43,19 +45,9 @@ __all__ = [
 ]
 
 
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-def output_size(H, W, kernel_size, stride=1, padding=0):
-    """(Ho, Wo) = ((H + 2ph - kh) // sh + 1, (W + 2pw - kw) // sw + 1)."""
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
-    return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-
-
 def pad(X, padding):
     """X (..., H, W) with ph rows of zeros above and below and pw columns left and right."""
-    ph, pw = _pair(padding)
+    ph, pw = pair("padding", padding)
     X = np.asarray(X, dtype=np.float64)
     out = np.zeros(X.shape[:-2] + (X.shape[-2] + 2 * ph, X.shape[-1] + 2 * pw))
     out[..., ph:ph + X.shape[-2], pw:pw + X.shape[-1]] = X
@@ -71,9 +63,9 @@ def correlate(X, F, stride=1):
     """The lecture's S = X * F for 2-D X (H, W) and F (kh, kw), valid positions only:
     S_lm = sum_{i,j} X[l*sh + i, m*sw + j] F[i, j]."""
     X, F = np.asarray(X, dtype=np.float64), np.asarray(F, dtype=np.float64)
-    sh, sw = _pair(stride)
+    sh, sw = pair("stride", stride, 1)
     kh, kw = F.shape
-    Ho, Wo = output_size(X.shape[0], X.shape[1], (kh, kw), (sh, sw))
+    Ho, Wo = output_size(X.shape, (kh, kw), (sh, sw))
     S = np.zeros((Ho, Wo))
     for l in range(Ho):
         for m in range(Wo):
@@ -95,8 +87,8 @@ def mx_im(X, kernel_size, stride=1, padding=0):
     if X.ndim == 2:
         X = X[None]
     C, H, W = X.shape
-    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(stride)
-    Ho, Wo = output_size(H, W, (kh, kw), (sh, sw), padding)
+    (kh, kw), (sh, sw) = pair("kernel_size", kernel_size, 1), pair("stride", stride, 1)
+    Ho, Wo = output_size((H, W), (kh, kw), (sh, sw), pair("padding", padding))
     Xp = pad(X, padding)
     M = np.zeros((Ho * Wo, C * kh * kw))
     for l in range(Ho):
@@ -125,8 +117,8 @@ def mf_filter(F, image_shape, stride=1, padding=0):
     if F.shape[0] != C:
         raise ValueError(f"filter has {F.shape[0]} channels, image_shape {image_shape} has {C}")
     _, kh, kw = F.shape
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    Ho, Wo = output_size(H, W, (kh, kw), (sh, sw), (ph, pw))
+    (sh, sw), (ph, pw) = pair("stride", stride, 1), pair("padding", padding)
+    Ho, Wo = output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     M = np.zeros((Ho * Wo, C * H * W))
     for l in range(Ho):
         for m in range(Wo):
@@ -146,7 +138,7 @@ def conv_forward(x, w, b=None, stride=1, padding=0):
     x, w = np.asarray(x, dtype=np.float64), np.asarray(w, dtype=np.float64)
     N, C, H, W = x.shape
     F, _, kh, kw = w.shape
-    Ho, Wo = output_size(H, W, (kh, kw), stride, padding)
+    Ho, Wo = output_size((H, W), (kh, kw), pair("stride", stride, 1), pair("padding", padding))
     S = np.zeros((N, F, Ho, Wo))
     for n in range(N):
         M = mx_im(x[n], (kh, kw), stride, padding)
@@ -162,7 +154,7 @@ def conv_forward_by_filter_matrix(x, w, b=None, stride=1, padding=0):
     x, w = np.asarray(x, dtype=np.float64), np.asarray(w, dtype=np.float64)
     N, C, H, W = x.shape
     F, _, kh, kw = w.shape
-    Ho, Wo = output_size(H, W, (kh, kw), stride, padding)
+    Ho, Wo = output_size((H, W), (kh, kw), pair("stride", stride, 1), pair("padding", padding))
     S = np.zeros((N, F, Ho, Wo))
     for f in range(F):
         M = mf_filter(w[f], (C, H, W), stride, padding)
@@ -181,7 +173,7 @@ def filter_grad(x, dout, kernel_size, stride=1, padding=0):
     x, dout = np.asarray(x, dtype=np.float64), np.asarray(dout, dtype=np.float64)
     N, C, H, W = x.shape
     F = dout.shape[1]
-    kh, kw = _pair(kernel_size)
+    kh, kw = pair("kernel_size", kernel_size, 1)
     dw = np.zeros((F, C * kh * kw))
     for n in range(N):
         M = mx_im(x[n], (kh, kw), stride, padding)
@@ -193,7 +185,7 @@ def filter_grad(x, dout, kernel_size, stride=1, padding=0):
 def dilate(G, stride):
     """G (Ho, Wo) with sh-1 rows and sw-1 columns of zeros between its entries:
     ((Ho-1)*sh + 1, (Wo-1)*sw + 1). A strided convolution's G, seen at stride 1."""
-    sh, sw = _pair(stride)
+    sh, sw = pair("stride", stride, 1)
     G = np.asarray(G, dtype=np.float64)
     out = np.zeros(((G.shape[0] - 1) * sh + 1, (G.shape[1] - 1) * sw + 1))
     out[::sh, ::sw] = G
@@ -209,7 +201,7 @@ def filter_grad_by_correlation(x, dout, kernel_size, stride=1, padding=0):
     x, dout = np.asarray(x, dtype=np.float64), np.asarray(dout, dtype=np.float64)
     N, C, H, W = x.shape
     F = dout.shape[1]
-    kh, kw = _pair(kernel_size)
+    kh, kw = pair("kernel_size", kernel_size, 1)
     xp = pad(x, padding)
     dw = np.zeros((F, C, kh, kw))
     for n in range(N):
@@ -246,7 +238,7 @@ def input_grad_by_full_convolution(dout, w, x_shape, stride=1, padding=0):
     dout, w = np.asarray(dout, dtype=np.float64), np.asarray(w, dtype=np.float64)
     N, C, H, W = x_shape
     F, _, kh, kw = w.shape
-    ph, pw = _pair(padding)
+    ph, pw = pair("padding", padding)
     dx_padded = np.zeros((N, C, H + 2 * ph, W + 2 * pw))
     for n in range(N):
         for f in range(F):
@@ -263,10 +255,10 @@ def maxpool_forward(x, size, stride=None):
     """(out, argmax): out[n, c, l, m] = max of the window x[n, c, l*sh : l*sh+kh, m*sw : m*sw+kw];
     argmax the flat index r*W + s of its (first) maximum in the (H, W) plane."""
     x = np.asarray(x)
-    kh, kw = _pair(size)
-    sh, sw = _pair(size if stride is None else stride)
+    kh, kw = pair("size", size, 1)
+    sh, sw = pair("stride", size if stride is None else stride, 1)
     N, C, H, W = x.shape
-    Ho, Wo = (H - kh) // sh + 1, (W - kw) // sw + 1
+    Ho, Wo = output_size((H, W), (kh, kw), (sh, sw), what="size")
     out = np.zeros((N, C, Ho, Wo), dtype=x.dtype)
     argmax = np.zeros((N, C, Ho, Wo), dtype=np.intp)
     for n in range(N):

@@ -27,15 +27,10 @@ import numpy as np
 
 from convtrain.config import FitConfig
 from convtrain.errors import ConfigError, TrainingInterrupted
-from convtrain.pipeline.resume import (
-    CHECKPOINT_FILE,
-    check_resumable,
-    check_same_classes,
-    checkpoint_callback_state,
-    resolve_checkpoint,
-)
+from convtrain.pipeline.resume import resolve_checkpoint
 from convtrain.training.callbacks import BatchLossRecorder, Callback
-from convtrain.training.metrics import Evaluation, confusion_counts
+from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.metrics import Evaluation, confusion_matrix
 from convtrain.training.signals import sigterm_as_keyboard_interrupt, stop_on_signals
 
 MODEL_FILE = "model.npz"
@@ -76,10 +71,11 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     config.validate()
     parent_run_id = parent_run_id or config.parent_run
     checkpoint = resolve_checkpoint(str(resume)) if resume is not None else None
+    saved = TrainingCheckpoint.load(checkpoint) if checkpoint is not None else None
     tracking_uri = None
     saved_tracking: dict = {}
-    if checkpoint is not None:
-        saved_tracking = checkpoint_callback_state(checkpoint, "mlflow")
+    if saved is not None:
+        saved_tracking = saved.callback_state("mlflow")
     track = config.track and (checkpoint is None or bool(saved_tracking) or config.tracking_uri is not None)
     if track:
         from convtrain.tracking.store import check_reachable, resolve_tracking_uri
@@ -101,8 +97,9 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
 
     out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()
     _check_writable(out_dir)
-    if checkpoint is not None:
-        check_resumable(checkpoint, network, config)
+    if saved is not None:
+        # what resuming would refuse, before the MLflow run is reopened and config.toml rewritten
+        saved.check_resumable(network, config.batch_size, network.class_names)
     elif config.out is not None and (out_dir / CHECKPOINT_FILE).exists():
         raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
                           f"--resume {out_dir}, or choose another --out")
@@ -128,14 +125,13 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
             config.save_toml(out_dir / CONFIG_FILE)
 
             recorder = BatchLossRecorder(config.log_every)
-            progress_callback = _progress_callback(progress, config, splits)
+            progress_callback = _progress_callback(progress)
             # the Trainer adds early stopping (config.patience) and the checkpoint callback itself
             all_callbacks = [*([progress_callback] if progress_callback else []), recorder,
                              *([tracker] if tracker else []), *callbacks]
             trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
-            if checkpoint is not None:
-                trainer.resume(checkpoint)
-                check_same_classes(network, splits, checkpoint)
+            if saved is not None:
+                trainer.resume(saved)
             else:
                 # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
                 # callback's state) the run id, written as soon as the run exists and before the
@@ -304,23 +300,16 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"out: cannot create files in {existing} ({exc.strerror or exc}); "
                           "choose another --out") from None
 
-def _progress_callback(progress, config: FitConfig, splits):
+def _progress_callback(progress):
     if progress is None or progress is False or progress == "none":
         return None
     if isinstance(progress, Callback):
         return progress
-    import math
-
     from convtrain.training.progress import ProgressCallback
 
     if progress not in ("auto", "quiet"):
         raise ConfigError(f"progress: got {progress!r}, expected 'auto', 'quiet', 'none' or a Callback")
-    n_train = len(splits.y_train)
-    if config.balanced:
-        counts = np.bincount(splits.y_train)
-        n_train = int((counts > 0).sum() * counts[counts > 0].min())
-    return ProgressCallback(epochs=config.epochs, steps_per_epoch=math.ceil(n_train / config.batch_size),
-                            quiet=progress == "quiet")
+    return ProgressCallback(quiet=progress == "quiet")  # epochs and steps per epoch: from the trainer
 
 def _input_example(splits) -> np.ndarray:
     return np.ascontiguousarray(splits.x_train[:2])
@@ -333,19 +322,16 @@ def _final_evaluation(trainer, network, splits) -> Evaluation:
         split, x, y = "val", splits.x_val, splits.y_val
     else:
         split, x, y = "train", splits.x_train, splits.y_train
-    x_norm = network.normalize(x)
-    values = trainer.evaluate(x_norm, y)
-    predictions = network.predict(x)
+    values, predictions = trainer.evaluate(x, y, normalize=True, return_predictions=True)  # a batch at a time
     metrics = {f"test_{k}": float(v) for k, v in values.items()} if split == "test" else {}
-    return Evaluation(split, metrics, confusion_counts(np.asarray(y), predictions, network.num_classes),
+    return Evaluation(split, metrics, confusion_matrix(y, predictions, network.num_classes),
                       list(network.class_names or range(network.num_classes)))
 
 def _write_plots(folder: Path, history, recorder, trainer, network, evaluation) -> list[Path]:
     from convtrain.training import plots
 
-    steps_per_epoch = max(trainer.step / max(trainer.epoch, 1), 1)
-    batch = [(step / steps_per_epoch, loss) for step, loss in recorder.points]
-    paths = [plots.learning_curves(history.epochs, folder / "learning_curves.png", batch_losses=batch,
+    paths = [plots.learning_curves(history.epochs, folder / "learning_curves.png",
+                                   batch_losses=recorder.curve(trainer.steps_per_epoch),
                                    best_epoch=history.best_epoch, monitor=history.monitor)]
     paths.append(plots.confusion_matrix(evaluation.confusion, evaluation.class_names,
                                         folder / "confusion_matrix.png",

@@ -14,6 +14,8 @@ def sweep(
                                       show_default=False),
     workers: int = typer.Option(1, "--workers", "-w", min=1,
                                 help="Worker processes on this machine; each gets cores/N kernel threads."),
+    force_workers: bool = typer.Option(False, "--force-workers",
+                                       help="Allow more --workers than cores (up to 64)."),
     storage: Optional[str] = typer.Option(
         None, help="Optuna storage URL; postgresql://... lets several machines share the study. "
                    "(default: sqlite:///optuna.db beside the MLflow store)"),
@@ -23,7 +25,6 @@ def sweep(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: the sweep file's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ):
     """Search fit parameters with Optuna; every trial is a child run of one MLflow parent run.
 
@@ -33,7 +34,8 @@ def sweep(
     from convtrain.sweep.launcher import run_sweep
 
     outcome = run_sweep(sweep_file, workers=workers, storage=storage, n_trials=n_trials,
-                        tracking_uri=tracking_uri, study_name=study_name, quiet=quiet)
+                        tracking_uri=tracking_uri, study_name=study_name, quiet=quiet,
+                        force_workers=force_workers)
     if outcome.parent_run_id and not quiet:
         from convtrain.tracking.store import resolve_tracking_uri
 

@@ -14,6 +14,7 @@ The launcher (this module) does, in order:
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +23,19 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
-from convtrain.errors import ConvtrainError, TrainingInterrupted, one_line
+from convtrain.errors import ConfigError, ConvtrainError, TrainingInterrupted, one_line
 from convtrain.sweep import plots as sweep_plots
 from convtrain.sweep import report as sweep_report
 from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
 from convtrain.sweep.spec import SweepSpec, load_sweep
-from convtrain.sweep.worker import WorkerPlan, default_threads, run_worker
+from convtrain.sweep.worker import SweepFailed, WorkerPlan, default_threads, reclaim, run_worker
 from convtrain.tracking import store as tracking_store
 
 STORAGE_FILE = "optuna.db"
-
-
-class SweepFailed(ConvtrainError):
-    """A sweep worker stopped on an error that would fail every other trial as well."""
+# More workers than cores only share the cores (and each holds a fit's memory); --force-workers
+# allows up to this many, for fits that mostly wait (a remote tracking server, slow disks).
+MAX_FORCED_WORKERS = 64
 
 
 @dataclass
@@ -64,18 +64,19 @@ def default_storage_url(tracking_uri: str | None) -> str:
 
 def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None = None,
               n_trials: int | None = None, tracking_uri: str | None = None, study_name: str | None = None,
-              quiet: bool = False, console: Console | None = None, fit: Callable | None = None) -> SweepOutcome:
+              quiet: bool = False, console: Console | None = None, fit: Callable | None = None,
+              force_workers: bool = False) -> SweepOutcome:
     """Run (or resume, or join) the sweep in `sweep_file`; see the module docstring."""
     console = console or Console(highlight=False, soft_wrap=True)
-    if workers < 1:
-        raise ConvtrainError(f"--workers: got {workers}, expected at least 1")
+    check_workers(workers, force=force_workers)
     spec = load_sweep(sweep_file, n_trials=n_trials, study_name=study_name)
     track = spec.base.track
     uri = tracking_store.resolve_tracking_uri(tracking_uri or spec.base.tracking_uri) if track else None
     if uri:
         tracking_store.check_reachable(uri)
     storage_url = storage or default_storage_url(uri)
-    rdb = sweep_study.open_storage(storage_url)
+    stale: list = []
+    rdb = sweep_study.open_storage(storage_url, reclaimed=stale)
 
     def create_parent(study):
         study.set_user_attr(sweep_study.PARENT_RUN_ATTR,
@@ -84,6 +85,8 @@ def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None =
     handle = sweep_study.create_or_join(spec, rdb, on_create=create_parent if track else None)
     parent_run_id = _parent_run(handle, spec, uri, storage_url) if track else None
     outcome = SweepOutcome(spec, storage_url, parent_run_id=parent_run_id, tracking_uri=uri)
+    # trials a killed run left RUNNING go back in the queue now, so the header counts them
+    reclaim(handle, spec, uri, parent_run_id, stale)
     _announce(console, spec, handle, storage_url, workers, parent_run_id, quiet)
 
     plan = WorkerPlan(sweep_path=str(spec.path), storage_url=storage_url, n_trials=n_trials,
@@ -116,6 +119,18 @@ def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None =
             except Exception as exc:
                 console.print(f"(could not write the sweep summary: {one_line(exc)})", markup=False)
     return outcome
+
+
+def check_workers(workers: int, *, force: bool = False, cores: int | None = None) -> None:
+    """At most one worker per core, or MAX_FORCED_WORKERS with force; one line otherwise."""
+    cores = cores or os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"--workers: got {workers}, expected at least 1")
+    if force and workers > MAX_FORCED_WORKERS:
+        raise ConfigError(f"--workers: got {workers}, expected at most {MAX_FORCED_WORKERS} even with --force-workers")
+    if not force and workers > cores:
+        raise ConfigError(f"--workers: got {workers}, but this machine has {cores} core{'s' if cores > 1 else ''}; "
+                          "more workers than cores only slow each other down (--force-workers to insist)")
 
 
 def _parent_run(handle, spec: SweepSpec, uri: str, storage_url: str) -> str:
@@ -154,7 +169,7 @@ def _run_processes(plan: WorkerPlan, workers: int) -> list[str]:
     stop = context.Event()
     processes = []
     for index in range(workers):
-        worker_plan = WorkerPlan(**{**plan.__dict__, "label": f"[w{index + 1}] "})
+        worker_plan = WorkerPlan(**{**plan.__dict__, "label": f"[w{index + 1}] ", "launcher_pid": os.getpid()})
         process = context.Process(target=_worker_main, args=(worker_plan, stop), name=f"sweep-worker-{index + 1}")
         process.start()
         processes.append(process)
@@ -206,6 +221,9 @@ def _worker_main(plan: WorkerPlan, stop) -> None:
     except ConvtrainError as exc:
         print(f"{plan.label}error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a traceback per worker would bury the one line that matters
+        print(f"{plan.label}error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _summarize(outcome: SweepOutcome, handle, console: Console, quiet: bool, status: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from convtrain.sweep.spec import SweepSpec
+from convtrain.sweep.study import FIXED_PARAMS_ATTR, NOTE_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, SECONDS_ATTR
 
 # The order states are listed in, after the completed trials (which are sorted by objective).
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
@@ -38,17 +39,17 @@ def trial_rows(study, spec: SweepSpec) -> list[TrialRow]:
     """Every trial of the study, best first: completed by objective, then the rest by state."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        seconds = t.user_attrs.get("seconds")
+        seconds = t.user_attrs.get(SECONDS_ATTR)
         if seconds is None and t.datetime_start and t.datetime_complete:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        params = {name: t.params.get(name, t.system_attrs.get("fixed_params", {}).get(name))
+        params = {name: t.params.get(name, t.system_attrs.get(FIXED_PARAMS_ATTR, {}).get(name))
                   for name in spec.space}
-        note = t.user_attrs.get("note", "")
-        retry_of = t.system_attrs.get("convtrain.retry_of")
+        note = t.user_attrs.get(NOTE_ATTR, "")
+        retry_of = t.system_attrs.get(RETRY_OF_ATTR)
         if retry_of is not None:
             note = f"retry of trial {retry_of}" + (f"; {note}" if note else "")
         rows.append(TrialRow(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None,
-                             seconds, params, t.user_attrs.get("mlflow_run_id", ""), note,
+                             seconds, params, t.user_attrs.get(RUN_ID_ATTR, ""), note,
                              last_report=_last_report(t)))
     sign = -1.0 if spec.direction == "maximize" else 1.0
     return sorted(rows, key=lambda r: (_STATE_ORDER.get(r.state, 9),

@@ -90,18 +90,16 @@ def close_killed_children(tracking_uri: str | None, parent_run_id: str, spec: Sw
                 client.set_terminated(run.info.run_id, "KILLED")
 
 
-def child_runs(tracking_uri: str | None, parent_run_id: str, spec: SweepSpec) -> list:
-    return _children(tracking_uri, parent_run_id, spec, "")
-
-
 def _children(tracking_uri: str | None, parent_run_id: str, spec: SweepSpec, extra_filter: str) -> list:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     client = client_for(resolve_tracking_uri(tracking_uri))
     experiment = client.get_experiment_by_name(spec.base.experiment)
     if experiment is None:
         return []
     return client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'{extra_filter}",
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'{extra_filter}",
         order_by=["attributes.start_time DESC"], max_results=5000)
 
 

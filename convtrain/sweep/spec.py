@@ -15,6 +15,11 @@
     filters = [[8, 16], [16, 32]]     # choices
     lr = {low = 0.01, high = 0.1, log = true}   # a range (int if the field is int)
 
+Bounds (a file, or a flag, must not be able to hang the sweep or fill the memory): at most
+MAX_TRIALS trials, a grid of at most MAX_GRID_POINTS points (counted arithmetically before
+a single point is listed). The study name may be anything; the folder it names by default
+(runs/<name>) is cleaned like a fit's run_name, so `name = "../../x"` stays under runs/.
+
 Everything wrong with a file is a ConfigError with one line naming the file, the key,
 the bad value and what was expected. Nothing here imports optuna: parsing stays cheap,
 and the distributions are built where the study is (sweep_study).
@@ -26,6 +31,7 @@ import itertools
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,11 @@ OBJECTIVES = {
 }
 DIRECTIONS = ("maximize", "minimize")
 DEFAULT_RANDOM_TRIALS = 20
+# Each trial is a ticket row in the study, issued up front, and at least one fit: ten thousand
+# is beyond any sweep that finishes, and still a study that loads in a second.
+MAX_TRIALS = 10_000
+# A grid that runs in full is listed in full: a million points is a few hundred MB of dicts.
+MAX_GRID_POINTS = 1_000_000
 # The sweep sets these per trial (names, places, threads per worker), so they cannot be swept.
 NOT_SWEEPABLE = ("experiment", "run_name", "out", "track", "tracking_uri", "threads", "register_model",
                  "parent_run")
@@ -70,6 +81,9 @@ class Choices:
 
     def grid_labels(self) -> list:
         return list(self.labels)
+
+    def grid_count(self) -> int:
+        return len(self.labels)
 
     def describe(self) -> str:
         return json.dumps(list(self.labels))
@@ -97,8 +111,15 @@ class Range:
             return list(range(int(self.low), int(self.high) + 1, step))
         if self.step is None:
             return None
-        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
-        return [round(self.low + i * self.step, 12) for i in range(count)]
+        return [round(self.low + i * self.step, 12) for i in range(self.grid_count())]
+
+    def grid_count(self) -> int | None:
+        """How many values grid_labels lists, without listing them."""
+        if self.integer:
+            return (int(self.high) - int(self.low)) // int(self.step or 1) + 1
+        if self.step is None:
+            return None
+        return int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
 
     def describe(self) -> str:
         extra = ", log" if self.log else (f", step {self.step}" if self.step else "")
@@ -129,17 +150,26 @@ class SweepSpec:
     register_model: str | None = None  # registry name the best trial's model is registered under
 
     def grid_size(self) -> int:
-        return math.prod(len(p.grid_labels()) for p in self.space.values())
+        return math.prod(p.grid_count() for p in self.space.values())
 
     def grid_points(self) -> list[dict[str, Any]]:
         """The grid's points as Optuna parameter dicts, in file order (first key slowest);
         when n_trials is smaller than the grid, a seeded sample of it, still in that order."""
         names = list(self.space)
-        points = [dict(zip(names, combo))
-                  for combo in itertools.product(*(self.space[n].grid_labels() for n in names))]
-        if self.n_trials < len(points):
-            keep = sorted(random.Random(self.seed).sample(range(len(points)), self.n_trials))
-            points = [points[i] for i in keep]
+        labels = [self.space[n].grid_labels() for n in names]
+        size = self.grid_size()
+        if self.n_trials >= size:
+            return [dict(zip(names, combo)) for combo in itertools.product(*labels)]
+        # only the sampled points are built: point i is i written in the mixed radix of the
+        # parameters' value counts, the last parameter's digit changing fastest
+        keep = sorted(random.Random(self.seed).sample(range(size), self.n_trials))
+        points = []
+        for index in keep:
+            combo = []
+            for values in reversed(labels):
+                index, digit = divmod(index, len(values))
+                combo.append(values[digit])
+            points.append(dict(zip(names, reversed(combo))))
         return points
 
     def decode(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +211,8 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
     objective = _one_of(sweep.get("objective", "val_accuracy"), tuple(OBJECTIVES), where, "objective")
     direction = _one_of(sweep.get("direction", OBJECTIVES[objective]), DIRECTIONS, where, "direction")
     name = study_name or _text(sweep.get("name", path.stem), where, "name")
+    if len(name) > 200:  # a folder name, a run name and a database key
+        raise ConfigError(f"{where}: name: {len(name)} characters, expected at most 200")
     spec = SweepSpec(
         path=path,
         name=name,
@@ -193,19 +225,27 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
         pruner=_one_of(sweep.get("pruner", "none"), PRUNERS, where, "pruner"),
         warmup_epochs=_whole(sweep.get("warmup_epochs", 1), where, "warmup_epochs", minimum=0),
         startup_trials=_whole(sweep.get("startup_trials", 5), where, "startup_trials", minimum=0),
-        out=Path(_text(sweep.get("out", f"runs/{name}"), where, "out")),
+        out=Path(_text(sweep.get("out", f"runs/{folder_name(name)}"), where, "out")),
         register_model=_registry_name(sweep.get("register_model"), where),
     )
     if method == "grid":
-        continuous = [n for n, p in space.items() if p.grid_labels() is None]
+        continuous = [n for n, p in space.items() if p.grid_count() is None]
         if continuous:
             raise ConfigError(f"{where}: method 'grid' needs a finite set for {continuous[0]!r}: give choices "
                               f"(e.g. {continuous[0]} = [a, b, c]) or a step, or use method 'random' or 'tpe'")
+        if spec.grid_size() > MAX_GRID_POINTS:
+            raise ConfigError(f"{where}: the grid has {spec.grid_size():,} points, more than the {MAX_GRID_POINTS:,} "
+                              "a sweep can list; use fewer values, a coarser step, or method 'random' or 'tpe'")
     given = n_trials if n_trials is not None else sweep.get("n_trials")
     if given is None:
         spec.n_trials = spec.grid_size() if method == "grid" else DEFAULT_RANDOM_TRIALS
     else:
         spec.n_trials = _whole(given, where, "n_trials", minimum=1)
+    if spec.n_trials > MAX_TRIALS:
+        raise ConfigError(f"{where}: n_trials: {spec.n_trials:,} trials, more than the {MAX_TRIALS:,} a sweep runs; "
+                          "ask for fewer" + (" (a grid runs every point unless n_trials says fewer)"
+                                             if given is None else ""))
+    if given is not None:
         if method == "grid" and spec.n_trials > spec.grid_size():
             raise ConfigError(f"{where}: n_trials {spec.n_trials} exceeds the grid's {spec.grid_size()} points; "
                               "a grid runs each point once")
@@ -361,6 +401,12 @@ def _whole(value: Any, where: str, key: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{where}: {key}: got {value!r}, expected a whole number >= {minimum}")
     return value
+
+
+def folder_name(name: str) -> str:
+    """A name made safe as one folder: no separators, no '..', nothing a shell trips on
+    (the rule pipeline/fit.py applies to a fit's run_name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "sweep"
 
 
 def _text(value: Any, where: str, key: str) -> str:

@@ -2,8 +2,8 @@
 
 Why tickets. Every trial a sweep will run is enqueued as a WAITING trial when the study is
 created (a grid point's parameters, or an empty ticket that TPE/random sample when it is
-taken). A worker only ever *takes* a waiting trial -- an atomic WAITING -> RUNNING update in
-the database -- and never asks Optuna for a fresh one. So, across processes and machines:
+taken). A worker only ever *takes* a waiting trial and never asks Optuna for a fresh one. So,
+across processes and machines:
 - no trial runs twice: Optuna's GridSampler alone can hand one point to two workers (it
   says so itself, and after a killed trial it re-picks among running points);
 - the budget is exact: n_trials tickets, however many workers race for the last one;
@@ -14,6 +14,25 @@ is known dead (same machine, pid gone) and Optuna's heartbeat fails it when a wo
 another machine has been silent for GRACE_SECONDS; either way the trial is re-enqueued
 with the same parameters (at most MAX_RETRIES times, so a configuration that kills its
 worker every time cannot loop forever).
+
+What is Optuna's and what is ours:
+- Optuna's: the storage, the WAITING trials (`study.add_trial`), the claim itself -- a
+  WAITING -> RUNNING `set_trial_state_values` that returns False to every process but one,
+  exactly what `study.ask()` does inside (`Study._pop_waiting_trial_id`) -- heartbeats,
+  `fail_stale_trials`, `tell`, samplers and pruners. A retry records its lineage as Optuna's
+  `RetryHeartbeatStaleTrialCallback` (formerly `RetryFailedTrialCallback`) does, under its
+  system attrs, so `RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)` and
+  `.retry_history(trial)` answer for our retries too.
+- Ours, because Optuna lacks it: `take_ticket` instead of `study.ask()`, since `ask()` creates
+  a fresh trial when no WAITING one is left (the budget would no longer be exact, and a grid
+  point could run twice) and gives no way to sign a ticket *before* turning it RUNNING (the
+  signature is how a claim cut short by Ctrl-C or kill -9 is told apart from one in
+  progress, see `reclaim_dead_trials`). `requeue` instead of Optuna's retry callback, since
+  that callback copies every system attr of the dead trial (its owner and claims included),
+  counts every re-enqueue as a retry (a Ctrl-C'd trial given back is not a failed one), has
+  no notion of the checkpoint folder a retry continues from, and loses a grid ticket's
+  parameters when the trial died before suggesting them; and it only runs on heartbeat
+  staleness, while a dead local worker is reclaimed at once by its pid.
 """
 
 from __future__ import annotations
@@ -41,8 +60,18 @@ PARENT_RUN_ATTR = "convtrain.mlflow_parent_run_id"
 # Trial system attrs.
 OWNER_ATTR = "convtrain.owner"
 CLAIM_PREFIX = "convtrain.claim."  # + pid@host: a worker trying to take a WAITING trial
-RETRIES_ATTR = "convtrain.retries"
-RETRY_OF_ATTR = "convtrain.retry_of"
+RETRIES_ATTR = "convtrain.retries"  # re-enqueues that count against MAX_RETRIES
+RETRY_OF_ATTR = "convtrain.retry_of"  # the trial this one repeats (the one just before it)
+# Optuna's own retry lineage (RetryHeartbeatStaleTrialCallback's system attrs): the first
+# trial of the series, and every trial of it before this one
+OPTUNA_FAILED_TRIAL_ATTR = "failed_trial"
+OPTUNA_RETRY_HISTORY_ATTR = "retry_history"
+FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's: parameters a WAITING trial comes with (enqueue_trial)
+# Trial user attrs (shown in trials.csv and Optuna's dashboard).
+NOTE_ATTR = "note"  # why a trial failed, was pruned or is a retry
+SECONDS_ATTR = "seconds"
+RUN_ID_ATTR = "mlflow_run_id"  # the trial's MLflow child run
+RETRY_REASON_ATTR = "retry_reason"
 OUT_ATTR = "convtrain.out"  # the folder a trial's fit writes its checkpoints to
 RESUME_ATTR = "convtrain.resume_from"  # a retry continues the killed trial's checkpoint there
 
@@ -242,13 +271,13 @@ def _wait_for_tickets(handle: StudyHandle, wait_seconds: float) -> None:
 def _issue(handle: StudyHandle, spec: SweepSpec, count: int, already: int = 0) -> None:
     import optuna
     if spec.method == "grid":
-        issued = {_key(t.system_attrs.get("fixed_params", {})) for t in handle.study.get_trials(deepcopy=False)}
+        issued = {_key(t.system_attrs.get(FIXED_PARAMS_ATTR, {})) for t in handle.study.get_trials(deepcopy=False)}
         points = [p for p in spec.grid_points() if _key(p) not in issued][:count]
     else:
         points = [{} for _ in range(count)]
     for params in points:
         handle.study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, system_attrs={"fixed_params": params}))
+            state=optuna.trial.TrialState.WAITING, system_attrs={FIXED_PARAMS_ATTR: params}))
     # written last: joiners wait for it, so they never see a half-issued study
     handle.study.set_user_attr(TICKETS_ATTR, already + len(points))
 
@@ -299,13 +328,15 @@ def requeue(study, trial, *, reason: str, count_retry: bool = True) -> bool:
     retries = trial.system_attrs.get(RETRIES_ATTR, 0) + (1 if count_retry else 0)
     if retries > MAX_RETRIES:
         return False
-    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
-    system_attrs = {"fixed_params": params, RETRIES_ATTR: retries, RETRY_OF_ATTR: trial.number}
+    params = {**trial.params, **trial.system_attrs.get(FIXED_PARAMS_ATTR, {})}
+    history = [*trial.system_attrs.get(OPTUNA_RETRY_HISTORY_ATTR, []), trial.number]
+    system_attrs = {FIXED_PARAMS_ATTR: params, RETRIES_ATTR: retries, RETRY_OF_ATTR: trial.number,
+                    OPTUNA_FAILED_TRIAL_ATTR: history[0], OPTUNA_RETRY_HISTORY_ATTR: history}
     out = trial.system_attrs.get(OUT_ATTR)
     if out:
         system_attrs[RESUME_ATTR] = out
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
-                                              system_attrs=system_attrs, user_attrs={"retry_reason": reason}))
+                                              system_attrs=system_attrs, user_attrs={RETRY_REASON_ATTR: reason}))
     return True
 
 
@@ -328,7 +359,7 @@ def reclaim_dead_trials(handle: StudyHandle) -> list:
             continue
         trial_id = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, trial.number)
         try:
-            handle.storage.set_trial_user_attr(trial_id, "note", "its worker process died")
+            handle.storage.set_trial_user_attr(trial_id, NOTE_ATTR, "its worker process died")
             if not handle.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:

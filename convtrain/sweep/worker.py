@@ -11,6 +11,14 @@ their own). How a trial ends decides what happens next:
     anything else (data,       -> FAIL, its ticket is re-enqueued, the worker stops with the
       tracking, disk, a bug)      error: it would fail every other trial the same way
 
+A worker the `--workers` launcher started checks, before each trial, that its launcher is
+still there: killed with kill -9 (or by the OOM killer), the launcher cannot stop its workers,
+so they stop themselves at the next trial boundary instead of running the sweep on their own.
+A trial they leave RUNNING is reclaimed by the next run, as any killed trial is.
+
+Two trials in a row stopped by unexpected errors (not a bad point: a bug, a broken install)
+stop the worker with one line, SweepFailed, naming the error; --debug shows the traceback.
+
 A re-enqueued ticket (also one reclaimed from a killed worker) continues from the checkpoint
 the stopped trial left in its folder, in the same MLflow child run, instead of starting over;
 from scratch only when there is no usable checkpoint.
@@ -19,6 +27,7 @@ from scratch only when there is no usable checkpoint.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,7 +65,25 @@ class WorkerPlan:
     quiet: bool = False
     fit_progress: bool = False  # the fit's own epoch lines (one worker in a terminal)
     label: str = ""  # prefix of this worker's lines when several share a terminal
+    launcher_pid: int | None = None  # set for a spawned worker: it stops when that process is gone
     fit: Callable | None = field(default=None, repr=False)  # tests inject a fast stand-in
+
+
+class SweepFailed(ConvtrainError):
+    """A sweep worker stopped on an error that would fail every other trial as well."""
+
+
+class LauncherGone(ConvtrainError):
+    """The launcher that started this worker has died (kill -9, the OOM killer)."""
+
+
+def launcher_gone(launcher_pid: int) -> bool:
+    """True once the launcher process is gone: the pipe multiprocessing keeps from it is closed,
+    or (POSIX) this process has been handed to another parent."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        return True
+    return os.name == "posix" and os.getppid() != launcher_pid
 
 
 class PruningCallback(Callback):
@@ -86,13 +113,12 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     console = Console(highlight=False, soft_wrap=True)
     fit = plan.fit or _api_fit()
     ran = errors_in_a_row = 0
+    previous_failure = None
     while True:
-        reclaimed.extend(sweep_study.reclaim_dead_trials(handle))
-        sweep_study.fail_stale_trials(handle)
-        if reclaimed and plan.parent_run_id:
-            sweep_runs.close_killed_children(plan.tracking_uri, plan.parent_run_id, spec,
-                                                [t.number for t in reclaimed])
-        reclaimed.clear()
+        if plan.launcher_pid is not None and launcher_gone(plan.launcher_pid):
+            raise LauncherGone(f"the sweep launcher (pid {plan.launcher_pid}) is gone, so this worker stops "
+                               f"after {ran} trial{'s' if ran != 1 else ''}; re-run the sweep command to finish it")
+        reclaim(handle, spec, plan.tracking_uri, plan.parent_run_id, reclaimed)
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt  # the launcher was interrupted while this trial ran
         trial = sweep_study.take_ticket(handle, spec)
@@ -109,10 +135,27 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
             # queue, so go on. A second one in a row is not luck: stop this worker.
             errors_in_a_row += 1
             if errors_in_a_row > 1:
-                raise
+                raise SweepFailed(f"trials {previous_failure} and {trial.number} both stopped on unexpected "
+                                  f"errors, the last {type(exc).__name__}: {one_line(exc)[:300]}; stopping "
+                                  "(their parameters are queued again; --debug shows the traceback)") from exc
+            previous_failure = trial.number
             console.print(f"{plan.label}warning: trial {trial.number} stopped on {type(exc).__name__}: "
                           f"{one_line(exc)[:300]}; its parameters go back in the queue", markup=False)
         ran += 1
+
+
+def reclaim(handle, spec: SweepSpec, tracking_uri: str | None, parent_run_id: str | None,
+            stale: list | None = None) -> list:
+    """Re-enqueue the trials of dead workers and close their MLflow child runs; returns them.
+    `stale` is the list `open_storage` appends to when Optuna's heartbeat check fails a trial."""
+    stale = stale if stale is not None else []
+    stale.extend(sweep_study.reclaim_dead_trials(handle))
+    sweep_study.fail_stale_trials(handle)  # appends to `stale` through the storage's callback
+    found = list(stale)
+    stale.clear()
+    if found and parent_run_id:
+        sweep_runs.close_killed_children(tracking_uri, parent_run_id, spec, [t.number for t in found])
+    return found
 
 
 def run_trial(trial, handle, spec: SweepSpec, plan: WorkerPlan, fit: Callable, console: Console) -> None:
@@ -176,14 +219,14 @@ def _fit_trial(trial, trial_id: int, handle, spec: SweepSpec, plan: WorkerPlan,
 def _record(trial, handle, spec: SweepSpec, plan: WorkerPlan, outcome: dict, seconds: float) -> None:
     """Attributes and child-run tags first, the state last: a told trial is complete."""
     from optuna.trial import TrialState
-    trial.set_user_attr("seconds", round(seconds, 3))
+    trial.set_user_attr(sweep_study.SECONDS_ATTR, round(seconds, 3))
     if outcome.get("note"):
-        trial.set_user_attr("note", outcome["note"])
+        trial.set_user_attr(sweep_study.NOTE_ATTR, outcome["note"])
     run_id = outcome.get("run_id")
     if plan.parent_run_id:
         run_id = run_id or sweep_runs.find_child(plan.tracking_uri, plan.parent_run_id, spec, trial.number)
         if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr(sweep_study.RUN_ID_ATTR, run_id)
             sweep_runs.tag_child(plan.tracking_uri, run_id, outcome["state"].name, outcome.get("value"))
     if outcome["state"] == TrialState.COMPLETE:
         handle.study.tell(trial, outcome["value"])
@@ -247,7 +290,7 @@ def _give_back(trial, trial_id: int, handle, reason: str) -> None:
     """Fail a trial this worker cannot finish and put its ticket back for a later run."""
     from optuna.trial import TrialState
     try:
-        trial.set_user_attr("note", reason)
+        trial.set_user_attr(sweep_study.NOTE_ATTR, reason)
         handle.study.tell(trial, state=TrialState.FAIL)
         frozen = handle.storage.get_trial(trial_id)
         sweep_study.requeue(handle.study, frozen, reason=reason, count_retry=False)

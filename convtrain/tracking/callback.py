@@ -133,7 +133,8 @@ class MLflowCallback(Callback):
             run_tags = context_tags(tags)
             run_tags[PROCESS_TAG] = json.dumps(this_process())
             if parent_run_id and _run_exists(client, parent_run_id, notify):
-                run_tags["mlflow.parentRunId"] = parent_run_id
+                from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+                run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
             run = client.create_run(experiment_id, tags=run_tags, run_name=config.run_name)
         except MlflowException as exc:
             raise TrackingError(f"tracking store {tracking_uri}: {one_line(exc)}") from None

@@ -29,9 +29,13 @@ def alive(owner: dict) -> bool:
         return False
     except (PermissionError, TypeError, OverflowError):
         return True
-    # the pid exists, but it may have been reused by another process since
+    # the pid exists, but it may have been reused by another process since, or be a zombie
+    # (killed, not yet reaped by its parent: in a container whose init does not reap, for good)
+    state, ticks = _stat_fields(pid)
+    if state == "Z":
+        return False
     started = owner.get("start")
-    return started is None or _start_ticks(pid) in (None, started)
+    return started is None or ticks in (None, started)
 
 
 def _boot_id() -> str:
@@ -44,8 +48,14 @@ def _boot_id() -> str:
 
 def _start_ticks(pid: int) -> int | None:
     """A process's start time (clock ticks after boot): with the pid it names one process."""
+    return _stat_fields(pid)[1]
+
+
+def _stat_fields(pid: int) -> tuple[str | None, int | None]:
+    """(state letter, start time in clock ticks after boot) from /proc/<pid>/stat, or Nones."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
-        return None
+        return None, None

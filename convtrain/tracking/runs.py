@@ -72,6 +72,8 @@ def close_orphaned_runs(client, experiment_id: str) -> list[str]:
 
 def context_tags(extra: dict | None = None) -> dict[str, str]:
     """Version, build, host and git tags for a new run."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
     import convtrain
 
     tags = {"convtrain.version": convtrain.__version__, "convtrain.host": socket.gethostname()}
@@ -84,12 +86,12 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
         tags["convtrain.build.error"] = one_line(exc)
     commit = _git_commit(Path.cwd())
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-    tags.setdefault("mlflow.source.name", "convtrain")
-    tags.setdefault("mlflow.source.type", "LOCAL")
+        tags[MLFLOW_GIT_COMMIT] = commit
+    tags.setdefault(MLFLOW_SOURCE_NAME, "convtrain")
+    tags.setdefault(MLFLOW_SOURCE_TYPE, "LOCAL")
     user = os.environ.get("USER") or os.environ.get("USERNAME")
     if user:
-        tags.setdefault("mlflow.user", user)
+        tags.setdefault(MLFLOW_USER, user)
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return {k: str(v)[:5000] for k, v in tags.items()}
 

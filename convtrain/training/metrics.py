@@ -1,10 +1,18 @@
-"""What a trained network scores on a split: the metrics record and the confusion counts."""
+"""What a network scores on a split: the one evaluation loop, and the per-class numbers.
+
+`evaluate_network` is the only loop that scores a data set: the trainer's per-epoch evaluation
+(Trainer.evaluate), the final test evaluation of a fit and `convtrain evaluate` all go through
+it. The per-class table and the confusion matrix come from scikit-learn, imported when asked
+for (it takes a while to import, and `convtrain --help` should not wait for it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from convtrain.nn.losses import cross_entropy_sum
 
 
 @dataclass
@@ -14,7 +22,52 @@ class Evaluation:
     confusion: np.ndarray
     class_names: list[str]
 
-def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+
+def evaluate_network(network, x, y, *, l2: float = 0.0, batch_size: int = 500, normalize: bool = False,
+                     return_predictions: bool = False):
+    """loss, cost, accuracy and balanced accuracy of `network` on (x, y) in eval mode, a batch
+    at a time; with return_predictions, also the predicted labels (N,).
+
+    x is network input, or raw images normalized batch by batch when `normalize` (so a large
+    test set is never held normalized in full). The loss comes from the scores (log-sum-exp):
+    a float32 probability of a confidently wrong prediction underflows to 0, and its log would
+    make the loss infinite.
+    """
+    from convtrain.data import balanced_accuracy
+
+    y = np.asarray(y)
+    loss_sum = 0.0
+    predictions = np.empty(len(y), dtype=np.int64)
+    for start in range(0, len(y), batch_size):
+        stop = start + batch_size
+        batch = network.normalize(x[start:stop]) if normalize else x[start:stop]
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite: divergence, reported by fit
+            scores = network.forward(batch, train=False)
+            loss_sum += cross_entropy_sum(scores, y[start:stop])
+        predictions[start:stop] = scores.argmax(axis=1)
+    loss = loss_sum / len(y)
+    values = {
+        "loss": loss,
+        "cost": loss + l2 * network.l2_penalty(),
+        "accuracy": float(np.mean(predictions == y)),
+        "balanced_accuracy": balanced_accuracy(y, predictions, network.num_classes),
+    }
+    return (values, predictions) if return_predictions else values
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) counts; rows are true classes, columns predictions."""
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
+    from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+    return sklearn_confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+
+
+def per_class_metrics(y_true, y_pred, class_names: list[str]) -> list[dict]:
+    """One row per class: count (examples of it), precision, recall and F1; 0 where a ratio
+    has nothing to divide by (a class never predicted, or absent from y_true)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, count = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(len(class_names)), zero_division=0.0)
+    return [{"class": name, "count": int(n), "precision": float(p), "recall": float(r), "f1": float(f)}
+            for name, p, r, f, n in zip(class_names, precision, recall, f1, count)]

@@ -83,8 +83,8 @@ class ProgressCallback(Callback):
 
     key = "progress"
 
-    def __init__(self, *, epochs: int, steps_per_epoch: int, console: Console | None = None,
-                 quiet: bool = False):
+    def __init__(self, *, epochs: int | None = None, steps_per_epoch: int | None = None,
+                 console: Console | None = None, quiet: bool = False):
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.console = console or Console(highlight=False)
@@ -103,8 +103,10 @@ class ProgressCallback(Callback):
     # ---- callback hooks -------------------------------------------------------------
 
     def on_fit_start(self, trainer):
-        # the trainer knows the real length (a cyclic schedule sets it from its cycles)
+        # the trainer knows the real lengths (a cyclic schedule sets the epochs from its cycles,
+        # a balanced epoch is as long as the smallest class allows)
         self.epochs = getattr(trainer, "epochs", None) or self.epochs
+        self.steps_per_epoch = getattr(trainer, "steps_per_epoch", None) or self.steps_per_epoch
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -122,8 +124,11 @@ class ProgressCallback(Callback):
             if self._task is not None:
                 self._progress.remove_task(self._task)
             width = len(str(self.epochs))
+            # an epoch resumed mid-way starts with the batches done before the interruption
             self._task = self._progress.add_task(f"epoch {epoch:>{width}}/{self.epochs}",
-                                                 total=self.steps_per_epoch, loss=0.0, acc=0.0, speed=0.0)
+                                                 total=self.steps_per_epoch,
+                                                 completed=getattr(trainer, "batches_done", 0),
+                                                 loss=0.0, acc=0.0, speed=0.0)
 
     def on_batch_end(self, trainer, step, logs):
         n = logs.get("batch_size", 1)

@@ -10,9 +10,10 @@ Random streams, all derived from `seed`: the shuffling/augmentation generator
 (default_rng([seed, 2])) is recomputed from the seed. Network initialization uses
 default_rng([seed, 0]) (see Network.initialize).
 
-Resuming is exact. A checkpoint holds the weights, velocities, update count, epoch, the
-shuffling generator's state, history and callbacks' state; a checkpoint written mid-epoch
-(request_stop) also holds that epoch's sample order and the number of batches done. Since
+Resuming is exact. A checkpoint (training/checkpoint.py, the format's one owner) holds the
+weights, velocities, update count, epoch, the shuffling generator's state, history and
+callbacks' state; a checkpoint written mid-epoch (request_stop) also holds that epoch's sample
+order and the number of batches done. Since
 those are all the inputs of the remaining computation, a resumed fit makes the same
 floating-point operations in the same order as an uninterrupted one and ends with the same
 weights bit for bit (given the same thread count: reductions split by thread).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,71 +30,21 @@ import numpy as np
 
 from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
-from convtrain.nn.losses import cross_entropy_sum, softmax_cross_entropy
-from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
-from convtrain.nn.optim import SGD, Schedule, make_schedule
-from convtrain.training.callbacks import Callback, Checkpoint, EarlyStopping, improved, monitor_mode
-
-CHECKPOINT_NAME = "checkpoint.npz"
-CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
+from convtrain.nn.losses import softmax_cross_entropy
+from convtrain.nn.optim import SGD, Schedule, make_schedule, training_length
+from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
+from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.metrics import evaluate_network
 
 
-@dataclass
-class History:
-    """Per-epoch metrics: each entry is the on_epoch_end logs plus "epoch"."""
-
-    monitor: str = "val_loss"
-    epochs: list[dict] = field(default_factory=list)
-
-    def append(self, epoch: int, logs: dict) -> None:
-        self.epochs.append({"epoch": epoch, **logs})
-
-    def metric(self, name: str) -> list[float]:
-        return [entry[name] for entry in self.epochs if name in entry]
-
-    @property
-    def _monitored(self) -> str:
-        # Without a validation set a val_* monitor falls back to the training loss.
-        if self.epochs and self.monitor not in self.epochs[-1]:
-            return "train_loss"
-        return self.monitor
-
-    @property
-    def best_epoch(self) -> int | None:
-        name, best, best_epoch = self._monitored, None, None
-        mode = monitor_mode(name)
-        for entry in self.epochs:
-            if improved(entry[name], best, mode):
-                best, best_epoch = entry[name], entry["epoch"]
-        return best_epoch
-
-    @property
-    def best(self) -> dict:
-        epoch = self.best_epoch
-        return next((dict(e) for e in self.epochs if e["epoch"] == epoch), {})
-
-    @property
-    def last(self) -> dict:
-        return dict(self.epochs[-1]) if self.epochs else {}
-
-    def to_dict(self) -> dict:
-        return {"monitor": self.monitor, "epochs": [dict(e) for e in self.epochs]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "History":
-        return cls(monitor=data.get("monitor", "val_loss"), epochs=[dict(e) for e in data.get("epochs", [])])
-
-
-def _arrange_callbacks(callbacks: list[Callback]) -> list[Callback]:
-    """EarlyStopping first, Checkpoint last, the rest in the given order."""
-    early = [c for c in callbacks if isinstance(c, EarlyStopping)]
-    checkpoints = [c for c in callbacks if isinstance(c, Checkpoint)]
-    others = [c for c in callbacks if not isinstance(c, (EarlyStopping, Checkpoint))]
-    keys = [c.key for c in callbacks]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise ConfigError(f"callbacks: two callbacks share the key {duplicates[0]!r}; give one a distinct `key`")
-    return early + others + checkpoints
+def epoch_size(y, balanced: bool) -> int:
+    """Examples an epoch draws: all of them, or with balanced batches the rarest class's count
+    from every class."""
+    if not balanced:
+        return len(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    return int(counts.size * counts.min())
 
 
 class Trainer:
@@ -126,19 +76,20 @@ class Trainer:
             callbacks.append(EarlyStopping(monitor=monitor, patience=patience))
         if self.checkpoint_dir is not None and not any(isinstance(c, Checkpoint) for c in callbacks):
             callbacks.append(Checkpoint())
-        self.callbacks = _arrange_callbacks(callbacks)
+        self.history = History(monitor=monitor)
+        self.callbacks = CallbackList([self.history, *callbacks])
 
         self.rng = np.random.default_rng([self.seed, 1])
         self.epoch = 0             # last finished epoch
         self.step = 0              # updates done
-        self.history = History(monitor=monitor)
         self.checkpoint_path: Path | None = None   # last good checkpoint
         self.stop_training = False
         self.has_validation: bool | None = None
         self.max_steps: int | None = None
+        self.steps_per_epoch: int | None = None    # updates in a full epoch, set by fit()
+        self.epoch_order: np.ndarray | None = None  # sample order of the epoch in progress
+        self.batches_done = 0                        # batches of that epoch already applied
         self._stop_requested = False
-        self._epoch_order: np.ndarray | None = None   # sample order of the epoch in progress
-        self._batches_done = 0                         # batches of that epoch already applied
         self._checkpoint_epoch: int | str | None = None
 
     @classmethod
@@ -157,10 +108,6 @@ class Trainer:
         Safe to call from a signal handler (it only sets a flag)."""
         self._stop_requested = True
 
-    def _dispatch(self, hook: str, *args) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
-
     # ---- fit ------------------------------------------------------------------------
 
     def fit(self, x_train, y_train, x_val=None, y_val=None) -> History:
@@ -172,30 +119,21 @@ class Trainer:
         else:
             x_val = y_val = None
         self.has_validation = x_val is not None
-        steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
-        planned = self.schedule.planned_steps()
-        if planned is not None:
-            self.epochs = math.ceil(planned / steps_per_epoch)
-            self.max_steps = planned
-        else:
-            self.max_steps = self.epochs * steps_per_epoch
+        self.steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
+        self.epochs, self.max_steps = training_length(self.schedule, self.epochs, self.steps_per_epoch)
         self.schedule.total_steps = self.max_steps
-        if self._epoch_order is not None and (self._epoch_order.size and self._epoch_order.max() >= len(x_train)):
+        if self.epoch_order is not None and (self.epoch_order.size and self.epoch_order.max() >= len(x_train)):
             raise CheckpointError("the checkpoint's epoch order indexes past the training set: "
                                   "resume with the same training data")
         train_eval_rows = self._train_eval_rows(len(x_train))
 
         try:
-            self._dispatch("on_fit_start")
+            self.callbacks.on_fit_start(self)
             while not self._finished():
                 self._run_epoch(self.epoch + 1, x_train, y_train, x_val, y_val, train_eval_rows)
-            self._dispatch("on_fit_end", self.history)
+            self.callbacks.on_fit_end(self, self.history)
         except BaseException as exc:
-            for callback in self.callbacks:
-                try:
-                    callback.on_exception(self, exc)
-                except Exception:  # a failing reporter must not mask the real error
-                    pass
+            self.callbacks.on_exception(self, exc)
             raise
         return self.history
 
@@ -217,11 +155,7 @@ class Trainer:
         return np.ascontiguousarray(x, dtype=self.network.dtype), y.astype(np.int64, copy=False)
 
     def _epoch_size(self, y) -> int:
-        if not self.balanced:
-            return len(y)
-        counts = np.bincount(y)
-        counts = counts[counts > 0]
-        return int(counts.size * counts.min())
+        return epoch_size(y, self.balanced)
 
     def _epoch_order_for(self, y) -> np.ndarray:
         if self.balanced:
@@ -237,15 +171,15 @@ class Trainer:
 
     def _run_epoch(self, epoch, x_train, y_train, x_val, y_val, train_eval_rows) -> None:
         bs = self.batch_size
-        self._dispatch("on_epoch_start", epoch)
+        self.callbacks.on_epoch_start(self, epoch)
         started = time.perf_counter()
-        if self._epoch_order is None:  # not resuming mid-epoch
-            self._epoch_order = self._epoch_order_for(y_train)
-            self._batches_done = 0
-        order = self._epoch_order
+        if self.epoch_order is None:  # not resuming mid-epoch
+            self.epoch_order = self._epoch_order_for(y_train)
+            self.batches_done = 0
+        order = self.epoch_order
         num_batches = math.ceil(len(order) / bs)
         images = 0
-        for batch in range(self._batches_done, num_batches):
+        for batch in range(self.batches_done, num_batches):
             if self.step >= self.max_steps:
                 break
             rows = order[batch * bs:(batch + 1) * bs]
@@ -258,10 +192,10 @@ class Trainer:
             if loss is None:
                 self._diverged(f"the training loss became {cost}", epoch, batch + 1, num_batches)
             self.step += 1
-            self._batches_done = batch + 1
+            self.batches_done = batch + 1
             images += len(rows)
-            self._dispatch("on_batch_end", self.step,
-                           {"loss": loss, "cost": cost, "accuracy": accuracy, "lr": lr, "batch_size": len(rows)})
+            self.callbacks.on_batch_end(
+                self, self.step, {"loss": loss, "cost": cost, "accuracy": accuracy, "lr": lr, "batch_size": len(rows)})
             if self._stop_requested:
                 self._interrupt(epoch, num_batches)
         train_seconds = time.perf_counter() - started
@@ -278,10 +212,9 @@ class Trainer:
             self._diverged(f"the training loss evaluated after the epoch is {logs['train_loss']}", epoch, None, num_batches)
 
         self.epoch = epoch
-        self._epoch_order = None
-        self._batches_done = 0
-        self.history.append(epoch, logs)
-        self._dispatch("on_epoch_end", epoch, logs)
+        self.epoch_order = None
+        self.batches_done = 0
+        self.callbacks.on_epoch_end(self, epoch, logs)  # History first: it records the epoch
         if self._stop_requested:
             self._interrupt(epoch, num_batches)
 
@@ -303,26 +236,12 @@ class Trainer:
         accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
         return loss, cost, accuracy
 
-    def evaluate(self, x, y) -> dict[str, float]:
-        """loss, cost, accuracy and balanced accuracy of normalized x in eval mode."""
-        from convtrain.data import balanced_accuracy
-
-        network = self.network
-        loss_sum = 0.0
-        predictions = np.empty(len(y), dtype=np.int64)
-        for start in range(0, len(y), self.eval_batch_size):
-            stop = start + self.eval_batch_size
-            with np.errstate(over="ignore", invalid="ignore"):  # non-finite: divergence, reported by fit
-                scores = network.forward(x[start:stop], train=False)
-                loss_sum += cross_entropy_sum(scores, y[start:stop])
-            predictions[start:stop] = scores.argmax(axis=1)
-        loss = loss_sum / len(y)
-        return {
-            "loss": loss,
-            "cost": loss + self.l2 * network.l2_penalty(),
-            "accuracy": float(np.mean(predictions == y)),
-            "balanced_accuracy": balanced_accuracy(y, predictions, network.num_classes),
-        }
+    def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
+        """loss, cost, accuracy and balanced accuracy of normalized x (raw images with
+        `normalize`) in eval mode, and with return_predictions the predicted labels; see
+        metrics.evaluate_network."""
+        return evaluate_network(self.network, x, y, l2=self.l2, batch_size=self.eval_batch_size,
+                                normalize=normalize, return_predictions=return_predictions)
 
     # ---- failure paths --------------------------------------------------------------
 
@@ -340,7 +259,7 @@ class Trainer:
 
     def _interrupt(self, epoch: int, num_batches: int):
         self._stop_requested = False
-        where = (f"epoch {epoch}, batch {self._batches_done}/{num_batches}" if self._epoch_order is not None
+        where = (f"epoch {epoch}, batch {self.batches_done}/{num_batches}" if self.epoch_order is not None
                  else f"the end of epoch {epoch}")
         path = self.save_checkpoint() if self.checkpoint_dir is not None else None
         saved = f"checkpoint written to {path}" if path else "no checkpoint directory, nothing saved"
@@ -349,90 +268,31 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write the complete training state atomically (default checkpoint_dir/checkpoint.npz).
-        Refuses non-finite weights, so the last good checkpoint is never overwritten by NaNs."""
+        """Write the complete training state atomically (default checkpoint_dir/checkpoint.npz;
+        see TrainingCheckpoint). Refuses non-finite weights, so the last good checkpoint is
+        never overwritten by NaNs."""
         if path is None:
             if self.checkpoint_dir is None:
                 raise ConfigError("save_checkpoint: no path given and the trainer has no checkpoint_dir")
-            path = self.checkpoint_dir / CHECKPOINT_NAME
-        path = Path(path)
+            path = self.checkpoint_dir / CHECKPOINT_FILE
         for name, value in self.network.parameters().items():
             if not np.isfinite(value).all():
                 raise TrainingDiverged(
                     f"parameter {name} is not finite after update {self.step} (epoch {self.epoch + 1}); "
                     f"not writing a checkpoint; {self._last_good()}",
                     epoch=self.epoch + 1, checkpoint=self.checkpoint_path)
-        arrays = self.network.to_arrays()
-        arrays["format"] = np.array(CHECKPOINT_FORMAT)
-        for name, velocity in self.optimizer.velocities.items():
-            arrays[f"velocity/{name}"] = velocity
-        mid_epoch = self._epoch_order is not None
-        arrays["trainer"] = json_entry({
-            "epoch": self.epoch, "step": self.step, "epochs": self.epochs, "batch_size": self.batch_size,
-            "l2": self.l2, "seed": self.seed, "stop_training": self.stop_training,
-            "mid_epoch": mid_epoch, "batches_done": self._batches_done if mid_epoch else 0,
-        })
-        arrays["epoch_order"] = self._epoch_order if mid_epoch else np.empty(0, dtype=np.int64)
-        arrays["rng"] = json_entry(self.rng.bit_generator.state)
-        arrays["schedule"] = json_entry(self.schedule.to_dict())
-        arrays["history"] = json_entry(self.history.to_dict())
-        arrays["callbacks"] = json_entry({c.key: c.state_dict() for c in self.callbacks})
-        for callback in self.callbacks:
-            for name, value in callback.state_arrays().items():
-                arrays[f"callback/{callback.key}/{name}"] = value
-        if self.config is not None:
-            arrays["config"] = text_entry(self.config.to_toml())
-        write_npz_atomic(path, arrays)
+        mid_epoch = self.epoch_order is not None
+        path = TrainingCheckpoint.capture(self).save(path)
         self.checkpoint_path = path
         self._checkpoint_epoch = self.epoch if not mid_epoch else f"{self.epoch + 1}, mid-epoch"
-        self._dispatch("on_checkpoint", path)
+        self.callbacks.on_checkpoint(self, path)
         return path
 
-    def resume(self, checkpoint_path: str | Path) -> None:
-        """Restore the state saved by save_checkpoint; the next fit() continues from there."""
-        path = Path(checkpoint_path)
-        arrays = read_npz(path, "checkpoint")
-        if "trainer" not in arrays:
-            raise CheckpointError(f"checkpoint file {str(path)!r} is a saved model, not a training checkpoint")
-        architecture = read_json(arrays, "architecture", path, "checkpoint")
-        if architecture != self.network.architecture:
-            raise CheckpointError(
-                f"checkpoint file {str(path)!r} was written for a different network "
-                f"({architecture}) than this one ({self.network.architecture})")
-        state = read_json(arrays, "trainer", path, "checkpoint")
-        if state["mid_epoch"] and state["batch_size"] != self.batch_size:
-            raise CheckpointError(
-                f"checkpoint file {str(path)!r} stopped mid-epoch with batch size {state['batch_size']}; "
-                f"resume with the same batch size (not {self.batch_size})")
-        params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-        self.network.set_parameters(params, source=f"checkpoint file {str(path)!r}")
-        self.network.normalization = read_json(arrays, "normalization", path, "checkpoint")
-        self.network.class_names = read_json(arrays, "class_names", path, "checkpoint")
-        self.network.meta = read_json(arrays, "meta", path, "checkpoint") or {}
-        velocities = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
-        self.optimizer.load_state_dict(velocities)
-
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self.stop_training = bool(state["stop_training"])
-        if state["mid_epoch"]:
-            self._epoch_order = arrays["epoch_order"].astype(np.int64)
-            self._batches_done = int(state["batches_done"])
-        else:
-            self._epoch_order, self._batches_done = None, 0
-        try:
-            self.rng.bit_generator.state = read_json(arrays, "rng", path, "checkpoint")
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint file {str(path)!r}: unusable generator state ({exc})") from None
-        self.history = History.from_dict(read_json(arrays, "history", path, "checkpoint"))
-        self.history.monitor = self.monitor
-        callback_states = read_json(arrays, "callbacks", path, "checkpoint")
-        for callback in self.callbacks:
-            if callback.key in callback_states:
-                callback.load_state_dict(callback_states[callback.key])
-            prefix = f"callback/{callback.key}/"
-            saved = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            if saved:
-                callback.load_state_arrays(saved)
-        self.checkpoint_path = path
+    def resume(self, checkpoint: str | Path | TrainingCheckpoint) -> None:
+        """Restore the state saved by save_checkpoint (a path, or a TrainingCheckpoint already
+        read); the next fit() continues from there."""
+        if not isinstance(checkpoint, TrainingCheckpoint):
+            checkpoint = TrainingCheckpoint.load(checkpoint)
+        checkpoint.restore(self)
+        self.checkpoint_path = checkpoint.path
         self._checkpoint_epoch = self.epoch

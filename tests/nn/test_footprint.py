@@ -37,7 +37,7 @@ def test_the_parameter_count_is_the_built_networks(arch):
     n = len(arch["filters"])
     footprint = estimate(**{**arch, **{k: per_block(arch[k], n) for k in ("kernel_sizes", "strides", "padding",
                                                                            "pool")}})
-    assert footprint.parameters == Network.build(**arch).num_parameters()
+    assert footprint.parameters == sum(p.size for p in Network.build(**arch).parameters().values())
 
 
 def test_activations_grow_with_the_batch_and_the_dtype():

@@ -9,6 +9,7 @@ import pytest
 import convtrain
 from convtrain.nn import kernels
 from convtrain.nn import reference as ref
+from tests.support.numerics import numerical_gradient, rel_err
 
 # (x_shape, w_shape, stride, padding): non-square kernels and strides, padding, N=1, C=1, F=1,
 # odd sizes, 1x1 kernels, kernels as large as the (padded) input
@@ -29,13 +30,6 @@ SHAPES = [
 ]
 SHAPE_IDS = [f"x{s[0]}-w{s[1]}-s{s[2]}-p{s[3]}" for s in SHAPES]
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
-
-
-def rel_err(actual, expected):
-    """max |actual - expected| / max |expected| (0 for two zero arrays)."""
-    scale = np.abs(expected).max() if expected.size else 0.0
-    diff = np.abs(np.asarray(actual, dtype=np.float64) - expected).max() if expected.size else 0.0
-    return diff / scale if scale else diff
 
 
 def random_problem(x_shape, w_shape, dtype, seed=0):
@@ -180,20 +174,6 @@ def test_output_shape_helpers():
 def scalar_loss(out, weights):
     """L = sum(weights * tanh(out)): nonlinear, so the check exercises more than linearity."""
     return float(np.sum(weights * np.tanh(out)))
-
-
-def numerical_gradient(f, array, h=1e-5):
-    grad = np.zeros_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + h
-        plus = f()
-        flat[i] = saved - h
-        minus = f()
-        flat[i] = saved
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize(

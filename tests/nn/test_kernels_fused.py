@@ -6,6 +6,7 @@ import pytest
 
 import convtrain
 from convtrain.nn import kernels
+from tests.support.numerics import rel_err
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -16,10 +17,6 @@ SHAPES = [  # x_shape, w_shape, stride, padding
     ((7, 1, 28, 28), (20, 1, 5, 5), 1, 0),     # MNIST conv1: one image per GEMM
     ((1, 2, 5, 5), (3, 2, 5, 5), 1, (1, 2)),
 ]
-
-
-def rel_err(a, b):
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
 def problem(x_shape, w_shape, stride, padding, dtype, seed=0):

@@ -6,25 +6,7 @@ import pytest
 from convtrain.errors import ArchitectureError
 from convtrain.nn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from convtrain.nn.losses import cross_entropy_sum, softmax, softmax_cross_entropy
-
-
-def numeric_input_gradient(layer, x, dout, h=1e-6):
-    """d sum(forward(x) * dout) / dx by centered differences."""
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + h
-        plus = float((layer.forward(x.copy()) * dout).sum())
-        x[index] = saved - h
-        minus = float((layer.forward(x.copy()) * dout).sum())
-        x[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
-
-
-def relative_error(a, b):
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-12)
-
+from tests.support.numerics import numerical_gradient, rel_norm_err
 
 LAYERS = {
     "conv-stride-pad-nonsquare": lambda: Conv2D(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dtype="float64"),
@@ -47,7 +29,8 @@ def test_input_gradient_matches_centered_differences(name):
     dout = rng.standard_normal(out.shape)
     dx = layer.backward(dout.copy())
     assert dx.shape == x.shape
-    assert relative_error(dx, numeric_input_gradient(layer, x, dout)) < 1e-7
+    numeric = numerical_gradient(lambda: float((layer.forward(x.copy()) * dout).sum()), x, h=1e-6)
+    assert rel_norm_err(dx, numeric) < 1e-7
 
 
 def test_dense_forward_and_gradients_are_the_lecture_formulas():
@@ -106,11 +89,5 @@ def test_softmax_cross_entropy_gradient_by_centered_differences():
     rng = np.random.default_rng(0)
     scores, y = rng.standard_normal((3, 4)), np.array([0, 3, 1])
     _, dscores = softmax_cross_entropy(scores, y)
-    numeric = np.zeros_like(scores)
-    for index in np.ndindex(scores.shape):
-        s = scores.copy()
-        s[index] += 1e-6
-        plus = softmax_cross_entropy(s, y)[0]
-        s[index] -= 2e-6
-        numeric[index] = (plus - softmax_cross_entropy(s, y)[0]) / 2e-6
-    assert relative_error(dscores, numeric) < 1e-8
+    numeric = numerical_gradient(lambda: softmax_cross_entropy(scores, y)[0], scores, h=1e-6)
+    assert rel_norm_err(dscores, numeric) < 1e-8

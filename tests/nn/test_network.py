@@ -8,6 +8,7 @@ import pytest
 from convtrain.config import FitConfig
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
 from convtrain.nn.network import Network
+from tests.support.numerics import centered_difference, rel_norm_err
 
 GRADIENT_NETS = {
     # stride 2, non-square kernel, asymmetric padding, pooling, a hidden layer
@@ -21,16 +22,6 @@ GRADIENT_NETS = {
     "stride3-pad2": dict(input_shape=(3, 12, 11), num_classes=2, filters=[4, 3], kernel_sizes=[5, 3],
                          strides=[3, 1], padding=[2, 1], pool=[2, 2], n=3),
 }
-
-
-def centered_difference(cost, param, index, h=1e-5):
-    saved = param[index]
-    param[index] = saved + h
-    plus = cost()
-    param[index] = saved - h
-    minus = cost()
-    param[index] = saved
-    return (plus - minus) / (2 * h)
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_NETS))
@@ -61,8 +52,7 @@ def test_whole_network_gradients_match_centered_differences(name):
             index = np.unravel_index(flat, param.shape)
             analytic.append(grads[pname][index])
             numeric.append(centered_difference(cost, param, index))
-        analytic, numeric = np.array(analytic), np.array(numeric)
-        rel = np.linalg.norm(analytic - numeric) / max(np.linalg.norm(analytic) + np.linalg.norm(numeric), 1e-12)
+        rel = rel_norm_err(np.array(analytic), np.array(numeric))
         assert rel <= 1e-6, f"{pname}: relative error {rel:.2e}"
 
 

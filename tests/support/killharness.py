@@ -13,7 +13,7 @@ Nothing in convtrain knows about this; the wrappers only observe and pause.
 
 Events, in the order a tracked fit meets them:
     run-created, run-reopened      the MLflow run is created / set back to RUNNING (--resume)
-    resume-read                    the trainer is about to read the checkpoint it resumes
+    resume-read                    the trainer is about to restore the checkpoint it resumes
     fit-start                      on_fit_start, before the first batch
     mid-batch                      after backward, before that batch's SGD update
     epoch-eval                     evaluating the training or validation set after an epoch
@@ -100,8 +100,9 @@ def _instrument() -> None:
     import sqlalchemy
 
     import convtrain.tracking.model
-    import convtrain.training.trainer
     from convtrain.nn.network import Network
+    from convtrain.training.callbacks import CallbackList
+    from convtrain.training.checkpoint import TrainingCheckpoint
     from convtrain.training.trainer import Trainer
 
     client = mlflow.MlflowClient
@@ -111,18 +112,18 @@ def _instrument() -> None:
     _wrap(client, "log_artifact", before=lambda *a, **k: record("artifact"))
     _wrap(client, "set_terminated", before=lambda *a, **k: record("terminated"))
     _wrap(convtrain.tracking.model, "log_model", before=lambda *a, **k: record("log-model"))
-    _wrap(convtrain.training.trainer, "read_npz", before=lambda *a, **k: record("resume-read"))
+    _wrap(TrainingCheckpoint, "restore", before=lambda *a, **k: record("resume-read"))
     _wrap(Trainer, "evaluate", before=lambda *a, **k: record("epoch-eval"))
     _wrap(Network, "add_l2_gradients", before=lambda *a, **k: record("mid-batch"))
 
-    def dispatch_seen(trainer, hook, *args):
+    def dispatch_seen(callbacks, hook, trainer, *args):
         record.trainer = trainer
         if hook == "on_fit_start":
             record("fit-start")
         elif hook == "on_checkpoint":
             record("on-checkpoint")
 
-    _wrap(Trainer, "_dispatch", before=dispatch_seen)
+    _wrap(CallbackList, "call", before=dispatch_seen)
 
     # Every .npz convtrain writes goes through np.savez into the temp file of write_npz_atomic.
     real_savez = np.savez

@@ -8,6 +8,7 @@ call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on r
 - $SWEEP_FAKE_FAIL_ONCE names a file: if it exists, it is removed and the fit raises
   RuntimeError (an unexpected, passing error);
 - $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past);
+- $SWEEP_FAKE_BUG: every fit raises ValueError (a bug: unexpected, and it never passes);
 - $SWEEP_FAKE_BARRIER=n: each fit waits until n processes have logged a call.
 """
 
@@ -56,6 +57,8 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
         raise RuntimeError("UNIQUE constraint failed (a race between workers)")
     if os.environ.get("SWEEP_FAKE_DATA_ERROR"):
         raise DataError(f"data_path: {os.environ['SWEEP_FAKE_DATA_ERROR']} does not exist")
+    if os.environ.get("SWEEP_FAKE_BUG"):
+        raise ValueError(f"operands could not be broadcast together ({os.environ['SWEEP_FAKE_BUG']})")
     hang_after = os.environ.get("SWEEP_FAKE_HANG_AFTER")
     if hang_after and log and len(calls(log)) > int(hang_after):
         time.sleep(600)
@@ -87,8 +90,9 @@ def take_all_tickets(args) -> list[int]:
 
 
 if __name__ == "__main__":
-    # `python sweep_fakes.py SWEEP.toml [--workers N]`: a sweep process on the fake fit,
-    # for tests that kill it or run two at once.
+    # `python sweep_fakes.py SWEEP.toml [--workers N] [--storage URL]`: a sweep process on the
+    # fake fit, for tests that kill it or run two at once; errors are one line, as in the CLI.
+    # (--workers is forced: the tests mean that many workers whatever the machine's cores.)
     import sys
 
     from convtrain.sweep.launcher import run_sweep
@@ -97,10 +101,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
     storage = args[args.index("--storage") + 1] if "--storage" in args else None
-    from convtrain.errors import TrainingInterrupted
+    from convtrain.errors import ConvtrainError
 
     try:
-        run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=importable_fit)
-    except TrainingInterrupted as exc:
+        run_sweep(args[0], workers=workers, storage=storage, quiet=True, fit=importable_fit, force_workers=True)
+    except ConvtrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

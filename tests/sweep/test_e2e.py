@@ -86,6 +86,7 @@ def test_two_workers_share_the_sweep_without_running_a_trial_twice(workdir):
     (workdir / "sweep.toml").write_text(SWEEP)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     done = subprocess.run([sys.executable, "-m", "convtrain.cli", "sweep", "sweep.toml", "--workers", "2",
+                           "--force-workers",  # two workers on any machine
                            "--tracking-uri", uri, "--quiet"], cwd=workdir, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -170,3 +171,12 @@ def test_a_trial_stopped_mid_fit_is_continued_from_its_checkpoint_in_the_same_ch
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert sorted(steps) == [1, 2, 3]
+
+
+def test_more_workers_than_cores_is_one_line_and_starts_nothing(workdir):
+    (workdir / "sweep.toml").write_text(SWEEP)
+    result = cli("sweep", "sweep.toml", "--workers", "500")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--workers: got 500" in lines[0] and "--force-workers" in lines[0], result.output
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()

@@ -1,9 +1,12 @@
 """Sweep files: what they may say, and the one-line errors for what they may not."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from convtrain.errors import ConfigError
-from convtrain.sweep.spec import Choices, Range, load_sweep
+from convtrain.sweep.spec import MAX_TRIALS, Choices, Range, load_sweep
 
 
 def write(tmp_path, text, name="sweep.toml"):
@@ -100,6 +103,7 @@ BAD = [
     ("base = \"missing.toml\"\n[space]\nlr = [0.1]\n", "config file not found"),
     ("[space]\nlr = 0.1\n", "expected a list of choices or a range"),
     ("[space\nlr = [0.1]\n", "invalid TOML"),
+    ("[sweep]\nname = \"" + "n" * 300 + "\"\n[space]\nlr = [0.1]\n", "name: 300 characters, expected at most 200"),
 ]
 
 
@@ -110,3 +114,69 @@ def test_bad_sweep_files_give_one_line_errors(tmp_path, text, message):
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert str(tmp_path / "sweep.toml") in str(info.value) or "missing.toml" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/x", "a/../../b", "..", "x\ny"])
+def test_a_sweep_name_cannot_put_its_folder_outside_runs(tmp_path, name):
+    spec = load_sweep(write(tmp_path, f"[sweep]\nname = {json.dumps(name)}\n[space]\nlr = [0.1]\n"))
+    assert spec.name == name  # the study keeps its name
+    assert spec.out.parent == Path("runs") and spec.out.name not in ("", ".", "..")
+    assert "/" not in spec.out.name and "\n" not in spec.out.name
+    # and so does the --study-name flag
+    assert load_sweep(spec.path, study_name=name).out == spec.out
+
+
+def test_the_folder_name_follows_the_run_name_rule():
+    from convtrain.sweep.spec import folder_name
+    assert folder_name("digits grid/v2") == "digits-grid-v2"
+    assert folder_name("../../x") == "x" and folder_name("..") == "sweep"
+
+
+@pytest.mark.parametrize("n_trials", [1_000_000, 2**63, MAX_TRIALS + 1])
+def test_n_trials_is_bounded(tmp_path, n_trials):
+    path = write(tmp_path, "[sweep]\nmethod = \"random\"\n[space]\nlr = {low = 0.01, high = 0.1}\n")
+    with pytest.raises(ConfigError, match=f"more than the {MAX_TRIALS:,}") as info:
+        load_sweep(path, n_trials=n_trials)
+    assert "\n" not in str(info.value)
+    if n_trials < 2**63:  # TOML integers stop at 2**63 - 1
+        with pytest.raises(ConfigError, match="n_trials"):
+            load_sweep(write(tmp_path, path.read_text().replace("[space]", f"n_trials = {n_trials}\n[space]")))
+    assert load_sweep(path, n_trials=MAX_TRIALS).n_trials == MAX_TRIALS
+
+
+def test_a_huge_grid_is_refused_from_its_size_alone(tmp_path, monkeypatch):
+    # 10^4 x 10^4 = 10^8 points: counted, never listed
+    monkeypatch.setattr(Range, "grid_labels", lambda self: pytest.fail("listed a grid it should only count"))
+    path = write(tmp_path, "[sweep]\nmethod = \"grid\"\n[space]\nepochs = {low = 1, high = 10000}\n"
+                           "batch_size = {low = 1, high = 10000}\n")
+    with pytest.raises(ConfigError, match="100,000,000 points, more than the 1,000,000") as info:
+        load_sweep(path)
+    assert "\n" not in str(info.value)
+    one_range = write(tmp_path, "[sweep]\nmethod = \"grid\"\n[space]\nepochs = {low = 1, high = 1000000000}\n")
+    with pytest.raises(ConfigError, match="1,000,000,000 points"):
+        load_sweep(one_range)
+
+
+def test_a_big_grid_sampled_by_n_trials_lists_only_its_sample(tmp_path):
+    import itertools
+    import random
+
+    spec = load_sweep(write(tmp_path, """
+[sweep]
+method = "grid"
+n_trials = 7
+seed = 5
+[space]
+epochs = {low = 2, high = 60, step = 2}
+lr = {low = 0.01, high = 0.3, step = 0.01}
+l2 = [1e-3, 1e-4, 0.0]
+"""))
+    assert spec.grid_size() == 30 * 30 * 3
+    names = list(spec.space)
+    every = [dict(zip(names, c)) for c in itertools.product(*(spec.space[n].grid_labels() for n in names))]
+    expected = [every[i] for i in sorted(random.Random(5).sample(range(len(every)), 7))]
+    assert spec.grid_points() == expected  # the same seeded sample, in the same order, as listing all
+    # a grid of 10^6 points (the limit) with a small sample is fine
+    big = load_sweep(write(tmp_path, "[sweep]\nmethod = \"grid\"\nn_trials = 3\n[space]\n"
+                                     "epochs = {low = 1, high = 1000}\nbatch_size = {low = 1, high = 1000}\n", "big.toml"))
+    assert big.grid_size() == 1_000_000 and len(big.grid_points()) == 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from convtrain.errors import ConfigError, DataError, TrainingInterrupted
+from convtrain.errors import ConfigError, ConvtrainError, DataError, TrainingInterrupted
 from convtrain.sweep.launcher import run_sweep
 from convtrain.sweep.spec import load_sweep
 from convtrain.sweep.study import create_or_join, open_storage
@@ -224,7 +224,7 @@ def test_two_workers_share_the_grid_without_duplicates(sweep_dir, monkeypatch):
     monkeypatch.setenv("SWEEP_FAKE_BARRIER", "2")  # both workers get a trial, however slow one starts
     monkeypatch.setenv("PYTHONPATH", _pythonpath())
     text = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-4, 1e-3, 1e-2]")
-    outcome = run_sweep(write(sweep_dir, text), workers=2, quiet=True, fit=fake_fit)
+    outcome = run_sweep(write(sweep_dir, text), workers=2, quiet=True, fit=fake_fit, force_workers=True)
     records = calls(sweep_dir / "calls.jsonl")
     assert len(records) == 6 and len(set(points(records))) == 6
     assert len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
@@ -317,6 +317,171 @@ def test_a_study_name_taken_by_another_sweep_is_refused(sweep_dir):
         run_sweep(write(sweep_dir, other, "other.toml"), study_name="sweep", quiet=True, fit=fake_fit)
 
 
+def test_a_sweep_name_with_dots_and_slashes_writes_under_runs(sweep_dir):
+    (sweep_dir / "deep" / "er").mkdir(parents=True)
+    path = write(sweep_dir / "deep" / "er", GRID.replace("[sweep]", '[sweep]\nname = "../../escaped"'))
+    before = set(sweep_dir.parent.iterdir())
+    import os as _os
+    _os.chdir(sweep_dir / "deep" / "er")
+    outcome = run_sweep(path, quiet=True, fit=fake_fit)
+    assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 4}
+    assert set(sweep_dir.parent.iterdir()) == before and not (sweep_dir / "escaped").exists()
+    assert (sweep_dir / "deep/er/runs/escaped/trials.csv").is_file()
+    assert {Path(r["out"]).parent for r in calls(sweep_dir / "calls.jsonl")} == {Path("runs/escaped")}
+
+
+def test_more_workers_than_cores_is_one_line_unless_forced(sweep_dir, monkeypatch):
+    from convtrain.sweep import launcher
+
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
+    path = write(sweep_dir, GRID)
+    for workers, force, message in [(500, False, "this machine has 2 cores"), (3, False, "--force-workers"),
+                                    (0, False, "at least 1"), (65, True, "at most 64 even with --force-workers")]:
+        with pytest.raises(ConfigError, match=message) as info:
+            run_sweep(path, workers=workers, force_workers=force, quiet=True, fit=fake_fit)
+        assert "\n" not in str(info.value)
+    assert not (sweep_dir / "optuna.db").exists()  # refused before anything is written
+    launcher.check_workers(2)
+    launcher.check_workers(64, force=True)
+
+
+def test_a_space_whose_trials_all_fail_on_a_bug_stops_with_one_line(sweep_dir, monkeypatch, capsys):
+    monkeypatch.setenv("SWEEP_FAKE_BUG", "every trial")
+    path = write(sweep_dir, GRID)
+    with pytest.raises(ConvtrainError) as info:
+        run_sweep(path, quiet=True, fit=fake_fit)
+    message = str(info.value)
+    assert "\n" not in message and "trials 0 and 1 both stopped on unexpected errors" in message
+    assert "ValueError: operands could not be broadcast" in message
+    assert isinstance(info.value.__cause__, ValueError)  # kept for --debug
+    assert states(load_study(sweep_dir)) == {"FAIL": 2, "WAITING": 4}  # nothing lost
+
+    # with several workers: one line per worker and one for the sweep, no traceback
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    done = subprocess.run([sys.executable, sweep_fakes.__file__, str(write(sweep_dir, GRID, "other.toml")),
+                           "--workers", "2"], cwd=sweep_dir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 3 and lines[-1].startswith("error: sweep worker"), done.stderr
+
+
+def test_workers_stop_when_their_launcher_is_killed(sweep_dir):
+    """kill -9 of the launcher: its workers see it gone at their next trial boundary and stop
+    (before, they ran the rest of the sweep on their own); the re-run finishes the sweep."""
+    text = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]")  # 12 points
+    path = write(sweep_dir, text)
+    log = sweep_dir / "calls.jsonl"
+    env = {**os.environ, "SWEEP_FAKE_SLEEP": "0.5", "SWEEP_FAKE_BARRIER": "2", "PYTHONPATH": _pythonpath()}
+    launcher = subprocess.Popen([sys.executable, sweep_fakes.__file__, str(path), "--workers", "2"],
+                                cwd=sweep_dir, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len({r["pid"] for r in calls(log)}) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = {r["pid"] for r in calls(log)}
+        launcher.kill()
+        launcher.wait()
+        while any(_running(pid) for pid in workers):  # each ends its trial, then sees the launcher gone
+            assert time.monotonic() < deadline + 60, "the workers outlived their launcher"
+            time.sleep(0.1)
+        assert len(calls(log)) <= 4  # at most the trial each had started, and one more each
+        assert "the sweep launcher (pid" in launcher.stderr.read()
+    finally:
+        _kill_group(launcher.pid)
+    outcome = run_sweep(path, quiet=True, fit=fake_fit)
+    assert Counter(r.state for r in outcome.rows)["COMPLETE"] == 12
+    assert len(set(points(calls(log)))) == 12
+
+
+def test_the_rerun_header_counts_the_trials_a_killed_group_left_running(sweep_dir):
+    import io
+    import re
+
+    from rich.console import Console
+
+    text = GRID.replace("l2 = [1e-4, 1e-3]", "l2 = [1e-4, 1e-3, 1e-2]")
+    path = write(sweep_dir, text)
+    log = sweep_dir / "calls.jsonl"
+    env = {**os.environ, "SWEEP_FAKE_HANG_AFTER": "2", "SWEEP_FAKE_BARRIER": "2", "PYTHONPATH": _pythonpath()}
+    group = subprocess.Popen([sys.executable, sweep_fakes.__file__, str(path), "--workers", "2"],
+                             cwd=sweep_dir, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(calls(log)) < 4:  # two trials done, two hanging
+            assert group.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        _kill_group(group.pid)  # kill -9 of the launcher and its workers at once
+    group.wait()
+    workers = {r["pid"] for r in calls(log)}
+    while any(_exists(pid) for pid in workers):  # until init has reaped them (a zombie looks alive)
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.05)
+    assert states(load_study(sweep_dir))["RUNNING"] == 2
+    before = len(calls(log))
+    out = io.StringIO()
+    outcome = run_sweep(path, fit=fake_fit, console=Console(file=out, width=200))
+    announced = int(re.search(r"(\d+) to run", out.getvalue()).group(1))
+    assert announced == len(calls(log)) - before == 4  # the two waiting and the two killed
+    assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 6, "FAIL": 2}
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for a parent that will never reap it is stopped
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _pythonpath() -> str:
     root = Path(__file__).parents[2]  # the repository: convtrain and tests.support
     return os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+
+
+def test_retries_carry_optunas_retry_lineage(sweep_dir):
+    """Optuna's RetryHeartbeatStaleTrialCallback helpers read our retries: the first trial of
+    the series, and each trial of it; the report names the one just before."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+    from optuna.trial import TrialState
+
+    from convtrain.sweep import study as sweep_study
+
+    path = write(sweep_dir, GRID)
+    handle = create_or_join(load_sweep(path), open_storage(f"sqlite:///{sweep_dir / 'optuna.db'}"))
+    first = sweep_study.take_ticket(handle, load_sweep(path))
+    handle.study.tell(first, state=TrialState.FAIL)
+    assert sweep_study.requeue(handle.study, handle.study.get_trials()[first.number], reason="killed")
+    retry = handle.study.get_trials()[-1]
+    again = handle.storage.get_trial_id_from_study_id_trial_number(handle.study_id, retry.number)
+    handle.storage.set_trial_state_values(again, state=TrialState.RUNNING)
+    handle.storage.set_trial_state_values(again, state=TrialState.FAIL)
+    assert sweep_study.requeue(handle.study, handle.study.get_trials()[retry.number], reason="killed again")
+    last = handle.study.get_trials()[-1]
+    assert Retry.retried_trial_number(last) == first.number
+    assert Retry.retry_history(last) == [first.number, retry.number]
+    assert last.system_attrs["fixed_params"] == handle.study.get_trials()[first.number].system_attrs["fixed_params"]
+    from convtrain.sweep.report import trial_rows
+    (row,) = [r for r in trial_rows(handle.study, load_sweep(path)) if r.number == last.number]
+    assert row.note == f"retry of trial {retry.number}"

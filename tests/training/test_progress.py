@@ -73,3 +73,15 @@ def test_long_histories_are_shortened_in_the_table():
 def test_sub_second_epochs_show_their_time_not_zero():
     assert [seconds_text(s) for s in (0.043, 0.5, 1.25, 12.0)] == ["0.04", "0.50", "1.2", "12.0"]
     assert "| 0.04s" in epoch_summary(1, 3, {"train_loss": 0.5, "epoch_seconds": 0.043})
+
+
+def test_an_epoch_resumed_mid_way_starts_its_bar_at_the_batches_done():
+    class Trainer:
+        epochs, steps_per_epoch, batches_done = 3, 5, 2
+
+    callback = ProgressCallback(console=console(terminal=True))
+    callback.on_fit_start(Trainer())
+    callback.on_epoch_start(Trainer(), 2)
+    task = callback._progress.tasks[0]
+    assert (task.completed, task.total, callback.epochs) == (2, 5, 3)
+    callback.on_exception(Trainer(), KeyboardInterrupt())

@@ -7,29 +7,14 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.data import Standardizer, load_dataset
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.training.callbacks import Callback, EarlyStopping
-from convtrain.training.trainer import CHECKPOINT_NAME, History, Trainer
+from convtrain.training.checkpoint import CHECKPOINT_FILE
+from convtrain.training.trainer import History, Trainer
 
 EPOCH_KEYS = {"train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy", "val_loss", "val_cost",
               "val_accuracy", "val_balanced_accuracy", "learning_rate", "epoch_seconds", "images_per_second"}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    splits = load_dataset("digits", val_fraction=0.1, seed=0)
-    standardizer = Standardizer.fit(splits.x_train)
-    return (standardizer.transform(splits.x_train), splits.y_train,
-            standardizer.transform(splits.x_val), splits.y_val)
-
-
-@pytest.fixture(scope="module")
-def small(digits):
-    """300 training and 100 validation digits: 5 batches of 64 per epoch."""
-    x_train, y_train, x_val, y_val = digits
-    return x_train[:300], y_train[:300], x_val[:100], y_val[:100]
 
 
 def make_trainer(config, callbacks=(), checkpoint_dir=None, input_shape=(1, 8, 8)):
@@ -120,7 +105,7 @@ def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(small, t
     with pytest.raises(TrainingInterrupted) as info:
         interrupted.fit(*small)
     path = info.value.checkpoint
-    assert path == tmp_path / "run" / CHECKPOINT_NAME and path.exists()
+    assert path == tmp_path / "run" / CHECKPOINT_FILE and path.exists()
     assert interrupted.step == stop_step
 
     # a new process would rebuild everything from the config, then resume
@@ -154,9 +139,9 @@ def test_checkpoint_is_a_loadable_model_with_the_config(small, tmp_path):
     config = FitConfig(epochs=1)
     trainer = make_trainer(config, checkpoint_dir=tmp_path)
     trainer.fit(*small)
-    network = Network.load(tmp_path / CHECKPOINT_NAME)
+    network = Network.load(tmp_path / CHECKPOINT_FILE)
     assert_same_weights(network.parameters(), weights(trainer))
-    with np.load(tmp_path / CHECKPOINT_NAME, allow_pickle=False) as archive:
+    with np.load(tmp_path / CHECKPOINT_FILE, allow_pickle=False) as archive:
         assert FitConfig.from_dict(__import__("tomllib").loads(str(archive["config"]))) == config
 
 
@@ -175,7 +160,7 @@ def test_nan_in_the_data_stops_with_epoch_batch_and_last_good_checkpoint(small, 
     error = info.value
     assert error.epoch == 2 and 1 <= error.batch <= 5
     assert f"epoch 2, batch {error.batch}/5" in str(error)
-    assert error.checkpoint == tmp_path / CHECKPOINT_NAME
+    assert error.checkpoint == tmp_path / CHECKPOINT_FILE
     assert str(error.checkpoint) in str(error) and "\n" not in str(error)
     saved = Network.load(error.checkpoint)  # still the finite weights of epoch 1
     assert all(np.isfinite(v).all() for v in saved.parameters().values())
@@ -196,11 +181,11 @@ def test_nan_from_the_start_says_no_checkpoint_exists(small):
 def test_non_finite_weights_are_never_written(small, tmp_path):
     trainer = make_trainer(FitConfig(epochs=1), checkpoint_dir=tmp_path)
     trainer.fit(*small)
-    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
     trainer.network.parameters()["fc.bias"][0] = np.nan
     with pytest.raises(TrainingDiverged, match="fc.bias is not finite"):
         trainer.save_checkpoint()
-    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
 
 
 def test_request_stop_without_checkpoint_dir_still_stops(small):
@@ -292,7 +277,7 @@ def test_resume_refuses_foreign_files(small, tmp_path):
     trainer.fit(*small)
     other = make_trainer(FitConfig(epochs=1, filters=[8, 8]))
     with pytest.raises(CheckpointError, match="different network"):
-        other.resume(tmp_path / CHECKPOINT_NAME)
+        other.resume(tmp_path / CHECKPOINT_FILE)
     model = trainer.network.save(tmp_path / "model.npz")
     with pytest.raises(CheckpointError, match="saved model, not a training checkpoint"):
         make_trainer(FitConfig(epochs=1)).resume(model)
@@ -335,3 +320,21 @@ def test_fit_refuses_data_that_does_not_fit_the_network(small):
         trainer.fit(x_train, y_train + 5)
     with pytest.raises(DataError, match="labels have shape"):
         trainer.fit(x_train, y_train[:-1])
+
+
+def test_progress_takes_the_epoch_length_from_the_trainer(small):
+    import io
+    import math
+
+    from rich.console import Console
+
+    from convtrain.training.progress import ProgressCallback
+
+    x_train, y_train, x_val, y_val = small
+    keep = (y_train != 3) | (np.arange(len(y_train)) % 4 == 0)  # a balanced epoch is 10 x class 3's count
+    progress = ProgressCallback(console=Console(file=io.StringIO()), quiet=True)
+    trainer = make_trainer(FitConfig(epochs=1, balanced=True, batch_size=16), callbacks=[progress])
+    trainer.fit(x_train[keep], y_train[keep], x_val, y_val)
+    smallest = np.bincount(y_train[keep]).min()
+    assert progress.steps_per_epoch == trainer.steps_per_epoch == math.ceil(10 * smallest / 16) == trainer.step
+    assert progress.epochs == 1

@@ -1,0 +1,184 @@
+"""The training checkpoint: one .npz holding everything a fit needs to continue exactly.
+
+TrainingCheckpoint is the one owner of the format: it writes it (`capture(trainer).save(path)`)
+and answers every question about a saved one: the config it was written with, a callback's
+state, whether a network and batch size can continue it, and restoring a trainer. Nothing else
+reads these entries.
+
+Entries (plain arrays and JSON documents, no pickles; see nn/npz_files.py):
+    param/<name>, architecture, normalization, class_names, meta
+                     the network, exactly as a saved model holds it (so Network.load reads a
+                     checkpoint, and restoring goes through Network.from_arrays)
+    format           "convtrain-checkpoint-1"
+    velocity/<name>  the optimizer's state_dict() arrays (SGD's velocities)
+    trainer          epoch, step, epochs, batch_size, l2, seed, stop_training, mid_epoch,
+                     batches_done
+    epoch_order      the sample order of the epoch in progress (empty unless mid_epoch)
+    rng              the shuffling generator's state
+    schedule         the learning-rate schedule (for the record)
+    history          the History callback's state
+    callbacks        {key: state_dict()} of the other callbacks
+    callback/<key>/<name>  their state arrays (EarlyStopping's best weights)
+    config           the resolved FitConfig as TOML (absent for a Trainer built without one)
+
+A new kind of state gets its own entry (or prefix) here, in `capture` and `restore`; a reader
+of an older file finds it absent and starts that state fresh, so older checkpoints keep resuming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convtrain.errors import CheckpointError
+from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
+
+CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
+OPTIMIZER_PREFIX = "velocity/"   # named after SGD's state, the first optimizer's
+CALLBACK_PREFIX = "callback/"
+HISTORY_KEY = "history"           # the History callback's key, and its own entry
+
+
+class TrainingCheckpoint:
+    """A training checkpoint's entries, read from `path` or captured from a trainer."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], path: str | Path = "<unsaved checkpoint>"):
+        self.arrays = arrays
+        self.path = Path(path)
+
+    # ---- writing --------------------------------------------------------------------
+
+    @classmethod
+    def capture(cls, trainer) -> "TrainingCheckpoint":
+        """The complete training state of `trainer`, at an epoch end or mid-epoch."""
+        arrays = trainer.network.to_arrays()
+        arrays["format"] = np.array(CHECKPOINT_FORMAT)
+        for name, value in trainer.optimizer.state_dict().items():
+            arrays[OPTIMIZER_PREFIX + name] = value
+        mid_epoch = trainer.epoch_order is not None
+        arrays["trainer"] = json_entry({
+            "epoch": trainer.epoch, "step": trainer.step, "epochs": trainer.epochs,
+            "batch_size": trainer.batch_size, "l2": trainer.l2, "seed": trainer.seed,
+            "stop_training": trainer.stop_training, "mid_epoch": mid_epoch,
+            "batches_done": trainer.batches_done if mid_epoch else 0,
+        })
+        arrays["epoch_order"] = trainer.epoch_order if mid_epoch else np.empty(0, dtype=np.int64)
+        arrays["rng"] = json_entry(trainer.rng.bit_generator.state)
+        arrays["schedule"] = json_entry(trainer.schedule.to_dict())
+        states = trainer.callbacks.state_dict()
+        arrays["history"] = json_entry(states.pop(HISTORY_KEY))
+        arrays["callbacks"] = json_entry(states)
+        for key, values in trainer.callbacks.state_arrays().items():
+            for name, value in values.items():
+                arrays[f"{CALLBACK_PREFIX}{key}/{name}"] = value
+        if trainer.config is not None:
+            arrays["config"] = text_entry(trainer.config.to_toml())
+        return cls(arrays)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a reader sees the previous file or this one, never half."""
+        self.path = write_npz_atomic(path, self.arrays)
+        return self.path
+
+    # ---- reading --------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainingCheckpoint":
+        """Read a checkpoint file; CheckpointError (one line) for anything else."""
+        path = Path(path)
+        arrays = read_npz(path, "checkpoint")
+        if "trainer" not in arrays:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is a saved model, not a training checkpoint")
+        return cls(arrays, path)
+
+    def _json(self, key: str):
+        return read_json(self.arrays, key, self.path, "checkpoint")
+
+    @property
+    def name(self) -> str:
+        return f"checkpoint file {str(self.path)!r}"
+
+    @property
+    def state(self) -> dict:
+        """The trainer's counters: epoch, step, batch_size, mid_epoch, batches_done, ..."""
+        return self._json("trainer")
+
+    def config(self):
+        """The resolved FitConfig the fit was started with."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        from convtrain.config import FitConfig
+
+        if "config" not in self.arrays:
+            raise CheckpointError(f"{self.name} records no config; cannot resume it")
+        try:
+            values = tomllib.loads(str(self.arrays["config"][()]))
+        except tomllib.TOMLDecodeError as exc:
+            raise CheckpointError(f"{self.name}: stored config is not valid TOML ({exc})") from None
+        return FitConfig.from_dict(values, source=f"config in {self.path}")
+
+    def callback_state(self, key: str) -> dict:
+        """The state_dict() the callback with this key saved ({} if it saved none)."""
+        return (self._json("callbacks") or {}).get(key) or {}
+
+    def check_resumable(self, network, batch_size: int, class_names: list[str] | None = None) -> None:
+        """Refuse a network of another architecture, a mid-epoch checkpoint with another batch
+        size and, when given, other class names: CheckpointError naming both sides."""
+        architecture = self._json("architecture")
+        if architecture != network.architecture:
+            raise CheckpointError(f"{self.name} was written for a different network "
+                                  f"({architecture}) than this one ({network.architecture})")
+        state = self.state
+        if state.get("mid_epoch") and state.get("batch_size") != batch_size:
+            raise CheckpointError(f"{self.name} stopped mid-epoch with batch size {state.get('batch_size')}; "
+                                  f"resume with the same batch size (not {batch_size})")
+        if class_names is not None:
+            saved_classes = self._json("class_names")
+            if saved_classes != list(class_names):
+                raise CheckpointError(f"checkpoint {self.path} was trained on classes {saved_classes}, "
+                                      f"the data has {list(class_names)}")
+
+    # ---- restoring ------------------------------------------------------------------
+
+    def restore(self, trainer) -> None:
+        """Put the saved state into `trainer` (its network, optimizer, counters, generator,
+        history and callbacks); its next fit() continues from there."""
+        from convtrain.nn.network import Network
+
+        self.check_resumable(trainer.network, trainer.batch_size)
+        saved = Network.from_arrays(self.arrays, self.path, "checkpoint")
+        # into the live arrays: the optimizer holds references to them
+        trainer.network.set_parameters(saved.parameters(), source=self.name)
+        trainer.network.normalization = saved.normalization
+        trainer.network.class_names = saved.class_names
+        trainer.network.meta = saved.meta
+        trainer.optimizer.load_state_dict({k[len(OPTIMIZER_PREFIX):]: v for k, v in self.arrays.items()
+                                           if k.startswith(OPTIMIZER_PREFIX)})
+
+        state = self.state
+        trainer.epoch = int(state["epoch"])
+        trainer.step = int(state["step"])
+        trainer.stop_training = bool(state["stop_training"])
+        if state["mid_epoch"]:
+            trainer.epoch_order = self.arrays["epoch_order"].astype(np.int64)
+            trainer.batches_done = int(state["batches_done"])
+        else:
+            trainer.epoch_order, trainer.batches_done = None, 0
+        try:
+            trainer.rng.bit_generator.state = self._json("rng")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.name}: unusable generator state ({exc})") from None
+        trainer.callbacks.load_state_dict({**self._json("callbacks"), HISTORY_KEY: self._json("history")})
+        trainer.callbacks.load_state_arrays(self._callback_arrays())
+
+    def _callback_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        for entry, value in self.arrays.items():
+            if entry.startswith(CALLBACK_PREFIX):
+                key, name = entry[len(CALLBACK_PREFIX):].rsplit("/", 1)
+                grouped.setdefault(key, {})[name] = value
+        return grouped
