@@ -51,6 +51,7 @@ class FitResult:
     tracking_uri: str | None = None
     experiment_id: str | None = None
     problems: list[str] = field(default_factory=list)  # e.g. metrics the tracking store did not take
+    registered_model: str | None = None  # "NAME version N" with --register-model
 
 def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | Path | None = None,
         parent_run_id: str | None = None, tags: dict | None = None, progress: Any = "auto") -> FitResult:
@@ -187,7 +188,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
                      network=network, config=config, tracking_uri=tracking_uri,
-                     experiment_id=tracker.experiment_id if tracker else None, problems=problems)
+                     experiment_id=tracker.experiment_id if tracker else None, problems=problems,
+                     registered_model=tracker.registered if tracker else None)
 
 def _interrupted_outside_training(stage: str, trainer, model_path: Path | None) -> TrainingInterrupted:
     """The TrainingInterrupted for a Ctrl-C at `stage`; resuming the checkpoint finishes the fit

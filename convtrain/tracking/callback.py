@@ -112,6 +112,7 @@ class MLflowCallback(Callback):
         self.run_name: str | None = None
         self.model_id: str | None = None  # the logged model, once log_model succeeded
         self.model_name: str | None = None
+        self.registered: str | None = None  # "NAME version N", once register_model succeeded
         self.latest: dict = {}  # key -> the last Metric queued, for link_model_metrics
 
     # ---- opening a run ---------------------------------------------------------------
@@ -412,7 +413,8 @@ class MLflowCallback(Callback):
                                description=f"from run {self.run_name or self.run_id}")
         except Exception as exc:
             return None, f"model not registered as {name!r} ({one_line(exc)})"
-        return f"{version.name} version {version.version}", None
+        self.registered = f"{version.name} version {version.version}"
+        return self.registered, None
 
     def finish(self, status: str, *, error: str | None = None, out_dir: str | Path | None = None) -> list[str]:
         """Flush, record the error if any, set the status; returns problems worth telling the user."""

@@ -11,6 +11,7 @@ builds text only; the callers set the tags.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any, Iterable
 
 NOTE_TAG = "mlflow.note.content"  # shown by the MLflow UI as the run's (or experiment's) description
@@ -176,9 +177,9 @@ def sweep_description(*, spec, rows: list, counts: dict, best, best_link: str | 
         lines.append("")
     if best_config is not None:
         lines += ["**Retrain the best** (the run becomes a child of this sweep):", "", "```",
-                  f"convtrain fit --config {shlex.quote(str(best_config))}", "```", ""]
+                  f"convtrain fit --config {shlex.quote(str(Path(best_config).resolve()))}", "```", ""]
     lines += ["**Continue or extend** the sweep (finished trials are kept):", "", "```",
-              f"convtrain sweep {shlex.quote(str(spec.path))}", "```"]
+              f"convtrain sweep {shlex.quote(str(Path(spec.path).resolve()))}", "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -71,7 +71,7 @@ def test_children_parent_and_trials_csv_agree_on_the_objective(workdir):
     assert "grid, minimize `val_loss`, 4 trials" in text and "| filters |" in text and "| lr |" in text
     assert "4 complete" in text
     assert f"[trial {best['trial']}](#/experiments/{parent.info.experiment_id}/runs/{best['mlflow_run_id']})" in text
-    assert f"convtrain fit --config {outcome.best_config}" in text
+    assert f"convtrain fit --config {outcome.best_config.resolve()}" in text
 
     versions = client.search_model_versions("name = 'digits-es-best'")
     assert [v.run_id for v in versions] == [best["mlflow_run_id"]]

@@ -113,6 +113,7 @@ def test_register_model_adds_a_version_per_fit(tmp_path, request, where):
     runs = [fit(FitConfig(limit=300, filters=[4], epochs=1, run_name=f"reg-{n}", experiment=experiment,
                           tracking_uri=uri, register_model="digits-net", out=str(tmp_path / f"r{n}")),
                 progress=None) for n in (1, 2)]
+    assert [r.registered_model for r in runs] == [f"digits-net version {v}" for v in (1, 2)]
     client = client_for(uri)
     versions = sorted(client.search_model_versions("name = 'digits-net'"), key=lambda v: int(v.version))
     mine = [v for v in versions if v.run_id in {r.run_id for r in runs}]
