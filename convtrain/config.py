@@ -40,6 +40,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
+MAX_RUN_NAME = 250  # MLflow's limit on run names
 PADDING_WORDS = ("same", "valid")
 
 
@@ -306,6 +307,9 @@ class FitConfig:
         _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
         _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
         _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
+        if self.run_name is not None and len(self.run_name) > MAX_RUN_NAME:
+            raise ConfigError(f"run_name: got {len(self.run_name)} characters, expected at most {MAX_RUN_NAME} "
+                              "(MLflow's limit)")
         _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
         _expect(self.register_model is None or (bool(str(self.register_model).strip())
                                                 and not set(str(self.register_model)) & set("/:%")),

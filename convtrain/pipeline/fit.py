@@ -28,6 +28,7 @@ import numpy as np
 from convtrain.config import FitConfig
 from convtrain.errors import ConfigError, TrainingInterrupted
 from convtrain.pipeline.resume import resolve_checkpoint
+from convtrain.pipeline.run_folder_lock import RunFolderLock
 from convtrain.training.callbacks import BatchLossRecorder, Callback
 from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
 from convtrain.training.metrics import Evaluation, confusion_matrix
@@ -65,6 +66,19 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
         or None (nothing), or a Callback of your own.
     Exceptions propagate after the MLflow run is marked FAILED (or KILLED on interruption).
     """
+    # The whole fit holds its output folder (one writer per folder), and SIGTERM ends it like
+    # Ctrl-C from the very start, so a signal while the data loads also ends with one line.
+    with sigterm_as_keyboard_interrupt(), RunFolderLock() as out_lock:
+        try:
+            return _fit(config, out_lock, callbacks=callbacks, resume=resume, parent_run_id=parent_run_id,
+                        tags=tags, progress=progress)
+        except KeyboardInterrupt:  # before the run and the output folder exist
+            raise TrainingInterrupted("stopped by an interrupt while setting up the fit, before anything "
+                                      "was written") from None
+
+
+def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, parent_run_id, tags,
+         progress) -> FitResult:
     from convtrain.data import load_dataset
     from convtrain.training.trainer import Trainer
 
@@ -94,16 +108,20 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     if config.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
                           "training examples")
+    check_validation_split(config, splits)
     network = _build_network(config, splits)
 
-    out_dir = Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())).resolve()
+    out_dir = _resolve_out(Path(checkpoint.parent if checkpoint is not None else (config.out or _default_out_parent())))
     _check_writable(out_dir)
     if saved is not None:
         # what resuming would refuse, before the MLflow run is reopened and config.toml rewritten
         saved.check_resumable(network, config.batch_size, network.class_names)
-    elif config.out is not None and (out_dir / CHECKPOINT_FILE).exists():
-        raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
-                          f"--resume {out_dir}, or choose another --out")
+    elif config.out is not None:
+        _check_no_other_checkpoint(out_dir)
+    if saved is not None or config.out is not None:
+        out_lock.take(out_dir)  # before the run exists; from here on no other fit writes there
+        if saved is None:
+            _check_no_other_checkpoint(out_dir)  # another fit may have ended there since the check above
 
     tracker = None
     if track:
@@ -121,9 +139,11 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
             if checkpoint is None and config.out is None:
                 out_dir = _unique_dir(out_dir / _safe_name(config.run_name or (tracker and tracker.run_name)
                                                            or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
+                out_lock.take(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             config = config.with_overrides({"out": str(out_dir)})
-            config.save_toml(out_dir / CONFIG_FILE)
+            if checkpoint is None:
+                config.save_toml(out_dir / CONFIG_FILE)
 
             recorder = BatchLossRecorder(config.log_every)
             progress_callback = _progress_callback(progress)
@@ -133,6 +153,7 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
             trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
             if saved is not None:
                 trainer.resume(saved)
+                config.save_toml(out_dir / CONFIG_FILE)  # only once the resume is known to work
             else:
                 # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
                 # callback's state) the run id, written as soon as the run exists and before the
@@ -141,6 +162,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                 trainer.save_checkpoint()
             if tracker is not None:
                 tracker.log_config(config, resumed=checkpoint is not None)
+                if checkpoint is not None:  # metrics an outage kept back: sent before the model
+                    tracker.restore_unlogged(out_dir)
                 tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
                 # a fit killed before its datasets were logged logs them when resumed
                 if checkpoint is None or not tracker.has_datasets():
@@ -184,6 +207,10 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
                 # evaluation): the default handler raised KeyboardInterrupt, which would end the
                 # CLI without a word; say what is on disk and how to finish instead
                 raise _interrupted_outside_training(stage, trainer, model_path) from None
+            if isinstance(exc, KeyboardInterrupt):  # before the first checkpoint: nothing to resume
+                run = f"; MLflow run {tracker.run_id} is marked KILLED" if tracker is not None else ""
+                raise TrainingInterrupted(f"stopped by an interrupt while {stage}, before the first "
+                                          f"checkpoint{run}") from None
             raise
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
@@ -276,11 +303,35 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "run"
 
 def _unique_dir(path: Path) -> Path:
+    """A new folder named like `path` (path-2, path-3, ... if taken), created here so that two
+    fits starting at once with the same run name cannot both pick it."""
     candidate, n = path, 2
-    while candidate.exists():
-        candidate = path.with_name(f"{path.name}-{n}")
-        n += 1
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            candidate = path.with_name(f"{path.name}-{n}")
+            n += 1
+
+def check_validation_split(config: FitConfig, splits) -> None:
+    """Early stopping on a val_* metric needs validation data: refused before any run or file exists."""
+    if config.patience and config.monitor.startswith("val_") and (splits.x_val is None or not len(splits.x_val)):
+        raise ConfigError(f"monitor: {config.monitor!r} needs a validation set for --patience; use a validation "
+                          "split (--val-fraction) or monitor 'train_loss'")
+
+def _check_no_other_checkpoint(out_dir: Path) -> None:
+    if (out_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
+                          f"--resume {out_dir}, or choose another --out")
+
+def _resolve_out(folder: Path) -> Path:
+    try:
+        return folder.resolve()
+    except RuntimeError:  # Python 3.11's way of saying ELOOP
+        raise ConfigError(f"out: {folder} goes through a symbolic link loop; choose another --out") from None
+    except OSError as exc:
+        raise ConfigError(f"out: {folder} cannot be resolved ({exc.strerror or exc}); choose another --out") from None
 
 def _check_writable(folder: Path) -> None:
     """Refuse an output folder that cannot be created or written, before anything is written."""

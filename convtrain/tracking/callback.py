@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -35,6 +36,7 @@ from convtrain.tracking.runs import (
     max_step,
     run_tags,
 )
+from convtrain.tracking.sqlite_store import is_disk_full
 from convtrain.tracking.store import check_reachable, client_for, ensure_experiment
 from convtrain.training.callbacks import Callback
 
@@ -114,6 +116,8 @@ class MLflowCallback(Callback):
         self.model_name: str | None = None
         self.registered: str | None = None  # "NAME version N", once register_model succeeded
         self.latest: dict = {}  # key -> the last Metric queued, for link_model_metrics
+        self._unlogged_file: Path | None = None  # metrics kept by an earlier fit of this run
+        self._model_missing = False
 
     # ---- opening a run ---------------------------------------------------------------
 
@@ -224,6 +228,34 @@ class MLflowCallback(Callback):
         inputs = self.client.get_run(self.run_id).inputs
         return bool(inputs and inputs.dataset_inputs)
 
+    def restore_unlogged(self, out_dir: str | Path) -> int:
+        """Queue the metrics an earlier fit of this run kept in out_dir/unlogged-metrics.json
+        (the store was down or full), so they are sent before the model and the run's end.
+        The file stays until they are sent. Returns how many were queued."""
+        from mlflow.entities import Metric
+
+        path = Path(out_dir) / UNLOGGED_FILE
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            rows = [Metric(str(m["key"]), float(m["value"]), int(m["timestamp"]), int(m["step"]))
+                    for m in saved["metrics"]] if saved.get("run_id") == self.run_id else []
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.notify(f"warning: {path} cannot be read ({one_line(exc)}); its metrics are not sent")
+            return 0
+        self._unlogged_file = path
+        self.pending[:0] = rows
+        # what they hold must not be queued a second time when the rest of the fit recomputes it
+        for row in rows:
+            if row.key == "train_loss":
+                self.logged_epochs = max(self.logged_epochs, row.step)
+            elif row.key == BATCH_METRIC:
+                self.logged_batch_step = max(self.logged_batch_step, row.step)
+            elif row.key not in EPOCH_METRICS:
+                self.logged_other_steps[row.key] = max(self.logged_other_steps.get(row.key, -1), row.step)
+        return len(rows)
+
     def set_tags(self, tags: dict) -> bool:
         return self._attempt(lambda: self.client.log_batch(self.run_id, tags=run_tags(tags)))
 
@@ -316,6 +348,9 @@ class MLflowCallback(Callback):
         sent = self._attempt(send)
         if sent:
             self._last_flush = time.monotonic()
+            if self._unlogged_file is not None:  # all kept metrics are in the store now
+                self._unlogged_file.unlink(missing_ok=True)
+                self._unlogged_file = None
         return sent
 
     def _attempt(self, action: Callable[[], object]) -> bool:
@@ -327,8 +362,9 @@ class MLflowCallback(Callback):
             action()
         except Exception as exc:  # any store failure: keep training, keep the data
             if self.reachable:
+                why = "the disk is full" if is_disk_full(exc) else one_line(exc)
                 self.notify(f"warning: tracking store {self.tracking_uri} stopped answering "
-                            f"({one_line(exc)}); training goes on and metrics are kept until it answers")
+                            f"({why}); training goes on and metrics are kept until it answers")
             else:
                 self._retry_wait = min(self._retry_wait * 2, _RETRY_SECONDS[1])
             self.reachable = False
@@ -373,6 +409,7 @@ class MLflowCallback(Callback):
 
         from convtrain.tracking.model import log_model, model_name
 
+        self._model_missing = True
         if not self.reachable and not self._answers():
             return f"pyfunc model not logged (tracking store down); the model is at {network_path}"
         name = model_name(self.run_name)
@@ -381,7 +418,9 @@ class MLflowCallback(Callback):
                 self.model_id = log_model(self.client, self.run_id, self.experiment_id, network_path,
                                           input_example, name=name)
         except Exception as exc:
-            return f"pyfunc model not logged ({one_line(exc)}); the model is at {network_path}"
+            why = "the disk is full" if is_disk_full(exc) else one_line(exc)
+            return f"pyfunc model not logged ({why}); the model is at {network_path}"
+        self._model_missing = False
         self.model_name = name
         self.set_tags({MODEL_URI_TAG: f"runs:/{self.run_id}/{name}"})
         return None
@@ -426,12 +465,18 @@ class MLflowCallback(Callback):
                             + (f"; they are saved in {where}" if where else ""))
         if error:
             self.set_tags({ERROR_TAG: error[:5000]})
-        elif status == "FINISHED":
-            self._clear_stale_notes()
         if status == "KILLED":
             # the same words a run whose process was killed gets (runs.close_orphaned_runs)
             self.set_tags({ORPHAN_NOTE_TAG: f"stopped by an interrupt; continue it with "
                                             f"convtrain fit --resume {self.run_id}"})
+        if status == "FINISHED" and (self.pending or self._model_missing):
+            # FINISHED means the run holds everything; it stays open until a resume sends the rest
+            if out_dir is not None:
+                problems.append(f"MLflow run {self.run_id} stays open until the rest is sent: "
+                                f"convtrain fit --resume {out_dir} sends it once the store answers")
+            return problems
+        if status == "FINISHED" and not error:
+            self._clear_stale_notes()
         if not self._attempt(lambda: self._set_terminated(status)):
             problems.append(f"could not mark MLflow run {self.run_id} as {status}")
         return problems
@@ -457,9 +502,13 @@ class MLflowCallback(Callback):
             return None
         path = Path(out_dir) / UNLOGGED_FILE
         rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self.pending]
-        try:
-            path.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                                        "metrics": rows}, indent=1), encoding="utf-8")
+        text = json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "metrics": rows}, indent=1)
+        partial = path.with_name(f".{path.name}.partial")
+        try:  # written whole or not at all: it may hold the metrics of an earlier fit too
+            partial.write_text(text, encoding="utf-8")
+            os.replace(partial, path)
         except OSError:
+            partial.unlink(missing_ok=True)
             return None
+        self._unlogged_file = path
         return path

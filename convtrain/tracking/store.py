@@ -5,12 +5,14 @@ mlflow is imported inside the functions so `import convtrain` (and `convtrain --
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from convtrain.errors import TrackingError
+from convtrain.tracking.sqlite_store import check_existing_store, ensure_sqlite_store, sqlite_path
 
 DEFAULT_STORE_FILE = "mlflow.db"
 
@@ -54,13 +56,37 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} is not writable")
+        store = sqlite_path(uri)
+        if store is not None:
+            check_existing_store(store)  # a broken store is named now, before any work
+
+def open_store(uri: str) -> None:
+    """Make a local SQLite store ready to open (built atomically if new; see sqlite_store.py);
+    other stores need nothing. Everything that opens a tracking URI goes through client_for."""
+    store = sqlite_path(uri)
+    if store is not None:
+        ensure_sqlite_store(store)
 
 def client_for(uri: str):
     import mlflow
 
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    open_store(uri)
+    _quiet_reraised_database_errors()
     return mlflow.MlflowClient(tracking_uri=uri)
+
+class _DropReraisedDatabaseErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+def _quiet_reraised_database_errors() -> None:
+    """MLflow logs each SQLite OperationalError (a full disk, a locked file) with its whole
+    traceback before raising it again as an MlflowException; convtrain reports that exception
+    in one line, so the logged copy (up to hundreds of lines per fit) is dropped."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _DropReraisedDatabaseErrors) for f in logger.filters):
+        logger.addFilter(_DropReraisedDatabaseErrors())
 
 def ensure_experiment(client, name: str) -> str:
     """The id of experiment `name`, created if missing (tolerates a concurrent creator)."""

@@ -9,7 +9,14 @@ import time
 from typing import Callable
 
 from convtrain.errors import TrackingError
-from convtrain.tracking.store import check_reachable, find_experiment_id, is_http, resolve_tracking_uri, runs_table_url
+from convtrain.tracking.store import (
+    check_reachable,
+    find_experiment_id,
+    is_http,
+    open_store,
+    resolve_tracking_uri,
+    runs_table_url,
+)
 from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
 
@@ -35,8 +42,10 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     # one worker process is plenty for a dashboard on your own machine (MLflow's default is 4)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port), "--workers", "1"]
-    # Looked up before the server starts: opening a new SQLite store creates its tables, which
-    # must not race with the server doing the same.
+    # Made ready before the server starts: a new SQLite store is built whole here (the server
+    # would create its tables step by step, racing a fit started meanwhile); a broken one is
+    # one line now rather than a server that dies with a traceback.
+    open_store(uri)
     experiment_id = find_experiment_id(uri, experiment)
     server = None
     # SIGTERM is turned into KeyboardInterrupt from here on, so `kill` also stops the server.

@@ -33,8 +33,10 @@ import numpy as np
 
 from convtrain.errors import CheckpointError
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
+from convtrain.training.checkpoint_checks import check_checkpoint_entries
 
 CHECKPOINT_FILE = "checkpoint.npz"
+_SHAPE_CHECKED = ("trainer", "history", "callbacks")  # see checkpoint_checks.py
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
 OPTIMIZER_PREFIX = "velocity/"   # named after SGD's state, the first optimizer's
 CALLBACK_PREFIX = "callback/"
@@ -94,7 +96,10 @@ class TrainingCheckpoint:
         return cls(arrays, path)
 
     def _json(self, key: str):
-        return read_json(self.arrays, key, self.path, "checkpoint")
+        value = read_json(self.arrays, key, self.path, "checkpoint")
+        if key in _SHAPE_CHECKED:  # hand-edited entries: one line here, not a KeyError in the trainer
+            check_checkpoint_entries({key: value}, self.path)
+        return value
 
     @property
     def name(self) -> str:

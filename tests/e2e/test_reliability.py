@@ -105,6 +105,73 @@ def test_a_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_keeps_th
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["convtrain.error"]
 
 
+DISK_FULL_AFTER_EPOCH_1 = """
+import sqlite3, sys
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+from convtrain.tracking.callback import MLflowCallback
+
+full = []
+real_execute, real_epoch_end = SQLiteDialect_pysqlite.do_execute, MLflowCallback.on_epoch_end
+
+def do_execute(self, cursor, statement, parameters, context=None):
+    # what SQLite answers when the disk under the store has no room left for a page
+    if full and statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+        raise sqlite3.OperationalError("database or disk is full")
+    return real_execute(self, cursor, statement, parameters, context)
+
+def on_epoch_end(self, trainer, epoch, logs):
+    real_epoch_end(self, trainer, epoch, logs)
+    if epoch == 1:
+        full.append(True)
+
+SQLiteDialect_pysqlite.do_execute = do_execute
+MLflowCallback.on_epoch_end = on_epoch_end
+from convtrain.cli import main
+sys.argv = ["convtrain", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_full_disk_under_the_tracking_store_is_one_line_and_resume_sends_what_was_kept(tmp_path):
+    """The store's disk fills up after epoch 1 (SQLite's own error, through SQLAlchemy and MLflow
+    as it really arrives): one line saying so, the metrics kept, the run left open; once there is
+    room, `--resume` sends the kept metrics and the model, then marks the run FINISHED."""
+    import subprocess
+    import sys
+
+    from convtrain.tracking.callback import UNLOGGED_FILE
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_AFTER_EPOCH_1, "fit", *TINY, "--epochs", "3",
+                           "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "stopped answering (the disk is full)" in lines[0] and "metrics are kept" in lines[0]
+    unlogged = json.loads((tmp_path / "out" / UNLOGGED_FILE).read_text())
+    assert {m["step"] for m in unlogged["metrics"] if m["key"] == "train_loss"} == {2, 3}
+    run = only_run(tmp_path)
+    assert run.info.status == "RUNNING"  # not FINISHED while metrics and the model are missing
+    assert f"stays open until the rest is sent: convtrain fit --resume {tmp_path / 'out'}" in " ".join(done.stdout.split())
+
+    result = invoke("fit", "--resume", "out")
+    assert result.exit_code == 0, result.output
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "learning_rate"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+    batches = [m.step for m in client.get_metric_history(run.info.run_id, "batch_loss")]
+    assert len(batches) == len(set(batches)) and max(batches) > 20
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert not (tmp_path / "out" / UNLOGGED_FILE).exists()
+
+
 # ---- Ctrl-C after the training loop --------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["plots", "test evaluation", "model logging"])

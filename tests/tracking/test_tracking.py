@@ -268,6 +268,24 @@ def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlf
     assert unlogged["run_id"] == result.run_id
     assert {m["step"] for m in unlogged["metrics"] if m["key"] == "train_loss"} == {2, 3}
 
+    # The server comes back only after the fit ended: `--resume` sends what was kept, then the
+    # model, and only then marks the run FINISHED (it stayed open until then).
+    assert any(f"stays open until the rest is sent: convtrain fit --resume {result.out_dir}" in p
+               for p in result.problems)
+    server.launch().wait_ready()
+    import mlflow
+
+    client = mlflow.MlflowClient(server.url)
+    assert client.get_run(result.run_id).info.status == "RUNNING"
+    resumed = invoke("fit", "--resume", result.out_dir)
+    assert resumed.exit_code == 0, resumed.output
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [1, 2, 3], key
+    assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [result.run_id]
+    assert not (result.out_dir / UNLOGGED_FILE).exists()
+
 
 def test_runs_left_running_by_a_dead_fit_are_marked_killed_by_the_next_one(tmp_path, monkeypatch):
     """kill -9 leaves a run RUNNING; the next fit on this machine closes it (KILLED, with a
