@@ -248,7 +248,7 @@ class MLflowCallback(Callback):
         self.pending[:0] = rows
         # what they hold must not be queued a second time when the rest of the fit recomputes it
         for row in rows:
-            if row.key == "train_loss":
+            if row.key == EPOCH_STEP_METRIC:  # not train_loss: see log_restored_metrics
                 self.logged_epochs = max(self.logged_epochs, row.step)
             elif row.key == BATCH_METRIC:
                 self.logged_batch_step = max(self.logged_batch_step, row.step)
