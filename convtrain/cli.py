@@ -100,7 +100,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _app_options(
     debug: bool = typer.Option(False, DEBUG_FLAG, help="Show tracebacks as well as the one-line errors "
-                                                        "(also: CONVTRAIN_DEBUG=1)."),
+                                                        "(also: CONVTRAIN_DEBUG=1).", show_default="off"),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print convtrain's version and exit."),
 ):
@@ -150,16 +150,17 @@ def _fit_command_options() -> list[inspect.Parameter]:
     return [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         keyword("config", Optional[Path], typer.Option(
-            None, "--config", "-c", help="A fit config TOML; flags override it.", rich_help_panel=CONFIG)),
+            None, "--config", "-c", help="A fit config TOML; flags override it.", rich_help_panel=CONFIG,
+            show_default="none: the settings' defaults")),
         keyword("print_config", bool, typer.Option(
             False, "--print-config", help="Print the resolved config as TOML (and the length it trains) and exit.",
-            rich_help_panel=CONFIG)),
+            rich_help_panel=CONFIG, show_default="off")),
         keyword("resume", Optional[str], typer.Option(
             None, help="Continue a stopped fit: its checkpoint, its --out folder, or its MLflow run id.",
-            rich_help_panel=CONFIG)),
+            rich_help_panel=CONFIG, show_default="none: a new fit")),
         *(_config_option(f) for f in dataclasses.fields(FitConfig)),
         keyword("quiet", bool, typer.Option(
-            False, "--quiet", "-q", help="Print only the final summary.", rich_help_panel=RUN)),
+            False, "--quiet", "-q", help="Print only the final summary.", rich_help_panel=RUN, show_default="off")),
     ]
 
 
@@ -168,12 +169,14 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
     # parameters, types and flags: fit.__signature__ below (settings: one per FitConfig field)
     from convtrain.pipeline.fit import fit as run_fit
     from convtrain.pipeline.resume import resolve_fit_config
+    from convtrain.tracking.quiet import quiet_by_default
 
+    # before --resume <run id> asks MLflow for the run: MLflow sets its loggers up on import
+    quiet_by_default((ctx.obj or {}).get("debug", False))
     resolved, checkpoint = resolve_fit_config(config_path=config, overrides=settings, resume=resume)
     if print_config:
         typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.to_toml(), nl=False)
         return
-    _quiet_library_logs((ctx.obj or {}).get("debug", False))
     console = _console()
     notices = [] if quiet else [_length_notice(resolved, console)]
     try:
@@ -232,14 +235,6 @@ def _default_store() -> str:
     return resolve_tracking_uri()
 
 
-def _quiet_library_logs(debug: bool) -> None:
-    """MLflow logs INFO chatter (table creation, example validation) into the progress output;
-    the CLI shows its warnings and errors only, unless --debug. MLflow sets its loggers up
-    from MLFLOW_LOGGING_LEVEL when imported, so the variable (not the logger) is set here."""
-    if not debug:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-
-
 def _print_fit_result(console, result) -> None:
     from rich.table import Table
 
@@ -276,12 +271,14 @@ def _print_fit_result(console, result) -> None:
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="A model.npz (or checkpoint.npz) written by convtrain fit."),
+    model: Path = typer.Argument(..., help="A model.npz or checkpoint.npz written by convtrain fit, or the "
+                                           "fit's --out folder (runs/<name>)."),
     data: Optional[str] = typer.Option(None, help="Data set to evaluate on. (default: the one the model was trained on)"),
-    data_path: Optional[str] = typer.Option(None, help="Where the data set is (a directory, or the .npz file)."),
+    data_path: Optional[str] = typer.Option(None, help="Where the data set is (a directory, or the .npz file).",
+                                            show_default="where the model's data set was read from"),
     split: str = typer.Option("auto", help="test, val, train, or auto (test if the data set has one, else val)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate at most this many examples."),
-    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate at most this many examples.", show_default="all"),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.", show_default="off: tables"),
 ):
     """Accuracy, balanced accuracy, a per-class table and the confusion matrix of a saved model."""
     from convtrain.pipeline.evaluate import evaluate_model
@@ -320,11 +317,13 @@ def _print_evaluation(console, report) -> None:
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A model.npz (or checkpoint.npz) written by convtrain fit."),
+    model: Path = typer.Argument(..., help="A model.npz or checkpoint.npz written by convtrain fit, or the "
+                                           "fit's --out folder (runs/<name>)."),
     inputs: List[str] = typer.Argument(..., help="An .npz of images (array x), image files, or for a names "
                                                   "model a text file of names or the names themselves."),
     top: int = typer.Option(3, min=1, help="Show the most probable classes, this many."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per input with all probabilities."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per input with all probabilities.",
+                                  show_default="off: one line per input"),
 ):
     """The predicted class and probabilities for each input."""
     import json
@@ -357,10 +356,12 @@ def info():
 
 @app.command()
 def ui(
-    port: int = typer.Option(5000, help="Port of the MLflow UI."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(5000, help="Port of the MLflow UI.", show_default=True),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default).", show_default=True),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store. (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
-    experiment: str = typer.Option("convtrain", help="Experiment whose runs table the printed URL opens."),
+    experiment: Optional[str] = typer.Option(
+        None, help="Experiment whose runs table the printed URL opens. (default: convtrain if the store has it, "
+                   "else the list of experiments)"),
 ):
     """Start the MLflow UI on the store your fits use and print the runs-table URL."""
     from convtrain.tracking.ui import serve_ui

@@ -255,3 +255,70 @@ def test_names_model_predicts_names_given_inline_or_in_a_file(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["input"] for row in rows] == ["Tanaka", "Schmidt", "Yamada"]
     assert all(set(row["probabilities"]) == {"German", "Japanese"} for row in rows)
+
+
+def test_evaluate_and_predict_take_the_run_folder(digits_model, tmp_path):
+    by_file = json.loads(invoke("evaluate", digits_model / "model.npz", "--json").stdout)
+    by_folder = invoke("evaluate", digits_model, "--json")
+    assert by_folder.exit_code == 0, by_folder.output
+    report = json.loads(by_folder.stdout)
+    assert report["model"] == str(digits_model / "model.npz")
+    assert {k: v for k, v in report.items() if k != "model"} == {k: v for k, v in by_file.items() if k != "model"}
+    # a fit stopped before it saved its model: the folder's checkpoint
+    (digits_model / "model.npz").unlink()
+    assert json.loads(invoke("evaluate", digits_model, "--json").stdout)["model"] == str(digits_model / "checkpoint.npz")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("evaluate", tmp_path / "empty"), "model.npz", "checkpoint.npz", exit_code=1)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert invoke("predict", digits_model, tmp_path / "x.npz").exit_code == 0
+
+
+def test_a_resumed_fit_says_so_first(tmp_path):
+    assert invoke("fit", *TINY, "--out", "run").exit_code == 0
+    result = invoke("fit", "--resume", "run", "--epochs", "2", "--no-track")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "resuming the fit at epoch 2/2 from run/checkpoint.npz"
+
+
+def test_every_option_of_every_command_shows_its_default():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = {"convtrain": group, **{f"convtrain {name}": command for name, command in group.commands.items()}}
+    missing = []
+    for name, command in commands.items():
+        for param in command.params:
+            if param.param_type_name != "option" or param.name in ("help", "version"):
+                continue
+            shown = (param.show_default is True and param.default not in (None, False)) or isinstance(
+                param.show_default, str)
+            if not shown and "(default:" not in (param.help or ""):
+                missing.append(f"{name} {param.opts[0]}")
+    assert not missing, missing
+    assert "[default: (off)]" in invoke("fit", "--help", env={"COLUMNS": "200"}).output
+
+
+def test_ui_refuses_an_unknown_experiment_and_lists_the_known_ones(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("digits", "names"):
+        client.create_experiment(name)
+    result = invoke("ui", "--experiment", "digts", "--port", "1")
+    assert_one_line_error(result, "no experiment 'digts'", "digits, names", exit_code=2)
+    assert "Default" in result.stderr  # MLflow's own experiment is listed too
+
+
+def test_ui_without_an_experiment_opens_convtrain_or_the_list(tmp_path):
+    import mlflow
+
+    from convtrain.tracking.ui import experiment_to_open
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("digits")
+    assert experiment_to_open(uri, None) is None  # the experiment list
+    made = client.create_experiment("convtrain")
+    assert experiment_to_open(uri, None) == made
+    assert experiment_to_open(uri, "digits") == client.get_experiment_by_name("digits").experiment_id

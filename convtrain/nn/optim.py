@@ -11,6 +11,15 @@ gradients), so the optimizer itself has no weight decay.
 
 Schedules give the learning rate of the update about to be made: `lr(step, epoch)` with
 `step` the number of updates already done (0 for the first) and `epoch` 1-based.
+
+A cosine schedule depends on the fit's length. The Trainer plans it with `plan(total, step)`
+before training; a fit resumed with another length (`--resume ... --epochs 30`) re-plans it at
+the step it resumes from. The rule: the updates already made keep the horizon they were planned
+with, and from the resume step the cosine starts again from the learning rate reached there
+and falls to eta_min over the new remaining updates. So the rate never jumps back up; a fit
+that had already reached eta_min stays there. The plan (every segment) is part of the
+checkpoint (`to_dict` / `load_plan`), so a killed and resumed fit follows the same rates bit
+for bit. Step, constant and cyclic schedules do not depend on the length: nothing to re-plan.
 """
 
 from __future__ import annotations
@@ -85,6 +94,13 @@ class Schedule:
         """A fixed number of updates this schedule asks for (cyclic with `cycles`), else None."""
         return None
 
+    def plan(self, total_steps: int, step: int = 0) -> None:
+        """Set the fit's length (`total_steps` updates) before training from `step` updates done."""
+        self.total_steps = int(total_steps)
+
+    def load_plan(self, saved: dict) -> None:
+        """Restore the plan a checkpoint recorded (to_dict()); the base schedules have none."""
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lr": self.base_lr}
 
@@ -111,22 +127,54 @@ class StepSchedule(Schedule):
 
 
 class CosineSchedule(Schedule):
-    """eta_min + (lr - eta_min) * (1 + cos(pi * step / total_steps)) / 2 over all updates of the fit."""
+    """eta_min + (lr - eta_min) * (1 + cos(pi * step / total_steps)) / 2 over all updates of the fit.
+
+    Planned as segments (start step, end step, lr at the start): one for a fit that keeps its
+    length; each resume with another length adds one from the resume step, starting at the rate
+    reached there (see the module docstring).
+    """
 
     kind = "cosine"
 
     def __init__(self, lr: float, eta_min: float = 0.0):
         super().__init__(lr)
         self.eta_min = float(eta_min)
+        self.segments: list[tuple[int, int, float]] = []
+
+    def plan(self, total_steps, step=0):
+        total_steps, step = int(total_steps), int(step)
+        if not self.segments or step == 0:
+            self.segments = [(0, total_steps, self.base_lr)]
+        elif self.segments[-1][1] != total_steps:
+            start_lr = self.lr(step, 0)
+            # re-planned again at the same step (resumed, stopped before an update, resumed
+            # with yet another length): that segment is replaced, not stacked
+            kept = [segment for segment in self.segments if segment[0] < step]
+            self.segments = kept + [(step, total_steps, start_lr)]
+        self.total_steps = total_steps
 
     def lr(self, step, epoch):
-        if not self.total_steps:
-            raise ConfigError("schedule 'cosine' needs the total number of updates (set by the Trainer)")
-        progress = min(step / self.total_steps, 1.0)
-        return self.eta_min + (self.base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        segments = self.segments
+        if not segments:  # total_steps set by hand, without plan()
+            if not self.total_steps:
+                raise ConfigError("schedule 'cosine' needs the total number of updates (set by the Trainer)")
+            segments = [(0, self.total_steps, self.base_lr)]
+        start, end, start_lr = next((seg for seg in reversed(segments) if seg[0] <= step), segments[0])
+        progress = min((step - start) / (end - start), 1.0) if end > start else 1.0
+        return self.eta_min + (start_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def to_dict(self):
-        return {**super().to_dict(), "eta_min": self.eta_min}
+        return {**super().to_dict(), "eta_min": self.eta_min, "segments": [list(seg) for seg in self.segments]}
+
+    def load_plan(self, saved):
+        segments = saved.get("segments") if isinstance(saved, dict) else None
+        if not segments:  # a checkpoint from before plans were saved: planned afresh by plan()
+            return
+        try:
+            self.segments = [(int(start), int(end), float(start_lr)) for start, end, start_lr in segments]
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"schedule: unusable cosine plan {segments!r} ({exc})") from None
+        self.total_steps = self.segments[-1][1]
 
 
 class CyclicSchedule(Schedule):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from convtrain.errors import ConfigError, DataError
+from convtrain.errors import CheckpointError, ConfigError, DataError
 from convtrain.training.metrics import confusion_matrix, evaluate_network, per_class_metrics
 
 
@@ -25,12 +25,28 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+def resolve_model(spec: str | Path) -> Path:
+    """A model file, or a run's --out folder (what `fit --resume` takes): its model.npz, or
+    its checkpoint.npz when the fit has not finished."""
+    from convtrain.pipeline.fit import MODEL_FILE
+    from convtrain.training.checkpoint import CHECKPOINT_FILE
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return path
+    for name in (MODEL_FILE, CHECKPOINT_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{spec}: the folder holds neither {MODEL_FILE} nor {CHECKPOINT_FILE}; "
+                          "pass a model file or a fit's --out folder")
+
 def evaluate_model(model_path: str | Path, *, data: str | None = None, data_path: str | None = None,
                    split: str = "auto", limit: int | None = None) -> EvaluationReport:
     """Metrics of a saved model on a data set (by default the one it was trained on)."""
     from convtrain.data import load_dataset
     from convtrain.nn.network import Network
 
+    model_path = resolve_model(model_path)
     network = Network.load(model_path)
     meta = network.meta or {}
     if split not in ("auto", "test", "val", "train"):

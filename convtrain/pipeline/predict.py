@@ -12,8 +12,9 @@ from convtrain.errors import DataError
 def predict_inputs(model_path: str | Path, inputs: list[str]) -> list[dict]:
     """Class and probabilities for each input: .npz files (array x), image files, or names."""
     from convtrain.nn.network import Network
+    from convtrain.pipeline.evaluate import resolve_model
 
-    network = Network.load(model_path)
+    network = Network.load(resolve_model(model_path))
     class_names = [str(c) for c in (network.class_names or range(network.num_classes))]
     labels, batches = [], []
     if "alphabet" in (network.meta or {}):

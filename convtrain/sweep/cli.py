@@ -10,12 +10,13 @@ import typer
 
 
 def sweep(
+    ctx: typer.Context,
     sweep_file: Path = typer.Argument(..., help="A sweep TOML (see experiments/sweep-*.toml).",
                                       show_default=False),
     workers: int = typer.Option(1, "--workers", "-w", min=1,
                                 help="Worker processes on this machine; each gets cores/N kernel threads."),
     force_workers: bool = typer.Option(False, "--force-workers",
-                                       help="Allow more --workers than cores (up to 64)."),
+                                       help="Allow more --workers than cores (up to 64).", show_default="off"),
     storage: Optional[str] = typer.Option(
         None, help="Optuna storage URL; postgresql://... lets several machines share the study. "
                    "(default: sqlite:///optuna.db beside the MLflow store)"),
@@ -24,7 +25,7 @@ def sweep(
     tracking_uri: Optional[str] = typer.Option(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: the sweep file's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table.", show_default="off"),
 ):
     """Search fit parameters with Optuna; every trial is a child run of one MLflow parent run.
 
@@ -32,7 +33,9 @@ def sweep(
     with one --storage postgresql://... URL shares the trials between them.
     """
     from convtrain.sweep.launcher import run_sweep
+    from convtrain.tracking.quiet import quiet_by_default
 
+    quiet_by_default((ctx.obj or {}).get("debug", False))  # no MLflow INFO between the trial lines
     outcome = run_sweep(sweep_file, workers=workers, storage=storage, n_trials=n_trials,
                         tracking_uri=tracking_uri, study_name=study_name, quiet=quiet,
                         force_workers=force_workers)

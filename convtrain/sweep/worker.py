@@ -63,7 +63,7 @@ class WorkerPlan:
     parent_run_id: str | None = None
     threads: int | None = None
     quiet: bool = False
-    fit_progress: bool = False  # the fit's own epoch lines (one worker in a terminal)
+    fit_progress: bool = False  # a transient bar over the running trial's epochs (one worker in a terminal)
     label: str = ""  # prefix of this worker's lines when several share a terminal
     launcher_pid: int | None = None  # set for a spawned worker: it stops when that process is gone
     fit: Callable | None = field(default=None, repr=False)  # tests inject a fast stand-in
@@ -196,7 +196,7 @@ def _fit_trial(trial, trial_id: int, handle, spec: SweepSpec, plan: WorkerPlan,
     try:
         config = spec.trial_config(params, **fields)
         run = dict(callbacks=callbacks, parent_run_id=plan.parent_run_id, tags=tags,
-                   progress="auto" if plan.fit_progress else None)
+                   progress=_trial_bar(trial.number, plan) if plan.fit_progress else None)
         if resume_from is None:
             result = fit(config, **run)
         else:
@@ -307,6 +307,14 @@ def _report(console: Console, plan: WorkerPlan, spec: SweepSpec, number: int, pa
     score = f"{spec.objective} {value:.4f}" if value is not None else outcome.get("note", "")
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     console.print(f"{plan.label}trial {number:>3} {state:<8} {score}  ({seconds:.1f}s)  {shown}", markup=False)
+
+
+def _trial_bar(number: int, plan: WorkerPlan):
+    """The running trial's bar, erased when the trial ends: the terminal keeps one line per
+    trial (the README's promise), not each fit's epoch lines and history table."""
+    from convtrain.training.progress import ProgressCallback
+
+    return ProgressCallback(bar_only=True, label=f"{plan.label}trial {number} ")
 
 
 def _api_fit() -> Callable:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from convtrain.errors import TrackingError, one_line
 from convtrain.tracking.processes import this_process
+from convtrain.tracking.quiet import quiet_mlflow_info
 from convtrain.tracking.runs import (
     CHECKPOINT_TAG,
     ERROR_TAG,
@@ -122,6 +123,7 @@ class MLflowCallback(Callback):
     # ---- opening a run ---------------------------------------------------------------
 
     @classmethod
+    @quiet_mlflow_info()  # a new store's "Creating initial MLflow database tables"
     def start(cls, config, *, tracking_uri: str, parent_run_id: str | None = None,
               tags: dict | None = None, resume_run_id: str | None = None,
               notify: Callable[[str], None] = _stderr) -> "MLflowCallback":
@@ -402,6 +404,7 @@ class MLflowCallback(Callback):
                 problems.append(f"artifact {path.name} not logged ({one_line(exc)}); it is at {path}")
         return problems
 
+    @quiet_mlflow_info()  # "Validating input example against model signature", once per model
     def log_model(self, network_path: str | Path, input_example) -> str | None:
         """The pyfunc model (signature, input example), named after the run; returns why it
         failed, or None. Its id is kept in `model_id`."""

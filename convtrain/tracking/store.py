@@ -111,11 +111,3 @@ def runs_table_url(base_url: str, experiment_id: str | None) -> str:
     if experiment_id is None:
         return f"{base_url}/#/experiments"
     return f"{base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
-def find_experiment_id(uri: str, name: str) -> str | None:
-    try:
-        experiment = client_for(uri).get_experiment_by_name(name)
-    except Exception:
-        return None
-    return experiment.experiment_id if experiment is not None else None

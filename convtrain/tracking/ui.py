@@ -8,10 +8,10 @@ import sys
 import time
 from typing import Callable
 
-from convtrain.errors import TrackingError
+from convtrain.errors import ConfigError, TrackingError
 from convtrain.tracking.store import (
     check_reachable,
-    find_experiment_id,
+    client_for,
     is_http,
     open_store,
     resolve_tracking_uri,
@@ -19,12 +19,17 @@ from convtrain.tracking.store import (
 )
 from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
+DEFAULT_EXPERIMENT = "convtrain"
+
 
 def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-             experiment: str = "convtrain", echo: Callable[[str], None] = print,
+             experiment: str | None = None, echo: Callable[[str], None] = print,
              startup_seconds: float = 60.0) -> int:
     """Run `mlflow server` on the fits' store until Ctrl-C; print the runs-table URL once it answers.
 
+    The URL opens `experiment`'s runs table; one named that the store does not hold is refused
+    with the names it does hold. Without a name: the "convtrain" experiment, or the list of
+    experiments when there is none of that name.
     An http(s) store already is a server: its URL is printed and nothing is started.
     Returns the server's exit code (0 after Ctrl-C).
     """
@@ -33,7 +38,7 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     uri = resolve_tracking_uri(tracking_uri)
     if is_http(uri):
         check_reachable(uri)
-        echo(runs_table_url(uri, find_experiment_id(uri, experiment)))
+        echo(runs_table_url(uri, experiment_to_open(uri, experiment)))
         return 0
     check_reachable(uri)
     with socket.socket() as probe:
@@ -46,7 +51,7 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     # would create its tables step by step, racing a fit started meanwhile); a broken one is
     # one line now rather than a server that dies with a traceback.
     open_store(uri)
-    experiment_id = find_experiment_id(uri, experiment)
+    experiment_id = experiment_to_open(uri, experiment)
     server = None
     # SIGTERM is turned into KeyboardInterrupt from here on, so `kill` also stops the server.
     with sigterm_as_keyboard_interrupt():
@@ -66,6 +71,24 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
         finally:
             if server is not None:
                 stop_process_group(server, timeout=5.0)
+
+def experiment_to_open(uri: str, name: str | None) -> str | None:
+    """The id of the experiment the printed URL opens (None: the experiment list)."""
+    try:
+        experiments = client_for(uri).search_experiments()
+    except Exception as exc:
+        if name is None:
+            return None
+        raise TrackingError(f"could not list the experiments of {uri} to find {name!r} ({exc})") from None
+    by_name = {e.name: e.experiment_id for e in experiments}
+    if name is None:
+        return by_name.get(DEFAULT_EXPERIMENT)
+    if name in by_name:
+        return by_name[name]
+    names = sorted(by_name)
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    raise ConfigError(f"experiment: {uri} has no experiment {name!r}; "
+                      + (f"it has: {shown}" if names else "it has none yet (a fit creates one)"))
 
 def _wait_until_answering(server, base: str, seconds: float, command: list[str]) -> None:
     deadline = time.monotonic() + seconds

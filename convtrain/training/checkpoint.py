@@ -15,7 +15,7 @@ Entries (plain arrays and JSON documents, no pickles; see nn/npz_files.py):
                      batches_done
     epoch_order      the sample order of the epoch in progress (empty unless mid_epoch)
     rng              the shuffling generator's state
-    schedule         the learning-rate schedule (for the record)
+    schedule         the learning-rate schedule and its plan (a cosine's segments)
     history          the History callback's state
     callbacks        {key: state_dict()} of the other callbacks
     callback/<key>/<name>  their state arrays (EarlyStopping's best weights)
@@ -137,6 +137,8 @@ class TrainingCheckpoint:
         if architecture != network.architecture:
             raise CheckpointError(f"{self.name} was written for a different network "
                                   f"({architecture}) than this one ({network.architecture})")
+        for key in _SHAPE_CHECKED:  # a hand-edited entry is refused now, not after the run reopens
+            self._json(key)
         state = self.state
         if state.get("mid_epoch") and state.get("batch_size") != batch_size:
             raise CheckpointError(f"{self.name} stopped mid-epoch with batch size {state.get('batch_size')}; "
@@ -177,6 +179,8 @@ class TrainingCheckpoint:
             trainer.rng.bit_generator.state = self._json("rng")
         except (TypeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{self.name}: unusable generator state ({exc})") from None
+        if "schedule" in self.arrays:  # the cosine plan the fit followed so far
+            trainer.schedule.load_plan(self._json("schedule"))
         trainer.callbacks.load_state_dict({**self._json("callbacks"), HISTORY_KEY: self._json("history")})
         trainer.callbacks.load_state_arrays(self._callback_arrays())
 

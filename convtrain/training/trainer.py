@@ -83,6 +83,7 @@ class Trainer:
         self.epoch = 0             # last finished epoch
         self.step = 0              # updates done
         self.checkpoint_path: Path | None = None   # last good checkpoint
+        self.resumed_from: Path | None = None      # the checkpoint resume() restored, if any
         self.stop_training = False
         self.has_validation: bool | None = None
         self.max_steps: int | None = None
@@ -121,7 +122,7 @@ class Trainer:
         self.has_validation = x_val is not None
         self.steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
         self.epochs, self.max_steps = training_length(self.schedule, self.epochs, self.steps_per_epoch)
-        self.schedule.total_steps = self.max_steps
+        self.schedule.plan(self.max_steps, self.step)  # a resumed fit of another length re-plans from here
         if self.epoch_order is not None and (self.epoch_order.size and self.epoch_order.max() >= len(x_train)):
             raise CheckpointError("the checkpoint's epoch order indexes past the training set: "
                                   "resume with the same training data")
@@ -294,5 +295,5 @@ class Trainer:
         if not isinstance(checkpoint, TrainingCheckpoint):
             checkpoint = TrainingCheckpoint.load(checkpoint)
         checkpoint.restore(self)
-        self.checkpoint_path = checkpoint.path
+        self.checkpoint_path = self.resumed_from = checkpoint.path
         self._checkpoint_epoch = self.epoch

@@ -122,3 +122,23 @@ def test_make_schedule_refuses_unknown_arguments():
         make_schedule(kind="constant", learning_rate=0.1)
     with pytest.raises(ConfigError, match="schedule"):
         make_schedule(kind="linear")
+
+
+def test_cosine_replanned_at_a_resume_continues_from_the_rate_reached():
+    cosine = make_schedule(kind="cosine", lr=0.1, eta_min=0.01)
+    cosine.plan(100, 0)
+    reached = cosine.lr(40, 1)
+    cosine.plan(200, 40)  # resumed after 40 updates for a longer fit
+    assert cosine.lr(39, 1) == pytest.approx(0.01 + 0.09 * (1 + math.cos(math.pi * 0.39)) / 2)  # the past keeps its plan
+    assert cosine.lr(40, 1) == reached
+    assert cosine.lr(120, 1) == pytest.approx(0.01 + (reached - 0.01) * 0.5)  # half-way through the new 160
+    assert cosine.lr(200, 1) == pytest.approx(0.01)
+    rates = [cosine.lr(step, 1) for step in range(201)]
+    assert all(b <= a for a, b in zip(rates, rates[1:]))
+    cosine.plan(200, 60)  # resumed again with the same length: nothing changes
+    assert len(cosine.segments) == 2
+    cosine.plan(300, 40)  # another length at the same resume step replaces that segment
+    assert cosine.segments == [(0, 100, 0.1), (40, 300, reached)]
+    restored = make_schedule(kind="cosine", lr=0.1, eta_min=0.01)
+    restored.load_plan(cosine.to_dict())
+    assert restored.segments == cosine.segments and restored.total_steps == 300

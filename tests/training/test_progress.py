@@ -66,8 +66,69 @@ def test_terminal_gets_a_live_bar_that_is_stopped_on_errors():
 
 
 def test_long_histories_are_shortened_in_the_table():
-    table = history_table([{"epoch": e, **LOGS} for e in range(1, 101)], best_epoch=50, max_rows=10)
+    table = history_table([{"epoch": e, **LOGS} for e in range(1, 101)], best_epoch=98, max_rows=10)
     assert table.row_count == 11  # 5 first, an ellipsis row, 5 last
+
+
+def shown_epochs(table) -> list[str]:
+    return list(table.columns[0]._cells)
+
+
+def test_a_shortened_table_keeps_the_best_epochs_row():
+    # seen: a 488-epoch names fit whose best epoch (338) was elided, with "* best epoch (338)" below
+    table = history_table([{"epoch": e, **LOGS} for e in range(1, 489)], best_epoch=338, max_rows=30)
+    epochs = shown_epochs(table)
+    assert "338*" in epochs
+    assert epochs[:2] == ["1", "2"] and epochs[-1] == "488"
+    position = epochs.index("338*")
+    assert epochs[position - 1] == epochs[position + 1] == "…"
+    assert len(epochs) <= 30 + 2
+    # the best epoch next to the kept rows needs no ellipsis on that side
+    near = shown_epochs(history_table([{"epoch": e, **LOGS} for e in range(1, 101)], best_epoch=5, max_rows=10))
+    assert "5*" in near and near.count("…") == 1
+
+
+def test_the_bar_shows_no_numbers_before_the_first_batch_and_labels_the_batch_mean():
+    out = console(terminal=True)
+    callback = ProgressCallback(epochs=2, steps_per_epoch=3, console=out)
+    callback.on_fit_start(None)
+    callback.on_epoch_start(None, 1)
+    task = callback._progress.tasks[0]
+    assert task.fields["stats"] == ""  # not "loss 0.0000 acc 0.000"
+    callback.on_batch_end(None, 1, {"loss": 0.5, "accuracy": 0.75, "batch_size": 10})
+    callback.on_batch_end(None, 2, {"loss": 0.25, "accuracy": 0.25, "batch_size": 10})
+    stats = callback._progress.tasks[0].fields["stats"]
+    assert stats.startswith("batch avg loss 0.3750 acc 0.500 ") and stats.endswith(" img/s")
+    callback.on_exception(None, KeyboardInterrupt())
+
+
+class Resumed:
+    epochs, steps_per_epoch, epoch, batches_done = 10, 7, 2, 0
+    resumed_from = "runs/mnist/checkpoint.npz"
+
+    def __init__(self, run_name=None, batches_done=0):
+        self.batches_done = batches_done
+
+        class Tracker:
+            pass
+
+        tracker = Tracker()
+        tracker.run_name = run_name
+        self.callbacks = [tracker]
+
+
+def test_a_resumed_fit_says_so_first():
+    out = console(terminal=False)
+    drive_resumed = ProgressCallback(console=out)
+    drive_resumed.on_fit_start(Resumed("mnist-run"))
+    assert out.file.getvalue().splitlines()[0] == "resuming run mnist-run at epoch 3/10 from runs/mnist/checkpoint.npz"
+    out = console(terminal=False)
+    ProgressCallback(console=out).on_fit_start(Resumed(batches_done=4))
+    assert out.file.getvalue().startswith("resuming the fit at epoch 3/10, batch 5/7 from runs/mnist/")
+    out = console(terminal=False)
+    ProgressCallback(console=out, quiet=True).on_fit_start(Resumed("x"))
+    ProgressCallback(console=out).on_fit_start(None)  # a fresh fit
+    assert out.file.getvalue() == ""
 
 
 def test_sub_second_epochs_show_their_time_not_zero():
@@ -85,3 +146,12 @@ def test_an_epoch_resumed_mid_way_starts_its_bar_at_the_batches_done():
     task = callback._progress.tasks[0]
     assert (task.completed, task.total, callback.epochs) == (2, 5, 3)
     callback.on_exception(Trainer(), KeyboardInterrupt())
+
+
+def test_bar_only_leaves_nothing_but_the_transient_bar():
+    for terminal in (True, False):
+        out = console(terminal=terminal)
+        drive(ProgressCallback(epochs=2, steps_per_epoch=3, console=out, bar_only=True, label="trial 4 "))
+        text = out.file.getvalue()
+        assert "train loss" not in text and "training history" not in text
+        assert ("trial 4 epoch" in text) == terminal  # drawn on a terminal only
