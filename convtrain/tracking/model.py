@@ -149,6 +149,13 @@ def link_metrics(client, run_id: str, model_id: str, rows) -> None:
 def register(client, model_id: str, name: str, *, run_id: str, description: str | None = None):
     """Put logged model `model_id` in the model registry as a new version of `name` (created if
     new); returns the ModelVersion."""
+    from convtrain.tracking.quiet import quiet_mlflow_info
+
+    with quiet_mlflow_info():  # "Waiting up to 300 seconds for model version to finish creation"
+        return _register(client, model_id, name, run_id=run_id, description=description)
+
+
+def _register(client, model_id: str, name: str, *, run_id: str, description: str | None):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
