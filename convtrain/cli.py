@@ -251,6 +251,8 @@ def _print_fit_result(console, result) -> None:
     if best is not None:
         table.add_row("best epoch", str(best))
     table.add_row("model", str(result.model_path))
+    if getattr(result, "registered_model", None):
+        table.add_row("registered", result.registered_model)
     table.add_row("checkpoint", str(result.checkpoint_path))
     if result.run_id:
         table.add_row("mlflow run", f"{result.run_id}  ({result.tracking_uri})")

@@ -127,6 +127,10 @@ class FitConfig:
     tracking_uri: str | None = option("run", None, "MLflow store.",
                                       shown="$MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     log_every: int = option("run", 10, "Log the batch loss every this many updates.")
+    register_model: str | None = option("run", None, "Add the fit's model to the MLflow model registry as the next "
+                                        "version of this name.", shown="not registered")
+    parent_run: str | None = option("run", None, "An MLflow run id this fit's run becomes a child of (a sweep's "
+                                    "best.toml sets its parent run).", shown="none")
 
     # ---- construction -------------------------------------------------------------
 
@@ -335,6 +339,11 @@ class FitConfig:
             raise ConfigError(f"run_name: got {len(self.run_name)} characters, expected at most {MAX_RUN_NAME} "
                               "(MLflow's limit)")
         _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
+        _expect(self.register_model is None or (bool(str(self.register_model).strip())
+                                                and not set(str(self.register_model)) & set("/:%")),
+                "register_model", self.register_model, "a model registry name without '/', ':' or '%'")
+        _expect(self.parent_run is None or str(self.parent_run).isalnum(), "parent_run", self.parent_run,
+                "an MLflow run id")
 
 
     def _validate_layer_options(self) -> None:

@@ -18,6 +18,7 @@ import datetime as _dt
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -51,6 +52,7 @@ class FitResult:
     tracking_uri: str | None = None
     experiment_id: str | None = None
     problems: list[str] = field(default_factory=list)  # e.g. metrics the tracking store did not take
+    registered_model: str | None = None  # "NAME version N" with --register-model
 
 def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | Path | None = None,
         parent_run_id: str | None = None, tags: dict | None = None, progress: Any = "auto") -> FitResult:
@@ -80,7 +82,9 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
     from convtrain.data import load_dataset
     from convtrain.training.trainer import Trainer
 
+    started = time.monotonic()
     config.validate()
+    parent_run_id = parent_run_id or config.parent_run
     checkpoint = resolve_checkpoint(str(resume)) if resume is not None else None
     saved = TrainingCheckpoint.load(checkpoint) if checkpoint is not None else None
     tracking_uri = None
@@ -177,6 +181,10 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             metrics = dict(history.best if config.patience else history.last)
             metrics.pop("epoch", None)
             metrics["best_epoch"] = history.best_epoch
+            stopped_epoch = _early_stopped_epoch(trainer)
+            if stopped_epoch:
+                metrics["stopped_epoch"] = stopped_epoch
+                _say(progress_callback, _early_stopping_line(config, history, stopped_epoch))
             stage = "evaluating the final model"
             evaluation = _final_evaluation(trainer, network, splits)
             metrics.update(evaluation.metrics)
@@ -184,7 +192,9 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
 
             stage = "logging the results to MLflow"
-            problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) if tracker else []
+            problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir,
+                                    config=config, network=network, history=history, metrics=metrics,
+                                    stopped_epoch=stopped_epoch, started=started) if tracker else []
         except BaseException as exc:
             interrupted = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
             if tracker is not None:
@@ -205,7 +215,8 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
     return FitResult(run_id=tracker.run_id if tracker else None, history=history, metrics=metrics,
                      model_path=model_path, checkpoint_path=trainer.checkpoint_path, out_dir=out_dir,
                      network=network, config=config, tracking_uri=tracking_uri,
-                     experiment_id=tracker.experiment_id if tracker else None, problems=problems)
+                     experiment_id=tracker.experiment_id if tracker else None, problems=problems,
+                     registered_model=tracker.registered if tracker else None)
 
 def _interrupted_outside_training(stage: str, trainer, model_path: Path | None) -> TrainingInterrupted:
     """The TrainingInterrupted for a Ctrl-C at `stage`; resuming the checkpoint finishes the fit
@@ -234,9 +245,16 @@ def _build_network(config: FitConfig, splits):
                     "val_fraction": config.val_fraction, "seed": config.seed, "limit": config.limit}
     return network
 
-def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir) -> list[str]:
-    """Test metrics, artifacts and the pyfunc model, then FINISHED; returns what did not get through."""
+def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir, *, config, network, history,
+                 metrics, stopped_epoch, started) -> list[str]:
+    """Test metrics, the saved model's metrics as the run's latest, artifacts, the pyfunc model
+    (with its metrics, registered if asked), the run description, then FINISHED; returns what
+    did not get through."""
+    from convtrain.tracking.description import fit_description
+
     tracker.log_final_metrics(evaluation.metrics, step=trainer.epoch)
+    tracker.log_restored_metrics(metrics, last_epoch=trainer.epoch, best_epoch=metrics.get("best_epoch"),
+                                 restored=bool(config.patience), stopped_epoch=stopped_epoch)
     artifacts = [(out_dir / CONFIG_FILE, None), *[(p, "plots") for p in plots]]
     if trainer.checkpoint_path is not None:
         artifacts.append((trainer.checkpoint_path, "checkpoint"))
@@ -244,7 +262,39 @@ def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_di
     model_problem = tracker.log_model(model_path, _input_example(splits))
     if model_problem:
         problems.append(model_problem)
+    link_problem = tracker.link_model_metrics([*metrics, *evaluation.metrics])
+    if link_problem:
+        problems.append(link_problem)
+    registered = None
+    if config.register_model:
+        registered, register_problem = tracker.register_model(config.register_model)
+        if register_problem:
+            problems.append(register_problem)
+    tracker.set_description(fit_description(
+        config=config, network=network, splits=splits, history=history, metrics=metrics, run_id=tracker.run_id,
+        out_dir=out_dir, stopped_epoch=stopped_epoch,
+        wall_seconds=time.monotonic() - started, model_name=tracker.model_name, registered=registered))
     return problems + tracker.finish("FINISHED", out_dir=out_dir)
+
+
+def _early_stopped_epoch(trainer) -> int | None:
+    """The epoch at which early stopping ended the fit, or None if it ran every epoch."""
+    from convtrain.training.callbacks import EarlyStopping
+
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    return stopper.stopped_epoch if stopper is not None and stopper.stopped_epoch else None
+
+
+def _early_stopping_line(config, history, stopped_epoch: int) -> str:
+    return (f"stopped at epoch {stopped_epoch}: {config.monitor} has not improved for {config.patience} epochs; "
+            f"restored epoch {history.best_epoch}")
+
+
+def _say(progress_callback, line: str) -> None:
+    """A line in the fit's own output (nothing when the caller asked for no progress output)."""
+    console = getattr(progress_callback, "console", None)
+    if console is not None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 def _default_out_parent() -> Path:
     return Path.cwd() / "runs"
@@ -334,7 +384,8 @@ def _write_plots(folder: Path, history, recorder, trainer, network, evaluation) 
     from convtrain.training import plots
 
     paths = [plots.learning_curves(history.epochs, folder / "learning_curves.png",
-                                   batch_losses=recorder.curve(trainer.steps_per_epoch))]
+                                   batch_losses=recorder.curve(trainer.steps_per_epoch),
+                                   best_epoch=history.best_epoch, monitor=history.monitor)]
     paths.append(plots.confusion_matrix(evaluation.confusion, evaluation.class_names,
                                         folder / "confusion_matrix.png",
                                         title=f"confusion matrix ({evaluation.split} split)"))

@@ -234,7 +234,9 @@ def _summarize(outcome: SweepOutcome, handle, console: Console, quiet: bool, sta
     outcome.best = best = sweep_report.best_row(rows)
     files = [sweep_report.write_csv(rows, spec, spec.out / "trials.csv")]
     if best is not None:
-        outcome.best_config = sweep_report.write_best_config(spec, best, spec.out / "best.toml")
+        outcome.best_config = sweep_report.write_best_config(spec, best, spec.out / "best.toml",
+                                                             parent_run_id=outcome.parent_run_id,
+                                                             tracking_uri=outcome.tracking_uri)
         files.append(outcome.best_config)
     for plot in (sweep_plots.objective_vs_parameters(rows, spec, spec.out / "objective_by_parameter.png"),
                  sweep_plots.optimization_history(rows, spec, spec.out / "optimization_history.png")):
@@ -251,8 +253,11 @@ def _summarize(outcome: SweepOutcome, handle, console: Console, quiet: bool, sta
         summary = {"counts": counts, "finished": counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"],
                    "best": None if best is None else {"number": best.number, "value": best.value,
                                                        "params": best.params, "run_id": best.run_id}}
-        sweep_runs.log_summary(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, spec=spec,
-                                   summary=summary, files=files)
+        registered = sweep_runs.log_summary(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, spec=spec,
+                                            summary=summary, files=files, rows=rows, best=best,
+                                            best_config=outcome.best_config)
+        if registered and not quiet:
+            console.print(f"registered the best trial's model: {registered}", markup=False)
         # Another machine may still be running trials: the parent is finished when nothing waits.
         if status != "FINISHED" or (counts["WAITING"] == 0 and counts["RUNNING"] == 0):
             sweep_runs.finish_parent(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, status=status)

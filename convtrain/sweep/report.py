@@ -122,18 +122,29 @@ def _csv_value(value) -> str:
     return "" if value is None else str(value)
 
 
-def best_config_text(spec: SweepSpec, best: TrialRow) -> str:
-    """The base config with the best trial's parameters: a fit TOML for `convtrain fit --config`."""
-    config = spec.base.with_overrides(spec.decode(best.params))
+def best_config_text(spec: SweepSpec, best: TrialRow, parent_run_id: str | None = None,
+                     tracking_uri: str | None = None) -> str:
+    """The base config with the best trial's parameters: a fit TOML for `convtrain fit --config`.
+
+    The retrained run is named after the sweep and, with `parent_run_id`, becomes a child of the
+    sweep's parent run (the `parent_run` key, in the store the sweep used), so it sits with the
+    trials it came from."""
+    overrides = {**spec.decode(best.params), "parent_run": parent_run_id,
+                 "tracking_uri": tracking_uri if parent_run_id else None}
+    if not spec.base.run_name:
+        overrides["run_name"] = f"{spec.name}-best"
+    config = spec.base.with_overrides(overrides)
     header = (f"# Best trial of sweep {spec.name!r}: trial {best.number}, {spec.objective} {best.value:.6g}"
               + (f"\n# MLflow run {best.run_id}" if best.run_id else "")
-              + "\n# Run it again with: convtrain fit --config <this file>\n")
+              + "\n# Run it again with: convtrain fit --config <this file>"
+              + ("\n# (its MLflow run becomes a child of the sweep's parent run)" if parent_run_id else "") + "\n")
     return header + config.to_toml()
 
 
-def write_best_config(spec: SweepSpec, best: TrialRow, path: Path) -> Path:
+def write_best_config(spec: SweepSpec, best: TrialRow, path: Path, parent_run_id: str | None = None,
+                      tracking_uri: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(best_config_text(spec, best), encoding="utf-8")
+    tmp.write_text(best_config_text(spec, best, parent_run_id, tracking_uri), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convtrain.sweep.spec import SweepSpec
 from convtrain.tracking.runs import context_tags
-from convtrain.tracking.store import client_for, ensure_experiment, resolve_tracking_uri
+from convtrain.tracking.store import client_for, resolve_tracking_uri
 
 ROLE_TAG = "convtrain.sweep.role"
 SWEEP_TAG = "convtrain.sweep"
@@ -27,9 +27,10 @@ def create_parent(spec: SweepSpec, *, tracking_uri: str, storage_url: str) -> st
     from mlflow.entities import Param
 
     from convtrain.sweep.study import redact
+    from convtrain.tracking.callback import ensure_described_experiment
 
     client = client_for(tracking_uri)
-    experiment_id = ensure_experiment(client, spec.base.experiment)
+    experiment_id = ensure_described_experiment(client, spec.base.experiment)
     tags = context_tags({SWEEP_TAG: spec.name, ROLE_TAG: "parent"})
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     params = {
@@ -103,24 +104,63 @@ def _children(tracking_uri: str | None, parent_run_id: str, spec: SweepSpec, ext
 
 
 def log_summary(parent_run_id: str, *, tracking_uri: str, spec: SweepSpec, summary: dict,
-                files: list[Path]) -> None:
-    """Best params (tags), best objective and trial counts (metrics), the CSV, TOML and plots."""
+                files: list[Path], rows: list | None = None, best=None, best_config: Path | None = None) -> str | None:
+    """Best params (tags), best objective and trial counts (metrics), the description, the CSV,
+    TOML and plots; registers the best trial's model if the sweep asks. Returns the registered
+    version ("name version N") when this call registered one."""
     import time
 
     from mlflow.entities import Metric, RunTag
 
+    from convtrain.tracking.description import NOTE_TAG, run_link, sweep_description
+
     client = client_for(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
     now = int(time.time() * 1000)
     step = summary["finished"]
     metrics = [Metric(f"trials_{state.lower()}", count, now, step) for state, count in summary["counts"].items()]
     tags = [RunTag("sweep.counts", json.dumps(summary["counts"]))]
-    best = summary.get("best")
-    if best is not None:
-        metrics.append(Metric(f"best_{spec.objective}", best["value"], now, step))
-        tags += [RunTag("best.trial", str(best["number"])), RunTag("best.run_id", best.get("run_id") or ""),
-                 RunTag(f"best.{spec.objective}", repr(best["value"]))]
-        tags += [RunTag(f"best.{name}", str(value)) for name, value in best["params"].items()]
+    best_summary = summary.get("best")
+    if best_summary is not None:
+        metrics.append(Metric(f"best_{spec.objective}", best_summary["value"], now, step))
+        tags += [RunTag("best.trial", str(best_summary["number"])), RunTag("best.run_id", best_summary.get("run_id") or ""),
+                 RunTag(f"best.{spec.objective}", repr(best_summary["value"]))]
+        tags += [RunTag(f"best.{name}", str(value)) for name, value in best_summary["params"].items()]
+    link = run_link(tracking_uri, experiment_id, best.run_id) if best is not None and best.run_id else None
+    description = sweep_description(spec=spec, rows=rows or [], counts=summary["counts"], best=best, best_link=link,
+                                    best_config=best_config, parent_run_id=parent_run_id)
+    tags.append(RunTag(NOTE_TAG, description[:5000]))
     client.log_batch(parent_run_id, metrics=metrics, tags=tags)
     for path in files:
         if Path(path).exists():
             client.log_artifact(parent_run_id, str(path), "sweep")
+    if spec.register_model and best is not None and best.run_id:
+        try:
+            return register_best(client, spec.register_model, best.run_id, experiment_id,
+                                 description=f"sweep {spec.name}, best trial {best.number}: "
+                                             f"{spec.objective} {best.value:.6g}")
+        except Exception as exc:  # the sweep's results stand without the registry entry
+            from convtrain.errors import one_line
+
+            return f"not done: {one_line(exc)}"
+    return None
+
+
+def register_best(client, name: str, run_id: str, experiment_id: str, *, description: str) -> str | None:
+    """Register run `run_id`'s logged model as a new version of `name`, unless a version from
+    that run is there already (the summary is written again each time the sweep command runs)."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    from convtrain.tracking.model import register, run_models
+
+    try:
+        if client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return None
+    except MlflowException:
+        pass  # no such registered model yet
+    model = next((m for m in run_models(client, experiment_id, run_id) if m.status == LoggedModelStatus.READY), None)
+    if model is None:
+        return None
+    version = register(client, model.model_id, name, run_id=run_id, description=description)
+    return f"{version.name} version {version.version}"

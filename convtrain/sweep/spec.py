@@ -10,6 +10,7 @@
     objective = "val_accuracy"        # direction follows (val_loss minimizes)
     seed = 0
     pruner = "none"                   # none | median | hyperband
+    register_model = "digits-net"     # the best trial's model becomes a new version of this
     [space]                           # any FitConfig field
     filters = [[8, 16], [16, 32]]     # choices
     lr = {low = 0.01, high = 0.1, log = true}   # a range (int if the field is int)
@@ -57,11 +58,12 @@ MAX_TRIALS = 10_000
 # A grid that runs in full is listed in full: a million points is a few hundred MB of dicts.
 MAX_GRID_POINTS = 1_000_000
 # The sweep sets these per trial (names, places, threads per worker), so they cannot be swept.
-NOT_SWEEPABLE = ("experiment", "run_name", "out", "track", "tracking_uri", "threads")
+NOT_SWEEPABLE = ("experiment", "run_name", "out", "track", "tracking_uri", "threads", "register_model",
+                 "parent_run")
 
 _TOP_KEYS = ("base", "fit", "sweep", "space")
 _SWEEP_KEYS = ("name", "method", "n_trials", "objective", "direction", "seed", "pruner",
-               "warmup_epochs", "startup_trials", "out")
+               "warmup_epochs", "startup_trials", "out", "register_model")
 _RANGE_KEYS = ("low", "high", "log", "step")
 
 
@@ -145,6 +147,7 @@ class SweepSpec:
     warmup_epochs: int = 1
     startup_trials: int = 5
     out: Path = field(default_factory=lambda: Path("runs"))
+    register_model: str | None = None  # registry name the best trial's model is registered under
 
     def grid_size(self) -> int:
         return math.prod(p.grid_count() for p in self.space.values())
@@ -223,6 +226,7 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
         warmup_epochs=_whole(sweep.get("warmup_epochs", 1), where, "warmup_epochs", minimum=0),
         startup_trials=_whole(sweep.get("startup_trials", 5), where, "startup_trials", minimum=0),
         out=Path(_text(sweep.get("out", f"runs/{folder_name(name)}"), where, "out")),
+        register_model=_registry_name(sweep.get("register_model"), where),
     )
     if method == "grid":
         continuous = [n for n, p in space.items() if p.grid_count() is None]
@@ -251,6 +255,18 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
 # ---- pieces ----------------------------------------------------------------------------------
 
 
+def _registry_name(value, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: [sweep] register_model: got {value!r}, expected a model registry name")
+    try:
+        FitConfig(register_model=value).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: [sweep] {exc}") from None
+    return value
+
+
 def _base_config(raw: dict, path: Path) -> FitConfig:
     base_name = raw.get("base")
     if base_name is not None:
@@ -266,6 +282,10 @@ def _base_config(raw: dict, path: Path) -> FitConfig:
     for key, value in overrides.items():  # [fit] may be flat or use [fit.optim]-style sections
         flat.update(value if isinstance(value, dict) else {key: value})
     _refuse_unknown(flat, tuple(FIELD_TYPES), str(path), "[fit] key")
+    if flat.get("register_model") is not None or config.register_model:
+        # every trial would add a version; the sweep registers its best trial's model instead
+        raise ConfigError(f"{path}: register_model belongs in [sweep] (the best trial's model is registered), "
+                          "not in the fit config every trial uses")
     try:
         return config.with_overrides(flat)
     except ConfigError as exc:

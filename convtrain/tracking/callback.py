@@ -30,6 +30,7 @@ from convtrain.tracking.quiet import quiet_mlflow_info
 from convtrain.tracking.runs import (
     CHECKPOINT_TAG,
     ERROR_TAG,
+    ORPHAN_NOTE_TAG,
     PROCESS_TAG,
     close_orphaned_runs,
     context_tags,
@@ -46,6 +47,12 @@ EPOCH_METRICS = (
     "learning_rate", "epoch_seconds", "images_per_second",
 )
 BATCH_METRIC = "batch_loss"
+# Logged once per epoch and never by log_restored_metrics: the last epoch the run holds.
+EPOCH_STEP_METRIC = "epoch_seconds"
+# What the training loop logs per epoch that describes the model (not the loop's speed or lr):
+# the metrics a restored best epoch logs again as the run's latest values.
+MODEL_METRICS = tuple(k for k in EPOCH_METRICS if k.startswith(("train_", "val_")))
+MODEL_URI_TAG = "convtrain.model_uri"
 UNLOGGED_FILE = "unlogged-metrics.json"
 
 _MAX_METRICS_PER_BATCH = 1000
@@ -55,6 +62,31 @@ _RETRY_SECONDS = (5.0, 120.0)  # wait before retrying a dead server: first, at m
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def ensure_described_experiment(client, name: str) -> str:
+    """ensure_experiment, and an experiment this call creates gets convtrain's description."""
+    from convtrain.tracking.description import NOTE_TAG, experiment_description
+
+    existed = client.get_experiment_by_name(name) is not None
+    experiment_id = ensure_experiment(client, name)
+    if not existed:
+        try:
+            client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_description(name))
+        except Exception:  # a description is not worth failing a fit over
+            pass
+    return experiment_id
+
+
+def _run_exists(client, run_id: str, notify: Callable[[str], None]) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        notify(f"warning: parent run {run_id} is not in this tracking store; the run is logged without a parent")
+        return False
+    return True
 
 class MLflowCallback(Callback):
     """Logs one fit to one MLflow run; see the module docstring for the failure behaviour."""
@@ -81,6 +113,10 @@ class MLflowCallback(Callback):
         self._last_flush = time.monotonic()
         self._checkpoint_tagged: str | None = None
         self.run_name: str | None = None
+        self.model_id: str | None = None  # the logged model, once log_model succeeded
+        self.model_name: str | None = None
+        self.registered: str | None = None  # "NAME version N", once register_model succeeded
+        self.latest: dict = {}  # key -> the last Metric queued, for link_model_metrics
         self._unlogged_file: Path | None = None  # metrics kept by an earlier fit of this run
         self._model_missing = False
 
@@ -99,11 +135,11 @@ class MLflowCallback(Callback):
             client = client_for(tracking_uri)
             if resume_run_id:
                 return cls._reopen(client, tracking_uri, resume_run_id, config, tags, notify)
-            experiment_id = ensure_experiment(client, config.experiment)
+            experiment_id = ensure_described_experiment(client, config.experiment)
             close_orphaned_runs(client, experiment_id)
             run_tags = context_tags(tags)
             run_tags[PROCESS_TAG] = json.dumps(this_process())
-            if parent_run_id:
+            if parent_run_id and _run_exists(client, parent_run_id, notify):
                 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
                 run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
             run = client.create_run(experiment_id, tags=run_tags, run_name=config.run_name)
@@ -125,7 +161,11 @@ class MLflowCallback(Callback):
         close_orphaned_runs(client, run.info.experiment_id)
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=run_tags({**(tags or {}), PROCESS_TAG: json.dumps(this_process())}))
-        logged_epochs = max_step(client, run_id, "train_loss", 0)
+        # epoch_seconds, not train_loss: the restored best epoch's train_loss sits one step past
+        # the last epoch (log_restored_metrics); runs from before epoch_seconds existed fall back
+        logged_epochs = max_step(client, run_id, EPOCH_STEP_METRIC, -1)
+        if logged_epochs < 0:
+            logged_epochs = max_step(client, run_id, "train_loss", 0)
         logged_batch = max_step(client, run_id, BATCH_METRIC, -1)
         callback = cls(client, tracking_uri, run_id, run.info.experiment_id, log_every=config.log_every,
                        notify=notify, logged_epochs=logged_epochs, logged_batch_step=logged_batch)
@@ -210,7 +250,7 @@ class MLflowCallback(Callback):
         self.pending[:0] = rows
         # what they hold must not be queued a second time when the rest of the fit recomputes it
         for row in rows:
-            if row.key == "train_loss":
+            if row.key == EPOCH_STEP_METRIC:  # not train_loss: see log_restored_metrics
                 self.logged_epochs = max(self.logged_epochs, row.step)
             elif row.key == BATCH_METRIC:
                 self.logged_batch_step = max(self.logged_batch_step, row.step)
@@ -239,6 +279,36 @@ class MLflowCallback(Callback):
         self._queue(values, step)
         return self.flush(force=True)
 
+    def log_restored_metrics(self, values: dict, *, last_epoch: int, best_epoch: int | None,
+                             restored: bool, stopped_epoch: int | None) -> bool:
+        """Make the run's latest values describe the saved model. After early stopping
+        (`restored`: the best epoch's weights were put back), as MLflow's Keras autolog does: the
+        per-epoch history stays, the restored epoch's train/val metrics are logged again one step
+        past the last epoch, with `stopped_epoch` (0: the fit ran every epoch). `best_epoch` is
+        logged in any case."""
+        if best_epoch is None:
+            return True
+        self._queue({"best_epoch": best_epoch, **({"stopped_epoch": stopped_epoch or 0} if restored else {})},
+                    last_epoch)
+        again = {k: values[k] for k in MODEL_METRICS if values.get(k) is not None}
+        if restored and best_epoch != last_epoch and again and not self._holds_step(last_epoch + 1):
+            self._queue(again, last_epoch + 1)
+        return self.flush(force=True)
+
+    def _holds_step(self, step: int) -> bool:
+        """Whether the run has train_loss at `step` already (a fit resumed after it logged its
+        restored metrics and was stopped before FINISHED)."""
+        try:
+            return max_step(self.client, self.run_id, "train_loss", -1) >= step
+        except Exception:
+            return False
+
+    def set_description(self, text: str) -> bool:
+        """The Markdown shown on the run's Overview."""
+        from convtrain.tracking.description import NOTE_TAG
+
+        return self.set_tags({NOTE_TAG: text})
+
     def on_checkpoint(self, trainer, path):
         path = str(Path(path).resolve())
         if path != self._checkpoint_tagged and self.set_tags({CHECKPOINT_TAG: path}):
@@ -257,8 +327,12 @@ class MLflowCallback(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(key, float(value), now, int(step)) for key, value in values.items()
-                            if int(step) > self.logged_other_steps.get(key, -1))
+        metrics = [Metric(key, float(value), now, int(step)) for key, value in values.items()
+                   if int(step) > self.logged_other_steps.get(key, -1)]
+        self.pending.extend(metrics)
+        for metric in metrics:  # what link_model_metrics sends again, row for row
+            if metric.key != BATCH_METRIC:
+                self.latest[metric.key] = metric
 
     def flush(self, *, force: bool = False) -> bool:
         """Send the buffered metrics; False (and kept) if the store did not take them."""
@@ -332,22 +406,57 @@ class MLflowCallback(Callback):
 
     @quiet_mlflow_info()  # "Validating input example against model signature", once per model
     def log_model(self, network_path: str | Path, input_example) -> str | None:
-        """The pyfunc model (signature, input example); returns why it failed, or None."""
+        """The pyfunc model (signature, input example), named after the run; returns why it
+        failed, or None. Its id is kept in `model_id`."""
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        from convtrain.tracking.model import log_model
+        from convtrain.tracking.model import log_model, model_name
 
         self._model_missing = True
         if not self.reachable and not self._answers():
             return f"pyfunc model not logged (tracking store down); the model is at {network_path}"
+        name = model_name(self.run_name)
         try:
             with _use_tracking_uri(self.tracking_uri):  # MLflow's Model.log reads the global URI
-                log_model(self.client, self.run_id, self.experiment_id, network_path, input_example)
+                self.model_id = log_model(self.client, self.run_id, self.experiment_id, network_path,
+                                          input_example, name=name)
         except Exception as exc:
             why = "the disk is full" if is_disk_full(exc) else one_line(exc)
             return f"pyfunc model not logged ({why}); the model is at {network_path}"
         self._model_missing = False
+        self.model_name = name
+        self.set_tags({MODEL_URI_TAG: f"runs:/{self.run_id}/{name}"})
         return None
+
+    def link_model_metrics(self, keys) -> str | None:
+        """The final metrics (`keys`) on the logged model as well; returns why not, or None.
+
+        Each is sent as the very row the run holds (same value, step and timestamp), now with
+        the model's id: the store keeps one row, so the run's history gains no extra point."""
+        from convtrain.tracking.model import link_metrics
+
+        loop = ("learning_rate", "epoch_seconds", "images_per_second")  # the training loop's, not the model's
+        rows = [self.latest[k] for k in keys if k in self.latest and k not in loop]
+        if self.model_id is None or not rows:
+            return None
+        if self._attempt(lambda: link_metrics(self.client, self.run_id, self.model_id, rows)):
+            return None
+        return "the final metrics were not linked to the logged model (tracking store down)"
+
+    def register_model(self, name: str) -> tuple[str | None, str | None]:
+        """Register the logged model as a new version of `name`: ("name version N", None) or
+        (None, why not)."""
+        from convtrain.tracking.model import register
+
+        if self.model_id is None:
+            return None, f"model not registered as {name!r}: the pyfunc model was not logged"
+        try:
+            version = register(self.client, self.model_id, name, run_id=self.run_id,
+                               description=f"from run {self.run_name or self.run_id}")
+        except Exception as exc:
+            return None, f"model not registered as {name!r} ({one_line(exc)})"
+        self.registered = f"{version.name} version {version.version}"
+        return self.registered, None
 
     def finish(self, status: str, *, error: str | None = None, out_dir: str | Path | None = None) -> list[str]:
         """Flush, record the error if any, set the status; returns problems worth telling the user."""
@@ -359,15 +468,31 @@ class MLflowCallback(Callback):
                             + (f"; they are saved in {where}" if where else ""))
         if error:
             self.set_tags({ERROR_TAG: error[:5000]})
+        if status == "KILLED":
+            # the same words a run whose process was killed gets (runs.close_orphaned_runs)
+            self.set_tags({ORPHAN_NOTE_TAG: f"stopped by an interrupt; continue it with "
+                                            f"convtrain fit --resume {self.run_id}"})
         if status == "FINISHED" and (self.pending or self._model_missing):
             # FINISHED means the run holds everything; it stays open until a resume sends the rest
             if out_dir is not None:
                 problems.append(f"MLflow run {self.run_id} stays open until the rest is sent: "
                                 f"convtrain fit --resume {out_dir} sends it once the store answers")
             return problems
+        if status == "FINISHED" and not error:
+            self._clear_stale_notes()
         if not self._attempt(lambda: self._set_terminated(status)):
             problems.append(f"could not mark MLflow run {self.run_id} as {status}")
         return problems
+
+    def _clear_stale_notes(self) -> None:
+        """A resumed run that once FAILED or was KILLED and has now finished drops the tags
+        that said so: they described an earlier attempt, not this run."""
+        def clear():
+            tags = self.client.get_run(self.run_id).data.tags
+            for key in (ERROR_TAG, ORPHAN_NOTE_TAG):
+                if key in tags:
+                    self.client.delete_tag(self.run_id, key)
+        self._attempt(clear)
 
     def _set_terminated(self, status: str) -> None:
         # MLflow writes two "View run" lines (emoji, GenAI-view URLs) to stdout here for

@@ -1,9 +1,13 @@
 """The MLflow pyfunc model: a saved convtrain network (.npz) behind `model.predict(x)`.
 
 The network file carries its input normalization, so the model takes RAW inputs, exactly
-like `convtrain predict`, and returns the class probabilities (N, num_classes):
+like `convtrain predict`, and returns the class probabilities as a pandas DataFrame with
+one column per class, named by the class names (`.to_numpy()` gives the (N, num_classes) array):
 
-    mlflow.pyfunc.load_model("runs:/<run id>/model").predict(x)   # x: (N, C, H, W) float32
+    mlflow.pyfunc.load_model("runs:/<run id>/<run name>").predict(x)   # x: (N, C, H, W) float32
+
+Each logged model is named after its run (`model_name`), so the experiment's Models list says
+which fit it came from; `register` files one as a new version of a registered model.
 
 A names model also accepts the names themselves (a list / 1-D array of strings, or a
 DataFrame with one text column); they are encoded the way the training data was.
@@ -13,6 +17,7 @@ mlflow is imported only by the functions that log a model; loading needs only th
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from pathlib import Path
 
@@ -40,10 +45,25 @@ class ConvtrainModel(PythonModel):
 
     # The np.ndarray hint tells MLflow to take the signature logged with the model, not to
     # derive one from type hints (it also accepts DataFrames and lists; see to_network_input).
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None):
         if self.network is None:
             self.load_context(context)
-        return self.network.predict_proba(to_network_input(self.network, model_input))
+        return probabilities_frame(self.network, self.network.predict_proba(to_network_input(self.network, model_input)))
+
+
+def class_columns(network) -> list[str]:
+    """The output column names: the class names, made unique, or "0".."K-1" without names."""
+    names = [str(c) for c in (network.class_names or range(network.num_classes))]
+    if len(names) != network.num_classes or len(set(names)) != len(names):
+        names = [str(i) for i in range(network.num_classes)]
+    return names
+
+
+def probabilities_frame(network, probabilities: np.ndarray):
+    """(N, K) probabilities as a DataFrame whose columns are the class names."""
+    import pandas as pd
+
+    return pd.DataFrame(np.asarray(probabilities), columns=class_columns(network))
 
 
 def to_network_input(network, model_input) -> np.ndarray:
@@ -75,6 +95,12 @@ def encode_names_for(network, names: list[str]) -> np.ndarray:
     return encode_names(names, meta["alphabet"], meta["max_len"])
 
 
+def model_name(run_name: str | None) -> str:
+    """The logged model's name: the run's, in the characters a `runs:/<run id>/<name>` URI keeps."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(run_name or "")).strip("-.")
+    return name or "model"
+
+
 def log_model(client, run_id: str, experiment_id: str, network_path: str | Path, input_example: np.ndarray, *,
               name: str = "model"):
     """Log the network at `network_path` as a pyfunc model of run `run_id`, with signature.
@@ -86,9 +112,10 @@ def log_model(client, run_id: str, experiment_id: str, network_path: str | Path,
     A run keeps one model of each name: `runs:/<run id>/<name>` resolves to whichever model
     of that name and run the store lists first, so a resumed fit (killed while or after
     logging its model, or resumed to train longer) must not leave an earlier one behind. If
-    a READY model with these very weights is there already, it is kept and nothing is logged
-    again; every other model of this run and name (stale weights, or a write cut short)
-    is deleted, only after the new one is complete. Returns the new ModelInfo, or None.
+    a READY model with these very weights and name is there already, it is kept and nothing is
+    logged again; every other model of this run (stale weights, a write cut short, or one an
+    earlier version of convtrain named "model") is deleted, only after the new one is complete.
+    Returns the id of the run's model.
     """
     from mlflow.entities import LoggedModelStatus
 
@@ -96,19 +123,62 @@ def log_model(client, run_id: str, experiment_id: str, network_path: str | Path,
 
     network = Network.load(network_path)
     digest = weights_digest(network)
-    earlier = _logged_models(client, experiment_id, run_id, name)
-    current = next((m for m in earlier if m.status == LoggedModelStatus.READY
+    earlier = run_models(client, experiment_id, run_id)
+    current = next((m for m in earlier if m.status == LoggedModelStatus.READY and m.name == name
                     and m.tags.get(WEIGHTS_TAG) == digest), None)
-    info = None
     if current is None:
-        info = _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest)
-        keep = info.model_id
+        keep = _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name,
+                              digest).model_id
     else:
         keep = current.model_id
     for model in earlier:
         if model.model_id != keep:
             client.delete_logged_model(model.model_id)
-    return info
+    return keep
+
+
+def link_metrics(client, run_id: str, model_id: str, rows) -> None:
+    """Attach metric rows the run already holds (mlflow Metric entities) to logged model
+    `model_id`, so MLflow 3 lists them with the model; see MLflowCallback.link_model_metrics."""
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)
+                                      for m in rows])
+
+
+def register(client, model_id: str, name: str, *, run_id: str, description: str | None = None):
+    """Put logged model `model_id` in the model registry as a new version of `name` (created if
+    new); returns the ModelVersion."""
+    from convtrain.tracking.quiet import quiet_mlflow_info
+
+    with quiet_mlflow_info():  # "Waiting up to 300 seconds for model version to finish creation"
+        return _register(client, model_id, name, run_id=run_id, description=description)
+
+
+def _register(client, model_id: str, name: str, *, run_id: str, description: str | None):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name, description="convtrain ConvNet classifiers (pyfunc: raw "
+                                       "images in, one probability column per class out)")
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          description=description)
+    # The logged model lists its registered versions in this tag, which the experiment's
+    # Models table shows. A tracking server writes it itself; a SQLite store does not.
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = json.loads(listed) if listed else []
+    if not any(e.get("name") == version.name and str(e.get("version")) == str(version.version) for e in entries):
+        entries.append({"name": version.name, "version": str(version.version)})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+    return version
 
 
 def weights_digest(network) -> str:
@@ -122,12 +192,12 @@ def weights_digest(network) -> str:
     return digest.hexdigest()
 
 
-def _logged_models(client, experiment_id: str, run_id: str, name: str) -> list:
-    """The live logged models named `name` whose source is run `run_id` (deleted ones excluded)."""
+def run_models(client, experiment_id: str, run_id: str) -> list:
+    """The live logged models whose source is run `run_id` (deleted ones excluded)."""
     models, token = [], None
     while True:
-        page = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'",
-                                           page_token=token)
+        page = client.search_logged_models(experiment_ids=[experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'", page_token=token)
         models += [m for m in page if m.source_run_id == run_id]
         token = page.token
         if not token:
@@ -140,7 +210,7 @@ def _log_new_model(client, run_id, experiment_id, network, network_path, input_e
     from mlflow.models import Model, infer_signature
 
     example = np.ascontiguousarray(input_example, dtype=np.float32)
-    signature = infer_signature(example, network.predict_proba(example))
+    signature = infer_signature(example, probabilities_frame(network, network.predict_proba(example)))
     with tempfile.TemporaryDirectory() as folder:
         # "Models from code": the logged model is this short script plus the weights file, so
         # loading it unpickles nothing (MLflow would otherwise cloudpickle the wrapper).

@@ -29,31 +29,55 @@ def _save(fig, path) -> Path:
     return path
 
 
-def learning_curves(epochs: Sequence[dict], path, *, batch_losses: Sequence[tuple[float, float]] = ()) -> Path:
+MARKERS_UP_TO = 50  # epochs; past this, per-point markers turn the lines into a smear
+
+
+def learning_curves(epochs: Sequence[dict], path, *, batch_losses: Sequence[tuple[float, float]] = (),
+                    best_epoch: int | None = None, monitor: str | None = None) -> Path:
     """Loss, cost and accuracy per epoch, train against val, as DD2424 plots them.
 
     `epochs` are the per-epoch log dicts (train_loss, val_loss, ...; 1-based "epoch" key
     optional). `batch_losses` are (fractional epoch, loss) pairs drawn faintly behind the
-    train loss so the within-epoch noise is visible.
+    train loss so the within-epoch noise is visible. `best_epoch` (the saved model's) is
+    marked in every panel. When `monitor` is a balanced accuracy (the names data set, whose
+    classes are very unequal), the accuracy panel shows balanced accuracy, with plain
+    accuracy thin and dotted behind it.
     """
     plt = _pyplot()
     x = [row.get("epoch", i + 1) for i, row in enumerate(epochs)]
-    panels = [("loss", "loss"), ("cost", "cost (loss + L2)"), ("accuracy", "accuracy")]
+    balanced = bool(monitor and "balanced_accuracy" in monitor)
+    accuracy = ("balanced_accuracy", "balanced accuracy") if balanced else ("accuracy", "accuracy")
+    panels = [("loss", "loss"), ("cost", "cost (loss + L2)"), accuracy]
     panels = [(key, title) for key, title in panels
-              if any(row.get(f"train_{key}") is not None for row in epochs)]
+              if any(row.get(f"train_{key}") is not None or row.get(f"val_{key}") is not None for row in epochs)]
+    markers = len(x) <= MARKERS_UP_TO
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         if key == "loss" and len(batch_losses):
             bx, by = zip(*batch_losses)
             ax.plot(bx, by, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (batches)")
-        for split, style in (("train", "-o"), ("val", "-s")):
+        if key == "balanced_accuracy":
+            for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+                values = [row.get(f"{split}_accuracy") for row in epochs]
+                if any(v is not None for v in values):
+                    ax.plot(x, [np.nan if v is None else v for v in values], ":", color=color, linewidth=0.8,
+                            alpha=0.7, label=f"{split} (plain accuracy)")
+        for split, marker, color in (("train", "o", "tab:blue"), ("val", "s", "tab:orange")):
             values = [row.get(f"{split}_{key}") for row in epochs]
             if any(v is not None for v in values):
-                ax.plot(x, [np.nan if v is None else v for v in values], style, markersize=3, label=split)
+                ax.plot(x, [np.nan if v is None else v for v in values], "-", color=color,
+                        marker=marker if markers else None, markersize=3, linewidth=1.2 if markers else 1.0,
+                        label=split)
+        if best_epoch is not None and x:
+            ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1.0, label=f"best epoch ({best_epoch})")
+            row = next((r for r in epochs if r.get("epoch") == best_epoch), None)
+            value = row.get(f"val_{key}") if row else None
+            if value is not None:
+                ax.plot([best_epoch], [value], "*", color="tab:green", markersize=10)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -123,8 +123,8 @@ def test_resume_from_out_dir_takes_the_saved_config_and_new_epochs(tmp_path):
 
 
 def test_a_resumed_fit_leaves_the_run_one_model_holding_the_final_weights(tmp_path):
-    """A fit resumed after (or while) logging its model must not add a second "model" to the run:
-    `runs:/<id>/model` resolves to the first one the store lists."""
+    """A fit resumed after (or while) logging its model must not add a second model to the run:
+    `runs:/<id>/<name>` resolves to the first one the store lists."""
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
@@ -135,7 +135,7 @@ def test_a_resumed_fit_leaves_the_run_one_model_holding_the_final_weights(tmp_pa
     experiment = store.get_run(first.run_id).info.experiment_id
 
     def models():
-        found = store.search_logged_models([experiment], filter_string="name = 'model'")
+        found = store.search_logged_models([experiment], filter_string="name = 'once'")
         return [m for m in found if m.source_run_id == first.run_id]
 
     (logged,) = models()
@@ -149,15 +149,15 @@ def test_a_resumed_fit_leaves_the_run_one_model_holding_the_final_weights(tmp_pa
 
     # killed while logging (a PENDING model is left), then resumed to train one epoch longer:
     # the stale and the half-logged model go, the new weights are the run's only model
-    store.create_logged_model(experiment, name="model", source_run_id=first.run_id, model_type="convtrain")
+    store.create_logged_model(experiment, name="once", source_run_id=first.run_id, model_type="convtrain")
     config, checkpoint = resolve_fit_config(overrides={"epochs": 3}, resume=str(first.out_dir))
     longer = fit(config, resume=checkpoint, progress=None)
     (final,) = models()
     assert final.model_id != logged.model_id and final.status == LoggedModelStatus.READY
     assert final.tags[WEIGHTS_TAG] == weights_digest(longer.network)
     x = np.random.default_rng(0).uniform(0, 16, (3, 1, 8, 8)).astype(np.float32)
-    served = mlflow.pyfunc.load_model(f"runs:/{first.run_id}/model").predict(x)
-    np.testing.assert_allclose(served, longer.network.predict_proba(x), rtol=1e-6)
+    served = mlflow.pyfunc.load_model(f"runs:/{first.run_id}/once").predict(x)
+    np.testing.assert_allclose(served.to_numpy(), longer.network.predict_proba(x), rtol=1e-6)
     assert store.get_run(first.run_id).info.status == "FINISHED"
 
 

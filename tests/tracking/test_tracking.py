@@ -144,10 +144,13 @@ def check_logged_fit(uri: str, run_id: str, out_dir: Path, epochs: int, x_check:
     assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/checkpoint.npz"]
 
     with _use_tracking_uri(uri):
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/{client.get_run(run_id).info.run_name}")
     assert model.metadata.signature is not None
-    expected = Network.load(out_dir / "model.npz").predict_proba(x_check)
-    np.testing.assert_allclose(model.predict(x_check), expected, rtol=0, atol=0)
+    network = Network.load(out_dir / "model.npz")
+    expected = network.predict_proba(x_check)
+    predicted = model.predict(x_check)  # one column per class, named by the class names
+    assert list(predicted.columns) == [str(c) for c in network.class_names]
+    np.testing.assert_allclose(predicted.to_numpy(), expected, rtol=0, atol=0)
 
 
 def only_run(uri: str, experiment_name: str):

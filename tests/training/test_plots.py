@@ -47,3 +47,53 @@ def test_filter_tiles_scale_each_filter_to_unit_range():
 def test_filter_tiles_refuse_a_non_conv_weight():
     with pytest.raises(ValueError, match=r"\(F, C, kh, kw\)"):
         plots.filter_tiles(np.zeros((3, 3)))
+
+
+def _drawn_figure(monkeypatch, **kwargs):
+    """The learning-curve figure as drawn (its axes), captured before it is saved and closed."""
+    captured = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        captured["axes"] = fig.axes
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return captured
+
+
+def _curves(n, balanced=False):
+    rows = []
+    for e in range(1, n + 1):
+        row = {"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.5 + e / (3 * n), "val_loss": abs(e - n / 3) / n + 0.1,
+               "val_accuracy": 0.4 + e / (3 * n)}
+        if balanced:
+            row.update(train_balanced_accuracy=0.3 + e / (3 * n), val_balanced_accuracy=0.2 + e / (4 * n))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("epochs, markers", [(12, True), (500, False)])
+def test_learning_curves_mark_the_best_epoch_and_drop_point_markers_on_long_fits(tmp_path, monkeypatch, epochs, markers):
+    captured = _drawn_figure(monkeypatch)
+    best = epochs // 3
+    assert _is_png(plots.learning_curves(_curves(epochs), tmp_path / "c.png", best_epoch=best, monitor="val_loss"))
+    for ax in captured["axes"]:
+        epoch_lines = [line for line in ax.get_lines() if line.get_label() in ("train", "val")]
+        assert epoch_lines and all((line.get_marker() not in (None, "None", "")) == markers for line in epoch_lines)
+        marked = [line for line in ax.get_lines() if line.get_label() == f"best epoch ({best})"]
+        assert len(marked) == 1 and list(marked[0].get_xdata()) == [best, best]  # a vertical line at the best epoch
+
+
+def test_learning_curves_show_balanced_accuracy_when_that_is_the_monitor(tmp_path, monkeypatch):
+    captured = _drawn_figure(monkeypatch)
+    rows = _curves(10, balanced=True)
+    plots.learning_curves(rows, tmp_path / "names.png", best_epoch=4, monitor="val_balanced_accuracy")
+    panel = next(ax for ax in captured["axes"] if "accuracy" in ax.get_title())
+    assert panel.get_title() == "balanced accuracy"
+    val = next(line for line in panel.get_lines() if line.get_label() == "val")
+    assert list(val.get_ydata()) == [row["val_balanced_accuracy"] for row in rows]
+
+    plots.learning_curves(rows, tmp_path / "digits.png", best_epoch=4, monitor="val_loss")
+    panel = next(ax for ax in captured["axes"] if "accuracy" in ax.get_title())
+    assert panel.get_title() == "accuracy"
