@@ -22,6 +22,7 @@ Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.p
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -43,6 +44,19 @@ cdef extern from "conv_support.h":
                               Py_ssize_t n) noexcept nogil
     void add_short_rows_double(double *dst, Py_ssize_t step, const double *src, Py_ssize_t rows,
                                Py_ssize_t n) noexcept nogil
+
+cdef extern from "gemm_kernels.h":
+    # convtrain's own float32 GEMM tiles (AVX-512 / AVX2 builds; CONVTRAIN_HAVE_TILES is 0 in
+    # the portable build, which keeps BLAS): see the header for their layouts and sums
+    const int CONVTRAIN_HAVE_TILES
+    Py_ssize_t ct_packed_a_floats(Py_ssize_t M, Py_ssize_t Kd) noexcept nogil
+    void ct_pack_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, Py_ssize_t M,
+                   Py_ssize_t Kd, float *packed) noexcept nogil
+    void ct_gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t Kd, const float *apacked,
+                    const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int relu) noexcept nogil
+    void ct_gemm_nt_acc(Py_ssize_t M, Py_ssize_t Nk, Py_ssize_t L, const float *a, Py_ssize_t lda,
+                        const float *b, Py_ssize_t ldb, float *d, Py_ssize_t ldd) noexcept nogil
+    double ct_fma_loop(long iters, float seed) noexcept nogil
 
 
 # ----------------------------------------------------------------------------- build & threads
@@ -82,7 +96,20 @@ def compiled_with():
         "debug_checks": bool(CONVTRAIN_DEBUG_CHECKS),
         "max_threads": convtrain_max_threads(),
         "isa": CONVTRAIN_ISA.decode(),
+        "gemm_tiles": bool(CONVTRAIN_HAVE_TILES),
     }
+
+
+def fma_flops(long iters, int num_threads):
+    """Floating-point operations done by `iters` rounds of an FMA-bound loop (12 independent
+    chains of this build's widest vectors) on each of num_threads threads; time the call to get
+    the machine's FMA peak (benchmarks/bench_kernels.py)."""
+    cdef double total = 0
+    cdef int t
+    with nogil:
+        for t in prange(num_threads, num_threads=team_size(num_threads), schedule="static"):
+            total += ct_fma_loop(iters, 0.5)
+    return total
 
 
 def cpu_x86_64_level():
@@ -160,6 +187,19 @@ cdef inline void unpin_blas(const int *saved) noexcept nogil:
 
 
 # ----------------------------------------------------------------------------- GEMM
+
+cdef float *packed_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, Py_ssize_t M,
+                     Py_ssize_t Kd) noexcept nogil:
+    """A (M x Kd) packed for ct_gemm_nn (free() it), or NULL: no tiles in this build, or no
+    memory (then the caller takes the BLAS path)."""
+    cdef float *packed
+    if not CONVTRAIN_HAVE_TILES:
+        return NULL
+    packed = <float *> malloc(ct_packed_a_floats(M, Kd) * sizeof(float))
+    if packed != NULL:
+        ct_pack_a(a, row_step, col_step, M, Kd, packed)
+    return packed
+
 
 cdef inline void gemm_rowmajor(char transa, char transb, int m, int n, int k,
                                floating alpha, const floating *a, int lda,
@@ -531,10 +571,14 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cdef Py_ssize_t group, n0, count, i, f
     cdef floating *cols = NULL
     cdef floating *group_out = NULL
+    cdef float *tiles_w = NULL     # the filters packed for convtrain's own GEMM tiles
+    cdef bint blas
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
     with nogil:
+        if floating is float:
+            tiles_w = packed_a(&w_ext[0, 0], k_ext, 1, F, k_ext)
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
@@ -547,7 +591,22 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                 count = group_count(N, G, group)
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
-                if G == 1:
+                blas = True
+                if floating is float:
+                    if tiles_w != NULL:
+                        # the tile applies the ReLU as it stores (the same bits as afterwards)
+                        blas = False
+                        if G == 1:
+                            ct_gemm_nn(F, P, k_ext, tiles_w, cols, ld, &out[n0, 0, 0, 0], P, relu)
+                        else:
+                            ct_gemm_nn(F, count * P, k_ext, tiles_w, cols, ld, group_out, ld, relu)
+                            for i in range(count):
+                                for f in range(F):
+                                    memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
+                                           P * sizeof(floating))
+                if not blas:
+                    pass
+                elif G == 1:
                     gemm_rowmajor(c"N", c"N", <int> F, <int> P, <int> k_ext, <floating> 1,
                                   &w_ext[0, 0], <int> k_ext, cols, <int> ld,
                                   <floating> 0, &out[n0, 0, 0, 0], <int> P)
@@ -560,9 +619,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                         for f in range(F):
                             memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
                                    P * sizeof(floating))
-                if relu:
+                if relu and blas:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
         unpin_blas(saved_blas_threads)
+        free(tiles_w)
 
 
 def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
@@ -597,12 +657,18 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef floating *cols = NULL
     cdef floating *group_dout = NULL
     cdef const floating *a = NULL
+    cdef float *tiles_wt = NULL    # W^T packed for the tiles (the input gradient)
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     # the optional parts, decided once: the loops below test these flags, never the arrays
     cdef bint mask = relu_out is not None, input_grad = dx is not None
+    cdef bint tiles = floating is float and CONVTRAIN_HAVE_TILES
     if N == 0:
         return
     with nogil:
+        if floating is float:
+            if input_grad and tiles:
+                tiles_wt = packed_a(&w2d[0, 0], 1, K, K, F)
+                tiles = tiles_wt != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
@@ -628,6 +694,15 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                                        P * sizeof(floating))
                         a = group_dout
                         lda = ld
+                    if floating is float:
+                        if tiles:
+                            ct_gemm_nt_acc(F, K + 1, count * P, a, lda, cols, ld,
+                                           &dw_ext_per_chunk[chunk, 0], K + 1)
+                            if input_grad:
+                                ct_gemm_nn(K, count * P, F, tiles_wt, a, lda, cols, ld, 0)
+                                for i in range(count):
+                                    col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
+                            continue
                     gemm_rowmajor(c"N", c"T", <int> F, <int> (K + 1), <int> (count * P),
                                   <floating> 1, a, <int> lda, cols, <int> ld, <floating> 1,
                                   &dw_ext_per_chunk[chunk, 0], <int> (K + 1))
@@ -638,6 +713,7 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                         for i in range(count):
                             col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
+        free(tiles_wt)
 
 
 def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
@@ -660,10 +736,13 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     cdef floating *dcols = NULL
     cdef floating *group_dout = NULL
     cdef const floating *b = NULL
+    cdef float *tiles_wt = NULL    # W^T packed for the tiles
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
     with nogil:
+        if floating is float:
+            tiles_wt = packed_a(&w[0, 0, 0, 0], 1, K, K, F)
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
@@ -682,11 +761,16 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
                                    P * sizeof(floating))
                     b = group_dout
                     ldb = ld
-                gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
-                              &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
+                if tiles_wt != NULL:
+                    if floating is float:
+                        ct_gemm_nn(K, count * P, F, tiles_wt, b, ldb, dcols, ld, 0)
+                else:
+                    gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
+                                  &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
                 for i in range(count):
                     col2im_image(dcols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
+        free(tiles_wt)
 
 
 # ----------------------------------------------------------------------------- dense layer
