@@ -52,10 +52,13 @@ cdef extern from "gemm_kernels.h":
     Py_ssize_t ct_packed_a_floats(Py_ssize_t M, Py_ssize_t Kd) noexcept nogil
     void ct_pack_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, Py_ssize_t M,
                    Py_ssize_t Kd, float *packed) noexcept nogil
+    void ct_pack_a_rows(const float *a, const Py_ssize_t *rows, Py_ssize_t row_step,
+                        Py_ssize_t col_step, Py_ssize_t M, Py_ssize_t Kd, float *packed) noexcept nogil
     void ct_gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t Kd, const float *apacked,
-                    const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int relu) noexcept nogil
+                    const float **brows, float *c, Py_ssize_t ldc, float **crows,
+                    int relu) noexcept nogil
     void ct_gemm_nt_acc(Py_ssize_t M, Py_ssize_t Nk, Py_ssize_t L, const float *a, Py_ssize_t lda,
-                        const float *b, Py_ssize_t ldb, float *d, Py_ssize_t ldd) noexcept nogil
+                        const float **brows, float *d, Py_ssize_t ldd) noexcept nogil
     double ct_fma_loop(long iters, float seed) noexcept nogil
 
 
@@ -198,6 +201,18 @@ cdef float *packed_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, P
     packed = <float *> malloc(ct_packed_a_floats(M, Kd) * sizeof(float))
     if packed != NULL:
         ct_pack_a(a, row_step, col_step, M, Kd, packed)
+    return packed
+
+
+cdef float *packed_a_rows(const float *a, const Py_ssize_t *rows, Py_ssize_t row_step,
+                          Py_ssize_t col_step, Py_ssize_t M, Py_ssize_t Kd) noexcept nogil:
+    """packed_a with A's row m taken from a's row rows[m]."""
+    cdef float *packed
+    if not CONVTRAIN_HAVE_TILES:
+        return NULL
+    packed = <float *> malloc(ct_packed_a_floats(M, Kd) * sizeof(float))
+    if packed != NULL:
+        ct_pack_a_rows(a, rows, row_step, col_step, M, Kd, packed)
     return packed
 
 
@@ -544,6 +559,138 @@ def relu_backward(floating[::1] d, const floating[::1] out):
                               min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+# ----------------------------------------------------------------------------- own GEMM tiles
+#
+# In the builds with tiles (CONVTRAIN_HAVE_TILES), float32 convolutions with stride 1 whose
+# images are not grouped (G == 1) take the *direct* path: the rows of the lecture's M_X^im^T
+# (one per tap (c, i, j)) are read straight from the image, never copied out. Tap (c, i, j)'s
+# row is the image plane c from row i, column j on, read as one long row of width Wp (the
+# padded image's width): entry oh*Wp + ow is x[c, oh + i, ow + j]. So the GEMMs run over
+# Pd = (Ho-1)*Wp + Wo columns instead of P = Ho*Wo: the columns with ow >= Wo are computed
+# and dropped (forward), or multiplied by zeros (gradients; dout is copied into a zero-padded
+# (F, Pd) buffer). That costs Wp/Wo - 1 more multiply-adds (CIFAR conv2: 8%, MNIST conv2:
+# 20%) and saves writing and re-reading the whole im2col matrix. Padding: the image is first
+# copied into a zero-bordered (C, Hp, Wp) buffer. With a non-finite x the dropped columns'
+# products 0 * inf are NaN and reach dw (finite inputs are unaffected).
+# Other float32 convolutions (strides, grouped small images) use the tiles on the im2col
+# matrix; float64 and the portable build use BLAS.
+
+cdef struct Direct:
+    Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
+    bint padded
+
+
+cdef Direct make_direct(const Geometry *g) noexcept nogil:
+    cdef Direct d
+    d.Hp = g.H + 2 * g.ph
+    d.Wp = g.W + 2 * g.pw
+    d.Pd = (g.Ho - 1) * d.Wp + g.Wo
+    d.padded = g.ph > 0 or g.pw > 0
+    return d
+
+
+cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
+    return CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
+
+
+cdef const float *padded_image(const float *x, float *xpad, const Geometry *g,
+                               const Direct *d) noexcept nogil:
+    """x itself without padding, else x copied into xpad (C, Hp, Wp) inside zero borders."""
+    cdef Py_ssize_t c, h
+    if not d.padded:
+        return x
+    memset(xpad, 0, g.C * d.Hp * d.Wp * sizeof(float))
+    for c in range(g.C):
+        for h in range(g.H):
+            memcpy(xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw, x + (c * g.H + h) * g.W,
+                   g.W * sizeof(float))
+    return xpad
+
+
+cdef void tap_rows(const float *image, const float **rows, const Geometry *g,
+                   const Direct *d) noexcept nogil:
+    """rows[(c*kh + i)*kw + j] = where tap (c, i, j)'s row of M_X^im^T starts in the image."""
+    cdef Py_ssize_t c, i, j
+    for c in range(g.C):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                rows[(c * g.kh + i) * g.kw + j] = image + (c * d.Hp + i) * d.Wp + j
+
+
+# The input gradient's tile adds each of its rows (taps) into the image as it stores them. Taps
+# (c, i, j) and (c, i, j+1) add to the same pixels one float apart, and a load that partly
+# overlaps a store still in flight cannot be forwarded from it (the CPU waits for the store):
+# so the rows are taken in the order (i, j, c), channel fastest, whose neighbours lie a whole
+# plane apart. (CIFAR conv2 input gradient, 1 thread: 74 -> see README GFLOP/s.)
+
+cdef Py_ssize_t *channel_fastest_taps(const Geometry *g) noexcept nogil:
+    """order[(i*kw + j)*C + c] = (c*kh + i)*kw + j (free() it; NULL if out of memory)."""
+    cdef Py_ssize_t c, t, taps = g.kh * g.kw
+    cdef Py_ssize_t *order = <Py_ssize_t *> malloc(g.C * taps * sizeof(Py_ssize_t))
+    if order != NULL:
+        for t in range(taps):
+            for c in range(g.C):
+                order[t * g.C + c] = c * taps + t
+    return order
+
+
+cdef void tap_rows_out(float *image, float **rows, const Py_ssize_t *order, const Geometry *g,
+                       const Direct *d) noexcept nogil:
+    """rows[m] = where tap order[m]'s row starts in a writeable image (col2im: the input
+    gradient adds into them)."""
+    cdef Py_ssize_t m, tap, c, i, j, K = g.C * g.kh * g.kw
+    for m in range(K):
+        tap = order[m]
+        c = tap // (g.kh * g.kw)
+        i = (tap // g.kw) % g.kh
+        j = tap % g.kw
+        rows[m] = image + (c * d.Hp + i) * d.Wp + j
+
+
+cdef void spread_gradient(const float *dout, float *dpad, Py_ssize_t F, const Geometry *g,
+                          const Direct *d) noexcept nogil:
+    """dpad (F, Pd): dout (F, Ho, Wo) on the direct path's columns, 0 in the dropped ones."""
+    cdef Py_ssize_t f, oh
+    cdef float *row
+    for f in range(F):
+        for oh in range(g.Ho):
+            row = dpad + f * d.Pd + oh * d.Wp
+            memcpy(row, dout + (f * g.Ho + oh) * g.Wo, g.Wo * sizeof(float))
+            if oh < g.Ho - 1:
+                memset(row + g.Wo, 0, (d.Wp - g.Wo) * sizeof(float))
+
+
+cdef void unpad_image(const float *xpad, float *x, const Geometry *g, const Direct *d) noexcept nogil:
+    cdef Py_ssize_t c, h
+    for c in range(g.C):
+        for h in range(g.H):
+            memcpy(x + (c * g.H + h) * g.W, xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw,
+                   g.W * sizeof(float))
+
+
+cdef void direct_input_gradient(const float *dpad, const float *tiles_wt, float *dx, float *dxpad,
+                                const float **drows, float **dxrows, const Py_ssize_t *order,
+                                Py_ssize_t F, const Geometry *g, const Direct *d) noexcept nogil:
+    """dx (C, H, W) = col2im(W^T . dpad): each tap's row of the product added into the image
+    as the tile stores it (tiles_wt packed with its rows in `order`)."""
+    cdef Py_ssize_t f, K = g.C * g.kh * g.kw
+    cdef float *image = dxpad if d.padded else dx
+    memset(image, 0, g.C * d.Hp * d.Wp * sizeof(float))
+    tap_rows_out(image, dxrows, order, g, d)
+    for f in range(F):
+        drows[f] = dpad + f * d.Pd
+    ct_gemm_nn(K, d.Pd, F, tiles_wt, drows, NULL, 0, dxrows, 0)
+    if d.padded:
+        unpad_image(dxpad, dx, g, d)
+
+
+cdef inline void row_pointers(const float **rows, const float *first, Py_ssize_t n,
+                              Py_ssize_t step) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in range(n):
+        rows[r] = first + r * step
+
+
 # ----------------------------------------------------------------------------- convolution
 #
 # The batch is cut into groups of G consecutive images (G = 1 unless Ho*Wo is small); the
@@ -563,16 +710,25 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
     out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW
     (None when G == 1: the GEMM writes into out).
+    float32 in the builds with tiles: convtrain's own GEMM tiles, on the image itself (the
+    direct path above) or on the im2col matrix, the ReLU applied as the tile stores.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
-    cdef Py_ssize_t group, n0, count, i, f
+    cdef Py_ssize_t group, n0, count, i, f, oh
     cdef floating *cols = NULL
     cdef floating *group_out = NULL
     cdef float *tiles_w = NULL     # the filters packed for convtrain's own GEMM tiles
-    cdef bint blas
+    cdef bint direct = direct_applies(&g, G)
+    cdef const float **rows = NULL     # per thread: where each row of B starts
+    cdef float *buffer = NULL          # per thread (direct path): output, padded image, ones
+    cdef float *stage = NULL
+    cdef float *xpad = NULL
+    cdef const float *image = NULL
+    cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
@@ -586,25 +742,51 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                 group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
                 fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
+            rows = NULL
+            buffer = NULL
+            if floating is float:
+                if tiles_w != NULL:
+                    rows = <const float **> malloc(k_ext * sizeof(float *))
+                    if direct:
+                        buffer = <float *> malloc((F * d.Pd + g.C * d.Hp * d.Wp + d.Pd) * sizeof(float))
+                    if rows != NULL and buffer != NULL:
+                        stage = buffer
+                        xpad = buffer + F * d.Pd
+                        fill(xpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                        rows[k_ext - 1] = xpad + g.C * d.Hp * d.Wp   # the ones (bias) row
+                    elif rows != NULL:
+                        row_pointers(rows, cols, k_ext, ld)
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
+                done = False
+                if floating is float:
+                    if buffer != NULL and rows != NULL:    # direct (G == 1)
+                        image = padded_image(&x[n0, 0, 0, 0], xpad, &g, &d)
+                        tap_rows(image, rows, &g, &d)
+                        ct_gemm_nn(F, d.Pd, k_ext, tiles_w, rows, stage, d.Pd, NULL, relu)
+                        for f in range(F):
+                            for oh in range(g.Ho):
+                                memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wp,
+                                       g.Wo * sizeof(float))
+                        done = True
+                if done:
+                    continue
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
-                blas = True
                 if floating is float:
-                    if tiles_w != NULL:
+                    if rows != NULL:
                         # the tile applies the ReLU as it stores (the same bits as afterwards)
-                        blas = False
+                        done = True
                         if G == 1:
-                            ct_gemm_nn(F, P, k_ext, tiles_w, cols, ld, &out[n0, 0, 0, 0], P, relu)
+                            ct_gemm_nn(F, P, k_ext, tiles_w, rows, &out[n0, 0, 0, 0], P, NULL, relu)
                         else:
-                            ct_gemm_nn(F, count * P, k_ext, tiles_w, cols, ld, group_out, ld, relu)
+                            ct_gemm_nn(F, count * P, k_ext, tiles_w, rows, group_out, ld, NULL, relu)
                             for i in range(count):
                                 for f in range(F):
                                     memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
                                            P * sizeof(floating))
-                if not blas:
+                if done:
                     pass
                 elif G == 1:
                     gemm_rowmajor(c"N", c"N", <int> F, <int> P, <int> k_ext, <floating> 1,
@@ -619,8 +801,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                         for f in range(F):
                             memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
                                    P * sizeof(floating))
-                if relu and blas:
+                if relu and not done:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
+            free(rows)
+            free(buffer)
         unpin_blas(saved_blas_threads)
         free(tiles_w)
 
@@ -648,8 +832,11 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     and dx[n] is written by one thread. With relu_out, w2d and dx None this is the filter
     gradient alone.
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
+    float32 in the builds with tiles: convtrain's own GEMM tiles, on the image itself (the
+    direct path, col2im fused into the input gradient's store) or on the im2col matrix.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G, chunks = dw_ext_per_chunk.shape[0]
@@ -662,25 +849,76 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     # the optional parts, decided once: the loops below test these flags, never the arrays
     cdef bint mask = relu_out is not None, input_grad = dx is not None
     cdef bint tiles = floating is float and CONVTRAIN_HAVE_TILES
+    cdef bint direct = direct_applies(&g, G)
+    cdef Py_ssize_t thread_rows = 2 * K + 1 + F, thread_floats = F * d.Pd + 2 * g.C * d.Hp * d.Wp + d.Pd
+    cdef const float **all_rows = NULL   # per thread: rows of B (K+1), of dout (F), of dx (K)
+    cdef float *buffers = NULL           # per thread (direct): dout padded, padded x, dx, ones
+    cdef Py_ssize_t *order = NULL        # the input gradient's tap order (direct)
+    cdef const float **rows = NULL
+    cdef const float **drows = NULL
+    cdef float **dxrows = NULL
+    cdef float *dpad = NULL
+    cdef float *xpad = NULL
+    cdef float *dxpad = NULL
+    cdef const float *image = NULL
     if N == 0:
         return
     with nogil:
         if floating is float:
-            if input_grad and tiles:
-                tiles_wt = packed_a(&w2d[0, 0], 1, K, K, F)
+            # everything the threads need, allocated here: if memory runs short the whole call
+            # takes a slower path, never part of it (the bits would depend on the threads)
+            if tiles:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
+                tiles = all_rows != NULL
+            direct = direct and tiles
+            if direct:
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                if input_grad:
+                    order = channel_fastest_taps(&g)
+                direct = buffers != NULL and (order != NULL or not input_grad)
+            if tiles and input_grad:
+                if direct:
+                    tiles_wt = packed_a_rows(&w2d[0, 0], order, 1, K, K, F)
+                else:
+                    tiles_wt = packed_a(&w2d[0, 0], 1, K, K, F)
                 tiles = tiles_wt != NULL
+                direct = direct and tiles
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
             if G > 1:
                 group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
+            if floating is float:
+                if tiles:
+                    rows = all_rows + threadid() * thread_rows
+                    drows = rows + K + 1
+                    dxrows = <float **> (drows + F)
+                    if direct:
+                        dpad = buffers + threadid() * thread_floats
+                        xpad = dpad + F * d.Pd
+                        dxpad = xpad + g.C * d.Hp * d.Wp
+                        fill(dxpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                        rows[K] = dxpad + g.C * d.Hp * d.Wp     # the ones (db) row
+                    else:
+                        row_pointers(rows, cols, K + 1, ld)
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
                     n0 = group * G
                     count = group_count(N, G, group)
                     if mask:
                         relu_mask_inplace(&dout[n0, 0, 0, 0], &relu_out[n0, 0, 0, 0], count * F * P)
+                    if floating is float:
+                        if direct:     # (G == 1)
+                            image = padded_image(&x[n0, 0, 0, 0], xpad, &g, &d)
+                            tap_rows(image, rows, &g, &d)
+                            spread_gradient(&dout[n0, 0, 0, 0], dpad, F, &g, &d)
+                            ct_gemm_nt_acc(F, K + 1, d.Pd, dpad, d.Pd, rows,
+                                           &dw_ext_per_chunk[chunk, 0], K + 1)
+                            if input_grad:
+                                direct_input_gradient(dpad, tiles_wt, &dx[n0, 0, 0, 0], dxpad,
+                                                      drows, dxrows, order, F, &g, &d)
+                            continue
                     for i in range(count):
                         im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
                     if G == 1:
@@ -696,10 +934,11 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                         lda = ld
                     if floating is float:
                         if tiles:
-                            ct_gemm_nt_acc(F, K + 1, count * P, a, lda, cols, ld,
+                            ct_gemm_nt_acc(F, K + 1, count * P, a, lda, rows,
                                            &dw_ext_per_chunk[chunk, 0], K + 1)
                             if input_grad:
-                                ct_gemm_nn(K, count * P, F, tiles_wt, a, lda, cols, ld, 0)
+                                row_pointers(drows, a, F, lda)
+                                ct_gemm_nn(K, count * P, F, tiles_wt, drows, cols, ld, NULL, 0)
                                 for i in range(count):
                                     col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
                             continue
@@ -714,6 +953,9 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                             col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
         free(tiles_wt)
+        free(all_rows)
+        free(buffers)
+        free(order)
 
 
 def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
@@ -725,10 +967,12 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     convolution G_zero-pad * F_rot180 summed over filters. Each image is written by one thread.
 
     cols_scratch (threads, K*G*P): the group's column gradients; dout_scratch (threads, F*G*P)
-    when G > 1, else None.
+    when G > 1, else None. float32 in the builds with tiles: the same tiles, direct path and
+    bits as conv2d_backward's input gradient.
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = dx.shape[0], F = w.shape[0]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
@@ -737,20 +981,61 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     cdef floating *group_dout = NULL
     cdef const floating *b = NULL
     cdef float *tiles_wt = NULL    # W^T packed for the tiles
+    cdef bint tiles = floating is float and CONVTRAIN_HAVE_TILES
+    cdef bint direct = direct_applies(&g, G)
+    cdef Py_ssize_t thread_rows = F + K, thread_floats = F * d.Pd + g.C * d.Hp * d.Wp
+    cdef const float **all_rows = NULL
+    cdef float *buffers = NULL
+    cdef Py_ssize_t *order = NULL
+    cdef const float **drows = NULL
+    cdef float **dxrows = NULL
+    cdef float *dpad = NULL
+    cdef float *dxpad = NULL
+    cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
     with nogil:
-        if floating is float:
-            tiles_wt = packed_a(&w[0, 0, 0, 0], 1, K, K, F)
+        if floating is float:   # as in conv2d_backward: the same tiles, order and bits
+            if tiles:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
+                tiles = all_rows != NULL
+            direct = direct and tiles
+            if direct:
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                order = channel_fastest_taps(&g)
+                direct = buffers != NULL and order != NULL
+            if tiles:
+                if direct:
+                    tiles_wt = packed_a_rows(&w[0, 0, 0, 0], order, 1, K, K, F)
+                else:
+                    tiles_wt = packed_a(&w[0, 0, 0, 0], 1, K, K, F)
+                tiles = tiles_wt != NULL
+                direct = direct and tiles
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
             if G > 1:
                 group_dout = &dout_scratch[threadid(), 0]
+            if floating is float:
+                if tiles:
+                    drows = all_rows + threadid() * thread_rows
+                    dxrows = <float **> (drows + F)
+                    if direct:
+                        dpad = buffers + threadid() * thread_floats
+                        dxpad = dpad + F * d.Pd
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
+                done = False
+                if floating is float:
+                    if direct:   # (G == 1)
+                        spread_gradient(&dout[n0, 0, 0, 0], dpad, F, &g, &d)
+                        direct_input_gradient(dpad, tiles_wt, &dx[n0, 0, 0, 0], dxpad, drows,
+                                              dxrows, order, F, &g, &d)
+                        done = True
+                if done:
+                    continue
                 if G == 1:
                     b = &dout[n0, 0, 0, 0]
                     ldb = P
@@ -761,16 +1046,21 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
                                    P * sizeof(floating))
                     b = group_dout
                     ldb = ld
-                if tiles_wt != NULL:
-                    if floating is float:
-                        ct_gemm_nn(K, count * P, F, tiles_wt, b, ldb, dcols, ld, 0)
-                else:
+                if floating is float:
+                    if tiles:
+                        row_pointers(drows, b, F, ldb)
+                        ct_gemm_nn(K, count * P, F, tiles_wt, drows, dcols, ld, NULL, 0)
+                        done = True
+                if not done:
                     gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
                                   &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
                 for i in range(count):
                     col2im_image(dcols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
         free(tiles_wt)
+        free(all_rows)
+        free(buffers)
+        free(order)
 
 
 # ----------------------------------------------------------------------------- dense layer

@@ -3,13 +3,17 @@
 Two register-blocked kernels, written once over a few vector macros and compiled for the
 instruction set of the build that includes them:
 
-  * ct_gemm_nn: C (M x N) = A (M x Kd) . B (Kd x N), B's rows `ldb` apart, C's `ldc` apart,
-    optionally max(C, 0) on the store (np.maximum's bits: NaN kept, -0.0 -> +0.0). A is packed
+  * ct_gemm_nn: C (M x N) = A (M x Kd) . B (Kd x N), row k of B at brows[k] (anywhere: for a
+    stride-1 convolution the rows of the lecture's M_X^im^T are slices of the image itself, so
+    B can be the image, never copied out), C's rows `ldc` apart, or, with crows, C's row m
+    *added* to crows[m] (col2im fused into the input gradient's store), optionally max(C, 0)
+    on the store (np.maximum's bits: NaN kept, -0.0 -> +0.0). A is packed
     once per call (ct_pack_a) into panels of CT_MR rows. Outer products: each k broadcasts
     CT_MR values of A against CT_NV vectors of B's row k, into CT_MR x CT_NV accumulators.
     The forward pass (A = the filters with the bias column, B = the image's im2col columns
     with the ones row) and the input gradient (A = W^T, B = dout) are both this product.
-  * ct_gemm_nt_acc: D (M x Nk) += A (M x L) . B^T (L x Nk), A's and B's rows contiguous in L:
+  * ct_gemm_nt_acc: D (M x Nk) += A (M x L) . B^T (L x Nk), A's rows `lda` apart, B's row k at
+    brows[k], both contiguous in L:
     dot products of rows, vectorized along L into CT_FM x CT_FK accumulators, each summed
     across its lanes once at the end. The filter gradient (A = dout, B = the im2col columns;
     with the ones row, column K is db) is this product.
@@ -49,6 +53,7 @@ static inline ct_m ct_tail(Py_ssize_t n) {
 #define CT_SET1(x) _mm512_set1_ps(x)
 #define CT_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define CT_ZERO() _mm512_setzero_ps()
+#define CT_ADD(a, b) _mm512_add_ps((a), (b))
 static inline ct_v ct_relu(ct_v v) {
     /* keep v unless v <= 0 (ordered): NaN kept, -0.0 and negatives become +0.0 */
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ), v);
@@ -81,6 +86,7 @@ static inline ct_m ct_tail(Py_ssize_t n) {
 #define CT_SET1(x) _mm256_set1_ps(x)
 #define CT_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define CT_ZERO() _mm256_setzero_ps()
+#define CT_ADD(a, b) _mm256_add_ps((a), (b))
 static inline ct_v ct_relu(ct_v v) {
     return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ), v);
 }
@@ -117,13 +123,27 @@ static inline void ct_pack_a(const float *a, Py_ssize_t row_step, Py_ssize_t col
             }
 }
 
+/* ct_pack_a with the rows taken in the order rows[0], rows[1], ...: A's row m is a's row
+   rows[m]. */
+static inline void ct_pack_a_rows(const float *a, const Py_ssize_t *rows, Py_ssize_t row_step,
+                                  Py_ssize_t col_step, Py_ssize_t M, Py_ssize_t Kd, float *packed) {
+    Py_ssize_t t, k, r, panels = (M + CT_MR - 1) / CT_MR;
+    for (t = 0; t < panels; t++)
+        for (k = 0; k < Kd; k++)
+            for (r = 0; r < CT_MR; r++) {
+                Py_ssize_t m = t * CT_MR + r;
+                packed[(t * Kd + k) * CT_MR + r] =
+                    m < M ? a[rows[m] * row_step + k * col_step] : 0.0f;
+            }
+}
+
 #if CT_TILES
 
 /* One CT_MR x (CT_NV*CT_VEC) tile of C; rows >= mr and columns >= ncols are neither read
    from B nor stored. */
-static inline void ct_nn_tile(Py_ssize_t Kd, const float *restrict ap, const float *restrict b,
-                              Py_ssize_t ldb, float *restrict c, Py_ssize_t ldc, Py_ssize_t mr,
-                              Py_ssize_t ncols, int relu) {
+static inline void ct_nn_tile(Py_ssize_t Kd, const float *restrict ap,
+                              const float *const *brows, Py_ssize_t j, float *c, Py_ssize_t ldc,
+                              float *const *crows, Py_ssize_t mr, Py_ssize_t ncols, int relu) {
     ct_v acc[CT_MR][CT_NV];
     Py_ssize_t k;
     int r, v;
@@ -131,7 +151,7 @@ static inline void ct_nn_tile(Py_ssize_t Kd, const float *restrict ap, const flo
         for (v = 0; v < CT_NV; v++) acc[r][v] = CT_ZERO();
     if (ncols == CT_NV * CT_VEC) {
         for (k = 0; k < Kd; k++) {
-            const float *bk = b + k * ldb;
+            const float *bk = brows[k] + j;
             const float *ak = ap + k * CT_MR;
             ct_v bv[CT_NV];
             for (v = 0; v < CT_NV; v++) bv[v] = CT_LOAD(bk + v * CT_VEC);
@@ -140,15 +160,23 @@ static inline void ct_nn_tile(Py_ssize_t Kd, const float *restrict ap, const flo
                 for (v = 0; v < CT_NV; v++) acc[r][v] = CT_FMA(a, bv[v], acc[r][v]);
             }
         }
+        if (crows != NULL) {  /* one row at a time: rows of taps may overlap in the image */
+            for (r = 0; r < mr; r++)
+                for (v = 0; v < CT_NV; v++) {
+                    float *dst = crows[r] + j + v * CT_VEC;
+                    CT_STORE(dst, CT_ADD(CT_LOAD(dst), acc[r][v]));
+                }
+            return;
+        }
         for (r = 0; r < mr; r++)
             for (v = 0; v < CT_NV; v++)
-                CT_STORE(c + r * ldc + v * CT_VEC, relu ? ct_relu(acc[r][v]) : acc[r][v]);
+                CT_STORE(c + r * ldc + j + v * CT_VEC, relu ? ct_relu(acc[r][v]) : acc[r][v]);
         return;
     }
     ct_m m[CT_NV];
     for (v = 0; v < CT_NV; v++) m[v] = ct_tail(ncols - v * CT_VEC);
     for (k = 0; k < Kd; k++) {
-        const float *bk = b + k * ldb;
+        const float *bk = brows[k] + j;
         const float *ak = ap + k * CT_MR;
         ct_v bv[CT_NV];
         for (v = 0; v < CT_NV; v++) bv[v] = CT_MLOAD(bk + v * CT_VEC, m[v]);
@@ -157,35 +185,44 @@ static inline void ct_nn_tile(Py_ssize_t Kd, const float *restrict ap, const flo
             for (v = 0; v < CT_NV; v++) acc[r][v] = CT_FMA(a, bv[v], acc[r][v]);
         }
     }
+    if (crows != NULL) {
+        for (r = 0; r < mr; r++)
+            for (v = 0; v < CT_NV; v++) {
+                float *dst = crows[r] + j + v * CT_VEC;
+                CT_MSTORE(dst, m[v], CT_ADD(CT_MLOAD(dst, m[v]), acc[r][v]));
+            }
+        return;
+    }
     for (r = 0; r < mr; r++)
         for (v = 0; v < CT_NV; v++)
-            CT_MSTORE(c + r * ldc + v * CT_VEC, m[v], relu ? ct_relu(acc[r][v]) : acc[r][v]);
+            CT_MSTORE(c + r * ldc + j + v * CT_VEC, m[v], relu ? ct_relu(acc[r][v]) : acc[r][v]);
 }
 
 static void ct_gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t Kd, const float *apacked,
-                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int relu) {
+                       const float *const *brows, float *c, Py_ssize_t ldc, float *const *crows,
+                       int relu) {
     const Py_ssize_t NR = CT_NV * CT_VEC;
     Py_ssize_t j, i;
     /* column panels outside: one panel of B (Kd x NR) is reused by every row tile while in cache */
     for (j = 0; j < N; j += NR) {
         Py_ssize_t ncols = N - j < NR ? N - j : NR;
         for (i = 0; i < M; i += CT_MR)
-            ct_nn_tile(Kd, apacked + (i / CT_MR) * Kd * CT_MR, b + j, ldb, c + i * ldc + j, ldc,
-                       M - i < CT_MR ? M - i : CT_MR, ncols, relu);
+            ct_nn_tile(Kd, apacked + (i / CT_MR) * Kd * CT_MR, brows, j, c + i * ldc, ldc,
+                       crows != NULL ? crows + i : NULL, M - i < CT_MR ? M - i : CT_MR, ncols, relu);
     }
 }
 
 /* One CT_FM x CT_FK block of D += A . B^T over L; rows past fm (of A) / fk (of B) are read
    from the last valid row and not stored. */
-static inline void ct_nt_tile(Py_ssize_t L, const float *a, Py_ssize_t lda, const float *b,
-                              Py_ssize_t ldb, float *d, Py_ssize_t ldd, int fm, int fk) {
+static inline void ct_nt_tile(Py_ssize_t L, const float *a, Py_ssize_t lda,
+                              const float *const *brows, float *d, Py_ssize_t ldd, int fm, int fk) {
     ct_v acc[CT_FM][CT_FK];
     const float *ar[CT_FM];
     const float *br[CT_FK];
     Py_ssize_t p;
     int r, s;
     for (r = 0; r < CT_FM; r++) ar[r] = a + (r < fm ? r : fm - 1) * lda;
-    for (s = 0; s < CT_FK; s++) br[s] = b + (s < fk ? s : fk - 1) * ldb;
+    for (s = 0; s < CT_FK; s++) br[s] = brows[s < fk ? s : fk - 1];
     for (r = 0; r < CT_FM; r++)
         for (s = 0; s < CT_FK; s++) acc[r][s] = CT_ZERO();
     for (p = 0; p + CT_VEC <= L; p += CT_VEC) {
@@ -210,13 +247,12 @@ static inline void ct_nt_tile(Py_ssize_t L, const float *a, Py_ssize_t lda, cons
 }
 
 static void ct_gemm_nt_acc(Py_ssize_t M, Py_ssize_t Nk, Py_ssize_t L, const float *a,
-                           Py_ssize_t lda, const float *b, Py_ssize_t ldb, float *d,
-                           Py_ssize_t ldd) {
+                           Py_ssize_t lda, const float *const *brows, float *d, Py_ssize_t ldd) {
     Py_ssize_t f, k;
     /* CT_FK rows of B (the im2col columns) stay in L1 while every block of A streams by */
     for (k = 0; k < Nk; k += CT_FK)
         for (f = 0; f < M; f += CT_FM)
-            ct_nt_tile(L, a + f * lda, lda, b + k * ldb, ldb, d + f * ldd + k, ldd,
+            ct_nt_tile(L, a + f * lda, lda, brows + k, d + f * ldd + k, ldd,
                        (int) (M - f < CT_FM ? M - f : CT_FM), (int) (Nk - k < CT_FK ? Nk - k : CT_FK));
 }
 
@@ -240,14 +276,14 @@ static double ct_fma_loop(long iters, float seed) {
 #else  /* no tiles in this build: never called (the kernels test CONVTRAIN_HAVE_TILES) */
 
 static void ct_gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t Kd, const float *apacked,
-                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int relu) {
-    (void) M; (void) N; (void) Kd; (void) apacked; (void) b; (void) ldb; (void) c; (void) ldc;
-    (void) relu;
+                       const float *const *brows, float *c, Py_ssize_t ldc, float *const *crows,
+                       int relu) {
+    (void) M; (void) N; (void) Kd; (void) apacked; (void) brows; (void) c; (void) ldc;
+    (void) crows; (void) relu;
 }
 static void ct_gemm_nt_acc(Py_ssize_t M, Py_ssize_t Nk, Py_ssize_t L, const float *a,
-                           Py_ssize_t lda, const float *b, Py_ssize_t ldb, float *d,
-                           Py_ssize_t ldd) {
-    (void) M; (void) Nk; (void) L; (void) a; (void) lda; (void) b; (void) ldb; (void) d; (void) ldd;
+                           Py_ssize_t lda, const float *const *brows, float *d, Py_ssize_t ldd) {
+    (void) M; (void) Nk; (void) L; (void) a; (void) lda; (void) brows; (void) d; (void) ldd;
 }
 /* scalar chains: what the portable build's compiled code sustains, not the CPU's peak */
 static double ct_fma_loop(long iters, float seed) {
