@@ -572,8 +572,9 @@ def relu_backward(floating[::1] d, const floating[::1] out):
 # 20%) and saves writing and re-reading the whole im2col matrix. Padding: the image is first
 # copied into a zero-bordered (C, Hp, Wp) buffer. With a non-finite x the dropped columns'
 # products 0 * inf are NaN and reach dw (finite inputs are unaffected).
-# Other float32 convolutions (strides, grouped small images) use the tiles on the im2col
-# matrix; float64 and the portable build use BLAS.
+# The input gradient takes the tiles only where few columns are dropped (see
+# direct_input_gradient_pays); everything else (strides, grouped small images, float64, the
+# portable build) keeps im2col + BLAS.
 
 cdef struct Direct:
     Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
@@ -590,7 +591,17 @@ cdef Direct make_direct(const Geometry *g) noexcept nogil:
 
 
 cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
+    """The tiles run on the direct path only: on grouped small images (DIGITS) and on the
+    im2col matrix they were measured slower than OpenBLAS (DIGITS conv2, 1 thread, AVX-512
+    build, GFLOP/s tiles vs BLAS: forward 44 vs 51, input gradient 48 vs 70)."""
     return CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
+
+
+cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
+    """The input gradient's tile computes Wp/Wo - 1 more than it needs, where BLAS + col2im
+    computes none: measured on the AVX-512 build, 1 thread, GFLOP/s tiles vs BLAS, CIFAR conv2
+    (Wp/Wo = 28/26) 77 vs 79, MNIST conv2 (24/20) 69 vs 78. Worth it up to ~8% dropped."""
+    return (d.Wp - g.Wo) * 12 <= g.Wo
 
 
 cdef const float *padded_image(const float *x, float *xpad, const Geometry *g,
@@ -684,13 +695,6 @@ cdef void direct_input_gradient(const float *dpad, const float *tiles_wt, float 
         unpad_image(dxpad, dx, g, d)
 
 
-cdef inline void row_pointers(const float **rows, const float *first, Py_ssize_t n,
-                              Py_ssize_t step) noexcept nogil:
-    cdef Py_ssize_t r
-    for r in range(n):
-        rows[r] = first + r * step
-
-
 # ----------------------------------------------------------------------------- convolution
 #
 # The batch is cut into groups of G consecutive images (G = 1 unless Ho*Wo is small); the
@@ -710,8 +714,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
     out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW
     (None when G == 1: the GEMM writes into out).
-    float32 in the builds with tiles: convtrain's own GEMM tiles, on the image itself (the
-    direct path above) or on the im2col matrix, the ReLU applied as the tile stores.
+    float32, stride 1, G == 1 in the builds with tiles: convtrain's own GEMM tiles on the image
+    itself (the direct path above), the ReLU applied as the tile stores.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Direct d = make_direct(&g)
@@ -722,9 +726,11 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cdef floating *cols = NULL
     cdef floating *group_out = NULL
     cdef float *tiles_w = NULL     # the filters packed for convtrain's own GEMM tiles
-    cdef bint direct = direct_applies(&g, G)
-    cdef const float **rows = NULL     # per thread: where each row of B starts
-    cdef float *buffer = NULL          # per thread (direct path): output, padded image, ones
+    cdef bint direct = floating is float and direct_applies(&g, G)
+    cdef Py_ssize_t thread_floats = F * d.Pd + g.C * d.Hp * d.Wp + d.Pd
+    cdef const float **all_rows = NULL   # per thread: where each row of B starts
+    cdef float *buffers = NULL           # per thread: output, padded image, ones
+    cdef const float **rows = NULL
     cdef float *stage = NULL
     cdef float *xpad = NULL
     cdef const float *image = NULL
@@ -734,7 +740,12 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
         return
     with nogil:
         if floating is float:
-            tiles_w = packed_a(&w_ext[0, 0], k_ext, 1, F, k_ext)
+            # allocated here for every thread: short of memory, the whole call takes BLAS
+            if direct:
+                all_rows = <const float **> malloc(num_threads * k_ext * sizeof(float *))
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                tiles_w = packed_a(&w_ext[0, 0], k_ext, 1, F, k_ext)
+                direct = all_rows != NULL and buffers != NULL and tiles_w != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
@@ -742,26 +753,19 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                 group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
                 fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
-            rows = NULL
-            buffer = NULL
             if floating is float:
-                if tiles_w != NULL:
-                    rows = <const float **> malloc(k_ext * sizeof(float *))
-                    if direct:
-                        buffer = <float *> malloc((F * d.Pd + g.C * d.Hp * d.Wp + d.Pd) * sizeof(float))
-                    if rows != NULL and buffer != NULL:
-                        stage = buffer
-                        xpad = buffer + F * d.Pd
-                        fill(xpad + g.C * d.Hp * d.Wp, d.Pd, 1)
-                        rows[k_ext - 1] = xpad + g.C * d.Hp * d.Wp   # the ones (bias) row
-                    elif rows != NULL:
-                        row_pointers(rows, cols, k_ext, ld)
+                if direct:
+                    rows = all_rows + threadid() * k_ext
+                    stage = buffers + threadid() * thread_floats
+                    xpad = stage + F * d.Pd
+                    fill(xpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                    rows[k_ext - 1] = xpad + g.C * d.Hp * d.Wp   # the ones (bias) row
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
                 done = False
                 if floating is float:
-                    if buffer != NULL and rows != NULL:    # direct (G == 1)
+                    if direct:    # (G == 1)
                         image = padded_image(&x[n0, 0, 0, 0], xpad, &g, &d)
                         tap_rows(image, rows, &g, &d)
                         ct_gemm_nn(F, d.Pd, k_ext, tiles_w, rows, stage, d.Pd, NULL, relu)
@@ -774,21 +778,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                     continue
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
-                if floating is float:
-                    if rows != NULL:
-                        # the tile applies the ReLU as it stores (the same bits as afterwards)
-                        done = True
-                        if G == 1:
-                            ct_gemm_nn(F, P, k_ext, tiles_w, rows, &out[n0, 0, 0, 0], P, NULL, relu)
-                        else:
-                            ct_gemm_nn(F, count * P, k_ext, tiles_w, rows, group_out, ld, NULL, relu)
-                            for i in range(count):
-                                for f in range(F):
-                                    memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
-                                           P * sizeof(floating))
-                if done:
-                    pass
-                elif G == 1:
+                if G == 1:
                     gemm_rowmajor(c"N", c"N", <int> F, <int> P, <int> k_ext, <floating> 1,
                                   &w_ext[0, 0], <int> k_ext, cols, <int> ld,
                                   <floating> 0, &out[n0, 0, 0, 0], <int> P)
@@ -801,12 +791,12 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                         for f in range(F):
                             memcpy(&out[n0 + i, 0, 0, 0] + f * P, group_out + f * ld + i * P,
                                    P * sizeof(floating))
-                if relu and not done:
+                if relu:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
-            free(rows)
-            free(buffer)
         unpin_blas(saved_blas_threads)
         free(tiles_w)
+        free(all_rows)
+        free(buffers)
 
 
 def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
@@ -832,8 +822,8 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     and dx[n] is written by one thread. With relu_out, w2d and dx None this is the filter
     gradient alone.
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
-    float32 in the builds with tiles: convtrain's own GEMM tiles, on the image itself (the
-    direct path, col2im fused into the input gradient's store) or on the im2col matrix.
+    float32, stride 1, G == 1 in the builds with tiles: convtrain's own GEMM tiles on the image
+    itself (the direct path; the input gradient too where it pays, col2im fused into its store).
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Direct d = make_direct(&g)
@@ -848,8 +838,8 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     # the optional parts, decided once: the loops below test these flags, never the arrays
     cdef bint mask = relu_out is not None, input_grad = dx is not None
-    cdef bint tiles = floating is float and CONVTRAIN_HAVE_TILES
-    cdef bint direct = direct_applies(&g, G)
+    cdef bint direct = floating is float and direct_applies(&g, G)
+    cdef bint direct_dx = direct and input_grad and direct_input_gradient_pays(&g, &d)
     cdef Py_ssize_t thread_rows = 2 * K + 1 + F, thread_floats = F * d.Pd + 2 * g.C * d.Hp * d.Wp + d.Pd
     cdef const float **all_rows = NULL   # per thread: rows of B (K+1), of dout (F), of dx (K)
     cdef float *buffers = NULL           # per thread (direct): dout padded, padded x, dx, ones
@@ -867,22 +857,15 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
         if floating is float:
             # everything the threads need, allocated here: if memory runs short the whole call
             # takes a slower path, never part of it (the bits would depend on the threads)
-            if tiles:
-                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
-                tiles = all_rows != NULL
-            direct = direct and tiles
             if direct:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
                 buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
-                if input_grad:
-                    order = channel_fastest_taps(&g)
-                direct = buffers != NULL and (order != NULL or not input_grad)
-            if tiles and input_grad:
-                if direct:
+                direct = all_rows != NULL and buffers != NULL
+            if direct and direct_dx:
+                order = channel_fastest_taps(&g)
+                if order != NULL:
                     tiles_wt = packed_a_rows(&w2d[0, 0], order, 1, K, K, F)
-                else:
-                    tiles_wt = packed_a(&w2d[0, 0], 1, K, K, F)
-                tiles = tiles_wt != NULL
-                direct = direct and tiles
+                direct = tiles_wt != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
@@ -890,18 +873,15 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                 group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
             if floating is float:
-                if tiles:
+                if direct:
                     rows = all_rows + threadid() * thread_rows
                     drows = rows + K + 1
                     dxrows = <float **> (drows + F)
-                    if direct:
-                        dpad = buffers + threadid() * thread_floats
-                        xpad = dpad + F * d.Pd
-                        dxpad = xpad + g.C * d.Hp * d.Wp
-                        fill(dxpad + g.C * d.Hp * d.Wp, d.Pd, 1)
-                        rows[K] = dxpad + g.C * d.Hp * d.Wp     # the ones (db) row
-                    else:
-                        row_pointers(rows, cols, K + 1, ld)
+                    dpad = buffers + threadid() * thread_floats
+                    xpad = dpad + F * d.Pd
+                    dxpad = xpad + g.C * d.Hp * d.Wp
+                    fill(dxpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                    rows[K] = dxpad + g.C * d.Hp * d.Wp     # the ones (db) row
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
                     n0 = group * G
@@ -915,9 +895,14 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                             spread_gradient(&dout[n0, 0, 0, 0], dpad, F, &g, &d)
                             ct_gemm_nt_acc(F, K + 1, d.Pd, dpad, d.Pd, rows,
                                            &dw_ext_per_chunk[chunk, 0], K + 1)
-                            if input_grad:
+                            if direct_dx:
                                 direct_input_gradient(dpad, tiles_wt, &dx[n0, 0, 0, 0], dxpad,
                                                       drows, dxrows, order, F, &g, &d)
+                            elif input_grad:   # BLAS, as below (G == 1)
+                                gemm_rowmajor(c"T", c"N", <int> K, <int> P, <int> F, <floating> 1,
+                                              &w2d[0, 0], <int> K, &dout[n0, 0, 0, 0], <int> P,
+                                              <floating> 0, cols, <int> P)
+                                col2im_image(cols, P, &dx[n0, 0, 0, 0], &g)
                             continue
                     for i in range(count):
                         im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
@@ -932,16 +917,6 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                                        P * sizeof(floating))
                         a = group_dout
                         lda = ld
-                    if floating is float:
-                        if tiles:
-                            ct_gemm_nt_acc(F, K + 1, count * P, a, lda, rows,
-                                           &dw_ext_per_chunk[chunk, 0], K + 1)
-                            if input_grad:
-                                row_pointers(drows, a, F, lda)
-                                ct_gemm_nn(K, count * P, F, tiles_wt, drows, cols, ld, NULL, 0)
-                                for i in range(count):
-                                    col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
-                            continue
                     gemm_rowmajor(c"N", c"T", <int> F, <int> (K + 1), <int> (count * P),
                                   <floating> 1, a, <int> lda, cols, <int> ld, <floating> 1,
                                   &dw_ext_per_chunk[chunk, 0], <int> (K + 1))
@@ -981,8 +956,8 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     cdef floating *group_dout = NULL
     cdef const floating *b = NULL
     cdef float *tiles_wt = NULL    # W^T packed for the tiles
-    cdef bint tiles = floating is float and CONVTRAIN_HAVE_TILES
-    cdef bint direct = direct_applies(&g, G)
+    cdef bint direct = (floating is float and direct_applies(&g, G)
+                        and direct_input_gradient_pays(&g, &d))
     cdef Py_ssize_t thread_rows = F + K, thread_floats = F * d.Pd + g.C * d.Hp * d.Wp
     cdef const float **all_rows = NULL
     cdef float *buffers = NULL
@@ -997,33 +972,24 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         return
     with nogil:
         if floating is float:   # as in conv2d_backward: the same tiles, order and bits
-            if tiles:
-                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
-                tiles = all_rows != NULL
-            direct = direct and tiles
             if direct:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
                 buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
                 order = channel_fastest_taps(&g)
-                direct = buffers != NULL and order != NULL
-            if tiles:
-                if direct:
+                if all_rows != NULL and buffers != NULL and order != NULL:
                     tiles_wt = packed_a_rows(&w[0, 0, 0, 0], order, 1, K, K, F)
-                else:
-                    tiles_wt = packed_a(&w[0, 0, 0, 0], 1, K, K, F)
-                tiles = tiles_wt != NULL
-                direct = direct and tiles
+                direct = tiles_wt != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
             if G > 1:
                 group_dout = &dout_scratch[threadid(), 0]
             if floating is float:
-                if tiles:
+                if direct:
                     drows = all_rows + threadid() * thread_rows
                     dxrows = <float **> (drows + F)
-                    if direct:
-                        dpad = buffers + threadid() * thread_floats
-                        dxpad = dpad + F * d.Pd
+                    dpad = buffers + threadid() * thread_floats
+                    dxpad = dpad + F * d.Pd
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
@@ -1046,14 +1012,8 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
                                    P * sizeof(floating))
                     b = group_dout
                     ldb = ld
-                if floating is float:
-                    if tiles:
-                        row_pointers(drows, b, F, ldb)
-                        ct_gemm_nn(K, count * P, F, tiles_wt, drows, dcols, ld, NULL, 0)
-                        done = True
-                if not done:
-                    gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
-                                  &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
+                gemm_rowmajor(c"T", c"N", <int> K, <int> (count * P), <int> F, <floating> 1,
+                              &w[0, 0, 0, 0], <int> K, b, <int> ldb, <floating> 0, dcols, <int> ld)
                 for i in range(count):
                     col2im_image(dcols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
