@@ -572,9 +572,9 @@ def relu_backward(floating[::1] d, const floating[::1] out):
 # 20%) and saves writing and re-reading the whole im2col matrix. Padding: the image is first
 # copied into a zero-bordered (C, Hp, Wp) buffer. With a non-finite x the dropped columns'
 # products 0 * inf are NaN and reach dw (finite inputs are unaffected).
-# The input gradient takes the tiles only where few columns are dropped (see
-# direct_input_gradient_pays); everything else (strides, grouped small images, float64, the
-# portable build) keeps im2col + BLAS.
+# The input gradient takes the tiles only where no column is dropped (see
+# direct_input_gradient_pays); everything else (strides, grouped small images, fewer than 64
+# taps, float64, the portable build) keeps im2col + BLAS.
 
 cdef struct Direct:
     Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
@@ -591,17 +591,22 @@ cdef Direct make_direct(const Geometry *g) noexcept nogil:
 
 
 cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
-    """The tiles run on the direct path only: on grouped small images (DIGITS) and on the
-    im2col matrix they were measured slower than OpenBLAS (DIGITS conv2, 1 thread, AVX-512
-    build, GFLOP/s tiles vs BLAS: forward 44 vs 51, input gradient 48 vs 70)."""
-    return CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
+    """Where the tiles run (float32, builds with tiles): the direct path only, with at least 64
+    taps. Measured slower than OpenBLAS elsewhere (1 thread, CPU clock, AVX-512 build, GFLOP/s
+    tiles vs BLAS): DIGITS' grouped small images (conv2 forward 44 vs 51, input gradient 48 vs
+    70), and few taps (MNIST conv1, 25 taps: forward 39 vs 61, filter gradient 33 vs 37), where
+    CIFAR conv1 (75 taps) gains (forward 59 vs 49, filter gradient 63 vs 48)."""
+    return (CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
+            and g.C * g.kh * g.kw >= 64)
 
 
 cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
-    """The input gradient's tile computes Wp/Wo - 1 more than it needs, where BLAS + col2im
-    computes none: measured on the AVX-512 build, 1 thread, GFLOP/s tiles vs BLAS, CIFAR conv2
-    (Wp/Wo = 28/26) 77 vs 79, MNIST conv2 (24/20) 69 vs 78. Worth it up to ~8% dropped."""
-    return (d.Wp - g.Wo) * 12 <= g.Wo
+    """The input gradient's tile computes the dropped columns (Wp/Wo - 1 more) where BLAS +
+    col2im computes none, and was measured slower than them even with few dropped: CIFAR conv2
+    (Wp/Wo = 28/26) 64-77 vs 71-79 GFLOP/s, MNIST conv2 (24/20) 69 vs 78 (1 thread, CPU
+    clock). So it runs only where no column is dropped (kw == 1 without padding), and the
+    input gradient of the reference nets stays on BLAS."""
+    return d.Wp == g.Wo
 
 
 cdef const float *padded_image(const float *x, float *xpad, const Geometry *g,
@@ -632,7 +637,7 @@ cdef void tap_rows(const float *image, const float **rows, const Geometry *g,
 # (c, i, j) and (c, i, j+1) add to the same pixels one float apart, and a load that partly
 # overlaps a store still in flight cannot be forwarded from it (the CPU waits for the store):
 # so the rows are taken in the order (i, j, c), channel fastest, whose neighbours lie a whole
-# plane apart. (CIFAR conv2 input gradient, 1 thread: 74 -> see README GFLOP/s.)
+# plane apart (CIFAR conv2's input gradient, 1 thread, CPU clock: 74 -> 77 GFLOP/s).
 
 cdef Py_ssize_t *channel_fastest_taps(const Geometry *g) noexcept nogil:
     """order[(i*kw + j)*C + c] = (c*kh + i)*kw + j (free() it; NULL if out of memory)."""
@@ -823,7 +828,8 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     gradient alone.
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
     float32, stride 1, G == 1 in the builds with tiles: convtrain's own GEMM tiles on the image
-    itself (the direct path; the input gradient too where it pays, col2im fused into its store).
+    itself (the direct path; the input gradient too where no column is dropped, col2im fused
+    into its store).
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     cdef Direct d = make_direct(&g)
