@@ -574,7 +574,7 @@ def relu_backward(floating[::1] d, const floating[::1] out):
 # products 0 * inf are NaN and reach dw (finite inputs are unaffected).
 # The input gradient takes the tiles only where no column is dropped (see
 # direct_input_gradient_pays); everything else (strides, grouped small images, fewer than 64
-# taps, float64, the portable build) keeps im2col + BLAS.
+# taps or more than 15% dropped columns, float64, the portable build) keeps im2col + BLAS.
 
 cdef struct Direct:
     Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
@@ -592,12 +592,14 @@ cdef Direct make_direct(const Geometry *g) noexcept nogil:
 
 cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
     """Where the tiles run (float32, builds with tiles): the direct path only, with at least 64
-    taps. Measured slower than OpenBLAS elsewhere (1 thread, CPU clock, AVX-512 build, GFLOP/s
-    tiles vs BLAS): DIGITS' grouped small images (conv2 forward 44 vs 51, input gradient 48 vs
-    70), and few taps (MNIST conv1, 25 taps: forward 39 vs 61, filter gradient 33 vs 37), where
-    CIFAR conv1 (75 taps) gains (forward 59 vs 49, filter gradient 63 vs 48)."""
+    taps and at most 15% of the columns computed and dropped ((Wp - Wo) / Wo). Measured, 1
+    thread, CPU clock, AVX-512 build, GFLOP/s tiles vs OpenBLAS: CIFAR conv2 (288 taps, 8%
+    dropped) forward 82 vs 77, filter gradient 78 vs 73; CIFAR conv1 (75 taps, 14%) 63 vs 59
+    and 65 vs 50; but MNIST conv2 (500 taps, 20%) 67 vs 71 and 66 vs 69, MNIST conv1 (25 taps)
+    39 vs 61 and 33 vs 37, DIGITS' grouped small images (conv2) forward 44 vs 51."""
+    cdef Py_ssize_t dropped = g.W + 2 * g.pw - g.Wo
     return (CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
-            and g.C * g.kh * g.kw >= 64)
+            and g.C * g.kh * g.kw >= 64 and dropped * 20 <= g.Wo * 3)
 
 
 cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
