@@ -11,9 +11,12 @@ Project metadata lives in pyproject.toml; this file only describes the compiled 
   which one you got.
 * on x86-64 with gcc or clang, ``ext/_conv.pyx`` is also compiled for the x86-64-v3 (AVX2, FMA)
   and x86-64-v4 (AVX-512) instruction sets, as ``convtrain.nn._conv_x86_64_v3`` and
-  ``convtrain.nn._conv_x86_64_v4``: the same source, the same results bit for bit, but wider
-  vectors in the loops around the GEMMs (im2col, col2im, ReLU masks; see convtrain/nn/backend.py). The baseline module stays portable; the CPU picks
-  among them at import time. ``CONVTRAIN_NO_ISA_VARIANTS=1`` builds the baseline only.
+  ``convtrain.nn._conv_x86_64_v4``: the same source, with wider vectors in the loops around the
+  GEMMs (im2col, col2im, ReLU masks) and convtrain's own AVX2 / AVX-512 float32 GEMM tiles
+  (ext/gemm_kernels.h) for the stride-1 conv passes; float32 conv results agree with the
+  portable build's (BLAS) to rounding, everything else bit for bit (see convtrain/nn/backend.py
+  and tests/nn/test_isa_variants.py). The baseline module stays portable; the CPU picks among
+  them at import time. ``CONVTRAIN_NO_ISA_VARIANTS=1`` builds the baseline only.
 """
 
 import json

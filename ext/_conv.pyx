@@ -22,6 +22,7 @@ Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.p
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -43,6 +44,22 @@ cdef extern from "conv_support.h":
                               Py_ssize_t n) noexcept nogil
     void add_short_rows_double(double *dst, Py_ssize_t step, const double *src, Py_ssize_t rows,
                                Py_ssize_t n) noexcept nogil
+
+cdef extern from "gemm_kernels.h":
+    # convtrain's own float32 GEMM tiles (AVX-512 / AVX2 builds; CONVTRAIN_HAVE_TILES is 0 in
+    # the portable build, which keeps BLAS): see the header for their layouts and sums
+    const int CONVTRAIN_HAVE_TILES
+    Py_ssize_t ct_packed_a_floats(Py_ssize_t M, Py_ssize_t Kd) noexcept nogil
+    void ct_pack_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, Py_ssize_t M,
+                   Py_ssize_t Kd, float *packed) noexcept nogil
+    void ct_pack_a_rows(const float *a, const Py_ssize_t *rows, Py_ssize_t row_step,
+                        Py_ssize_t col_step, Py_ssize_t M, Py_ssize_t Kd, float *packed) noexcept nogil
+    void ct_gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t Kd, const float *apacked,
+                    const float **brows, float *c, Py_ssize_t ldc, float **crows,
+                    int relu) noexcept nogil
+    void ct_gemm_nt_acc(Py_ssize_t M, Py_ssize_t Nk, Py_ssize_t L, const float *a, Py_ssize_t lda,
+                        const float **brows, float *d, Py_ssize_t ldd) noexcept nogil
+    double ct_fma_loop(long iters, float seed) noexcept nogil
 
 
 # ----------------------------------------------------------------------------- build & threads
@@ -82,7 +99,20 @@ def compiled_with():
         "debug_checks": bool(CONVTRAIN_DEBUG_CHECKS),
         "max_threads": convtrain_max_threads(),
         "isa": CONVTRAIN_ISA.decode(),
+        "gemm_tiles": bool(CONVTRAIN_HAVE_TILES),
     }
+
+
+def fma_flops(long iters, int num_threads):
+    """Floating-point operations done by `iters` rounds of an FMA-bound loop (12 independent
+    chains of this build's widest vectors) on each of num_threads threads; time the call to get
+    the machine's FMA peak (benchmarks/bench_kernels.py)."""
+    cdef double total = 0
+    cdef int t
+    with nogil:
+        for t in prange(num_threads, num_threads=team_size(num_threads), schedule="static"):
+            total += ct_fma_loop(iters, 0.5)
+    return total
 
 
 def cpu_x86_64_level():
@@ -160,6 +190,31 @@ cdef inline void unpin_blas(const int *saved) noexcept nogil:
 
 
 # ----------------------------------------------------------------------------- GEMM
+
+cdef float *packed_a(const float *a, Py_ssize_t row_step, Py_ssize_t col_step, Py_ssize_t M,
+                     Py_ssize_t Kd) noexcept nogil:
+    """A (M x Kd) packed for ct_gemm_nn (free() it), or NULL: no tiles in this build, or no
+    memory (then the caller takes the BLAS path)."""
+    cdef float *packed
+    if not CONVTRAIN_HAVE_TILES:
+        return NULL
+    packed = <float *> malloc(ct_packed_a_floats(M, Kd) * sizeof(float))
+    if packed != NULL:
+        ct_pack_a(a, row_step, col_step, M, Kd, packed)
+    return packed
+
+
+cdef float *packed_a_rows(const float *a, const Py_ssize_t *rows, Py_ssize_t row_step,
+                          Py_ssize_t col_step, Py_ssize_t M, Py_ssize_t Kd) noexcept nogil:
+    """packed_a with A's row m taken from a's row rows[m]."""
+    cdef float *packed
+    if not CONVTRAIN_HAVE_TILES:
+        return NULL
+    packed = <float *> malloc(ct_packed_a_floats(M, Kd) * sizeof(float))
+    if packed != NULL:
+        ct_pack_a_rows(a, rows, row_step, col_step, M, Kd, packed)
+    return packed
+
 
 cdef inline void gemm_rowmajor(char transa, char transb, int m, int n, int k,
                                floating alpha, const floating *a, int lda,
@@ -504,6 +559,149 @@ def relu_backward(floating[::1] d, const floating[::1] out):
                               min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+# ----------------------------------------------------------------------------- own GEMM tiles
+#
+# In the builds with tiles (CONVTRAIN_HAVE_TILES), float32 convolutions with stride 1 whose
+# images are not grouped (G == 1) take the *direct* path: the rows of the lecture's M_X^im^T
+# (one per tap (c, i, j)) are read straight from the image, never copied out. Tap (c, i, j)'s
+# row is the image plane c from row i, column j on, read as one long row of width Wp (the
+# padded image's width): entry oh*Wp + ow is x[c, oh + i, ow + j]. So the GEMMs run over
+# Pd = (Ho-1)*Wp + Wo columns instead of P = Ho*Wo: the columns with ow >= Wo are computed
+# and dropped (forward), or multiplied by zeros (gradients; dout is copied into a zero-padded
+# (F, Pd) buffer). That costs Wp/Wo - 1 more multiply-adds (CIFAR conv2: 8%, MNIST conv2:
+# 20%) and saves writing and re-reading the whole im2col matrix. Padding: the image is first
+# copied into a zero-bordered (C, Hp, Wp) buffer. With a non-finite x the dropped columns'
+# products 0 * inf are NaN and reach dw (finite inputs are unaffected).
+# The input gradient takes the tiles only where no column is dropped (see
+# direct_input_gradient_pays); everything else (strides, grouped small images, fewer than 64
+# taps or more than 15% dropped columns, float64, the portable build) keeps im2col + BLAS.
+
+cdef struct Direct:
+    Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
+    bint padded
+
+
+cdef Direct make_direct(const Geometry *g) noexcept nogil:
+    cdef Direct d
+    d.Hp = g.H + 2 * g.ph
+    d.Wp = g.W + 2 * g.pw
+    d.Pd = (g.Ho - 1) * d.Wp + g.Wo
+    d.padded = g.ph > 0 or g.pw > 0
+    return d
+
+
+cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
+    """Where the tiles run (float32, builds with tiles): the direct path only, with at least 64
+    taps and at most 15% of the columns computed and dropped ((Wp - Wo) / Wo). Measured, 1
+    thread, CPU clock, AVX-512 build, GFLOP/s tiles vs OpenBLAS: CIFAR conv2 (288 taps, 8%
+    dropped) forward 82 vs 77, filter gradient 78 vs 73; CIFAR conv1 (75 taps, 14%) 63 vs 59
+    and 65 vs 50; but MNIST conv2 (500 taps, 20%) 67 vs 71 and 66 vs 69, MNIST conv1 (25 taps)
+    39 vs 61 and 33 vs 37, DIGITS' grouped small images (conv2) forward 44 vs 51."""
+    cdef Py_ssize_t dropped = g.W + 2 * g.pw - g.Wo
+    return (CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
+            and g.C * g.kh * g.kw >= 64 and dropped * 20 <= g.Wo * 3)
+
+
+cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
+    """The input gradient's tile computes the dropped columns (Wp/Wo - 1 more) where BLAS +
+    col2im computes none, and was measured slower than them even with few dropped: CIFAR conv2
+    (Wp/Wo = 28/26) 64-77 vs 71-79 GFLOP/s, MNIST conv2 (24/20) 69 vs 78 (1 thread, CPU
+    clock). So it runs only where no column is dropped (kw == 1 without padding), and the
+    input gradient of the reference nets stays on BLAS."""
+    return d.Wp == g.Wo
+
+
+cdef const float *padded_image(const float *x, float *xpad, const Geometry *g,
+                               const Direct *d) noexcept nogil:
+    """x itself without padding, else x copied into xpad (C, Hp, Wp) inside zero borders."""
+    cdef Py_ssize_t c, h
+    if not d.padded:
+        return x
+    memset(xpad, 0, g.C * d.Hp * d.Wp * sizeof(float))
+    for c in range(g.C):
+        for h in range(g.H):
+            memcpy(xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw, x + (c * g.H + h) * g.W,
+                   g.W * sizeof(float))
+    return xpad
+
+
+cdef void tap_rows(const float *image, const float **rows, const Geometry *g,
+                   const Direct *d) noexcept nogil:
+    """rows[(c*kh + i)*kw + j] = where tap (c, i, j)'s row of M_X^im^T starts in the image."""
+    cdef Py_ssize_t c, i, j
+    for c in range(g.C):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                rows[(c * g.kh + i) * g.kw + j] = image + (c * d.Hp + i) * d.Wp + j
+
+
+# The input gradient's tile adds each of its rows (taps) into the image as it stores them. Taps
+# (c, i, j) and (c, i, j+1) add to the same pixels one float apart, and a load that partly
+# overlaps a store still in flight cannot be forwarded from it (the CPU waits for the store):
+# so the rows are taken in the order (i, j, c), channel fastest, whose neighbours lie a whole
+# plane apart (CIFAR conv2's input gradient, 1 thread, CPU clock: 74 -> 77 GFLOP/s).
+
+cdef Py_ssize_t *channel_fastest_taps(const Geometry *g) noexcept nogil:
+    """order[(i*kw + j)*C + c] = (c*kh + i)*kw + j (free() it; NULL if out of memory)."""
+    cdef Py_ssize_t c, t, taps = g.kh * g.kw
+    cdef Py_ssize_t *order = <Py_ssize_t *> malloc(g.C * taps * sizeof(Py_ssize_t))
+    if order != NULL:
+        for t in range(taps):
+            for c in range(g.C):
+                order[t * g.C + c] = c * taps + t
+    return order
+
+
+cdef void tap_rows_out(float *image, float **rows, const Py_ssize_t *order, const Geometry *g,
+                       const Direct *d) noexcept nogil:
+    """rows[m] = where tap order[m]'s row starts in a writeable image (col2im: the input
+    gradient adds into them)."""
+    cdef Py_ssize_t m, tap, c, i, j, K = g.C * g.kh * g.kw
+    for m in range(K):
+        tap = order[m]
+        c = tap // (g.kh * g.kw)
+        i = (tap // g.kw) % g.kh
+        j = tap % g.kw
+        rows[m] = image + (c * d.Hp + i) * d.Wp + j
+
+
+cdef void spread_gradient(const float *dout, float *dpad, Py_ssize_t F, const Geometry *g,
+                          const Direct *d) noexcept nogil:
+    """dpad (F, Pd): dout (F, Ho, Wo) on the direct path's columns, 0 in the dropped ones."""
+    cdef Py_ssize_t f, oh
+    cdef float *row
+    for f in range(F):
+        for oh in range(g.Ho):
+            row = dpad + f * d.Pd + oh * d.Wp
+            memcpy(row, dout + (f * g.Ho + oh) * g.Wo, g.Wo * sizeof(float))
+            if oh < g.Ho - 1:
+                memset(row + g.Wo, 0, (d.Wp - g.Wo) * sizeof(float))
+
+
+cdef void unpad_image(const float *xpad, float *x, const Geometry *g, const Direct *d) noexcept nogil:
+    cdef Py_ssize_t c, h
+    for c in range(g.C):
+        for h in range(g.H):
+            memcpy(x + (c * g.H + h) * g.W, xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw,
+                   g.W * sizeof(float))
+
+
+cdef void direct_input_gradient(const float *dpad, const float *tiles_wt, float *dx, float *dxpad,
+                                const float **drows, float **dxrows, const Py_ssize_t *order,
+                                Py_ssize_t F, const Geometry *g, const Direct *d) noexcept nogil:
+    """dx (C, H, W) = col2im(W^T . dpad): each tap's row of the product added into the image
+    as the tile stores it (tiles_wt packed with its rows in `order`)."""
+    cdef Py_ssize_t f, K = g.C * g.kh * g.kw
+    cdef float *image = dxpad if d.padded else dx
+    memset(image, 0, g.C * d.Hp * d.Wp * sizeof(float))
+    tap_rows_out(image, dxrows, order, g, d)
+    for f in range(F):
+        drows[f] = dpad + f * d.Pd
+    ct_gemm_nn(K, d.Pd, F, tiles_wt, drows, NULL, 0, dxrows, 0)
+    if d.padded:
+        unpad_image(dxpad, dx, g, d)
+
+
 # ----------------------------------------------------------------------------- convolution
 #
 # The batch is cut into groups of G consecutive images (G = 1 unless Ho*Wo is small); the
@@ -523,18 +721,38 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cols_scratch (threads, K[+1]*G*P): one group's im2col matrices per thread;
     out_scratch (threads, F*G*P) when G > 1: the group's output before it is scattered to NCHW
     (None when G == 1: the GEMM writes into out).
+    float32, stride 1, G == 1 in the builds with tiles: convtrain's own GEMM tiles on the image
+    itself (the direct path above), the ReLU applied as the tile stores.
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = x.shape[0], F = w_ext.shape[0], k_ext = w_ext.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
-    cdef Py_ssize_t group, n0, count, i, f
+    cdef Py_ssize_t group, n0, count, i, f, oh
     cdef floating *cols = NULL
     cdef floating *group_out = NULL
+    cdef float *tiles_w = NULL     # the filters packed for convtrain's own GEMM tiles
+    cdef bint direct = floating is float and direct_applies(&g, G)
+    cdef Py_ssize_t thread_floats = F * d.Pd + g.C * d.Hp * d.Wp + d.Pd
+    cdef const float **all_rows = NULL   # per thread: where each row of B starts
+    cdef float *buffers = NULL           # per thread: output, padded image, ones
+    cdef const float **rows = NULL
+    cdef float *stage = NULL
+    cdef float *xpad = NULL
+    cdef const float *image = NULL
+    cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
     with nogil:
+        if floating is float:
+            # allocated here for every thread: short of memory, the whole call takes BLAS
+            if direct:
+                all_rows = <const float **> malloc(num_threads * k_ext * sizeof(float *))
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                tiles_w = packed_a(&w_ext[0, 0], k_ext, 1, F, k_ext)
+                direct = all_rows != NULL and buffers != NULL and tiles_w != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
@@ -542,9 +760,29 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                 group_out = &out_scratch[threadid(), 0]
             if k_ext > K:
                 fill(cols + K * ld, ld, <floating> 1)   # the bias row, never overwritten
+            if floating is float:
+                if direct:
+                    rows = all_rows + threadid() * k_ext
+                    stage = buffers + threadid() * thread_floats
+                    xpad = stage + F * d.Pd
+                    fill(xpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                    rows[k_ext - 1] = xpad + g.C * d.Hp * d.Wp   # the ones (bias) row
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
+                done = False
+                if floating is float:
+                    if direct:    # (G == 1)
+                        image = padded_image(&x[n0, 0, 0, 0], xpad, &g, &d)
+                        tap_rows(image, rows, &g, &d)
+                        ct_gemm_nn(F, d.Pd, k_ext, tiles_w, rows, stage, d.Pd, NULL, relu)
+                        for f in range(F):
+                            for oh in range(g.Ho):
+                                memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wp,
+                                       g.Wo * sizeof(float))
+                        done = True
+                if done:
+                    continue
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
                 if G == 1:
@@ -563,6 +801,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                 if relu:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
         unpin_blas(saved_blas_threads)
+        free(tiles_w)
+        free(all_rows)
+        free(buffers)
 
 
 def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
@@ -588,8 +829,12 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     and dx[n] is written by one thread. With relu_out, w2d and dx None this is the filter
     gradient alone.
     cols_scratch (threads, (K+1)*G*P); dout_scratch (threads, F*G*P) when G > 1, else None.
+    float32, stride 1, G == 1 in the builds with tiles: convtrain's own GEMM tiles on the image
+    itself (the direct path; the input gradient too where no column is dropped, col2im fused
+    into its store).
     """
     cdef Geometry g = make_geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = x.shape[0], F = dout.shape[1]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G, chunks = dw_ext_per_chunk.shape[0]
@@ -597,24 +842,76 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef floating *cols = NULL
     cdef floating *group_dout = NULL
     cdef const floating *a = NULL
+    cdef float *tiles_wt = NULL    # W^T packed for the tiles (the input gradient)
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     # the optional parts, decided once: the loops below test these flags, never the arrays
     cdef bint mask = relu_out is not None, input_grad = dx is not None
+    cdef bint direct = floating is float and direct_applies(&g, G)
+    cdef bint direct_dx = direct and input_grad and direct_input_gradient_pays(&g, &d)
+    cdef Py_ssize_t thread_rows = 2 * K + 1 + F, thread_floats = F * d.Pd + 2 * g.C * d.Hp * d.Wp + d.Pd
+    cdef const float **all_rows = NULL   # per thread: rows of B (K+1), of dout (F), of dx (K)
+    cdef float *buffers = NULL           # per thread (direct): dout padded, padded x, dx, ones
+    cdef Py_ssize_t *order = NULL        # the input gradient's tap order (direct)
+    cdef const float **rows = NULL
+    cdef const float **drows = NULL
+    cdef float **dxrows = NULL
+    cdef float *dpad = NULL
+    cdef float *xpad = NULL
+    cdef float *dxpad = NULL
+    cdef const float *image = NULL
     if N == 0:
         return
     with nogil:
+        if floating is float:
+            # everything the threads need, allocated here: if memory runs short the whole call
+            # takes a slower path, never part of it (the bits would depend on the threads)
+            if direct:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                direct = all_rows != NULL and buffers != NULL
+            if direct and direct_dx:
+                order = channel_fastest_taps(&g)
+                if order != NULL:
+                    tiles_wt = packed_a_rows(&w2d[0, 0], order, 1, K, K, F)
+                direct = tiles_wt != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             cols = &cols_scratch[threadid(), 0]
             if G > 1:
                 group_dout = &dout_scratch[threadid(), 0]
             fill(cols + K * ld, ld, <floating> 1)   # ones row: its product with dout is db
+            if floating is float:
+                if direct:
+                    rows = all_rows + threadid() * thread_rows
+                    drows = rows + K + 1
+                    dxrows = <float **> (drows + F)
+                    dpad = buffers + threadid() * thread_floats
+                    xpad = dpad + F * d.Pd
+                    dxpad = xpad + g.C * d.Hp * d.Wp
+                    fill(dxpad + g.C * d.Hp * d.Wp, d.Pd, 1)
+                    rows[K] = dxpad + g.C * d.Hp * d.Wp     # the ones (db) row
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
                     n0 = group * G
                     count = group_count(N, G, group)
                     if mask:
                         relu_mask_inplace(&dout[n0, 0, 0, 0], &relu_out[n0, 0, 0, 0], count * F * P)
+                    if floating is float:
+                        if direct:     # (G == 1)
+                            image = padded_image(&x[n0, 0, 0, 0], xpad, &g, &d)
+                            tap_rows(image, rows, &g, &d)
+                            spread_gradient(&dout[n0, 0, 0, 0], dpad, F, &g, &d)
+                            ct_gemm_nt_acc(F, K + 1, d.Pd, dpad, d.Pd, rows,
+                                           &dw_ext_per_chunk[chunk, 0], K + 1)
+                            if direct_dx:
+                                direct_input_gradient(dpad, tiles_wt, &dx[n0, 0, 0, 0], dxpad,
+                                                      drows, dxrows, order, F, &g, &d)
+                            elif input_grad:   # BLAS, as below (G == 1)
+                                gemm_rowmajor(c"T", c"N", <int> K, <int> P, <int> F, <floating> 1,
+                                              &w2d[0, 0], <int> K, &dout[n0, 0, 0, 0], <int> P,
+                                              <floating> 0, cols, <int> P)
+                                col2im_image(cols, P, &dx[n0, 0, 0, 0], &g)
+                            continue
                     for i in range(count):
                         im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
                     if G == 1:
@@ -638,6 +935,10 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                         for i in range(count):
                             col2im_image(cols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
+        free(tiles_wt)
+        free(all_rows)
+        free(buffers)
+        free(order)
 
 
 def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
@@ -649,10 +950,12 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     convolution G_zero-pad * F_rot180 summed over filters. Each image is written by one thread.
 
     cols_scratch (threads, K*G*P): the group's column gradients; dout_scratch (threads, F*G*P)
-    when G > 1, else None.
+    when G > 1, else None. float32 in the builds with tiles: the same tiles, direct path and
+    bits as conv2d_backward's input gradient.
     """
     cdef Geometry g = make_geometry(dx.shape[1], dx.shape[2], dx.shape[3],
                                     w.shape[2], w.shape[3], sh, sw, ph, pw)
+    cdef Direct d = make_direct(&g)
     cdef Py_ssize_t N = dx.shape[0], F = w.shape[0]
     cdef Py_ssize_t K = g.C * g.kh * g.kw, P = g.Ho * g.Wo, ld = G * P
     cdef Py_ssize_t groups = (N + G - 1) // G
@@ -660,18 +963,53 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     cdef floating *dcols = NULL
     cdef floating *group_dout = NULL
     cdef const floating *b = NULL
+    cdef float *tiles_wt = NULL    # W^T packed for the tiles
+    cdef bint direct = (floating is float and direct_applies(&g, G)
+                        and direct_input_gradient_pays(&g, &d))
+    cdef Py_ssize_t thread_rows = F + K, thread_floats = F * d.Pd + g.C * d.Hp * d.Wp
+    cdef const float **all_rows = NULL
+    cdef float *buffers = NULL
+    cdef Py_ssize_t *order = NULL
+    cdef const float **drows = NULL
+    cdef float **dxrows = NULL
+    cdef float *dpad = NULL
+    cdef float *dxpad = NULL
+    cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     if N == 0:
         return
     with nogil:
+        if floating is float:   # as in conv2d_backward: the same tiles, order and bits
+            if direct:
+                all_rows = <const float **> malloc(num_threads * thread_rows * sizeof(float *))
+                buffers = <float *> malloc(num_threads * thread_floats * sizeof(float))
+                order = channel_fastest_taps(&g)
+                if all_rows != NULL and buffers != NULL and order != NULL:
+                    tiles_wt = packed_a_rows(&w[0, 0, 0, 0], order, 1, K, K, F)
+                direct = tiles_wt != NULL
         pin_blas(saved_blas_threads)
         with parallel(num_threads=team_size(num_threads)):
             dcols = &cols_scratch[threadid(), 0]
             if G > 1:
                 group_dout = &dout_scratch[threadid(), 0]
+            if floating is float:
+                if direct:
+                    drows = all_rows + threadid() * thread_rows
+                    dxrows = <float **> (drows + F)
+                    dpad = buffers + threadid() * thread_floats
+                    dxpad = dpad + F * d.Pd
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
+                done = False
+                if floating is float:
+                    if direct:   # (G == 1)
+                        spread_gradient(&dout[n0, 0, 0, 0], dpad, F, &g, &d)
+                        direct_input_gradient(dpad, tiles_wt, &dx[n0, 0, 0, 0], dxpad, drows,
+                                              dxrows, order, F, &g, &d)
+                        done = True
+                if done:
+                    continue
                 if G == 1:
                     b = &dout[n0, 0, 0, 0]
                     ldb = P
@@ -687,6 +1025,10 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
                 for i in range(count):
                     col2im_image(dcols + i * P, ld, &dx[n0 + i, 0, 0, 0], &g)
         unpin_blas(saved_blas_threads)
+        free(tiles_wt)
+        free(all_rows)
+        free(buffers)
+        free(order)
 
 
 # ----------------------------------------------------------------------------- dense layer

@@ -21,7 +21,9 @@ lecture's M_X^im of image n, ``(M_X1 M_X2 ...)`` of size (Ho*Wo) x (C*kh*kw); fo
 Inputs that are not C-contiguous (or not in native byte order) are copied once; outputs are
 new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels hand groups of
 images to OpenMP threads, each running single-threaded GEMMs (BLAS is pinned to one thread
-while they run, see convtrain.nn.backend). Results do not depend on the thread count, bit for bit.
+while they run, see convtrain.nn.backend); in the AVX2 / AVX-512 builds float32 stride-1
+convolutions run on convtrain's own GEMM tiles instead, reading the image directly (ext/_conv.pyx,
+ext/gemm_kernels.h). Results do not depend on the thread count, bit for bit.
 A process forked after a multithreaded kernel call runs the kernels on 1 thread (GNU OpenMP
 cannot start threads again after fork); use spawn/forkserver for multithreaded workers.
 """

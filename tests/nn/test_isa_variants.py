@@ -1,9 +1,17 @@
-"""The x86-64-v3/v4 builds of the kernels compute exactly what the portable build computes.
+"""The x86-64-v3/v4 builds of the kernels compute what the portable build computes.
 
-setup.py compiles ext/_conv.pyx more than once (convtrain/nn/backend.py picks one per CPU); a
-training run must not change by a single bit with the CPU it lands on, so every kernel entry
-point is run through each build this machine can execute and compared bit for bit with the
-baseline, on shapes that exercise the vector loops' remainders (odd widths, padding, strides).
+setup.py compiles ext/_conv.pyx more than once (convtrain/nn/backend.py picks one per CPU); every
+kernel entry point is run through each build this machine can execute and compared with the
+baseline, on shapes that exercise the vector loops' remainders (odd widths, padding, strides):
+
+* bit for bit: everything in float64 (all builds use BLAS there), and in float32 everything but
+  the convolution GEMMs (im2col, col2im, pooling, dense layers, ReLU);
+* to float32 rounding (relative error <= 1e-5, the kernel tests' float32 bound against the
+  float64 reference): the float32 convolution passes (forward, filter and input gradients).
+  The x86-64-v3 and v4 builds run convtrain's own AVX2 / AVX-512 GEMM tiles (ext/gemm_kernels.h),
+  whose summation order is not BLAS's and differs between vector widths; the portable build
+  keeps BLAS and stays the reference. Each build still gives the same bits for any thread
+  count (tests/nn/test_kernels.py, test_kernels_fused.py run on every build).
 """
 
 import json
@@ -17,6 +25,7 @@ from threadpoolctl import threadpool_limits
 
 import convtrain
 from convtrain.nn import backend, kernels
+from tests.support.numerics import rel_err
 
 VARIANTS = [name for name in backend.available_builds() if name != "baseline"]
 needs_variants = pytest.mark.skipif(not VARIANTS, reason="no x86-64-v3/v4 build runs on this CPU")
@@ -44,21 +53,28 @@ def _every_kernel(module, dtype, threads):
                 w = rng.standard_normal(w_shape).astype(dtype)
                 b = rng.standard_normal(w_shape[0]).astype(dtype)
                 out = kernels.conv2d_forward(x, w, b, stride, padding, relu=True)
+                # the gradient inputs come from the baseline's bits, not this build's output
                 dout = rng.standard_normal(out.shape).astype(dtype)
-                results += [kernels.im2col(x, w_shape[2:], stride, padding), out,
-                            kernels.col2im(kernels.im2col(x, w_shape[2:], stride, padding), x.shape,
-                                           w_shape[2:], stride, padding)]
-                results += list(kernels.conv2d_backward(x, dout.copy(), w, stride, padding, relu_out=out))
-                results += list(kernels.conv2d_backward_filter(x, dout, w_shape[2:], stride, padding))
-                results.append(kernels.conv2d_backward_input(dout, w, x.shape, stride, padding))
+                relu_out = np.maximum(rng.standard_normal(out.shape), 0).astype(dtype)
+                results += [("im2col", kernels.im2col(x, w_shape[2:], stride, padding)),
+                            ("conv", out),
+                            ("col2im", kernels.col2im(kernels.im2col(x, w_shape[2:], stride, padding),
+                                                      x.shape, w_shape[2:], stride, padding))]
+                results += [("conv", r) for r in kernels.conv2d_backward(
+                    x, dout.copy(), w, stride, padding, relu_out=relu_out)]
+                results += [("conv", r) for r in kernels.conv2d_backward_filter(
+                    x, dout, w_shape[2:], stride, padding)]
+                results.append(("conv", kernels.conv2d_backward_input(dout, w, x.shape, stride, padding)))
                 pooled, argmax = kernels.maxpool2d_forward(x, 2)
-                results += [pooled, argmax, kernels.maxpool2d_backward(pooled, argmax, x.shape)]
+                results += [("pool", pooled), ("pool", argmax),
+                            ("pool", kernels.maxpool2d_backward(pooled, argmax, x.shape))]
                 flat = x.reshape(len(x), -1)
                 dense_w = rng.standard_normal((10, flat.shape[1])).astype(dtype)
                 logits = kernels.dense_forward(flat, dense_w, b[:1].repeat(10))
-                results += [logits, *kernels.dense_backward(logits, flat, dense_w)]
+                results += [("dense", logits)]
+                results += [("dense", r) for r in kernels.dense_backward(logits, flat, dense_w)]
                 relu = kernels.relu_(x.copy())
-                results += [relu, kernels.relu_backward_(x.copy(), relu)]
+                results += [("relu", relu), ("relu", kernels.relu_backward_(x.copy(), relu))]
     finally:
         kernels._conv = saved
     return results
@@ -75,9 +91,12 @@ def test_each_instruction_set_build_gives_the_baseline_bits(variant, dtype):
     finally:
         convtrain.set_num_threads(threads)
     assert len(baseline) == len(other) > 40
-    for expected, got in zip(baseline, other):
+    for (kind, expected), (_, got) in zip(baseline, other):
         assert expected.dtype == got.dtype and expected.shape == got.shape
-        np.testing.assert_array_equal(got, expected)
+        if kind == "conv" and dtype == np.float32 and backend.load_build(variant).compiled_with()["gemm_tiles"]:
+            assert rel_err(got, expected) <= 1e-5, kind   # own GEMM tiles: another summation order
+        else:
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_the_build_in_use_is_the_newest_this_cpu_runs():
