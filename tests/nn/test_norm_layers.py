@@ -9,24 +9,7 @@ from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import ReLU
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
-
-
-def relative_error(a, b):
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-12)
-
-
-def numeric_gradient(f, x, h=1e-6):
-    """d f() / dx by centered differences, x changed in place and restored."""
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + h
-        plus = f()
-        x[index] = saved - h
-        minus = f()
-        x[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
+from tests.support.numerics import numerical_gradient, rel_norm_err
 
 
 def make_bn(kind, channels, dtype="float64", seed=0, relu=False):
@@ -83,13 +66,13 @@ def test_batch_norm_matches_the_literal_formulas_and_running_statistics(kind):
     gamma, beta = layer.params["weight"].copy(), layer.params["bias"].copy()
     out = layer.forward(x, train=True)
     expected, stats = literal_bn_train(x, gamma, beta)
-    assert relative_error(out, expected) < 1e-12
+    assert rel_norm_err(out, expected) < 1e-12
     dout = np.random.default_rng(2).standard_normal(out.shape)
     dx = layer.backward(dout)
     ldx, ldgamma, ldbeta = literal_bn_backward(x, dout, gamma)
-    assert relative_error(dx, ldx) < 1e-10
-    assert relative_error(layer.grads["weight"], ldgamma) < 1e-12
-    assert relative_error(layer.grads["bias"], ldbeta) < 1e-12
+    assert rel_norm_err(dx, ldx) < 1e-10
+    assert rel_norm_err(layer.grads["weight"], ldgamma) < 1e-12
+    assert rel_norm_err(layer.grads["bias"], ldbeta) < 1e-12
     mean = np.array([s[0] for s in stats])
     unbiased = np.array([s[1] * s[2] / (s[2] - 1) for s in stats])
     np.testing.assert_allclose(layer.buffers["running_mean"], 0.1 * mean, rtol=1e-12)
@@ -100,7 +83,7 @@ def test_batch_norm_matches_the_literal_formulas_and_running_statistics(kind):
     shape = (1, -1) + (1,) * (x.ndim - 2)
     expected_eval = (gamma.reshape(shape) * (x - rm.reshape(shape)) / np.sqrt(rv.reshape(shape) + 1e-5)
                      + beta.reshape(shape))
-    assert relative_error(layer.forward(x, train=False), expected_eval) < 1e-12
+    assert rel_norm_err(layer.forward(x, train=False), expected_eval) < 1e-12
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "fused-relu"])
@@ -115,9 +98,9 @@ def test_batch_norm_gradients_match_centered_differences(kind, relu):
     def objective():
         return float((layer.forward(x, train=True) * dout).sum())
 
-    assert relative_error(dx, numeric_gradient(objective, x)) < 1e-7
+    assert rel_norm_err(dx, numerical_gradient(objective, x)) < 1e-7
     for key in ("weight", "bias"):
-        assert relative_error(layer.grads[key], numeric_gradient(objective, layer.params[key])) < 1e-7
+        assert rel_norm_err(layer.grads[key], numerical_gradient(objective, layer.params[key])) < 1e-7
     if relu:
         assert (layer.forward(x, train=True) >= 0).all()
         assert (layer.forward(x, train=False) >= 0).all()
@@ -161,10 +144,10 @@ def test_avgpool_matches_literal_windows_and_centered_differences(size, stride):
     layer = AvgPool2D(size, stride)
     out = layer.forward(x, train=True)
     assert out.shape == (2,) + layer.output_shape((3, 7, 6))
-    assert relative_error(out, literal_avgpool(x, size, stride)) < 1e-14
+    assert rel_norm_err(out, literal_avgpool(x, size, stride)) < 1e-14
     dout = rng.standard_normal(out.shape)
     dx = layer.backward(dout)
-    assert relative_error(dx, numeric_gradient(lambda: float((layer.forward(x) * dout).sum()), x)) < 1e-7
+    assert rel_norm_err(dx, numerical_gradient(lambda: float((layer.forward(x) * dout).sum()), x)) < 1e-7
 
 
 def test_global_avgpool_is_the_channel_mean_and_its_gradient():
@@ -174,10 +157,10 @@ def test_global_avgpool_is_the_channel_mean_and_its_gradient():
     out = layer.forward(x, train=True)
     assert out.shape == (3, 4) and layer.output_shape((4, 5, 2)) == (4,)
     expected = np.array([[x[n, c].sum() / 10 for c in range(4)] for n in range(3)])
-    assert relative_error(out, expected) < 1e-14
+    assert rel_norm_err(out, expected) < 1e-14
     dout = rng.standard_normal(out.shape)
     dx = layer.backward(dout)
-    assert relative_error(dx, numeric_gradient(lambda: float((layer.forward(x) * dout).sum()), x)) < 1e-7
+    assert rel_norm_err(dx, numerical_gradient(lambda: float((layer.forward(x) * dout).sum()), x)) < 1e-7
 
 
 def test_dropout_is_inverted_seeded_and_the_identity_in_eval_mode():
@@ -192,8 +175,8 @@ def test_dropout_is_inverted_seeded_and_the_identity_in_eval_mode():
     dx = layer.backward(dout)
     np.testing.assert_array_equal(dx, dout * (kept / 0.7))
     small, mask = x[:4, :5].copy(), kept[:4, :5] / 0.7
-    numeric = numeric_gradient(lambda: float((layer.forward(small, True, mask=mask) * dout[:4, :5]).sum()), small)
-    assert relative_error(dx[:4, :5], numeric) < 1e-7
+    numeric = numerical_gradient(lambda: float((layer.forward(small, True, mask=mask) * dout[:4, :5]).sum()), small)
+    assert rel_norm_err(dx[:4, :5], numeric) < 1e-7
     assert layer.forward(x, train=False) is x
     again = Dropout(0.3)
     again.rng = np.random.default_rng(7)
@@ -222,20 +205,20 @@ def test_batch_norm_matches_pytorch_in_train_and_eval_mode(kind, dtype):
         module.train()
         yt = module(xt)
         out = layer.forward(x, train=True)
-        assert relative_error(out, yt.detach().numpy()) < tol
+        assert rel_norm_err(out, yt.detach().numpy()) < tol
         dout = np.random.default_rng(20 + step).standard_normal(x.shape).astype(dtype)
         module.zero_grad()
         yt.backward(torch.from_numpy(dout))
         dx = layer.backward(dout)
-        assert relative_error(dx, xt.grad.numpy()) < tol
-        assert relative_error(layer.grads["weight"], module.weight.grad.numpy()) < tol
-        assert relative_error(layer.grads["bias"], module.bias.grad.numpy()) < tol
+        assert rel_norm_err(dx, xt.grad.numpy()) < tol
+        assert rel_norm_err(layer.grads["weight"], module.weight.grad.numpy()) < tol
+        assert rel_norm_err(layer.grads["bias"], module.bias.grad.numpy()) < tol
         for name in ("running_mean", "running_var"):
-            assert relative_error(layer.buffers[name], getattr(module, name).numpy()) < tol
+            assert rel_norm_err(layer.buffers[name], getattr(module, name).numpy()) < tol
         assert int(layer.buffers["num_batches_tracked"]) == int(module.num_batches_tracked)
         module.eval()
         with torch.no_grad():
-            assert relative_error(layer.forward(x, train=False), module(torch.from_numpy(x)).numpy()) < tol
+            assert rel_norm_err(layer.forward(x, train=False), module(torch.from_numpy(x)).numpy()) < tol
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -250,10 +233,10 @@ def test_pooling_and_dropout_match_pytorch(dtype):
         xt = torch.from_numpy(x.copy()).requires_grad_(True)
         yt = module(xt)
         out = layer.forward(x, train=True)
-        assert relative_error(out, yt.detach().numpy()) < tol
+        assert rel_norm_err(out, yt.detach().numpy()) < tol
         dout = rng.standard_normal(out.shape).astype(dtype)
         yt.backward(torch.from_numpy(dout))
-        assert relative_error(layer.backward(dout), xt.grad.numpy()) < tol
+        assert rel_norm_err(layer.backward(dout), xt.grad.numpy()) < tol
     # Dropout with a fixed mask: torch's own draw, read off a batch of ones
     module = torch.nn.Dropout(0.4)
     torch.manual_seed(0)
@@ -263,7 +246,7 @@ def test_pooling_and_dropout_match_pytorch(dtype):
     xt = torch.from_numpy(flat.copy()).requires_grad_(True)
     yt = module(xt)
     layer = Dropout(0.4)
-    assert relative_error(layer.forward(flat, train=True, mask=mask), yt.detach().numpy()) < tol
+    assert rel_norm_err(layer.forward(flat, train=True, mask=mask), yt.detach().numpy()) < tol
     dout = rng.standard_normal(flat.shape).astype(dtype)
     yt.backward(torch.from_numpy(dout))
-    assert relative_error(layer.backward(dout), xt.grad.numpy()) < tol
+    assert rel_norm_err(layer.backward(dout), xt.grad.numpy()) < tol

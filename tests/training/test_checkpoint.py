@@ -19,7 +19,7 @@ from convtrain.nn.npz_files import read_npz
 from convtrain.training.callbacks import BatchLossRecorder
 from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
 from convtrain.training.trainer import Trainer
-from tests.training.test_trainer import StopAt
+from tests.support.stops import StopAt
 
 LEGACY = Path(__file__).parent / "data" / "checkpoint-a96555c.npz"
 LEGACY_CONFIG = FitConfig(epochs=3, filters=[4], patience=5, augment=True, nesterov=True, log_every=2)

@@ -9,9 +9,9 @@ from convtrain.data import Standardizer, load_dataset
 from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD, AdamW, make_schedule
-from convtrain.training.callbacks import Callback
 from convtrain.training.checkpoint import CHECKPOINT_FILE
 from convtrain.training.trainer import Trainer
+from tests.support.stops import StopAt
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,6 @@ def make_trainer(network, checkpoint_dir=None, callbacks=(), optimizer="adamw", 
                    augment=augment, label_smoothing=0.1, clip_norm=1.0, checkpoint_dir=checkpoint_dir,
                    callbacks=callbacks)
 
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.stop_step = step
-
-    def on_batch_end(self, trainer, step, logs):
-        if step == self.stop_step:
-            trainer.request_stop()
 
 
 def state(network):

@@ -8,7 +8,8 @@ from convtrain.config import FitConfig
 from convtrain.errors import TrainingInterrupted
 from convtrain.training.callbacks import Callback
 from convtrain.training.checkpoint import CHECKPOINT_FILE
-from tests.training.test_trainer import StopAt, assert_same_weights, make_trainer, weights
+from tests.support.stops import StopAt
+from tests.training.test_trainer import assert_same_weights, make_trainer, weights
 
 
 class Rates(Callback):

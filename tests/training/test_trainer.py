@@ -12,6 +12,7 @@ from convtrain.nn.network import Network
 from convtrain.training.callbacks import Callback, EarlyStopping
 from convtrain.training.checkpoint import CHECKPOINT_FILE
 from convtrain.training.trainer import History, Trainer
+from tests.support.stops import StopAt
 
 EPOCH_KEYS = {"train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy", "val_loss", "val_cost",
               "val_accuracy", "val_balanced_accuracy", "learning_rate", "epoch_seconds", "images_per_second"}
@@ -61,16 +62,6 @@ class Recorder(Callback):
     def on_exception(self, trainer, exc):
         self.calls.append(("exception", type(exc).__name__))
 
-
-class StopAt(Callback):
-    """Requests a stop (as a SIGINT handler would) after update `step`."""
-
-    def __init__(self, step):
-        self.stop_step = step
-
-    def on_batch_end(self, trainer, step, logs):
-        if step == self.stop_step:
-            trainer.request_stop()
 
 
 def test_default_config_learns_digits_quickly(digits):
