@@ -3,7 +3,7 @@
 The launcher (this module) does, in order:
 1. parse the sweep file (every mistake is a one-line ConfigError before anything starts);
 2. create -- once, before any worker exists -- the MLflow experiment, the Optuna study with
-   its trial tickets (see sweep_study) and the parent run; or join the ones an earlier run or
+   its trial tickets (see sweep/study.py) and the parent run; or join the ones an earlier run or
    another machine created;
 3. run the workers: in this process for one, spawned processes for `--workers N`, each with
    cores/N kernel threads;
