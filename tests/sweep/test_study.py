@@ -404,12 +404,15 @@ def test_the_rerun_header_counts_the_trials_a_killed_group_left_running(sweep_di
     path = write(sweep_dir, text)
     log = sweep_dir / "calls.jsonl"
     env = {**os.environ, "SWEEP_FAKE_HANG_AFTER": "2", "SWEEP_FAKE_BARRIER": "2", "PYTHONPATH": _pythonpath()}
-    group = subprocess.Popen([sys.executable, sweep_fakes.__file__, str(path), "--workers", "2"],
-                             cwd=sweep_dir, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    errors = sweep_dir / "launcher-stderr.txt"
+    with open(errors, "w") as stderr:
+        group = subprocess.Popen([sys.executable, sweep_fakes.__file__, str(path), "--workers", "2"],
+                                 cwd=sweep_dir, env=env, start_new_session=True, stderr=stderr)
     try:
-        deadline = time.monotonic() + 60
+        # a liveness bound, not a timing: seconds on an idle machine; generous for a loaded one
+        deadline = time.monotonic() + 180
         while len(calls(log)) < 4:  # two trials done, two hanging
-            assert group.poll() is None and time.monotonic() < deadline
+            assert group.poll() is None and time.monotonic() < deadline, (calls(log), errors.read_text())
             time.sleep(0.05)
         time.sleep(0.2)
     finally:
