@@ -4,7 +4,9 @@ It walks the epochs through the callbacks (so pruning runs) and appends one JSON
 call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on request:
 - $SWEEP_FAKE_INTERRUPT names a file: if it exists, it is removed and the fit raises
   KeyboardInterrupt (Ctrl-C mid-trial);
-- $SWEEP_FAKE_HANG_AFTER=k: the (k+1)-th call logged hangs until the process is killed;
+- $SWEEP_FAKE_HANG_AFTER=k: every call from the (k+1)-th logged on hangs until the process is
+  killed (decided by the call's own place in the log, so a slow worker's earlier call never hangs
+  because a faster worker has logged its next one meanwhile);
 - $SWEEP_FAKE_FAIL_ONCE names a file: if it exists, it is removed and the fit raises
   RuntimeError (an unexpected, passing error);
 - $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past);
@@ -39,10 +41,11 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     log = os.environ.get("SWEEP_FAKE_LOG")
     record = {"pid": os.getpid(), "trial": int((tags or {}).get("convtrain.sweep.trial", -1)),
               "filters": config.filters, "l2": config.l2, "lr": config.lr, "threads": config.threads,
-              "out": config.out}
+              "out": config.out, "call": f"{os.getpid()}-{time.monotonic_ns()}"}
     if log:
-        with open(log, "a") as fh:
+        with open(log, "a") as fh:  # one short append: whole lines, in the order they were written
             fh.write(json.dumps(record) + "\n")
+        place = next(i for i, c in enumerate(calls(log)) if c.get("call") == record["call"])
     barrier = int(os.environ.get("SWEEP_FAKE_BARRIER", "0"))
     deadline = time.monotonic() + 60
     while log and len({c["pid"] for c in calls(log)}) < barrier and time.monotonic() < deadline:
@@ -60,7 +63,7 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     if os.environ.get("SWEEP_FAKE_BUG"):
         raise ValueError(f"operands could not be broadcast together ({os.environ['SWEEP_FAKE_BUG']})")
     hang_after = os.environ.get("SWEEP_FAKE_HANG_AFTER")
-    if hang_after and log and len(calls(log)) > int(hang_after):
+    if hang_after and log and place >= int(hang_after):
         time.sleep(600)
     if os.environ.get("SWEEP_FAKE_SLEEP"):
         time.sleep(float(os.environ["SWEEP_FAKE_SLEEP"]))
