@@ -71,7 +71,7 @@ def claim(archive: zipfile.ZipFile, key: str, file_size: int) -> Claim:
                 else np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(member)
             header_size = member.tell()
-    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except (ValueError, KeyError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
         raise MemberRefused(f"array {key!r} is unreadable ({exc})") from None
     if dtype.hasobject:
         raise MemberRefused(f"array {key!r} holds pickled objects, refused (dtype=object: only unpickling, "

@@ -162,6 +162,20 @@ def test_a_member_inflating_past_its_entry_is_refused_by_its_checksum(tmp_path):
     assert peak < 4 * MB
 
 
+def test_a_member_in_a_compression_zipfile_cannot_read_is_one_line(tmp_path):
+    path, _ = saved_model(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(f"{WEIGHTS}.npy").header_offset
+    data[local + 8:local + 10] = struct.pack("<H", 99)  # the method, in the local header
+    central = data.index(b"PK\x01\x02")
+    while data[central + 46:central + 46 + len(WEIGHTS) + 4] != f"{WEIGHTS}.npy".encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    data[central + 10:central + 12] = struct.pack("<H", 99)  # and in the central directory
+    path.write_bytes(bytes(data))
+    loading_is_refused(path, "compression method")
+
+
 def test_an_honest_model_still_loads_with_its_arrays_writable(tmp_path, small_memory):
     path, arrays = saved_model(tmp_path)
     loaded = Network.load(path)
