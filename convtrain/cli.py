@@ -22,7 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from convtrain.config import DEFAULTS, FIELD_TYPES, FitConfig, flag_name, show_value
-from convtrain.errors import ConvtrainError, TrainingInterrupted, one_line
+from convtrain.errors import ConvtrainError, TrainingInterrupted, one_line, out_of_memory
 
 DEBUG_FLAG = "--debug"
 
@@ -58,8 +58,7 @@ class ConvtrainGroup(TyperGroup):
         except MemoryError as exc:  # whatever escaped the size checks: one line, not a traceback
             if debug:
                 traceback.print_exc()
-            _error_line(f"out of memory ({one_line(str(exc)) or 'an allocation failed'}); try a smaller batch, "
-                        "network or --limit")
+            _error_line(out_of_memory(exc))
             code = 1
         if not standalone_mode:
             return code

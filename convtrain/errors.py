@@ -64,6 +64,13 @@ def one_line(error: BaseException | str) -> str:
     return "" if isinstance(error, str) else type(error).__name__
 
 
+def out_of_memory(error: MemoryError) -> str:
+    """The one line a MemoryError that escaped every size check becomes, in the CLI and in each
+    sweep worker it starts."""
+    return (f"out of memory ({one_line(str(error)) or 'an allocation failed'}); try a smaller batch, "
+            "network or --limit")
+
+
 def did_you_mean(value, choices) -> str:
     """' (did you mean 'x'?)' for the choice closest to a misspelt `value`, else ''."""
     import difflib

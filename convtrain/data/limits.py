@@ -5,7 +5,8 @@ pickled numpy array, the longest name), and a few hundred bytes can claim teraby
 checks such a claim against the bytes really there, the format's own limits and the memory the
 fit would need, then reads no more than it checked (a gzip stream or a zip member is
 decompressed with a cap, never to its end). A refusal is one DataError line naming the file,
-what it claims and the limit.
+what it claims and the limit. The checks of an .npz member's header against its zip entry are
+nn/npz_members.py's, shared with saved models and checkpoints.
 """
 
 from __future__ import annotations

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from convtrain.nn.footprint import format_bytes
+from convtrain.nn import npz_members
 
 from .base import RawData, check_labels, data_error
-from .limits import MAX_INFERRED_CLASSES, check_data_memory, values_in
+from .limits import MAX_INFERRED_CLASSES, check_data_memory
 
-# Deflate cannot shrink data by more than about 1032:1, so a zip entry declaring more is lying.
-_DEFLATE_MAX_RATIO = 1032
 # Whole numbers a float64 holds exactly; larger "labels" are no class numbers (and casting
 # them to int64 is undefined: numpy warns and makes up a value).
 _LARGEST_FLOAT_LABEL = 2 ** 53
@@ -63,62 +60,14 @@ def load_npz(path: str | Path | None) -> RawData:
 
 
 def _read(path: Path, archive, key: str) -> np.ndarray:
-    _check_declared_size(path, archive.zip, key)
+    """Array `key`, its header's claim checked (nn/npz_members.py) and held to the memory a fit
+    may use before anything is allocated for it."""
     try:
-        return archive[key]
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise data_error(path, f"array {key!r} holds Python objects (dtype=object); "
-                                   "store plain numeric or string arrays") from None
-        raise data_error(path, f"array {key!r} is unreadable ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise data_error(path, f"array {key!r} is corrupt ({exc})") from None
-
-
-def check_npz_claims(path: str | Path) -> None:
-    """Check every array of an .npz file (e.g. `convtrain predict`'s input) as load_npz does,
-    before numpy reads any; a file that is no zip at all is left to numpy's own error."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            keys = [name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
-            for key in keys:
-                _check_declared_size(path, archive, key)
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return
-
-
-def _check_declared_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
-    """Read only the .npy header of entry `key` and check its claim before numpy allocates it.
-
-    numpy allocates the whole array its header declares and then reads into it, so 200 bytes
-    can ask for terabytes. The declared size must match what the zip entry says it holds, the
-    entry must be possible for its compressed size, and the array must fit in memory; numpy
-    then decompresses no more than the entry's size (zipfile stops there).
-    """
-    try:
-        info = archive.getinfo(f"{key}.npy")
-        with archive.open(info) as member:
-            version = np.lib.format.read_magic(member)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                else np.lib.format.read_array_header_2_0
-            shape, _fortran_order, dtype = read_header(member)
-            header_size = member.tell()
-    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise data_error(path, f"array {key!r} is unreadable ({exc})") from None
-    if dtype.hasobject:
-        return  # refused when read: numpy will not unpickle with allow_pickle=False
-    declared = values_in(shape) * dtype.itemsize
-    claim = f"array {key!r} of shape {tuple(shape)} {dtype} ({format_bytes(declared)})"
-    held = info.file_size - header_size
-    if declared != held:
-        raise data_error(path, f"declares {claim}, but its entry holds {format_bytes(max(held, 0))}")
-    stored_limit = path.stat().st_size if info.compress_type == zipfile.ZIP_STORED \
-        else info.compress_size * _DEFLATE_MAX_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else None
-    if stored_limit is not None and info.file_size > stored_limit:
-        raise data_error(path, f"declares {claim}, more than its {format_bytes(info.compress_size)} of "
-                               "compressed data can hold")
-    check_data_memory(path, claim, values_in(shape), dtype.itemsize)
+        found = npz_members.claim(archive.zip, key, path.stat().st_size)
+        check_data_memory(path, found.describe(), found.values, found.dtype.itemsize)
+        return npz_members.read(archive.zip, found)
+    except npz_members.MemberRefused as exc:
+        raise data_error(path, str(exc)) from None
 
 
 def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:

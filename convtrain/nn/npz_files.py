@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from convtrain.errors import CheckpointError
+from convtrain.nn import npz_members
+from convtrain.nn.footprint import MEMORY_SHARE, available_memory, format_bytes
 
 
 def json_entry(value: Any) -> np.ndarray:
@@ -88,24 +90,40 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def read_npz(path: str | Path, what: str = "model") -> dict[str, np.ndarray]:
-    """Every array of an .npz, fully read; CheckpointError (one line) on any defect."""
+    """Every array of an .npz, fully read; CheckpointError (one line) on any defect.
+
+    Every member's header is checked before anything is allocated for it (nn/npz_members.py),
+    and all of them together must fit in the share of available memory a fit may use: a file
+    of a few hundred bytes can declare terabytes."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} file {str(path)!r} not found")
     if path.is_dir():
         raise CheckpointError(f"{what} file {str(path)!r} is a directory, expected an .npz file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
+            claims = [npz_members.claim(archive, key, size) for key in npz_members.array_keys(archive)]
+            _check_memory(path, what, claims)
             # Reading each member here surfaces truncation and CRC errors now, not later.
-            return {name: archive[name] for name in archive.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise CheckpointError(f"{what} file {str(path)!r} holds pickled objects, refused") from None
-        raise CheckpointError(f"{what} file {str(path)!r} is unreadable: {exc}") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
+            return {found.key: npz_members.read(archive, found) for found in claims}
+    except npz_members.MemberRefused as exc:
+        raise CheckpointError(f"{what} file {str(path)!r}: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         raise CheckpointError(
             f"{what} file {str(path)!r} is truncated or not an .npz file ({reason})") from None
+
+
+def _check_memory(path: Path, what: str, claims: list) -> None:
+    total = sum(found.nbytes for found in claims)
+    available = available_memory()
+    if available is not None and total > MEMORY_SHARE * available:
+        largest = max(claims, key=lambda found: found.nbytes)
+        raise CheckpointError(
+            f"{what} file {str(path)!r} declares {format_bytes(total)} of arrays (the largest {largest.describe()}), "
+            f"more than the {format_bytes(int(MEMORY_SHARE * available))} a model may use "
+            f"(half of the {format_bytes(available)} available)")
 
 
 def read_json(arrays: dict[str, np.ndarray], key: str, path: str | Path, what: str = "model") -> Any:

@@ -128,7 +128,8 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
         from convtrain.tracking.callback import MLflowCallback
 
         tracker = MLflowCallback.start(config, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags,
-                                       resume_run_id=saved_tracking.get("run_id"))
+                                       resume_run_id=saved_tracking.get("run_id"),
+                                       next_epoch=saved.next_epoch(config.epochs) if saved is not None else None)
     # what the fit is doing, for the message of a Ctrl-C that lands outside the training loop
     stage, trainer, model_path = "setting up the fit", None, None
     # SIGTERM outside the training loop (set-up, plots, MLflow logging) ends like Ctrl-C: the

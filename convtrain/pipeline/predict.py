@@ -49,11 +49,9 @@ def _read_name_lines(path: Path) -> list[str]:
 def _read_images(path: Path, network) -> np.ndarray:
     """(N, C, H, W) raw images from an .npz (array x, or its only array) or an image file."""
     if path.suffix.lower() == ".npz":
-        from convtrain.data.npz import check_npz_claims
         from convtrain.nn.npz_files import read_npz
 
-        check_npz_claims(path)  # sizes its headers declare, before numpy allocates them
-        arrays = read_npz(path, "input")
+        arrays = read_npz(path, "input")  # checks the sizes its headers declare before reading
         key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
         if key is None:
             raise DataError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")

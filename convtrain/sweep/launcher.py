@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
-from convtrain.errors import ConfigError, ConvtrainError, TrainingInterrupted, one_line
+from convtrain.errors import ConfigError, ConvtrainError, TrainingInterrupted, one_line, out_of_memory
 from convtrain.sweep import plots as sweep_plots
 from convtrain.sweep import report as sweep_report
 from convtrain.sweep import runs as sweep_runs
@@ -221,6 +221,9 @@ def _worker_main(plan: WorkerPlan, stop) -> None:
     except ConvtrainError as exc:
         print(f"{plan.label}error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
+    except MemoryError as exc:  # the line the CLI gives one in the launcher's own process
+        print(f"{plan.label}error: {out_of_memory(exc)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as exc:  # a traceback per worker would bury the one line that matters
         print(f"{plan.label}error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
-from convtrain.errors import TrackingError, one_line
+from convtrain.errors import ConfigError, TrackingError, one_line
 from convtrain.tracking.processes import this_process
 from convtrain.tracking.quiet import quiet_mlflow_info
 from convtrain.tracking.runs import (
@@ -88,6 +88,30 @@ def _run_exists(client, run_id: str, notify: Callable[[str], None]) -> bool:
         return False
     return True
 
+def _check_step_free(client, run, next_epoch: int | None, config) -> None:
+    """Refuse to train a run on into the step that already holds its restored model's metrics.
+
+    A fit whose end put an earlier epoch's weights back logged that epoch's train/val metrics
+    one step past its last epoch (log_restored_metrics), and MLflow cannot remove them: an
+    extension (`--resume --epochs N`) would log its first new epoch at that step as a second
+    value. A fit early stopping ended trains no further epoch, so it never gets here."""
+    if next_epoch is None:
+        return
+    run_id = run.info.run_id
+    logged = max_step(client, run_id, EPOCH_STEP_METRIC, -1)
+    if logged < 0 or logged >= next_epoch:
+        return  # a run from before epoch_seconds, or one holding that epoch already (nothing twice)
+    if max_step(client, run_id, "train_loss", -1) < next_epoch:
+        return
+    best = run.data.metrics.get("best_epoch")
+    restored = f"epoch {int(best)}'s" if best is not None else "an earlier epoch's"
+    raise ConfigError(
+        f"epochs: run {run_id} cannot train past epoch {next_epoch - 1}: its fit ended by putting {restored} "
+        f"weights back and logged their metrics at step {next_epoch}, where epoch {next_epoch} would log a "
+        f"second value; to train longer, start a new fit from its config "
+        f"(convtrain fit --config {Path(config.out or '.') / 'config.toml'} --epochs {config.epochs} --out <new folder>)")
+
+
 class MLflowCallback(Callback):
     """Logs one fit to one MLflow run; see the module docstring for the failure behaviour."""
 
@@ -125,16 +149,17 @@ class MLflowCallback(Callback):
     @classmethod
     @quiet_mlflow_info()  # a new store's "Creating initial MLflow database tables"
     def start(cls, config, *, tracking_uri: str, parent_run_id: str | None = None,
-              tags: dict | None = None, resume_run_id: str | None = None,
+              tags: dict | None = None, resume_run_id: str | None = None, next_epoch: int | None = None,
               notify: Callable[[str], None] = _stderr) -> "MLflowCallback":
-        """Open the run: create it (a child of `parent_run_id` if given) or reopen `resume_run_id`."""
+        """Open the run: create it (a child of `parent_run_id` if given) or reopen `resume_run_id`,
+        whose fit trains on from epoch `next_epoch` (None: it trains no further epoch)."""
         check_reachable(tracking_uri)
         from mlflow.exceptions import MlflowException
 
         try:
             client = client_for(tracking_uri)
             if resume_run_id:
-                return cls._reopen(client, tracking_uri, resume_run_id, config, tags, notify)
+                return cls._reopen(client, tracking_uri, resume_run_id, config, tags, notify, next_epoch)
             experiment_id = ensure_described_experiment(client, config.experiment)
             close_orphaned_runs(client, experiment_id)
             run_tags = context_tags(tags)
@@ -151,13 +176,14 @@ class MLflowCallback(Callback):
         return callback
 
     @classmethod
-    def _reopen(cls, client, tracking_uri, run_id, config, tags, notify) -> "MLflowCallback":
+    def _reopen(cls, client, tracking_uri, run_id, config, tags, notify, next_epoch) -> "MLflowCallback":
         from mlflow.exceptions import MlflowException
 
         try:
             run = client.get_run(run_id)
         except MlflowException as exc:
             raise TrackingError(f"cannot resume MLflow run {run_id} in {tracking_uri}: {one_line(exc)}") from None
+        _check_step_free(client, run, next_epoch, config)  # before the run is touched
         close_orphaned_runs(client, run.info.experiment_id)
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=run_tags({**(tags or {}), PROCESS_TAG: json.dumps(this_process())}))

@@ -133,6 +133,15 @@ class TrainingCheckpoint:
             raise CheckpointError(f"{self.name}: stored config is not valid TOML ({exc})") from None
         return FitConfig.from_dict(values, source=f"config in {self.path}")
 
+    def next_epoch(self, epochs: int) -> int | None:
+        """The first epoch a fit of `epochs` epochs resumed from here trains, or None if it trains
+        none (it has run them all, or early stopping ended it)."""
+        state = self.state
+        if state["stop_training"]:
+            return None
+        epoch = int(state["epoch"])
+        return epoch + 1 if state["mid_epoch"] or epoch < epochs else None
+
     def callback_state(self, key: str) -> dict:
         """The state_dict() the callback with this key saved ({} if it saved none)."""
         return (self._json("callbacks") or {}).get(key) or {}

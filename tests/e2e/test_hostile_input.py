@@ -507,6 +507,45 @@ def test_a_memory_error_anywhere_is_one_line(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+ALLOCATION_FAILED = "Unable to allocate 5.82 TiB for an array with shape (1600000, 1000, 1000)"
+
+
+def runs_out_of_memory(*_args, **_kwargs):
+    raise MemoryError(ALLOCATION_FAILED)
+
+
+@pytest.mark.parametrize("command, where", [
+    (["evaluate", "out/model.npz"], "convtrain.pipeline.evaluate.evaluate_model"),
+    (["predict", "out/model.npz", "x.npz"], "convtrain.pipeline.predict.predict_inputs"),
+    (["info"], "convtrain.pipeline.info.describe_installation"),
+    (["ui", "--port", "0"], "convtrain.tracking.ui.serve_ui"),
+    (["sweep", "sweep.toml"], "convtrain.sweep.launcher.run_sweep"),
+])
+def test_a_memory_error_in_any_command_is_one_line(command, where, tmp_path, monkeypatch):
+    """Each command imports the code it runs when it runs: a MemoryError from there reaches the
+    one handler every command shares."""
+    import importlib
+
+    module, name = where.rsplit(".", 1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.import_module(module), name, runs_out_of_memory)
+    line = assert_one_line_error(invoke(*command), f"out of memory ({ALLOCATION_FAILED})")
+    assert "smaller" in line
+
+
+def test_a_sweep_worker_process_says_out_of_memory_in_one_line(monkeypatch, capsys):
+    """A spawned sweep worker is its own process, outside the CLI's handler."""
+    from convtrain.sweep import launcher
+    from convtrain.sweep.worker import WorkerPlan
+
+    monkeypatch.setattr(launcher, "run_worker", runs_out_of_memory)
+    with pytest.raises(SystemExit) as exited:
+        launcher._worker_main(WorkerPlan(sweep_path="sweep.toml", storage_url="sqlite://", label="[w2] "), None)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [f"[w2] error: out of memory ({ALLOCATION_FAILED}); "
+                                                    "try a smaller batch, network or --limit"]
+
+
 def test_predict_on_an_image_past_pillows_pixel_limit(tmp_path, monkeypatch, trained):
     """Between Pillow's pixel limit and twice it, Pillow only warns on stderr and decodes anyway."""
     from PIL import Image

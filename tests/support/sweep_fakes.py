@@ -4,9 +4,10 @@ It walks the epochs through the callbacks (so pruning runs) and appends one JSON
 call to the file named by $SWEEP_FAKE_LOG (from any process). It misbehaves on request:
 - $SWEEP_FAKE_INTERRUPT names a file: if it exists, it is removed and the fit raises
   KeyboardInterrupt (Ctrl-C mid-trial);
-- $SWEEP_FAKE_HANG_AFTER=k: every call from the (k+1)-th logged on hangs until the process is
-  killed (decided by the call's own place in the log, so a slow worker's earlier call never hangs
-  because a faster worker has logged its next one meanwhile);
+- $SWEEP_FAKE_HANG_AFTER=k: every call logged after the k-th hangs until its process is killed
+  (decided by the call's own place in the log, not by how many calls the log holds when it
+  looks: a worker held up for a moment must not see the other worker's next call and hang
+  on a call that came second);
 - $SWEEP_FAKE_FAIL_ONCE names a file: if it exists, it is removed and the fit raises
   RuntimeError (an unexpected, passing error);
 - $SWEEP_FAKE_DATA_ERROR: every fit raises DataError (a problem no trial can get past);
@@ -37,15 +38,19 @@ def calls(log_path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _place(log_path, call: str) -> int:
+    """Where the call with this id sits in the log (0 for the first call logged)."""
+    return next(i for i, record in enumerate(calls(log_path)) if record.get("call") == call)
+
+
 def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="none", resume=None):
     log = os.environ.get("SWEEP_FAKE_LOG")
     record = {"pid": os.getpid(), "trial": int((tags or {}).get("convtrain.sweep.trial", -1)),
               "filters": config.filters, "l2": config.l2, "lr": config.lr, "threads": config.threads,
-              "out": config.out, "call": f"{os.getpid()}-{time.monotonic_ns()}"}
+              "out": config.out, "call": os.urandom(8).hex()}
     if log:
-        with open(log, "a") as fh:  # one short append: whole lines, in the order they were written
+        with open(log, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        place = next(i for i, c in enumerate(calls(log)) if c.get("call") == record["call"])
     barrier = int(os.environ.get("SWEEP_FAKE_BARRIER", "0"))
     deadline = time.monotonic() + 60
     while log and len({c["pid"] for c in calls(log)}) < barrier and time.monotonic() < deadline:
@@ -63,7 +68,7 @@ def fake_fit(config, *, callbacks=(), parent_run_id=None, tags=None, progress="n
     if os.environ.get("SWEEP_FAKE_BUG"):
         raise ValueError(f"operands could not be broadcast together ({os.environ['SWEEP_FAKE_BUG']})")
     hang_after = os.environ.get("SWEEP_FAKE_HANG_AFTER")
-    if hang_after and log and place >= int(hang_after):
+    if hang_after and log and _place(log, record["call"]) >= int(hang_after):
         time.sleep(600)
     if os.environ.get("SWEEP_FAKE_SLEEP"):
         time.sleep(float(os.environ["SWEEP_FAKE_SLEEP"]))

@@ -431,6 +431,33 @@ def test_the_rerun_header_counts_the_trials_a_killed_group_left_running(sweep_di
     assert Counter(r.state for r in outcome.rows) == {"COMPLETE": 6, "FAIL": 2}
 
 
+def test_the_fakes_hang_depends_on_the_calls_place_not_on_what_others_logged_since(sweep_dir, monkeypatch):
+    """The killed-group test above once waited out its deadline with three calls logged: the
+    worker that logged the second call, held up past the barrier, saw the other's third call
+    and hung as well, so the fourth never came. A call's place in the log decides."""
+    from types import SimpleNamespace
+
+    log = sweep_dir / "calls.jsonl"
+    log.write_text('{"pid": 1, "trial": 0, "call": "other"}\n')  # the other worker's first call
+    monkeypatch.setenv("SWEEP_FAKE_HANG_AFTER", "2")
+    read = sweep_fakes.calls
+
+    def the_other_worker_runs_ahead(path):
+        with open(path, "a") as fh:  # its next call, logged while this one was held up
+            fh.write('{"pid": 1, "trial": 2, "call": "other-next"}\n')
+        monkeypatch.setattr(sweep_fakes, "calls", read)
+        return read(path)
+
+    def hangs(seconds):
+        raise AssertionError(f"the second call logged hung ({seconds} s)")
+
+    monkeypatch.setattr(sweep_fakes, "calls", the_other_worker_runs_ahead)
+    monkeypatch.setattr(sweep_fakes.time, "sleep", hangs)
+    config = SimpleNamespace(filters=[4], l2=1e-3, lr=0.1, threads=1, out="out", epochs=1)
+    result = sweep_fakes.fake_fit(config, tags={"convtrain.sweep.trial": "1"})
+    assert result.metrics["val_accuracy"] > 0 and len(calls(log)) == 3
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
