@@ -1031,6 +1031,11 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         free(order)
 
 
+# ----------------------------------------------------------------------------- Winograd
+
+include "winograd.pxi"
+
+
 # ----------------------------------------------------------------------------- dense layer
 #
 # Dense GEMMs go through here, not through NumPy's threaded BLAS: a BLAS thread pool woken

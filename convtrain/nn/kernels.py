@@ -44,6 +44,8 @@ __all__ = [
     "conv2d_backward_filter",
     "conv2d_backward_input",
     "conv2d_backward",
+    "CONV_ALGOS",
+    "winograd_applies",
     "relu_",
     "relu_backward_",
     "dense_forward",
@@ -183,10 +185,12 @@ def _group_scratch(threads, G, rows, P, F, dtype):
     return cols, staging
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
     with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
     is in cache instead of in a second pass over the batch.
+    algo: "im2col" (below) or "winograd" (3x3 stride-1 filters only: Winograd F(2x2, 3x3),
+    see winograd_forward).
 
     x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
     Per image: out[n] = [w.reshape(F, -1) | b] @ [im2col(x[n]); ones], a GEMM of shape
@@ -217,6 +221,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
         w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_forward(x, w, None if b is None else bias, padding, relu)
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
@@ -274,12 +280,14 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
 
-def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
     """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
 
     dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
     convolution G_zero-pad * F_rot180 summed over filters. dout (N, F, Ho, Wo), w (F, C, kh, kw),
     x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
+    algo "winograd" (3x3 stride-1 filters only): the same full convolution by Winograd
+    F(2x2, 3x3) (winograd_backward_input).
     Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
     per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
@@ -302,6 +310,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
             f"w of shape {w.shape}, stride {stride}, padding {padding}"
         )
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_backward_input(dout, w, (H, W), padding)
     dx = np.empty((N, C, H, W), dtype=dout.dtype)
     if N == 0:
         return dx
@@ -314,7 +324,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
     return dx
 
 
-def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
+                    algo="im2col"):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -322,6 +333,9 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     relu=True)); then dout is first replaced, in place, by where(relu_out > 0, dout, 0), the
     ReLU's backward (relu_backward_). So dout must be a C-contiguous array the caller lets go of. input_grad=False
     skips dx (the first layer's input is the data) and returns None for it.
+    algo "winograd" (3x3 stride-1 filters only): dx by Winograd F(2x2, 3x3) in a second pass
+    (winograd_backward_input); dw and db stay on the im2col path, the same bits as with
+    algo "im2col" (a Winograd filter gradient did not pay: see the README, "Winograd").
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -348,9 +362,12 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
+    winograd = _checked_algo(algo, (kh, kw), stride) == "winograd" and input_grad
+    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad and not winograd else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
+        if winograd:
+            dx = np.empty((N, C, H, W), dtype=x.dtype)
         return dx, np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
     threads, G, groups = _plan(N, P, _conv.get_num_threads())
     _check_blas_dims(F, K + 1, G * P)
@@ -358,10 +375,77 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, w.reshape(F, K) if input_grad else None, relu_out, dw_ext, dx,
-                              kh, kw, *stride, *padding, G, cols, staging, threads)
+        _conv.conv2d_backward(x, dout, w.reshape(F, K) if dx is not None else None, relu_out,
+                              dw_ext, dx, kh, kw, *stride, *padding, G, cols, staging, threads)
+    if winograd:   # dout is masked by now
+        dx = _winograd_backward_input(dout, w, (H, W), padding)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+CONV_ALGOS = ("im2col", "winograd")
+# The transformed tiles V (16, Cin, tiles) and their products M (16, Cout, tiles) are made a
+# block of tile rows at a time, sized to stay in L2 (the block depends on the shapes only,
+# never on the threads). See README "Winograd" for the block size measurements.
+WINOGRAD_BLOCK_BYTES = 256 * 1024
+
+
+def winograd_applies(kernel_size, stride):
+    """Whether Winograd F(2x2, 3x3) computes a layer with this kernel and stride: 3x3, stride 1
+    (any padding)."""
+    return tuple(kernel_size) == (3, 3) and tuple(stride) == (1, 1)
+
+
+def _checked_algo(algo, kernel, stride):
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"algo must be one of {', '.join(CONV_ALGOS)}, got {algo!r}")
+    if algo == "winograd" and not winograd_applies(kernel, stride):
+        raise ValueError(
+            f"algo 'winograd' computes 3x3 stride-1 convolutions only, got kernel "
+            f"{kernel[0]}x{kernel[1]} stride {stride[0]}x{stride[1]}; use algo 'im2col'")
+    return algo
+
+
+def _winograd_scratch(cin, cout, Ho, Wo, N, dtype):
+    """(tile rows per block, per-thread scratch, threads) for one Winograd call."""
+    row_bytes = 16 * (cin + cout) * ((Wo + 1) // 2) * np.dtype(dtype).itemsize
+    block_rows = max(1, WINOGRAD_BLOCK_BYTES // row_bytes)
+    threads = max(1, min(_conv.get_num_threads(), N))
+    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows)
+    _check_blas_dims(cin, cout, size)
+    return block_rows, np.empty((threads, size), dtype=dtype), threads
+
+
+def _winograd_forward(x, w, b, padding, relu):
+    """conv2d_forward by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
+    N, C, H, W = x.shape
+    F = w.shape[0]
+    Ho, Wo = output_size((H, W), (3, 3), (1, 1), padding)
+    out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
+    if N == 0:
+        return out
+    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    filters = np.empty(16 * F * C, dtype=x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
+                               bool(relu))
+    return out
+
+
+def _winograd_backward_input(dout, w, hw, padding):
+    """conv2d_backward_input by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
+    N, F = dout.shape[:2]
+    C = w.shape[1]
+    dx = np.empty((N, C, *hw), dtype=dout.dtype)
+    if N == 0:
+        return dx
+    block_rows, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
+    filters = np.empty(16 * F * C, dtype=dout.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads)
+    return dx
 
 
 # ----------------------------------------------------------------------------- dense layer

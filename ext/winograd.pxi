@@ -1,0 +1,283 @@
+# Winograd F(2x2, 3x3): 3x3 stride-1 convolutions with 16 multiplies per 2x2 output tile and
+# channel pair where the direct form (im2col) takes 36. Included from _conv.pyx, so every ISA
+# build has it; the GEMMs go through the same single-threaded BLAS as im2col's.
+#
+# For one 4x4 input tile d (overlapping by 2 in both directions) and one 3x3 filter g, the 2x2
+# output tile of the correlation (the lecture's *) is
+#
+#     Y = A^T [ (G g G^T) (.) (B^T d B) ] A            (.) elementwise, 16 products
+#
+#     B^T = [1  0 -1  0]     G = [ 1    0    0 ]     A^T = [1  1  1  0]
+#           [0  1  1  0]         [1/2  1/2  1/2]           [0  1 -1 -1]
+#           [0 -1  1  0]         [1/2 -1/2  1/2]
+#           [0  1  0 -1]         [ 0    0    1 ]
+#
+# Summed over channels, the 16 elementwise products become 16 GEMMs, one per point p = (a, b)
+# of the 4x4 transformed tile: M[p] (F, T) = U[p] (F, C) . V[p] (C, T), with U = G g G^T the
+# transformed filters (once per call) and V = B^T d B the transformed input tiles (T tiles).
+# The transforms use only 0, +-1 and +-1/2 (the filter transform's halves are exact in binary),
+# which is why float32 stays close to im2col's error. Outputs past an odd Ho or Wo are
+# computed on zero-padded tiles and not stored.
+#
+# The input gradient dL/dX is the full convolution of dout with the 180-degree-rotated filters,
+# channels swapped: again a 3x3 stride-1 correlation, of dout (F channels) with padding 2 - p,
+# whose filters are U'[p] (C, F) = transform of rot180(w[f, c]). winograd_image serves both:
+# it reads its input with any signed padding (zero outside) and writes a given output size.
+#
+# Per image, tiles are taken a block of tile rows at a time (the block size depends on the
+# shapes only), so V and M of a block stay in the thread's L2 cache. Each image belongs to one
+# thread and its sums run in a fixed order: the same bits for any thread count.
+
+
+cdef void winograd_filters(const floating *w, Py_ssize_t F, Py_ssize_t C, floating *U,
+                           bint rotated) noexcept nogil:
+    """U[p, f, c] = (G w[f, c] G^T)[p] (U is (16, F, C)); with `rotated`, U[p, c, f] =
+    (G rot180(w[f, c]) G^T)[p] (U is (16, C, F)), the input gradient's filters.
+    Computed in double, then rounded once to the dtype."""
+    cdef Py_ssize_t f, c, i, j, a
+    cdef double g[3][3]
+    cdef double gg[4][3]     # G g
+    cdef double u[4][4]      # G g G^T
+    cdef const floating *src
+    for f in range(F):
+        for c in range(C):
+            src = w + (f * C + c) * 9
+            for i in range(3):
+                for j in range(3):
+                    if rotated:
+                        g[i][j] = src[(2 - i) * 3 + 2 - j]
+                    else:
+                        g[i][j] = src[i * 3 + j]
+            for j in range(3):
+                gg[0][j] = g[0][j]
+                gg[1][j] = 0.5 * (g[0][j] + g[1][j] + g[2][j])
+                gg[2][j] = 0.5 * (g[0][j] - g[1][j] + g[2][j])
+                gg[3][j] = g[2][j]
+            for a in range(4):
+                u[a][0] = gg[a][0]
+                u[a][1] = 0.5 * (gg[a][0] + gg[a][1] + gg[a][2])
+                u[a][2] = 0.5 * (gg[a][0] - gg[a][1] + gg[a][2])
+                u[a][3] = gg[a][2]
+            for a in range(4):
+                for j in range(4):
+                    if rotated:
+                        U[((a * 4 + j) * C + c) * F + f] = <floating> u[a][j]
+                    else:
+                        U[((a * 4 + j) * F + f) * C + c] = <floating> u[a][j]
+
+
+cdef struct WinogradShape:
+    Py_ssize_t Cin, H, W          # the input image (Cin, H, W)
+    Py_ssize_t Cout, Ho, Wo       # the output image (Cout, Ho, Wo)
+    Py_ssize_t ph, pw             # input row of output row 0, negated (may be < 0: cropping)
+    Py_ssize_t th, tw             # tiles: ceil(Ho / 2) x ceil(Wo / 2)
+    Py_ssize_t block_rows         # tile rows per block
+    Py_ssize_t ld                 # block_rows * tw: the columns of V and M
+
+
+cdef WinogradShape make_winograd_shape(Py_ssize_t Cin, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Cout,
+                                       Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t ph, Py_ssize_t pw,
+                                       Py_ssize_t block_rows) noexcept nogil:
+    cdef WinogradShape s
+    s.Cin = Cin; s.H = H; s.W = W
+    s.Cout = Cout; s.Ho = Ho; s.Wo = Wo
+    s.ph = ph; s.pw = pw
+    s.th = (Ho + 1) // 2
+    s.tw = (Wo + 1) // 2
+    s.block_rows = block_rows if block_rows < s.th else s.th
+    s.ld = s.block_rows * s.tw
+    return s
+
+
+cdef inline Py_ssize_t winograd_scratch_size(const WinogradShape *s) noexcept nogil:
+    """Elements of one thread's scratch: V (16, Cin, ld), M (16, Cout, ld), 4 input rows of
+    2*tw + 2 and 12 rows of tw for the output transform."""
+    return 16 * (s.Cin + s.Cout) * s.ld + 4 * (2 * s.tw + 2) + 12 * s.tw
+
+
+cdef void winograd_input_tiles(const floating *x, floating *V, floating *rows, Py_ssize_t ty0,
+                               Py_ssize_t ty1, const WinogradShape *s) noexcept nogil:
+    """V[p, c, (ty - ty0)*tw + tx] = (B^T d B)[p] for the 4x4 tiles d of x (Cin, H, W) whose
+    top-left input pixel is (2*ty - ph, 2*tx - pw), tile rows ty0 <= ty < ty1 (0 outside x).
+
+    Per tile row, B^T's combination of the tile's 4 input rows runs along whole rows (contiguous,
+    vectorized), then B's along each row's tiles (stride-2 reads)."""
+    cdef Py_ssize_t c, ty, tx, i, k, r, width = 2 * s.tw + 2, lo, hi, col
+    cdef floating *r0 = rows
+    cdef floating *r1 = rows + width
+    cdef floating *r2 = rows + 2 * width
+    cdef floating *r3 = rows + 3 * width
+    cdef floating *row
+    cdef floating *dst
+    cdef floating d0, d1, d2, d3
+    cdef Py_ssize_t plane = s.Cin * s.ld
+    # the columns k of a row that fall inside x: 0 <= k - pw < W
+    lo = s.pw if s.pw > 0 else 0
+    hi = s.W + s.pw if s.W + s.pw < width else width
+    if hi < lo:
+        hi = lo
+    for c in range(s.Cin):
+        for ty in range(ty0, ty1):
+            for i in range(4):
+                row = rows + i * width
+                r = 2 * ty - s.ph + i
+                if r < 0 or r >= s.H or hi == lo:
+                    memset(row, 0, width * sizeof(floating))
+                    continue
+                if lo > 0:
+                    memset(row, 0, lo * sizeof(floating))
+                memcpy(row + lo, x + (c * s.H + r) * s.W + lo - s.pw, (hi - lo) * sizeof(floating))
+                if hi < width:
+                    memset(row + hi, 0, (width - hi) * sizeof(floating))
+            # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), in place
+            for k in range(width):
+                d0 = r0[k]; d1 = r1[k]; d2 = r2[k]; d3 = r3[k]
+                r0[k] = d0 - d2
+                r1[k] = d1 + d2
+                r2[k] = d2 - d1
+                r3[k] = d1 - d3
+            # (B^T d) B: the same combination of columns 2tx .. 2tx+3, into V's 4 points (i, *)
+            col = c * s.ld + (ty - ty0) * s.tw
+            for i in range(4):
+                row = rows + i * width
+                dst = V + (i * 4) * plane + col
+                for tx in range(s.tw):
+                    dst[tx] = row[2 * tx] - row[2 * tx + 2]
+                dst = dst + plane
+                for tx in range(s.tw):
+                    dst[tx] = row[2 * tx + 1] + row[2 * tx + 2]
+                dst = dst + plane
+                for tx in range(s.tw):
+                    dst[tx] = row[2 * tx + 2] - row[2 * tx + 1]
+                dst = dst + plane
+                for tx in range(s.tw):
+                    dst[tx] = row[2 * tx + 1] - row[2 * tx + 3]
+
+
+cdef void winograd_output_tiles(const floating *M, floating *out, const floating *bias,
+                                bint relu, floating *z, Py_ssize_t ty0, Py_ssize_t ty1,
+                                const WinogradShape *s) noexcept nogil:
+    """out[f, 2*ty + a, 2*tx + b] = (A^T m A)[a, b] (+ bias[f]; max(., 0) with relu) for the
+    transformed products m = M[:, f, (ty - ty0)*tw + tx], tile rows ty0 <= ty < ty1, inside
+    (Ho, Wo) only. z: 12 rows of tw."""
+    cdef Py_ssize_t f, ty, tx, i, a, oh, tw = s.tw, plane = s.Cout * s.ld, n
+    cdef const floating *m
+    cdef floating *z0 = z                 # (m A)[i, 0] for i = 0..3: rows 0..3
+    cdef floating *z1 = z + 4 * tw        # (m A)[i, 1]: rows 4..7
+    cdef floating *y = z + 8 * tw         # A^T (m A): rows (a, b) = 8 + 2a + b
+    cdef floating *row
+    cdef floating value, b
+    for f in range(s.Cout):
+        b = bias[f] if bias != NULL else 0
+        for ty in range(ty0, ty1):
+            m = M + f * s.ld + (ty - ty0) * tw
+            # m A along each tile row i: (m0 + m1 + m2, m1 - m2 - m3)
+            for i in range(4):
+                for tx in range(tw):
+                    z0[i * tw + tx] = (m[(i * 4) * plane + tx] + m[(i * 4 + 1) * plane + tx]
+                                       + m[(i * 4 + 2) * plane + tx])
+                    z1[i * tw + tx] = (m[(i * 4 + 1) * plane + tx] - m[(i * 4 + 2) * plane + tx]
+                                       - m[(i * 4 + 3) * plane + tx])
+            # A^T (m A): the same combination down the rows, plus the bias
+            for tx in range(tw):
+                y[tx] = z0[tx] + z0[tw + tx] + z0[2 * tw + tx] + b
+                y[tw + tx] = z1[tx] + z1[tw + tx] + z1[2 * tw + tx] + b
+                y[2 * tw + tx] = z0[tw + tx] - z0[2 * tw + tx] - z0[3 * tw + tx] + b
+                y[3 * tw + tx] = z1[tw + tx] - z1[2 * tw + tx] - z1[3 * tw + tx] + b
+            if relu:   # relu_inplace's rule: NaN kept, -0.0 -> 0
+                for n in range(4 * tw):
+                    value = y[n]
+                    y[n] = value if (value > 0 or value != value) else 0
+            for a in range(2):
+                oh = 2 * ty + a
+                if oh >= s.Ho:
+                    break
+                row = out + (f * s.Ho + oh) * s.Wo
+                for tx in range(s.Wo // 2):
+                    row[2 * tx] = y[2 * a * tw + tx]
+                    row[2 * tx + 1] = y[(2 * a + 1) * tw + tx]
+                if s.Wo % 2:
+                    row[s.Wo - 1] = y[2 * a * tw + tw - 1]
+
+
+cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
+                         floating *out, floating *scratch, const WinogradShape *s) noexcept nogil:
+    """out (Cout, Ho, Wo) = the 3x3 stride-1 correlation of x (Cin, H, W) with the filters
+    whose transforms are U (16, Cout, Cin), input row/column 0 of the output at -ph/-pw."""
+    cdef Py_ssize_t block, ty0, ty1, p, nb
+    cdef floating *V = scratch
+    cdef floating *M = V + 16 * s.Cin * s.ld
+    cdef floating *rows = M + 16 * s.Cout * s.ld
+    cdef floating *z = rows + 4 * (2 * s.tw + 2)
+    for block in range((s.th + s.block_rows - 1) // s.block_rows):
+        ty0 = block * s.block_rows
+        ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
+        nb = (ty1 - ty0) * s.tw
+        winograd_input_tiles(x, V, rows, ty0, ty1, s)
+        for p in range(16):
+            gemm_rowmajor(c"N", c"N", <int> s.Cout, <int> nb, <int> s.Cin, <floating> 1,
+                          U + p * s.Cout * s.Cin, <int> s.Cin, V + p * s.Cin * s.ld, <int> s.ld,
+                          <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
+        winograd_output_tiles(M, out, bias, relu, z, ty0, ty1, s)
+
+
+cdef void winograd_batch(const floating *x, const floating *U, const floating *bias, bint relu,
+                         floating *out, Py_ssize_t N, floating *scratch,
+                         const WinogradShape *s, int num_threads) noexcept nogil:
+    """winograd_image for each of the N images, OpenMP over images (dynamic: the machine may be
+    shared), each thread with its own scratch and a single-threaded BLAS."""
+    cdef Py_ssize_t n, in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
+    cdef Py_ssize_t per_thread = winograd_scratch_size(s)
+    cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    pin_blas(saved_blas_threads)
+    with parallel(num_threads=team_size(num_threads)):
+        for n in prange(N, schedule="dynamic"):
+            winograd_image(x + n * in_size, U, bias, relu, out + n * out_size,
+                           scratch + threadid() * per_thread, s)
+    unpin_blas(saved_blas_threads)
+
+
+def winograd_scratch_elements(Py_ssize_t Cin, Py_ssize_t Cout, Py_ssize_t Ho, Py_ssize_t Wo,
+                              Py_ssize_t block_rows):
+    """Elements of one thread's scratch for winograd_forward / winograd_backward_input with
+    these channels (in, out), output size and tile rows per block."""
+    cdef WinogradShape s = make_winograd_shape(Cin, 0, 0, Cout, Ho, Wo, 0, 0, block_rows)
+    return winograd_scratch_size(&s)
+
+
+def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+                     const floating[::1] b, floating[:, :, :, ::1] out, Py_ssize_t ph,
+                     Py_ssize_t pw, Py_ssize_t block_rows, floating[::1] transformed_filters,
+                     floating[:, ::1] scratch, int num_threads, bint relu=False):
+    """out (N, F, Ho, Wo) = x * w + b (3x3, stride 1, padding (ph, pw)) by Winograd F(2x2, 3x3);
+    max(., 0) with relu. b may be None. transformed_filters: 16*F*C elements; scratch (threads,
+    winograd_scratch_elements(C, F, Ho, Wo, block_rows))."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = w.shape[0]
+    cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, out.shape[2],
+                                               out.shape[3], ph, pw, block_rows)
+    cdef const floating *bias = &b[0] if b is not None else NULL
+    if N == 0:
+        return
+    with nogil:
+        winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], False)
+        winograd_batch(&x[0, 0, 0, 0], &transformed_filters[0], bias, relu, &out[0, 0, 0, 0], N,
+                       &scratch[0, 0], &s, num_threads)
+
+
+def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
+                            floating[:, :, :, ::1] dx, Py_ssize_t ph, Py_ssize_t pw,
+                            Py_ssize_t block_rows, floating[::1] transformed_filters,
+                            floating[:, ::1] scratch, int num_threads):
+    """dx (N, C, H, W) = the full convolution of dout (N, F, Ho, Wo) with the rotated filters of
+    w (F, C, 3, 3) (the gradient of a 3x3 stride-1 layer with padding (ph, pw)): the correlation
+    of dout, padded by 2 - ph, 2 - pw, with rot180(w) channels swapped, by Winograd F(2x2, 3x3).
+    scratch (threads, winograd_scratch_elements(F, C, H, W, block_rows))."""
+    cdef Py_ssize_t N = dout.shape[0], F = w.shape[0], C = w.shape[1]
+    cdef WinogradShape s = make_winograd_shape(F, dout.shape[2], dout.shape[3], C, dx.shape[2],
+                                               dx.shape[3], 2 - ph, 2 - pw, block_rows)
+    if N == 0:
+        return
+    with nogil:
+        winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], True)
+        winograd_batch(&dout[0, 0, 0, 0], &transformed_filters[0], NULL, False, &dx[0, 0, 0, 0],
+                       N, &scratch[0, 0], &s, num_threads)
