@@ -89,10 +89,23 @@ cdef WinogradShape make_winograd_shape(Py_ssize_t Cin, Py_ssize_t H, Py_ssize_t 
     return s
 
 
+cdef extern from "winograd_transforms.h":
+    void ct_winograd_input_row_float(const float *r0, const float *r1, const float *r2,
+                                     const float *r3, Py_ssize_t tw, float *v,
+                                     Py_ssize_t plane) noexcept nogil
+    void ct_winograd_input_row_double(const double *r0, const double *r1, const double *r2,
+                                      const double *r3, Py_ssize_t tw, double *v,
+                                      Py_ssize_t plane) noexcept nogil
+    void ct_winograd_output_float(const float *m, Py_ssize_t plane, Py_ssize_t n, float bias,
+                                  int relu, float *y) noexcept nogil
+    void ct_winograd_output_double(const double *m, Py_ssize_t plane, Py_ssize_t n, double bias,
+                                   int relu, double *y) noexcept nogil
+
+
 cdef inline Py_ssize_t winograd_scratch_size(const WinogradShape *s) noexcept nogil:
-    """Elements of one thread's scratch: V (16, Cin, ld), M (16, Cout, ld), 4 input rows of
-    2*tw + 2 and 12 rows of tw for the output transform."""
-    return 16 * (s.Cin + s.Cout) * s.ld + 4 * (2 * s.tw + 2) + 12 * s.tw
+    """Elements of one thread's scratch: V (16, Cin, ld), M (16, Cout, ld), 4 zero-padded input
+    rows of 2*tw + 2 and the output tiles (4, ld)."""
+    return 16 * (s.Cin + s.Cout) * s.ld + 4 * (2 * s.tw + 2) + 4 * s.ld
 
 
 cdef void winograd_input_tiles(const floating *x, floating *V, floating *rows, Py_ssize_t ty0,
@@ -100,17 +113,12 @@ cdef void winograd_input_tiles(const floating *x, floating *V, floating *rows, P
     """V[p, c, (ty - ty0)*tw + tx] = (B^T d B)[p] for the 4x4 tiles d of x (Cin, H, W) whose
     top-left input pixel is (2*ty - ph, 2*tx - pw), tile rows ty0 <= ty < ty1 (0 outside x).
 
-    Per tile row, B^T's combination of the tile's 4 input rows runs along whole rows (contiguous,
-    vectorized), then B's along each row's tiles (stride-2 reads)."""
-    cdef Py_ssize_t c, ty, tx, i, k, r, width = 2 * s.tw + 2, lo, hi, col
-    cdef floating *r0 = rows
-    cdef floating *r1 = rows + width
-    cdef floating *r2 = rows + 2 * width
-    cdef floating *r3 = rows + 3 * width
+    A tile row's 4 input rows are read in place when they lie inside x whole (2*tw + 2 columns
+    from column -pw), else copied into zero-padded rows first."""
+    cdef Py_ssize_t c, ty, i, r, width = 2 * s.tw + 2, lo, hi
+    cdef const floating *src[4]
     cdef floating *row
-    cdef floating *dst
-    cdef floating d0, d1, d2, d3
-    cdef Py_ssize_t plane = s.Cin * s.ld
+    cdef bint in_place
     # the columns k of a row that fall inside x: 0 <= k - pw < W
     lo = s.pw if s.pw > 0 else 0
     hi = s.W + s.pw if s.W + s.pw < width else width
@@ -118,9 +126,14 @@ cdef void winograd_input_tiles(const floating *x, floating *V, floating *rows, P
         hi = lo
     for c in range(s.Cin):
         for ty in range(ty0, ty1):
+            in_place = lo == 0 and hi == width and 2 * ty - s.ph >= 0 and 2 * ty - s.ph + 4 <= s.H
             for i in range(4):
-                row = rows + i * width
                 r = 2 * ty - s.ph + i
+                if in_place:
+                    src[i] = x + (c * s.H + r) * s.W - s.pw
+                    continue
+                row = rows + i * width
+                src[i] = row
                 if r < 0 or r >= s.H or hi == lo:
                     memset(row, 0, width * sizeof(floating))
                     continue
@@ -129,75 +142,44 @@ cdef void winograd_input_tiles(const floating *x, floating *V, floating *rows, P
                 memcpy(row + lo, x + (c * s.H + r) * s.W + lo - s.pw, (hi - lo) * sizeof(floating))
                 if hi < width:
                     memset(row + hi, 0, (width - hi) * sizeof(floating))
-            # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), in place
-            for k in range(width):
-                d0 = r0[k]; d1 = r1[k]; d2 = r2[k]; d3 = r3[k]
-                r0[k] = d0 - d2
-                r1[k] = d1 + d2
-                r2[k] = d2 - d1
-                r3[k] = d1 - d3
-            # (B^T d) B: the same combination of columns 2tx .. 2tx+3, into V's 4 points (i, *)
-            col = c * s.ld + (ty - ty0) * s.tw
-            for i in range(4):
-                row = rows + i * width
-                dst = V + (i * 4) * plane + col
-                for tx in range(s.tw):
-                    dst[tx] = row[2 * tx] - row[2 * tx + 2]
-                dst = dst + plane
-                for tx in range(s.tw):
-                    dst[tx] = row[2 * tx + 1] + row[2 * tx + 2]
-                dst = dst + plane
-                for tx in range(s.tw):
-                    dst[tx] = row[2 * tx + 2] - row[2 * tx + 1]
-                dst = dst + plane
-                for tx in range(s.tw):
-                    dst[tx] = row[2 * tx + 1] - row[2 * tx + 3]
+            if floating is float:
+                ct_winograd_input_row_float(src[0], src[1], src[2], src[3], s.tw,
+                                            V + c * s.ld + (ty - ty0) * s.tw, s.Cin * s.ld)
+            else:
+                ct_winograd_input_row_double(src[0], src[1], src[2], src[3], s.tw,
+                                             V + c * s.ld + (ty - ty0) * s.tw, s.Cin * s.ld)
 
 
 cdef void winograd_output_tiles(const floating *M, floating *out, const floating *bias,
-                                bint relu, floating *z, Py_ssize_t ty0, Py_ssize_t ty1,
+                                bint relu, floating *y, Py_ssize_t ty0, Py_ssize_t ty1,
                                 const WinogradShape *s) noexcept nogil:
     """out[f, 2*ty + a, 2*tx + b] = (A^T m A)[a, b] (+ bias[f]; max(., 0) with relu) for the
     transformed products m = M[:, f, (ty - ty0)*tw + tx], tile rows ty0 <= ty < ty1, inside
-    (Ho, Wo) only. z: 12 rows of tw."""
-    cdef Py_ssize_t f, ty, tx, i, a, oh, tw = s.tw, plane = s.Cout * s.ld, n
-    cdef const floating *m
-    cdef floating *z0 = z                 # (m A)[i, 0] for i = 0..3: rows 0..3
-    cdef floating *z1 = z + 4 * tw        # (m A)[i, 1]: rows 4..7
-    cdef floating *y = z + 8 * tw         # A^T (m A): rows (a, b) = 8 + 2a + b
+    (Ho, Wo) only. y: (4, ld), the block's output tiles of one filter."""
+    cdef Py_ssize_t f, ty, tx, a, oh, tw = s.tw, n = (ty1 - ty0) * s.tw, half = s.Wo // 2
+    cdef const floating *y0
+    cdef const floating *y1
     cdef floating *row
-    cdef floating value, b
     for f in range(s.Cout):
-        b = bias[f] if bias != NULL else 0
+        if floating is float:
+            ct_winograd_output_float(M + f * s.ld, s.Cout * s.ld, n,
+                                     bias[f] if bias != NULL else 0, relu, y)
+        else:
+            ct_winograd_output_double(M + f * s.ld, s.Cout * s.ld, n,
+                                      bias[f] if bias != NULL else 0, relu, y)
         for ty in range(ty0, ty1):
-            m = M + f * s.ld + (ty - ty0) * tw
-            # m A along each tile row i: (m0 + m1 + m2, m1 - m2 - m3)
-            for i in range(4):
-                for tx in range(tw):
-                    z0[i * tw + tx] = (m[(i * 4) * plane + tx] + m[(i * 4 + 1) * plane + tx]
-                                       + m[(i * 4 + 2) * plane + tx])
-                    z1[i * tw + tx] = (m[(i * 4 + 1) * plane + tx] - m[(i * 4 + 2) * plane + tx]
-                                       - m[(i * 4 + 3) * plane + tx])
-            # A^T (m A): the same combination down the rows, plus the bias
-            for tx in range(tw):
-                y[tx] = z0[tx] + z0[tw + tx] + z0[2 * tw + tx] + b
-                y[tw + tx] = z1[tx] + z1[tw + tx] + z1[2 * tw + tx] + b
-                y[2 * tw + tx] = z0[tw + tx] - z0[2 * tw + tx] - z0[3 * tw + tx] + b
-                y[3 * tw + tx] = z1[tw + tx] - z1[2 * tw + tx] - z1[3 * tw + tx] + b
-            if relu:   # relu_inplace's rule: NaN kept, -0.0 -> 0
-                for n in range(4 * tw):
-                    value = y[n]
-                    y[n] = value if (value > 0 or value != value) else 0
             for a in range(2):
                 oh = 2 * ty + a
                 if oh >= s.Ho:
                     break
                 row = out + (f * s.Ho + oh) * s.Wo
-                for tx in range(s.Wo // 2):
-                    row[2 * tx] = y[2 * a * tw + tx]
-                    row[2 * tx + 1] = y[(2 * a + 1) * tw + tx]
+                y0 = y + 2 * a * n + (ty - ty0) * tw      # (a, 0)
+                y1 = y0 + n                               # (a, 1)
+                for tx in range(half):
+                    row[2 * tx] = y0[tx]
+                    row[2 * tx + 1] = y1[tx]
                 if s.Wo % 2:
-                    row[s.Wo - 1] = y[2 * a * tw + tw - 1]
+                    row[s.Wo - 1] = y0[tw - 1]
 
 
 cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
@@ -208,7 +190,7 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
     cdef floating *V = scratch
     cdef floating *M = V + 16 * s.Cin * s.ld
     cdef floating *rows = M + 16 * s.Cout * s.ld
-    cdef floating *z = rows + 4 * (2 * s.tw + 2)
+    cdef floating *y = rows + 4 * (2 * s.tw + 2)
     for block in range((s.th + s.block_rows - 1) // s.block_rows):
         ty0 = block * s.block_rows
         ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
@@ -218,7 +200,7 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
             gemm_rowmajor(c"N", c"N", <int> s.Cout, <int> nb, <int> s.Cin, <floating> 1,
                           U + p * s.Cout * s.Cin, <int> s.Cin, V + p * s.Cin * s.ld, <int> s.ld,
                           <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
-        winograd_output_tiles(M, out, bias, relu, z, ty0, ty1, s)
+        winograd_output_tiles(M, out, bias, relu, y, ty0, ty1, s)
 
 
 cdef void winograd_batch(const floating *x, const floating *U, const floating *bias, bint relu,
