@@ -16,31 +16,39 @@
 #endif
 
 #define CONVTRAIN_WINOGRAD_TRANSFORMS(T)                                                          \
-/* v[p*plane + tx] = (B^T d B)[p] for the tw tiles of one tile row: tile tx is rows r0..r3,     \
-   columns 2tx .. 2tx+3 (each row holds 2*tw + 2 values). */                                    \
-static inline void ct_winograd_input_row_##T(const T *CT_RESTRICT r0, const T *CT_RESTRICT r1,   \
-                                             const T *CT_RESTRICT r2, const T *CT_RESTRICT r3,   \
-                                             Py_ssize_t tw, T *CT_RESTRICT v, Py_ssize_t plane) { \
-    Py_ssize_t tx, j, k;                                                                         \
-    T b[4][4];                                                                                   \
-    for (tx = 0; tx < tw; tx++) {                                                                \
-        for (j = 0; j < 4; j++) {   /* B^T d, column j */                                        \
-            k = 2 * tx + j;                                                                      \
-            b[0][j] = r0[k] - r2[k];                                                             \
-            b[1][j] = r1[k] + r2[k];                                                             \
-            b[2][j] = r2[k] - r1[k];                                                             \
-            b[3][j] = r1[k] - r3[k];                                                             \
-        }                                                                                        \
-        for (j = 0; j < 4; j++) {   /* (B^T d) B, row j */                                       \
-            v[(4 * j + 0) * plane + tx] = b[j][0] - b[j][2];                                     \
-            v[(4 * j + 1) * plane + tx] = b[j][1] + b[j][2];                                     \
-            v[(4 * j + 2) * plane + tx] = b[j][2] - b[j][1];                                     \
-            v[(4 * j + 3) * plane + tx] = b[j][1] - b[j][3];                                     \
-        }                                                                                        \
+/* B^T down the columns: b_i[k] = (B^T d)[i] for the column d = (r0[k], r1[k], r2[k], r3[k]),    \
+   k < n (contiguous: vectorized). */                                                            \
+static inline void ct_winograd_columns_##T(const T *CT_RESTRICT r0, const T *CT_RESTRICT r1,     \
+                                           const T *CT_RESTRICT r2, const T *CT_RESTRICT r3,     \
+                                           Py_ssize_t n, T *CT_RESTRICT b0, T *CT_RESTRICT b1,   \
+                                           T *CT_RESTRICT b2, T *CT_RESTRICT b3) {               \
+    Py_ssize_t k;                                                                                \
+    for (k = 0; k < n; k++) {                                                                    \
+        b0[k] = r0[k] - r2[k];                                                                   \
+        b1[k] = r1[k] + r2[k];                                                                   \
+        b2[k] = r2[k] - r1[k];                                                                   \
+        b3[k] = r1[k] - r3[k];                                                                   \
     }                                                                                            \
 }                                                                                                \
-/* y[(2a + b)*n + t] = (A^T m A)[a, b] + bias (max(., 0) with relu: NaN kept, -0.0 -> 0) for    \
-   the n tiles t whose products are m[p*plane + t]. */                                          \
+/* B along a row: v[j*plane + u] = (b B)[j] for the 4 values b[2u .. 2u+3], u < n (tiles that   \
+   overlap by two columns; stride-2 reads, vectorized across the n tiles). */                   \
+static inline void ct_winograd_row_##T(const T *CT_RESTRICT b, Py_ssize_t n, T *CT_RESTRICT v,   \
+                                       Py_ssize_t plane) {                                       \
+    Py_ssize_t u;                                                                                \
+    T *CT_RESTRICT v0 = v;                                                                       \
+    T *CT_RESTRICT v1 = v + plane;                                                               \
+    T *CT_RESTRICT v2 = v + 2 * plane;                                                           \
+    T *CT_RESTRICT v3 = v + 3 * plane;                                                           \
+    for (u = 0; u < n; u++) {                                                                    \
+        v0[u] = b[2 * u] - b[2 * u + 2];                                                         \
+        v1[u] = b[2 * u + 1] + b[2 * u + 2];                                                     \
+        v2[u] = b[2 * u + 2] - b[2 * u + 1];                                                     \
+        v3[u] = b[2 * u + 1] - b[2 * u + 3];                                                     \
+    }                                                                                            \
+}                                                                                                \
+/* y[(2a + b)*n + t] = (A^T m A)[a, b] + bias (max(., 0) with relu: NaN kept, -0.0 -> 0, as     \
+   relu_inplace; one compare, so that it vectorizes) for the n tiles t whose products are      \
+   m[p*plane + t]. */                                          \
 static inline void ct_winograd_output_##T(const T *CT_RESTRICT m, Py_ssize_t plane, Py_ssize_t n, \
                                           T bias, int relu, T *CT_RESTRICT y) {                  \
     Py_ssize_t t;                                                                                \
@@ -57,10 +65,10 @@ static inline void ct_winograd_output_##T(const T *CT_RESTRICT m, Py_ssize_t pla
         y10 = z0[1] - z0[2] - z0[3] + bias;                                                      \
         y11 = z1[1] - z1[2] - z1[3] + bias;                                                      \
         if (relu) {                                                                              \
-            y00 = (y00 > 0 || y00 != y00) ? y00 : (T) 0;                                         \
-            y01 = (y01 > 0 || y01 != y01) ? y01 : (T) 0;                                         \
-            y10 = (y10 > 0 || y10 != y10) ? y10 : (T) 0;                                         \
-            y11 = (y11 > 0 || y11 != y11) ? y11 : (T) 0;                                         \
+            y00 = y00 <= 0 ? (T) 0 : y00;                                         \
+            y01 = y01 <= 0 ? (T) 0 : y01;                                         \
+            y10 = y10 <= 0 ? (T) 0 : y10;                                         \
+            y11 = y11 <= 0 ? (T) 0 : y11;                                         \
         }                                                                                        \
         y[t] = y00;                                                                              \
         y[n + t] = y01;                                                                          \

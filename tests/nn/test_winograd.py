@@ -68,6 +68,16 @@ def test_forward_and_input_gradient_match_the_lecture_formulas(x_shape, filters,
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_fused_relu_is_np_maximum_of_the_output_nan_included(dtype):
+    x, w, b, _ = problem((2, 3, 8, 7), 4, dtype, seed=3)
+    x[1, 2, 4, 3] = np.nan   # reaches the outputs of the tiles that read it
+    plain = kernels.conv2d_forward(x, w, b, padding=1, algo="winograd")
+    fused = kernels.conv2d_forward(x, w, b, padding=1, relu=True, algo="winograd")
+    assert np.isnan(plain).any()
+    np.testing.assert_array_equal(fused, np.maximum(plain, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_fused_backward_takes_dx_from_winograd_and_keeps_the_filter_gradient(dtype):
     x, w, b, rng = problem((3, 6, 9, 8), 5, dtype, seed=2)
     out = kernels.conv2d_forward(x, w, b, padding=1, relu=True)
