@@ -101,6 +101,10 @@ cdef extern from "winograd_transforms.h":
     void ct_winograd_row_float(const float *b, Py_ssize_t n, float *v, Py_ssize_t plane) noexcept nogil
     void ct_winograd_row_double(const double *b, Py_ssize_t n, double *v,
                                 Py_ssize_t plane) noexcept nogil
+    void ct_winograd_gradient_tiles_float(const float *e0, const float *e1, Py_ssize_t n,
+                                          float *d, Py_ssize_t plane) noexcept nogil
+    void ct_winograd_gradient_tiles_double(const double *e0, const double *e1, Py_ssize_t n,
+                                           double *d, Py_ssize_t plane) noexcept nogil
     void ct_winograd_output_float(const float *m, Py_ssize_t plane, Py_ssize_t n, float bias,
                                   int relu, float *y) noexcept nogil
     void ct_winograd_output_double(const double *m, Py_ssize_t plane, Py_ssize_t n, double bias,
@@ -289,3 +293,121 @@ def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:,
         winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], True)
         winograd_batch(&dout[0, 0, 0, 0], &transformed_filters[0], NULL, False, &dx[0, 0, 0, 0],
                        N, &scratch[0, 0], &s, num_threads)
+
+
+# ----------------------------------------------------------------------------- filter gradient
+#
+# dL/dU[p] (F, C) = sum over images and tiles of dM[p] (F, tiles) . V[p]^T (tiles, C), with
+# dM = A dY A^T the transformed 2x2 output-gradient tiles (0 past Ho, Wo and in the extra tile
+# column), V the forward's input tiles; then dL/dw[f, c] = G^T dL/dU[:, f, c] G. The images are
+# cut into chunks (a function of N only), each summed by one thread into its own dL/dU, and the
+# chunks added in order afterwards: the same bits for any thread count.
+
+cdef void winograd_gradient_tiles(const floating *dout, floating *D, floating *db, floating *e,
+                                  Py_ssize_t ty0, Py_ssize_t ty1,
+                                  const WinogradShape *s) noexcept nogil:
+    """D[p, f, (ty - ty0)*(tw + 1) + tx] = (A g A^T)[p] for the 2x2 tiles g of dout (Cout, Ho,
+    Wo) at (2*ty, 2*tx), tile rows ty0 <= ty < ty1; db[f] += the sum of those tiles (point
+    (1, 1) of A g A^T is the tile's sum). e: (2, rows * 2*(tw + 1)) for the tile rows' output
+    rows, zero-padded to 2*(tw + 1) columns."""
+    cdef Py_ssize_t f, ty, a, oh, u, rows = ty1 - ty0, width = 2 * (s.tw + 1)
+    cdef Py_ssize_t n = rows * (s.tw + 1), half = rows * width
+    cdef floating *row
+    cdef const floating *sums
+    cdef floating total
+    for f in range(s.Cout):
+        for ty in range(ty0, ty1):
+            for a in range(2):
+                oh = 2 * ty + a
+                row = e + a * half + (ty - ty0) * width
+                if oh >= s.Ho:
+                    memset(row, 0, width * sizeof(floating))
+                    continue
+                memcpy(row, dout + (f * s.Ho + oh) * s.Wo, s.Wo * sizeof(floating))
+                memset(row + s.Wo, 0, (width - s.Wo) * sizeof(floating))
+        if floating is float:
+            ct_winograd_gradient_tiles_float(e, e + half, n, D + f * s.ld, s.Cout * s.ld)
+        else:
+            ct_winograd_gradient_tiles_double(e, e + half, n, D + f * s.ld, s.Cout * s.ld)
+        sums = D + 5 * s.Cout * s.ld + f * s.ld
+        total = 0
+        for u in range(n):
+            total += sums[u]
+        db[f] += total
+
+
+cdef void winograd_filter_gradient_image(const floating *x, const floating *dout, floating *dU,
+                                         floating *scratch, const WinogradShape *s) noexcept nogil:
+    """dU (16, Cout, Cin) += sum over the tiles of one image of dM[p] . V[p]^T, and
+    dU[16*Cout*Cin + f] += the sum of dout[f] (the bias gradient)."""
+    cdef Py_ssize_t block, ty0, ty1, p, nb
+    cdef floating *V = scratch
+    cdef floating *D = V + 16 * s.Cin * s.ld
+    cdef floating *bt = D + 16 * s.Cout * s.ld
+    cdef floating *padded = bt + 4 * (s.block_rows * s.rw + 2)
+    cdef floating *e = padded + (2 * s.block_rows + 2) * s.rw
+    for block in range((s.th + s.block_rows - 1) // s.block_rows):
+        ty0 = block * s.block_rows
+        ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
+        nb = (ty1 - ty0) * (s.tw + 1)
+        winograd_input_tiles(x, V, bt, padded, ty0, ty1, s)
+        winograd_gradient_tiles(dout, D, dU + 16 * s.Cout * s.Cin, e, ty0, ty1, s)
+        for p in range(16):
+            gemm_rowmajor(c"N", c"T", <int> s.Cout, <int> s.Cin, <int> nb, <floating> 1,
+                          D + p * s.Cout * s.ld, <int> s.ld, V + p * s.Cin * s.ld, <int> s.ld,
+                          <floating> 1, dU + p * s.Cout * s.Cin, <int> s.Cin)
+
+
+cdef void winograd_filters_back(const floating *dU, Py_ssize_t F, Py_ssize_t C,
+                                floating *dw) noexcept nogil:
+    """dw[f, c] (3x3) = G^T dU[:, f, c] G, computed in double (dU (16, F, C))."""
+    cdef Py_ssize_t f, c, a, j
+    cdef double u[4][4]
+    cdef double t[3][4]     # G^T u
+    for f in range(F):
+        for c in range(C):
+            for a in range(4):
+                for j in range(4):
+                    u[a][j] = dU[((a * 4 + j) * F + f) * C + c]
+            for j in range(4):
+                t[0][j] = u[0][j] + 0.5 * (u[1][j] + u[2][j])
+                t[1][j] = 0.5 * (u[1][j] - u[2][j])
+                t[2][j] = 0.5 * (u[1][j] + u[2][j]) + u[3][j]
+            for a in range(3):
+                dw[(f * C + c) * 9 + a * 3] = <floating> (t[a][0] + 0.5 * (t[a][1] + t[a][2]))
+                dw[(f * C + c) * 9 + a * 3 + 1] = <floating> (0.5 * (t[a][1] - t[a][2]))
+                dw[(f * C + c) * 9 + a * 3 + 2] = <floating> (0.5 * (t[a][1] + t[a][2]) + t[a][3])
+
+
+def winograd_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dout,
+                             floating[:, :, :, ::1] dw, floating[::1] db, Py_ssize_t ph,
+                             Py_ssize_t pw, Py_ssize_t block_rows, floating[:, ::1] dU_per_chunk,
+                             floating[:, ::1] scratch, int num_threads):
+    """dw (F, C, 3, 3) = sum_n x[n] * dout[n] (the lecture's X * G) and db (F,) = the sums of
+    dout over images and pixels, for a 3x3 stride-1 layer with padding (ph, pw), by Winograd
+    F(2x2, 3x3). dU_per_chunk (chunks, 16*F*C + F) must be zero on entry; scratch (threads,
+    winograd_scratch_elements(C, F, Ho, Wo, block_rows))."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = dout.shape[1]
+    cdef Py_ssize_t chunks = dU_per_chunk.shape[0], chunk, n, k, size = 16 * F * C + F
+    cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, dout.shape[2],
+                                               dout.shape[3], ph, pw, block_rows)
+    cdef Py_ssize_t per_thread = winograd_scratch_size(&s)
+    cdef Py_ssize_t in_size = C * s.H * s.W, out_size = F * s.Ho * s.Wo
+    cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    if N == 0:
+        return
+    with nogil:
+        pin_blas(saved_blas_threads)
+        with parallel(num_threads=team_size(num_threads)):
+            for chunk in prange(chunks, schedule="dynamic"):
+                for n in range(chunk * N // chunks, (chunk + 1) * N // chunks):
+                    winograd_filter_gradient_image(&x[0, 0, 0, 0] + n * in_size,
+                                                   &dout[0, 0, 0, 0] + n * out_size,
+                                                   &dU_per_chunk[chunk, 0],
+                                                   &scratch[0, 0] + threadid() * per_thread, &s)
+        unpin_blas(saved_blas_threads)
+        for chunk in range(1, chunks):   # in order: the same bits for any thread count
+            for k in range(size):
+                dU_per_chunk[0, k] += dU_per_chunk[chunk, k]
+        winograd_filters_back(&dU_per_chunk[0, 0], F, C, &dw[0, 0, 0, 0])
+        memcpy(&db[0], &dU_per_chunk[0, 16 * F * C], F * sizeof(floating))

@@ -46,6 +46,26 @@ static inline void ct_winograd_row_##T(const T *CT_RESTRICT b, Py_ssize_t n, T *
         v3[u] = b[2 * u + 1] - b[2 * u + 3];                                                     \
     }                                                                                            \
 }                                                                                                \
+/* The filter gradient's transform of the output gradient: d[(4i + j)*plane + u] = (A g A^T)[i, j] \
+   for the 2x2 tiles g = (e0[2u], e0[2u+1]; e1[2u], e1[2u+1]), u < n (A = (A^T)^T, 4x2). */       \
+static inline void ct_winograd_gradient_tiles_##T(const T *CT_RESTRICT e0, const T *CT_RESTRICT e1, \
+                                                  Py_ssize_t n, T *CT_RESTRICT d, Py_ssize_t plane) { \
+    Py_ssize_t u;                                                                                \
+    T c0[4], c1[4];                                                                              \
+    int j;                                                                                       \
+    for (u = 0; u < n; u++) {                                                                    \
+        c0[0] = e0[2 * u]; c0[1] = e0[2 * u] + e0[2 * u + 1];                                    \
+        c0[2] = e0[2 * u] - e0[2 * u + 1]; c0[3] = -e0[2 * u + 1];                               \
+        c1[0] = e1[2 * u]; c1[1] = e1[2 * u] + e1[2 * u + 1];                                    \
+        c1[2] = e1[2 * u] - e1[2 * u + 1]; c1[3] = -e1[2 * u + 1];                               \
+        for (j = 0; j < 4; j++) {                                                                \
+            d[j * plane + u] = c0[j];                                                            \
+            d[(4 + j) * plane + u] = c0[j] + c1[j];                                              \
+            d[(8 + j) * plane + u] = c0[j] - c1[j];                                              \
+            d[(12 + j) * plane + u] = -c1[j];                                                    \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
 /* y[(2a + b)*n + t] = (A^T m A)[a, b] + bias (max(., 0) with relu: NaN kept, -0.0 -> 0, as     \
    relu_inplace; one compare, so that it vectorizes) for the n tiles t whose products are      \
    m[p*plane + t]. */                                          \

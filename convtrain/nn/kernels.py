@@ -238,7 +238,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     return out
 
 
-def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
+def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0, algo="im2col"):
     """(dw (F, C, kh, kw), db (F,)): the gradients of the loss w.r.t. the filters and biases.
 
     dw[f] = sum_n x[n] * dout[n, f] (the lecture's dL/dF = X * G, i.e. g^T M_X^im),
@@ -249,6 +249,8 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     bits), each accumulated by one thread into its own buffer, summed in chunk order afterwards.
     Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (plus threads * F * G*Ho*Wo
     when G > 1) and chunks * F * (C*kh*kw + 1) for the accumulators; independent of N.
+    algo "winograd" (3x3 stride-1 filters only): the same sums by Winograd F(2x2, 3x3)
+    (winograd_backward_filter), chunked the same way.
     """
     x = _array("x", x, 4)
     dout = _array("dout", dout, 4, x.dtype)
@@ -264,6 +266,8 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
             f"kernel_size {(kh, kw)}, stride {stride}, padding {padding}"
         )
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_backward_filter(x, dout, padding)
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
         return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
@@ -334,9 +338,8 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     relu=True)); then dout is first replaced, in place, by where(relu_out > 0, dout, 0), the
     ReLU's backward (relu_backward_). So dout must be a C-contiguous array the caller lets go of. input_grad=False
     skips dx (the first layer's input is the data) and returns None for it.
-    algo "winograd" (3x3 stride-1 filters only): dx by Winograd F(2x2, 3x3) in a second pass
-    (winograd_backward_input); dw and db stay on the im2col path, the same bits as with
-    algo "im2col" (a Winograd filter gradient did not pay: see the README, "Winograd").
+    algo "winograd" (3x3 stride-1 filters only): dout masked in place (relu_backward_), then
+    the filter and input gradients by Winograd F(2x2, 3x3), one pass each.
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -363,12 +366,14 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    winograd = _checked_algo(algo, (kh, kw), stride) == "winograd" and input_grad
-    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad and not winograd else None
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        if relu_out is not None:
+            relu_backward_(dout, relu_out)
+        dw, db = _winograd_backward_filter(x, dout, padding)
+        return (_winograd_backward_input(dout, w, (H, W), padding) if input_grad else None), dw, db
+    dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
-        if winograd:
-            dx = np.empty((N, C, H, W), dtype=x.dtype)
         return dx, np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
     threads, G, groups = _plan(N, P, _conv.get_num_threads())
     _check_blas_dims(F, K + 1, G * P)
@@ -376,10 +381,8 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
     cols, staging = _group_scratch(threads, G, K + 1, P, F, x.dtype)
     with blas_pinned_to_one_thread():
-        _conv.conv2d_backward(x, dout, w.reshape(F, K) if dx is not None else None, relu_out,
-                              dw_ext, dx, kh, kw, *stride, *padding, G, cols, staging, threads)
-    if winograd:   # dout is masked by now
-        dx = _winograd_backward_input(dout, w, (H, W), padding)
+        _conv.conv2d_backward(x, dout, w.reshape(F, K) if input_grad else None, relu_out, dw_ext, dx,
+                              kh, kw, *stride, *padding, G, cols, staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
@@ -618,3 +621,20 @@ def maxpool2d_backward(dout, argmax, x_shape):
             f"expected flat indices into the (H, W) planes, as returned by maxpool2d_forward"
         )
     return dx
+
+
+def _winograd_backward_filter(x, dout, padding):
+    """(dw, db) of conv2d_backward_filter by Winograd F(2x2, 3x3) (arguments checked by the
+    caller): the sums over the batch in at most FILTER_GRAD_CHUNKS chunks, as im2col's."""
+    N, C, H, W = x.shape
+    F, Ho, Wo = dout.shape[1:]
+    if N == 0:
+        return np.zeros((F, C, 3, 3), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    chunks = min(N, FILTER_GRAD_CHUNKS)
+    sums = np.zeros((chunks, 16 * F * C + F), dtype=x.dtype)   # dL/dU and db per chunk
+    dw, db = np.empty((F, C, 3, 3), dtype=x.dtype), np.empty(F, dtype=x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_backward_filter(x, dout, dw, db, *padding, block_rows, sums, scratch,
+                                       min(threads, chunks))
+    return dw, db

@@ -66,6 +66,12 @@ def test_forward_and_input_gradient_match_the_lecture_formulas(x_shape, filters,
     assert dx.dtype == dtype and dx.shape == x.shape
     assert rel_err(dx, ref.input_grad(dout, w, x.shape, padding=padding)) <= TOLERANCE[dtype]
 
+    dw, db = kernels.conv2d_backward_filter(x, dout, 3, padding=padding, algo="winograd")
+    dw_ref, db_ref = ref.filter_grad(x, dout, 3, padding=padding)
+    assert dw.dtype == db.dtype == dtype and dw.shape == w.shape and db.shape == b.shape
+    assert rel_err(dw, dw_ref) <= TOLERANCE[dtype]
+    assert rel_err(db, db_ref) <= TOLERANCE[dtype]
+
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_fused_relu_is_np_maximum_of_the_output_nan_included(dtype):
@@ -78,34 +84,39 @@ def test_the_fused_relu_is_np_maximum_of_the_output_nan_included(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_fused_backward_takes_dx_from_winograd_and_keeps_the_filter_gradient(dtype):
-    x, w, b, rng = problem((3, 6, 9, 8), 5, dtype, seed=2)
+def test_fused_backward_masks_dout_then_runs_both_winograd_gradients(dtype):
+    x, w, b, rng = problem((19, 6, 9, 8), 5, dtype, seed=2)   # more images than filter chunks
     out = kernels.conv2d_forward(x, w, b, padding=1, relu=True)
     dout = rng.standard_normal(out.shape).astype(dtype)
     masked = np.where(out > 0, dout, 0).astype(dtype)
-    dx, dw, db = kernels.conv2d_backward(x, dout.copy(), w, padding=1, relu_out=out, algo="winograd")
-    dx_i, dw_i, db_i = kernels.conv2d_backward(x, dout.copy(), w, padding=1, relu_out=out)
-    # the filter gradient stays on the im2col path: the same bits
-    np.testing.assert_array_equal(dw, dw_i)
-    np.testing.assert_array_equal(db, db_i)
+    given = dout.copy()
+    dx, dw, db = kernels.conv2d_backward(x, given, w, padding=1, relu_out=out, algo="winograd")
+    np.testing.assert_array_equal(given, masked)   # masked in place, as with im2col
     np.testing.assert_array_equal(
         dx, kernels.conv2d_backward_input(masked, w, x.shape, padding=1, algo="winograd"))
+    for got, want in zip((dw, db), kernels.conv2d_backward_filter(x, masked, 3, padding=1,
+                                                                  algo="winograd")):
+        np.testing.assert_array_equal(got, want)
     assert rel_err(dx, ref.input_grad(masked, w, x.shape, padding=1)) <= TOLERANCE[dtype]
+    dw_ref, db_ref = ref.filter_grad(x, masked, 3, padding=1)
+    assert rel_err(dw, dw_ref) <= TOLERANCE[dtype] and rel_err(db, db_ref) <= TOLERANCE[dtype]
     none, dw_first, _ = kernels.conv2d_backward(x, dout.copy(), w, padding=1, relu_out=out,
                                                 input_grad=False, algo="winograd")
     assert none is None
-    np.testing.assert_array_equal(dw_first, dw_i)
+    np.testing.assert_array_equal(dw_first, dw)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_one_and_two_threads_give_the_same_bits(threads, dtype):
-    x, w, b, rng = problem((9, 5, 12, 11), 6, dtype, seed=5)
-    dout = rng.standard_normal((9, 6, 12, 11)).astype(dtype)
+    # 23 images: 16 filter-gradient chunks of one or two images, shared out as threads come
+    x, w, b, rng = problem((23, 5, 12, 11), 6, dtype, seed=5)
+    dout = rng.standard_normal((23, 6, 12, 11)).astype(dtype)
     results = {}
     for n in (1, 2, 3):
         convtrain.set_num_threads(n)
         results[n] = (kernels.conv2d_forward(x, w, b, padding=1, relu=True, algo="winograd"),
-                      kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd"))
+                      kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd"),
+                      *kernels.conv2d_backward_filter(x, dout, 3, padding=1, algo="winograd"))
     for one, two, three in zip(results[1], results[2], results[3]):
         np.testing.assert_array_equal(one, two)
         np.testing.assert_array_equal(one, three)
@@ -117,7 +128,9 @@ def test_empty_batch():
     dout = np.zeros((0, 3, 3, 3))
     assert kernels.conv2d_backward_input(dout, w, x.shape, algo="winograd").shape == x.shape
     dx, dw, db = kernels.conv2d_backward(x, dout, w, algo="winograd")
-    assert dx.shape == x.shape and not dw.any() and not db.any()
+    assert dx.shape == x.shape and dw.shape == w.shape and not dw.any() and not db.any()
+    dw, db = kernels.conv2d_backward_filter(x, dout, 3, algo="winograd")
+    assert dw.shape == w.shape and not dw.any() and db.shape == (3,) and not db.any()
 
 
 @pytest.mark.parametrize("kernel, stride, words", [
@@ -157,8 +170,9 @@ def test_network_gradients_through_winograd_match_centered_differences():
     def cost():
         return net.loss(x, y, 0.01)[1]
 
-    # conv1's gradients flow through conv2's Winograd input gradient; the forward is Winograd
-    for name in ("conv1.weight", "conv1.bias", "conv2.weight"):
+    # conv1's gradients flow through conv2's Winograd input gradient; both filter gradients
+    # and the forward are Winograd
+    for name in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
         param = net.parameters()[name]
         indices = [np.unravel_index(i, param.shape) for i in rng.choice(param.size, min(param.size, 40),
                                                                         replace=False)]
@@ -207,11 +221,13 @@ def test_conv_algo_config_is_checked():
 def test_matches_torch(x_shape, filters, padding):
     torch = pytest.importorskip("torch")
     x, w, b, rng = problem(x_shape, filters, np.float64, seed=4)
-    xt = torch.tensor(x, requires_grad=True)
-    out_t = torch.nn.functional.conv2d(xt, torch.tensor(w), torch.tensor(b), padding=padding)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    out_t = torch.nn.functional.conv2d(xt, wt, bt, padding=padding)
     out = kernels.conv2d_forward(x, w, b, padding=padding, algo="winograd")
     assert rel_err(out, out_t.detach().numpy()) <= 1e-12
     dout = rng.standard_normal(out.shape)
     out_t.backward(torch.tensor(dout))
-    dx = kernels.conv2d_backward_input(dout, w, x_shape, padding=padding, algo="winograd")
+    dx, dw, db = kernels.conv2d_backward(x, dout.copy(), w, padding=padding, algo="winograd")
     assert rel_err(dx, xt.grad.numpy()) <= 1e-12
+    assert rel_err(dw, wt.grad.numpy()) <= 1e-12
+    assert rel_err(db, bt.grad.numpy()) <= 1e-12
