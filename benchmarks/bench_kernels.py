@@ -21,7 +21,7 @@ kernels: convtrain.nn._conv*.fma_flops), best of 5, with the same clock as the k
 CPU) on the same pass, with --torch.
 
 Winograd F(2x2, 3x3) (kernels' algo="winograd") is timed beside im2col on the 3x3 layers'
-forward and input gradient, interleaved with them, in rows "forward-wg" and "input-wg"; their
+three passes, interleaved with them, in rows "forward-wg", "filter-wg" and "input-wg"; their
 GFLOP/s count the same 2*F*K*N*P flops of the direct convolution (an equivalent rate: Winograd
 does 2.25x fewer multiplies, so it can exceed the FMA peak), and "ratio" is Winograd's speed-up
 over the im2col kernel on that pass instead of the share of np.matmul.
@@ -175,6 +175,7 @@ def run(args):
         if kernels.winograd_applies((kh, kw), (1, 1)):
             winograd_calls = {
                 "forward": lambda: kernels.conv2d_forward(x, w, b, algo="winograd"),
+                "filter": lambda: kernels.conv2d_backward_filter(x, dout, (kh, kw), algo="winograd"),
                 "input": lambda: kernels.conv2d_backward_input(dout, w, x.shape, algo="winograd"),
             }
         for pass_name in PASSES:

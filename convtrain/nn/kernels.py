@@ -398,18 +398,20 @@ WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
 
 # conv_algo "auto": Winograd where it applies and both channel counts are at least
 # AUTO_WINOGRAD_MIN_CHANNELS and the output at least AUTO_WINOGRAD_MIN_OUTPUT pixels, else
-# im2col. Measured (AVX-512 build, float32, batch 100, 1 thread, CPU clock, interleaved
-# medians; milliseconds im2col vs winograd, forward / input gradient):
-#   CIFAR conv2 32->64 on 28x28 pad 0     30.0 / 31.0   vs 18.3 / 23.8   (winograd pays)
-#   the same with pad 1                   35.6 / 41.9   vs 25.6 / 28.6   (pays)
-#   8->16 on 28x28 pad 1                   3.3 / 4.8    vs  4.5 / 5.3
-#   16->32 on 16x16 pad 1                  3.7 / 4.5    vs  7.2 / 12.4
-#   3->32 on 32x32 pad 1                   4.3 / 3.4    vs  5.1 / 39.8   (BLAS with 3 rows)
-#   DIGITS conv1 1->16 and conv2 16->32 on 8x8 / 6x6: 0.04 / 0.04 and 0.23 / 0.22 ms vs
-#   0.25 / 0.35 and 0.76 / 0.79 (tiny GEMMs: 9 and 4 tiles per image)
-# With few channels the 16 GEMMs per image are too thin for BLAS, and the transforms cost
-# as much as the multiplies they save.
-AUTO_WINOGRAD_MIN_CHANNELS = 32
+# im2col. Measured (AVX-512 build, float32, batch 100, 1 thread, CPU clock, 15 interleaved
+# rounds, medians; milliseconds forward / input gradient / filter gradient):
+#                                        im2col                Winograd
+#   CIFAR conv2 32->64, 28x28, pad 0     29.8 / 31.4 / 31.6    18.0 / 20.9 / 28.3   pays
+#   the same with pad 1                  33.5 / 38.6 / 35.6    20.8 / 21.7 / 33.0   pays
+#   16->32, 16x16, pad 1                  3.6 /  4.3 /  4.3     2.6 /  2.8 /  4.1   pays
+#   8->16, 28x28, pad 1                   2.9 /  3.6 /  3.1     3.1 /  3.1 /  4.6   does not
+#   3->32, 32x32, pad 1                   4.2 /  3.2 /  2.8     4.4 /  5.0 / 10.2   does not
+#   DIGITS conv2 16->32, 6x6 (4x4 out)   0.23 / 0.22 / 0.33    0.55 / 0.73 / 0.67   does not
+#   DIGITS conv1 1->16, 8x8              0.04 / 0.04 / 0.04    0.20 / 0.30 / 0.34   does not
+# With few channels the 16 GEMMs per image are too thin for BLAS to run fast, and with few
+# tiles the per-image overhead dominates; the transforms then cost more than the multiplies
+# they save.
+AUTO_WINOGRAD_MIN_CHANNELS = 16
 AUTO_WINOGRAD_MIN_OUTPUT = 256
 
 
