@@ -25,8 +25,9 @@
 # it reads its input with any signed padding (zero outside) and writes a given output size.
 #
 # Per image, tiles are taken a block of tile rows at a time (the block size depends on the
-# shapes only), so V and M of a block stay in the thread's L2 cache. Each image belongs to one
-# thread and its sums run in a fixed order: the same bits for any thread count.
+# shapes only: kernels.WINOGRAD_BLOCK_BYTES, the whole image on the reference nets), so the
+# scratch per thread stays bounded on large images. Each image belongs to one thread and its
+# sums run in a fixed order: the same bits for any thread count.
 
 
 cdef void winograd_filters(const floating *w, Py_ssize_t F, Py_ssize_t C, floating *U,
