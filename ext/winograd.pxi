@@ -252,8 +252,9 @@ cdef void winograd_batch(const floating *x, const floating *U, const floating *b
 
 def winograd_scratch_elements(Py_ssize_t Cin, Py_ssize_t Cout, Py_ssize_t Ho, Py_ssize_t Wo,
                               Py_ssize_t block_rows):
-    """Elements of one thread's scratch for winograd_forward / winograd_backward_input with
-    these channels (in, out), output size and tile rows per block."""
+    """Elements of one thread's scratch for winograd_forward, winograd_backward_input and
+    winograd_backward_filter with these channels (in, out), output size and tile rows per block
+    (the filter gradient: the forward's channels and output)."""
     cdef WinogradShape s = make_winograd_shape(Cin, 0, 0, Cout, Ho, Wo, 0, 0, block_rows)
     return winograd_scratch_size(&s)
 
