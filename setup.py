@@ -160,9 +160,10 @@ def extensions():
             name,
             [str(pyx.relative_to(HERE))],
             # ext/ for the C helpers the .pyx files include (conv_support.h); a change to a
-            # header rebuilds the modules
+            # header or an included .pxi (winograd.pxi) rebuilds the modules
             include_dirs=[np.get_include(), "ext"],
-            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
+            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))]
+            + [str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.pxi"))],
             define_macros=[
                 ("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                 ("CONVTRAIN_CYTHON_VERSION", f'"{cython_version}"'),

@@ -20,6 +20,12 @@ kernels: convtrain.nn._conv*.fma_flops), best of 5, with the same clock as the k
 "%peak" is the kernel's GFLOP/s as a share of it, "%torch" as a share of oneDNN's (PyTorch
 CPU) on the same pass, with --torch.
 
+Winograd F(2x2, 3x3) (kernels' algo="winograd") is timed beside im2col on the 3x3 layers'
+three passes, interleaved with them, in rows "forward-wg", "filter-wg" and "input-wg"; their
+GFLOP/s count the same 2*F*K*N*P flops of the direct convolution (an equivalent rate: Winograd
+does 2.25x fewer multiplies, so it can exceed the FMA peak), and "ratio" is Winograd's speed-up
+over the im2col kernel on that pass instead of the share of np.matmul.
+
     python benchmarks/bench_kernels.py [--repeat 30] [--threads 1 2] [--torch] [--clock cpu]
 
 On a shared machine, compare 1-thread efficiency with --clock cpu --threads 1 (CPU time is
@@ -150,6 +156,7 @@ def run(args):
     print(header)
     print("-" * len(header))
     results = {}
+    winograd = {}   # (layer, pass, threads) -> im2col time / Winograd time
     layers = [layer for layer in LAYERS
               if not args.layers or any(word.lower() in layer[0].lower() for word in args.layers)]
     for name, chw, fkk in layers:
@@ -164,6 +171,13 @@ def run(args):
             "input": lambda: kernels.conv2d_backward_input(dout, w, x.shape),
         }
         gemm_shape = {"forward": (F, K, NP), "filter": (F, NP, K), "input": (K, F, NP)}
+        winograd_calls = {}
+        if kernels.winograd_applies((kh, kw), (1, 1)):
+            winograd_calls = {
+                "forward": lambda: kernels.conv2d_forward(x, w, b, algo="winograd"),
+                "filter": lambda: kernels.conv2d_backward_filter(x, dout, (kh, kw), algo="winograd"),
+                "input": lambda: kernels.conv2d_backward_input(dout, w, x.shape, algo="winograd"),
+            }
         for pass_name in PASSES:
             A, B = gemm_operands(pass_name, F, K, NP, rng)
             candidates, labels = [], []
@@ -175,6 +189,9 @@ def run(args):
                 if pass_name == "forward":
                     candidates.append((kernel_setup, lambda: kernels.im2col(x, (kh, kw))))
                     labels.append(("im2col", threads))
+                if pass_name in winograd_calls:
+                    candidates.append((kernel_setup, winograd_calls[pass_name]))
+                    labels.append(("winograd", threads))
                 if torch is not None:
                     candidates.append((lambda t=threads: torch.set_num_threads(t),
                                        torch_call(torch, pass_name, x, w, b, dout)))
@@ -196,10 +213,25 @@ def run(args):
                     torch_gf = flops / seconds['torch', threads] / 1e9
                     line += f" {torch_gf:10.1f} {100 * kernel_gf / torch_gf:5.0f}%"
                 print(line, flush=True)
+                if ("winograd", threads) in seconds:
+                    wg_s = seconds["winograd", threads]
+                    wg_gf = flops / wg_s / 1e9
+                    winograd[name, pass_name, threads] = kernel_s / wg_s
+                    line = (f"{name:<13} {pass_name + '-wg':<8} {'16 GEMMs / image':>20} {threads:>3} "
+                            f"{wg_s * 1e3:9.3f} {wg_gf:7.1f} {100 * wg_gf / peaks[threads]:5.0f}% "
+                            f"{'':>11} {kernel_s / wg_s:6.2f} {'':>7}")
+                    if torch is not None:
+                        torch_gf = flops / seconds['torch', threads] / 1e9
+                        line += f" {torch_gf:10.1f} {100 * wg_gf / torch_gf:5.0f}%"
+                    print(line, flush=True)
     convtrain.set_num_threads(max(args.threads))
     numpy_blas_threads(max(args.threads))()
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     summarize(results, args.threads, [layer[0] for layer in layers])
+    if winograd:
+        print("\nWinograd F(2x2,3x3) speed-up over im2col (time ratio, same run): "
+              + ", ".join(f"{name} {pass_name} @{threads}t {ratio:.2f}x"
+                          for (name, pass_name, threads), ratio in winograd.items()))
 
 
 def torch_call(torch, pass_name, x, w, b, dout):

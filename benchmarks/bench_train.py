@@ -19,6 +19,7 @@ ratios of medians.
     python benchmarks/bench_train.py --nets mnist --threads 2 --rounds 7
     python benchmarks/bench_train.py --clock cpu --threads 1   # images per CPU-second
     python benchmarks/bench_train.py --isa baseline --no-torch --no-numpy   # vs the portable build
+    python benchmarks/bench_train.py --conv-algo im2col   # conv_algo auto (the default) vs im2col
 
 After the throughput table: peak RSS per implementation (each in a fresh process), then
 convtrain's per-phase profile (benchmarks/profile_step.py).
@@ -58,12 +59,13 @@ class NumpyKernels:
         return getattr(numpy_conv, name)
 
     @staticmethod
-    def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+    def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
         out = numpy_conv.conv2d_forward(x, w, b, stride, padding)
         return np.maximum(out, 0, out=out) if relu else out
 
     @staticmethod
-    def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+    def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
+                        algo="im2col"):
         if relu_out is not None:
             np.multiply(dout, relu_out > 0, out=dout)
         dw, db = numpy_conv.conv2d_backward_filter(x, dout, w.shape[2:], stride, padding)
@@ -91,8 +93,11 @@ class NumpyKernels:
 
 # ---- one implementation = a function that runs k steps ----------------------------------------
 
-def convtrain_runner(spec, kernels_module=None):
-    trainer = trainer_for(build_network(spec))
+def convtrain_runner(spec, kernels_module=None, algo="auto"):
+    """convtrain's trainer with conv_algo `algo` (auto: as `convtrain fit` runs by default)."""
+    network = build_network(spec)
+    network.set_conv_algo(algo if kernels_module is None else "im2col")
+    trainer = trainer_for(network)
     xs, ys = batches(spec)
 
     def run(steps):
@@ -165,6 +170,8 @@ SETTLE_SECONDS = 0.3
 
 
 def _runner(name, spec):
+    if name.startswith("convtrain(") and name.endswith(")"):
+        return convtrain_runner(spec, algo=name[len("convtrain("):-1])
     if name.startswith("convtrain[") and name.endswith("]"):
         return isa_runner(spec, name[len("convtrain["):-1])
     return RUNNERS[name](spec)
@@ -189,13 +196,14 @@ def _round_worker(name, net, threads, clock, connection):
             connection.send(timer() - started)
 
 
-def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=()):
+def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=(), algos=()):
     """{implementation: [images/s per round]}; every implementation in its own process, the
     rounds interleaved so that load on the machine hits them alike."""
     import multiprocessing
 
     steps = NETS[net]["steps"]
-    names = ["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy + [f"convtrain[{i}]" for i in isas]
+    names = (["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy + [f"convtrain[{i}]" for i in isas]
+             + [f"convtrain({a})" for a in algos])
     context = multiprocessing.get_context("spawn")
     workers = {}
     try:
@@ -282,6 +290,8 @@ def main(argv=None):
                              "figure on a shared machine (at 2 threads it measures efficiency)")
     parser.add_argument("--isa", default="", help="comma-separated other builds of the kernels to time "
                         "beside the one this CPU runs (baseline, x86-64-v3, x86-64-v4)")
+    parser.add_argument("--conv-algo", default="", help="comma-separated conv_algo values (im2col, winograd) "
+                        "to time beside convtrain's default, auto")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
     parser.add_argument("--rss-child", nargs=3, metavar=("IMPL", "NET", "THREADS"),
@@ -313,7 +323,8 @@ def main(argv=None):
     for net in args.nets.split(","):
         for threads in thread_counts:
             isas = [isa for isa in args.isa.split(",") if isa]
-            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock, isas)
+            algos = [algo for algo in args.conv_algo.split(",") if algo]
+            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock, isas, algos)
             medians = {name: statistics.median(values) for name, values in rates.items()}
             print(format_row(net, threads, rates, medians), flush=True)
             for isa in isas:
@@ -321,6 +332,12 @@ def main(argv=None):
                 print(f"{'':<11} {isa} build: {medians[name]:,.0f} ({min(rates[name]):,.0f}-"
                       f"{max(rates[name]):,.0f}); the {info.get('isa')} build runs "
                       f"{medians['convtrain'] / medians[name]:.2f}x as fast", flush=True)
+            for algo in algos:
+                name = f"convtrain({algo})"
+                print(f"{'':<11} conv_algo {algo}: {medians[name]:,.0f} ({min(rates[name]):,.0f}-"
+                      f"{max(rates[name]):,.0f}); auto runs {medians['convtrain'] / medians[name]:.2f}x as fast"
+                      + (f", {medians[name] / medians['pytorch']:.2f}x PyTorch" if "pytorch" in medians else ""),
+                      flush=True)
             results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
     print("\nPyTorch reference at 2 threads (issue): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")

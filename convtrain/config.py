@@ -8,7 +8,7 @@ parameter all use the same name) but is written to TOML in sections for reading:
              batch_norm, dropout, global_pool, pool_type
     [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
              eps, weight_decay, label_smoothing, clip_norm, schedule and its parameters
-    [run]    seed, threads, patience, monitor, experiment, run_name, out, track, ...
+    [run]    seed, threads, conv_algo, patience, monitor, experiment, run_name, out, track, ...
 
 A TOML file may use the sections or plain top-level keys; both load the same.
 
@@ -44,6 +44,7 @@ MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
 OPTIMIZERS = ("sgd", "adamw")
+CONV_ALGOS = ("auto", "im2col", "winograd")
 GLOBAL_POOLS = ("none", "avg")
 POOL_TYPES = ("max", "avg")
 PADDING_WORDS = ("same", "valid")
@@ -115,6 +116,9 @@ class FitConfig:
     # [run]
     seed: int = option("run", 0, "Seed for the split, the weights and the batches.")
     threads: int | None = option("run", None, "Kernel threads.", shown="all cores")
+    conv_algo: str = option("run", "auto", "Convolution algorithm: im2col, winograd (Winograd F(2x2,3x3) on "
+                            "the 3x3 stride-1 conv blocks, im2col on the others) or auto (per block, by a "
+                            "measured rule; see README, Winograd).")
     patience: int | None = option("run", None, "Early stopping after this many epochs without improvement.",
                                   shown="no early stopping")
     monitor: str = option("run", "val_loss", "Metric for early stopping and the best epoch.")
@@ -332,6 +336,7 @@ class FitConfig:
         self._validate_optimizer_options()
 
         _expect(self.threads is None or self.threads > 0, "threads", self.threads, "a positive count")
+        self._validate_conv_algo()
         _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
         _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
         _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
@@ -345,6 +350,15 @@ class FitConfig:
         _expect(self.parent_run is None or str(self.parent_run).isalnum(), "parent_run", self.parent_run,
                 "an MLflow run id")
 
+
+    def _validate_conv_algo(self) -> None:
+        _expect(self.conv_algo in CONV_ALGOS, "conv_algo", self.conv_algo, " or ".join(CONV_ALGOS))
+        if self.conv_algo == "winograd":
+            kernels = self.per_block("kernel_sizes")
+            strides = self.per_block("strides")
+            if not any(_as_pair(k) == [3, 3] and s == 1 for k, s in zip(kernels, strides)):
+                raise ConfigError("conv_algo: got 'winograd', but no conv block has a 3x3 kernel with "
+                                  "stride 1 (Winograd F(2x2,3x3) computes those only); use auto or im2col")
 
     def _validate_layer_options(self) -> None:
         for p in self.dropout:
@@ -408,6 +422,11 @@ def _same_setting(name: str, a: Any, b: Any) -> bool:
     if name == "out" and a is not None and b is not None:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     return a == b
+
+
+def _as_pair(kernel) -> list:
+    """A kernel_sizes entry (an int or [kh, kw]) as [kh, kw]."""
+    return list(kernel) * (2 // len(kernel)) if isinstance(kernel, list) else [kernel, kernel]
 
 
 def _finite(x) -> bool:

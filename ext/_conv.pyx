@@ -1,4 +1,5 @@
-"""convtrain's compiled kernels: 2-D convolution (im2col + GEMM) and max pooling.
+"""convtrain's compiled kernels: 2-D convolution (im2col + GEMM; Winograd F(2x2, 3x3) in
+winograd.pxi, included below), dense layers, ReLU and max pooling.
 
 What this file is: the few loops that dominate a ConvNet's training time, written once for
 float32 and float64 (`floating`), over NCHW tensors and (F, C, kh, kw) filters, with the GIL
@@ -1029,6 +1030,11 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
         free(all_rows)
         free(buffers)
         free(order)
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+include "winograd.pxi"
 
 
 # ----------------------------------------------------------------------------- dense layer

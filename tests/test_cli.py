@@ -64,13 +64,15 @@ def test_fit_help_has_a_flag_for_every_config_field():
 def test_fit_flags_keep_their_spellings():
     result = invoke("fit", "--filters", "8,16", "--kernel-sizes", "5x3", "--padding", "same", "--no-track",
                     "--nesterov", "--balanced", "--n-s", "40", "--schedule", "cyclic", "--cycles", "2",
-                    "--val-fraction", "0.2", "--data-path", "x.npz", "--data", "npz", "--print-config")
+                    "--val-fraction", "0.2", "--data-path", "x.npz", "--data", "npz", "--conv-algo", "im2col",
+                    "--print-config")
     # the npz file does not exist: --print-config still prints, saying the length it could count
     assert result.exit_code == 0, result.output
     printed = FitConfig.from_dict(tomllib.loads(result.stdout))
     assert printed.filters == [8, 16] and printed.kernel_sizes == [[5, 3]] and printed.padding == ["same"]
     assert (printed.track, printed.nesterov, printed.balanced) == (False, True, True)
     assert (printed.n_s, printed.schedule, printed.cycles, printed.val_fraction) == (40, "cyclic", 2, 0.2)
+    assert printed.conv_algo == "im2col"
     assert "# length: cyclic schedule: 2 cycles x 2 x 40 = 160 updates" in result.stdout
     assert "x.npz" in result.stdout.splitlines()[0]
 
@@ -124,6 +126,8 @@ def test_print_config_resolves_file_then_flags(tmp_path):
     (["fit", "--data", "mnist", "--data-path", "no/such/dir"], ["no/such/dir"], 1),
     (["fit", "--batch-size", "5000", "--no-track"], ["batch_size", "5000"], 2),
     (["fit", "--filters", "4", "--kernel-sizes", "9", "--no-track"], ["kernel"], 2),
+    (["fit", "--conv-algo", "fft"], ["conv_algo", "fft", "winograd"], 2),
+    (["fit", "--conv-algo", "winograd", "--kernel-sizes", "5", "--no-track"], ["conv_algo", "3x3"], 2),
     (["fit", "--config", "missing.toml"], ["missing.toml", "not found"], 2),
     (["fit", "--resume", "nowhere"], ["nowhere"], 1),
     (["evaluate", "missing.npz"], ["missing.npz"], 1),

@@ -18,6 +18,11 @@ lecture's M_X^im of image n, ``(M_X1 M_X2 ...)`` of size (Ho*Wo) x (C*kh*kw); fo
 ``dw = sum_n dout[n] @ cols[n].T`` (dL/dF = X * G) and
 ``dx[n] = col2im(w.reshape(F, -1).T @ dout[n])`` (dL/dX = G_zero-pad * F_rot180).
 
+Two algorithms compute the same convolutions: im2col + GEMM (above; every shape) and, for 3x3
+kernels with stride 1, Winograd F(2x2, 3x3) (``algo="winograd"``, ext/winograd.pxi): 16
+products per 2x2 output tile and channel pair instead of 36, as 16 GEMMs per image; the rule
+conv_algo "auto" applies per layer is ``choose_conv_algo``.
+
 Inputs that are not C-contiguous (or not in native byte order) are copied once; outputs are
 new C-contiguous arrays. Threads: ``convtrain.set_num_threads``; the kernels hand groups of
 images to OpenMP threads, each running single-threaded GEMMs (BLAS is pinned to one thread
@@ -44,6 +49,9 @@ __all__ = [
     "conv2d_backward_filter",
     "conv2d_backward_input",
     "conv2d_backward",
+    "CONV_ALGOS",
+    "winograd_applies",
+    "choose_conv_algo",
     "relu_",
     "relu_backward_",
     "dense_forward",
@@ -183,10 +191,12 @@ def _group_scratch(threads, G, rows, P, F, dtype):
     return cols, staging
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
     with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
     is in cache instead of in a second pass over the batch.
+    algo: "im2col" (below) or "winograd" (3x3 stride-1 filters only: Winograd F(2x2, 3x3),
+    see winograd_forward).
 
     x (N, C, H, W), w (F, C, kh, kw), b (F,) or None (no bias); same dtype.
     Per image: out[n] = [w.reshape(F, -1) | b] @ [im2col(x[n]); ones], a GEMM of shape
@@ -217,6 +227,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
         w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_forward(x, w, None if b is None else bias, padding, relu)
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
@@ -231,7 +243,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False):
     return out
 
 
-def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
+def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0, algo="im2col"):
     """(dw (F, C, kh, kw), db (F,)): the gradients of the loss w.r.t. the filters and biases.
 
     dw[f] = sum_n x[n] * dout[n, f] (the lecture's dL/dF = X * G, i.e. g^T M_X^im),
@@ -242,6 +254,8 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     bits), each accumulated by one thread into its own buffer, summed in chunk order afterwards.
     Scratch: threads * (C*kh*kw + 1) * G*Ho*Wo elements of x's dtype (plus threads * F * G*Ho*Wo
     when G > 1) and chunks * F * (C*kh*kw + 1) for the accumulators; independent of N.
+    algo "winograd" (3x3 stride-1 filters only): the same sums by Winograd F(2x2, 3x3)
+    (winograd_backward_filter), chunked the same way.
     """
     x = _array("x", x, 4)
     dout = _array("dout", dout, 4, x.dtype)
@@ -257,6 +271,8 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x of shape {x.shape}, "
             f"kernel_size {(kh, kw)}, stride {stride}, padding {padding}"
         )
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_backward_filter(x, dout, padding)
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
         return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
@@ -274,12 +290,14 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0):
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
 
-def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
     """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
 
     dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
     convolution G_zero-pad * F_rot180 summed over filters. dout (N, F, Ho, Wo), w (F, C, kh, kw),
     x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
+    algo "winograd" (3x3 stride-1 filters only): the same full convolution by Winograd
+    F(2x2, 3x3) (winograd_backward_input).
     Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
     per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
@@ -302,6 +320,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
             f"dout has shape {dout.shape}, expected {(N, F, Ho, Wo)} for x_shape {(N, C, H, W)}, "
             f"w of shape {w.shape}, stride {stride}, padding {padding}"
         )
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_backward_input(dout, w, (H, W), padding)
     dx = np.empty((N, C, H, W), dtype=dout.dtype)
     if N == 0:
         return dx
@@ -314,7 +334,8 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0):
     return dx
 
 
-def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True):
+def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
+                    algo="im2col"):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -322,6 +343,8 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     relu=True)); then dout is first replaced, in place, by where(relu_out > 0, dout, 0), the
     ReLU's backward (relu_backward_). So dout must be a C-contiguous array the caller lets go of. input_grad=False
     skips dx (the first layer's input is the data) and returns None for it.
+    algo "winograd" (3x3 stride-1 filters only): dout masked in place (relu_backward_), then
+    the filter and input gradients by Winograd F(2x2, 3x3), one pass each.
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -348,6 +371,11 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        if relu_out is not None:
+            relu_backward_(dout, relu_out)
+        dw, db = _winograd_backward_filter(x, dout, padding)
+        return (_winograd_backward_input(dout, w, (H, W), padding) if input_grad else None), dw, db
     dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
@@ -362,6 +390,107 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
                               kh, kw, *stride, *padding, G, cols, staging, threads)
     total = (dw_ext[0] if chunks == 1 else dw_ext.sum(axis=0)).reshape(F, K + 1)
     return dx, np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+CONV_ALGOS = ("im2col", "winograd")
+# The transformed tiles V (16, Cin, tiles) and their products M (16, Cout, tiles) are made a
+# block of tile rows at a time, at most this many bytes of them (the block depends on the
+# shapes only, never on the threads). Wider blocks make wider GEMMs, which won over keeping
+# the block in L2: CIFAR conv2, 1 thread, CPU clock, forward / input / filter gradient, ms:
+# 256 KiB blocks 21.8 / 27.1 / 33.4, 1 MiB 18.9 / 22.8 / 29.2, 4 MiB (the whole image)
+# 18.7 / 22.4 / 28.7. The bound only splits large images, to bound the scratch per thread.
+WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
+
+
+# conv_algo "auto": Winograd where it applies and both channel counts are at least
+# AUTO_WINOGRAD_MIN_CHANNELS and the output at least AUTO_WINOGRAD_MIN_OUTPUT pixels, else
+# im2col. Measured (AVX-512 build, float32, batch 100, 1 thread, CPU clock, 15 interleaved
+# rounds, medians; milliseconds forward / input gradient / filter gradient):
+#                                        im2col                Winograd
+#   CIFAR conv2 32->64, 28x28, pad 0     29.8 / 31.4 / 31.6    18.0 / 20.9 / 28.3   pays
+#   the same with pad 1                  33.5 / 38.6 / 35.6    20.8 / 21.7 / 33.0   pays
+#   16->32, 16x16, pad 1                  3.6 /  4.3 /  4.3     2.6 /  2.8 /  4.1   pays
+#   8->16, 28x28, pad 1                   2.9 /  3.6 /  3.1     3.1 /  3.1 /  4.6   does not
+#   3->32, 32x32, pad 1                   4.2 /  3.2 /  2.8     4.4 /  5.0 / 10.2   does not
+#   DIGITS conv2 16->32, 6x6 (4x4 out)   0.23 / 0.22 / 0.33    0.55 / 0.73 / 0.67   does not
+#   DIGITS conv1 1->16, 8x8              0.04 / 0.04 / 0.04    0.20 / 0.30 / 0.34   does not
+# With few channels the 16 GEMMs per image are too thin for BLAS to run fast, and with few
+# tiles the per-image overhead dominates; the transforms then cost more than the multiplies
+# they save.
+AUTO_WINOGRAD_MIN_CHANNELS = 16
+AUTO_WINOGRAD_MIN_OUTPUT = 256
+
+
+def choose_conv_algo(algo, in_channels, filters, kernel_size, stride, output_hw):
+    """The algorithm a conv layer runs for conv_algo `algo`: "im2col"; "winograd" where it
+    applies (3x3 stride 1), im2col elsewhere; "auto" by the measured rule above."""
+    if algo not in ("auto", *CONV_ALGOS):
+        raise ValueError(f"conv_algo must be one of auto, {', '.join(CONV_ALGOS)}, got {algo!r}")
+    if algo == "im2col" or not winograd_applies(kernel_size, stride):
+        return "im2col"
+    if algo == "winograd":
+        return "winograd"
+    big_enough = (min(in_channels, filters) >= AUTO_WINOGRAD_MIN_CHANNELS
+                  and output_hw[0] * output_hw[1] >= AUTO_WINOGRAD_MIN_OUTPUT)
+    return "winograd" if big_enough else "im2col"
+
+
+def winograd_applies(kernel_size, stride):
+    """Whether Winograd F(2x2, 3x3) computes a layer with this kernel and stride: 3x3, stride 1
+    (any padding)."""
+    return tuple(kernel_size) == (3, 3) and tuple(stride) == (1, 1)
+
+
+def _checked_algo(algo, kernel, stride):
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"algo must be one of {', '.join(CONV_ALGOS)}, got {algo!r}")
+    if algo == "winograd" and not winograd_applies(kernel, stride):
+        raise ValueError(
+            f"algo 'winograd' computes 3x3 stride-1 convolutions only, got kernel "
+            f"{kernel[0]}x{kernel[1]} stride {stride[0]}x{stride[1]}; use algo 'im2col'")
+    return algo
+
+
+def _winograd_scratch(cin, cout, Ho, Wo, N, dtype):
+    """(tile rows per block, per-thread scratch, threads) for one Winograd call."""
+    row_bytes = 16 * (cin + cout) * ((Wo + 1) // 2) * np.dtype(dtype).itemsize
+    block_rows = max(1, WINOGRAD_BLOCK_BYTES // row_bytes)
+    threads = max(1, min(_conv.get_num_threads(), N))
+    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows)
+    _check_blas_dims(cin, cout, size)
+    return block_rows, np.empty((threads, size), dtype=dtype), threads
+
+
+def _winograd_forward(x, w, b, padding, relu):
+    """conv2d_forward by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
+    N, C, H, W = x.shape
+    F = w.shape[0]
+    Ho, Wo = output_size((H, W), (3, 3), (1, 1), padding)
+    out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
+    if N == 0:
+        return out
+    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    filters = np.empty(16 * F * C, dtype=x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
+                               bool(relu))
+    return out
+
+
+def _winograd_backward_input(dout, w, hw, padding):
+    """conv2d_backward_input by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
+    N, F = dout.shape[:2]
+    C = w.shape[1]
+    dx = np.empty((N, C, *hw), dtype=dout.dtype)
+    if N == 0:
+        return dx
+    block_rows, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
+    filters = np.empty(16 * F * C, dtype=dout.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads)
+    return dx
 
 
 # ----------------------------------------------------------------------------- dense layer
@@ -502,3 +631,20 @@ def maxpool2d_backward(dout, argmax, x_shape):
             f"expected flat indices into the (H, W) planes, as returned by maxpool2d_forward"
         )
     return dx
+
+
+def _winograd_backward_filter(x, dout, padding):
+    """(dw, db) of conv2d_backward_filter by Winograd F(2x2, 3x3) (arguments checked by the
+    caller): the sums over the batch in at most FILTER_GRAD_CHUNKS chunks, as im2col's."""
+    N, C, H, W = x.shape
+    F, Ho, Wo = dout.shape[1:]
+    if N == 0:
+        return np.zeros((F, C, 3, 3), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    chunks = min(N, FILTER_GRAD_CHUNKS)
+    sums = np.zeros((chunks, 16 * F * C + F), dtype=x.dtype)   # dL/dU and db per chunk
+    dw, db = np.empty((F, C, 3, 3), dtype=x.dtype), np.empty(F, dtype=x.dtype)
+    with blas_pinned_to_one_thread():
+        _conv.winograd_backward_filter(x, dout, dw, db, *padding, block_rows, sums, scratch,
+                                       min(threads, chunks))
+    return dw, db

@@ -79,6 +79,9 @@ class Conv2D(Layer):
         # kernel's epilogue; backward: the ReLU's mask on dout, inside the backward kernel).
         self.fused_relu = False
         self._out = None
+        # "im2col" or "winograd" (3x3 stride 1 only): a run setting (Network.set_conv_algo),
+        # not part of the architecture; both compute the same layer
+        self.algo = "im2col"
 
     @property
     def fan_in(self) -> int:
@@ -99,7 +102,8 @@ class Conv2D(Layer):
 
     def forward(self, x, train=False):
         out = kernels.conv2d_forward(x, self.params["weight"], self.params["bias"],
-                                     stride=self.stride, padding=self.padding, relu=self.fused_relu)
+                                     stride=self.stride, padding=self.padding, relu=self.fused_relu,
+                                     algo=self.algo)
         if train:
             self._x = x
             self._out = out if self.fused_relu else None
@@ -111,7 +115,8 @@ class Conv2D(Layer):
         dout = np.require(dout, requirements=["C", "W"])
         dx, dw, db = kernels.conv2d_backward(self._x, dout, self.params["weight"],
                                              stride=self.stride, padding=self.padding,
-                                             relu_out=self._out, input_grad=self.needs_input_grad)
+                                             relu_out=self._out, input_grad=self.needs_input_grad,
+                                             algo=self.algo)
         self.grads = {"weight": dw, "bias": db}
         self._x = self._out = None
         return dx

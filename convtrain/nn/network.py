@@ -299,6 +299,28 @@ class Network:
 
     # ---- computation --------------------------------------------------------------
 
+    def set_conv_algo(self, algo: str) -> dict[str, str]:
+        """Let the conv layers compute with `algo` ("auto", "im2col" or "winograd"; see
+        kernels.choose_conv_algo: "winograd" runs on the 3x3 stride-1 layers, the others keep
+        im2col) and return {layer name: algorithm}. A run setting, not saved with the model:
+        every algorithm computes the same layer, so a model trained with one runs with any."""
+        from convtrain.nn import kernels
+
+        chosen = {}
+        shape = self.input_shape
+        for layer in self.layers:
+            if isinstance(layer, Conv2D):
+                out = layer.output_shape(shape)
+                layer.algo = kernels.choose_conv_algo(algo, layer.in_channels, layer.filters,
+                                                      layer.kernel_size, layer.stride, out[1:])
+                chosen[layer.name] = layer.algo
+            shape = layer.output_shape(shape)
+        return chosen
+
+    def conv_algos(self) -> dict[str, str]:
+        """{conv layer name: the algorithm it computes with}."""
+        return {layer.name: layer.algo for layer in self.layers if isinstance(layer, Conv2D)}
+
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """Scores (N, num_classes) for a normalized batch x (N, C, H, W) of this network's dtype."""
         for layer in self.layers:

@@ -235,6 +235,7 @@ def _build_network(config: FitConfig, splits):
 
     check_fits(config, splits.input_shape, splits.num_classes)  # before any weight is allocated
     network = Network.from_config(config, splits.input_shape, splits.num_classes)
+    network.set_conv_algo(config.conv_algo)  # a run setting: the saved model does not keep it
     if splits.standardize:  # a property of the data set: not for one-hot names (see data/names.py)
         standardizer = Standardizer.fit(splits.x_train)
         network.normalization = {k: v.tolist() for k, v in standardizer.to_dict().items()}

@@ -5,7 +5,8 @@ kernel entry point is run through each build this machine can execute and compar
 baseline, on shapes that exercise the vector loops' remainders (odd widths, padding, strides):
 
 * bit for bit: everything in float64 (all builds use BLAS there), and in float32 everything but
-  the convolution GEMMs (im2col, col2im, pooling, dense layers, ReLU);
+  the im2col convolution GEMMs (im2col, col2im, pooling, dense layers, ReLU, and the Winograd
+  passes: their transforms only add and subtract, their GEMMs are BLAS's in every build);
 * to float32 rounding (relative error <= 1e-5, the kernel tests' float32 bound against the
   float64 reference): the float32 convolution passes (forward, filter and input gradients).
   The x86-64-v3 and v4 builds run convtrain's own AVX2 / AVX-512 GEMM tiles (ext/gemm_kernels.h),
@@ -25,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 import convtrain
 from convtrain.nn import backend, kernels
+from convtrain.nn.geometry import pair
 from tests.support.numerics import rel_err
 
 VARIANTS = [name for name in backend.available_builds() if name != "baseline"]
@@ -36,6 +38,7 @@ SHAPES = [
     ((4, 6, 13, 11), (5, 6, 3, 2), 1, 1),
     ((3, 2, 17, 19), (4, 2, 3, 5), (2, 3), (1, 2)),
     ((9, 4, 8, 8), (16, 4, 3, 3), 1, 0),
+    ((3, 5, 11, 9), (6, 5, 3, 3), 1, 1),
 ]
 
 
@@ -65,6 +68,11 @@ def _every_kernel(module, dtype, threads):
                 results += [("conv", r) for r in kernels.conv2d_backward_filter(
                     x, dout, w_shape[2:], stride, padding)]
                 results.append(("conv", kernels.conv2d_backward_input(dout, w, x.shape, stride, padding)))
+                if kernels.winograd_applies(w_shape[2:], pair("stride", stride, 1)):
+                    results += [("winograd", kernels.conv2d_forward(x, w, b, stride, padding, relu=True,
+                                                                    algo="winograd"))]
+                    results += [("winograd", r) for r in kernels.conv2d_backward(
+                        x, dout.copy(), w, stride, padding, relu_out=relu_out, algo="winograd")]
                 pooled, argmax = kernels.maxpool2d_forward(x, 2)
                 results += [("pool", pooled), ("pool", argmax),
                             ("pool", kernels.maxpool2d_backward(pooled, argmax, x.shape))]

@@ -122,6 +122,24 @@ def test_resume_from_out_dir_takes_the_saved_config_and_new_epochs(tmp_path):
     assert resumed.out_dir == first.out_dir
 
 
+def test_conv_algo_is_a_run_setting_a_resume_may_change(tmp_path):
+    from convtrain.nn.network import Network
+
+    first = fit(FitConfig(**TINY, conv_algo="winograd", track=False, run_name="wg"), progress=None)
+    assert first.network.conv_algos() == {"conv1": "winograd"}
+    config, checkpoint = resolve_fit_config(overrides={"epochs": 3, "conv_algo": "im2col"},
+                                            resume=str(first.out_dir))
+    resumed = fit(config, resume=checkpoint, progress=None)
+    assert resumed.network.conv_algos() == {"conv1": "im2col"}
+    assert [e["epoch"] for e in resumed.history.epochs] == [1, 2, 3]
+    # the saved model does not keep the algorithm: it loads and runs with im2col
+    loaded = Network.load(resumed.model_path)
+    x = np.random.default_rng(0).standard_normal((5, *loaded.input_shape)).astype(np.float32)
+    im2col = loaded.forward(x)
+    loaded.set_conv_algo("winograd")
+    np.testing.assert_allclose(loaded.forward(x), im2col, rtol=1e-4, atol=1e-5)
+
+
 def test_a_resumed_fit_leaves_the_run_one_model_holding_the_final_weights(tmp_path):
     """A fit resumed after (or while) logging its model must not add a second model to the run:
     `runs:/<id>/<name>` resolves to the first one the store lists."""

@@ -107,6 +107,14 @@ BAD = [
 ]
 
 
+def test_the_conv_algorithm_can_be_swept(tmp_path):
+    spec = load_sweep(write(tmp_path, '[sweep]\nmethod = "grid"\n[space]\nconv_algo = ["im2col", "winograd"]\n'))
+    assert spec.space["conv_algo"].labels == ("im2col", "winograd")
+    assert [spec.trial_config(point).conv_algo for point in spec.grid_points()] == ["im2col", "winograd"]
+    with pytest.raises(ConfigError, match="conv_algo"):
+        load_sweep(write(tmp_path, '[space]\nconv_algo = ["im2col", "fft"]\n'))
+
+
 @pytest.mark.parametrize("text, message", BAD, ids=[m for _, m in BAD])
 def test_bad_sweep_files_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
