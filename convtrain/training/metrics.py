@@ -3,8 +3,8 @@
 `evaluate_network` is the only loop that scores a data set: the trainer's per-epoch evaluation
 (Trainer.evaluate), the final test evaluation of a fit and `convtrain evaluate` all go through
 it. The confusion matrix and the per-class table are counted with numpy: scikit-learn would
-give the same numbers, but importing it (and scipy with it) takes about a second, which every
-fit would pay for a 10 x 10 table.
+give the same numbers, but importing it (with scipy.stats and scipy.sparse) takes about a
+second, which every fit would pay for a 10 x 10 table.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convtrain.nn.losses import cross_entropy_sum
+from convtrain.nn.network import EVAL_BATCH_SIZE
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Evaluation:
     class_names: list[str]
 
 
-def evaluate_network(network, x, y, *, l2: float = 0.0, batch_size: int = 500, normalize: bool = False,
+def evaluate_network(network, x, y, *, l2: float = 0.0, batch_size: int = EVAL_BATCH_SIZE, normalize: bool = False,
                      return_predictions: bool = False):
     """loss, cost, accuracy and balanced accuracy of `network` on (x, y) in eval mode, a batch
     at a time; with return_predictions, also the predicted labels (N,).

@@ -63,9 +63,26 @@ def test_per_class_metrics_equal_scikit_learns():
 
 
 def test_the_tables_do_not_import_scikit_learn():
-    # importing it (and scipy) took about a second of every fit, for a 10 x 10 table
+    # importing it (with scipy.stats and scipy.sparse) took about a second of every fit, for a 10 x 10 table
     code = ("import sys; from convtrain.training.metrics import confusion_matrix, per_class_metrics; "
             "confusion_matrix([0, 1], [1, 1], 2); per_class_metrics([0, 1], [1, 1], ['a', 'b']); "
-            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+            "print(sorted(m for m in ('sklearn', 'scipy.stats', 'scipy.sparse') if m in sys.modules))")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0 and child.stdout.strip() == "[]", child.stderr
+
+
+def test_evaluation_does_not_depend_on_how_the_set_is_batched():
+    from convtrain.nn.network import EVAL_BATCH_SIZE, Network
+    from convtrain.training.metrics import evaluate_network
+
+    network = Network.build(input_shape=(3, 9, 9), num_classes=4, filters=[5], kernel_sizes=[3],
+                            dtype="float64", seed=0)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((EVAL_BATCH_SIZE + 23, 3, 9, 9)), rng.integers(0, 4, EVAL_BATCH_SIZE + 23)
+    whole, whole_predictions = evaluate_network(network, x, y, l2=1e-3, batch_size=len(y), return_predictions=True)
+    for batch_size in (7, EVAL_BATCH_SIZE):  # a ragged last batch either way
+        values, predictions = evaluate_network(network, x, y, l2=1e-3, batch_size=batch_size, return_predictions=True)
+        np.testing.assert_array_equal(predictions, whole_predictions)
+        assert values.keys() == whole.keys()
+        for key in values:
+            assert values[key] == pytest.approx(whole[key], rel=1e-12), key
