@@ -61,7 +61,7 @@ def reference_net():
     return nets
 
 
-def commands(npz: Path, out: Path, epochs: int, threads: int) -> dict[str, list[str]]:
+def commands(npz: Path, out: Path, epochs: int, threads: int, torch_passive: bool) -> dict[str, list[str]]:
     nets = reference_net()
     CIFAR, BATCH, LR, MOMENTUM, L2 = nets.NETS["cifar"], nets.BATCH, nets.LR, nets.MOMENTUM, nets.L2
     filters = ",".join(map(str, CIFAR["filters"]))
@@ -69,14 +69,18 @@ def commands(npz: Path, out: Path, epochs: int, threads: int) -> dict[str, list[
     common = ["--epochs", str(epochs), "--batch-size", str(BATCH), "--lr", str(LR), "--momentum", str(MOMENTUM),
               "--l2", str(L2), "--val-fraction", str(VAL_FRACTION), "--seed", str(SEED), "--threads", str(threads),
               "--filters", filters, "--kernel-sizes", kernels]
-    return {
+    cmds = {
         "convtrain --help": [sys.executable, "-m", "convtrain", "--help"],
         "import torch": [sys.executable, "-c", "import torch"],
         "convtrain fit": [sys.executable, "-m", "convtrain", "fit", "--no-track", "--data", "npz", "--data-path",
-                          str(npz), "--out", str(out / "convtrain"), *common],
-        "pytorch script": [sys.executable, str(HERE / "fit_torch.py"), str(npz), "--out", str(out / "torch"),
+                          str(npz), "--out", str(out / "convtrain-fit"), *common],
+        "pytorch script": [sys.executable, str(HERE / "fit_torch.py"), str(npz), "--out", str(out / "pytorch-script"),
                            *common],
     }
+    if torch_passive:  # the same script with idle OpenMP threads sleeping, as convtrain has them
+        cmds["pytorch, passive"] = ["env", "OMP_WAIT_POLICY=PASSIVE", *cmds["pytorch script"][:-len(common) - 2],
+                                    "--out", str(out / "pytorch-passive"), *common]
+    return cmds
 
 
 def timed_child(argv: list[str]) -> None:
@@ -96,7 +100,7 @@ def timed_child(argv: list[str]) -> None:
 def run_once(argv: list[str], env: dict, out: Path) -> dict:
     """One fresh process, through timed_child: wall seconds, CPU seconds (user + sys), peak RSS
     in MiB (as /usr/bin/time reports them) and what it printed."""
-    shutil.rmtree(out, ignore_errors=True)  # every fit starts from an empty output folder
+    shutil.rmtree(out, ignore_errors=True)  # every fit starts without the output folders of the last ones
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         launcher = subprocess.run([sys.executable, __file__, "--timed-child", *argv], env=env, stdout=stdout,
                                   stderr=stderr, check=False)
@@ -113,7 +117,7 @@ def measure(cmds: dict, env: dict, out: Path, rounds: int) -> dict[str, list[dic
     results = {name: [] for name in cmds}
     for round_ in range(rounds):
         for name, argv in cmds.items():
-            results[name].append(run_once(argv, env, out / name.replace(" ", "-")))
+            results[name].append(run_once(argv, env, out))
             time.sleep(0.5)  # the previous process's threads gone before the next one starts
         print(f"round {round_ + 1}/{rounds}: " + ", ".join(f"{name} {r[-1]['wall']:.2f} s"
                                                            for name, r in results.items()), flush=True)
@@ -128,13 +132,15 @@ def table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         lines.append(f"{name:<16} {spread([r['wall'] for r in runs], '.2f'):>26} "
                      f"{spread([r['cpu'] for r in runs], '.2f'):>24} {spread([r['rss_mib'] for r in runs], '.0f'):>20}")
-    ct, pt = results["convtrain fit"], results["pytorch script"]
-    walls = [p["wall"] / c["wall"] for c, p in zip(ct, pt)]  # per round: the two ran back to back
-    cpus = [p["cpu"] / c["cpu"] for c, p in zip(ct, pt)]
-    rss = statistics.median(r["rss_mib"] for r in ct) / statistics.median(r["rss_mib"] for r in pt)
-    lines.append(f"PyTorch / convtrain wall: {statistics.median(walls):.2f}x (rounds {min(walls):.2f}-{max(walls):.2f}); "
-                 f"CPU: {statistics.median(cpus):.2f}x ({min(cpus):.2f}-{max(cpus):.2f}); "
-                 f"convtrain's peak RSS is {rss:.2f}x PyTorch's")
+    ct = results["convtrain fit"]
+    for name in [n for n in results if n.startswith("pytorch")]:
+        pt = results[name]
+        walls = [p["wall"] / c["wall"] for c, p in zip(ct, pt)]  # per round: the two ran close together
+        cpus = [p["cpu"] / c["cpu"] for c, p in zip(ct, pt)]
+        rss = statistics.median(r["rss_mib"] for r in ct) / statistics.median(r["rss_mib"] for r in pt)
+        lines.append(f"{name} / convtrain: wall {statistics.median(walls):.2f}x (rounds {min(walls):.2f}-"
+                     f"{max(walls):.2f}), CPU {statistics.median(cpus):.2f}x ({min(cpus):.2f}-{max(cpus):.2f}); "
+                     f"convtrain's peak RSS is {rss:.2f}x its")
     return "\n".join(lines)
 
 
@@ -146,6 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-torch-passive", action="store_true",
+                        help="skip the third fit: the PyTorch script with OMP_WAIT_POLICY=PASSIVE (convtrain "
+                             "sets it for itself; PyTorch's OpenMP threads spin by default, which costs it "
+                             "dearly on a busy machine)")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     parser.add_argument("--timed-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -164,16 +174,16 @@ def main(argv=None) -> int:
         threads = str(args.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
                "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-        cmds = commands(npz, work / "runs", args.epochs, args.threads)
+        cmds = commands(npz, work / "runs", args.epochs, args.threads, not args.no_torch_passive)
         nets = reference_net()
         print(f"{args.epochs} epochs, batch {nets.BATCH}, {args.threads} threads, CIFAR net "
               f"{nets.NETS['cifar']['filters']} {nets.NETS['cifar']['kernel_sizes']}; {args.rounds} rounds interleaved; load average "
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        for name in ("convtrain fit", "pytorch script"):
+        for name in [n for n in cmds if n not in ("convtrain --help", "import torch")]:
             print(f"  {name}: {' '.join(cmds[name][1:])}")
         results = measure(cmds, env, work / "runs", args.rounds)
         print(f"\n{table(results)}\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        for name in ("convtrain fit", "pytorch script"):
+        for name in [n for n in cmds if n not in ("convtrain --help", "import torch")]:
             final = [line for line in results[name][-1]["stdout"].splitlines() if line.strip()]
             print(f"{name}, last round's epoch lines:\n  " + "\n  ".join(l for l in final if l.startswith("epoch ")))
         if args.json:
