@@ -32,9 +32,11 @@ BUFFER_PREFIX = "buffer/"
 GLOBAL_POOLS = ("none", "avg")
 POOL_TYPES = ("max", "avg")
 # Images per forward pass when scoring or predicting a whole data set (the trainer's per-epoch
-# evaluation, `convtrain evaluate`, `predict`). Measured on the CIFAR reference net at 1 and 2
-# threads: 100 images per pass score ~15% more images per CPU-second than 500, whose
-# activations (86 MB for the 3x3x64 layer) no longer fit any cache, and hold a fifth of the memory.
+# evaluation, `convtrain evaluate`, `predict`). On the CIFAR reference net, 500 images make an
+# 86 MB activation (the 3x3x64 layer), above glibc's largest mmap threshold (32 MiB, see
+# backend.py): every pass mapped it afresh and faulted it in, 0.48 s of system time per 5,400
+# images at 2 threads (~15% of the evaluation's CPU time); 100 images per pass reuse the same
+# memory (no faults, the same user time) and hold a fifth of it.
 EVAL_BATCH_SIZE = 100
 
 
