@@ -31,6 +31,13 @@ PARAM_PREFIX = "param/"
 BUFFER_PREFIX = "buffer/"
 GLOBAL_POOLS = ("none", "avg")
 POOL_TYPES = ("max", "avg")
+# Images per forward pass when scoring or predicting a whole data set (the trainer's per-epoch
+# evaluation, `convtrain evaluate`, `predict`). On the CIFAR reference net, 500 images make an
+# 86 MB activation (the 3x3x64 layer), above glibc's largest mmap threshold (32 MiB, see
+# backend.py): every pass mapped it afresh and faulted it in, 0.48 s of system time per 5,400
+# images at 2 threads (~15% of the evaluation's CPU time); 100 images per pass reuse the same
+# memory (no faults, the same user time) and hold a fifth of it.
+EVAL_BATCH_SIZE = 100
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:
@@ -375,7 +382,7 @@ class Network:
             x /= std
         return x
 
-    def predict_proba(self, x_raw: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    def predict_proba(self, x_raw: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """Class probabilities (N, num_classes) for raw images; normalizes inside, in batches."""
         x_raw = np.asarray(x_raw)
         if x_raw.ndim == 3:
@@ -386,7 +393,7 @@ class Network:
             out[start:start + batch.shape[0]] = softmax(self.forward(batch, train=False))
         return out
 
-    def predict(self, x_raw: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    def predict(self, x_raw: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """Predicted labels (N,) int64 for raw images."""
         return self.predict_proba(x_raw, batch_size).argmax(axis=1).astype(np.int64)
 

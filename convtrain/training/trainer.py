@@ -34,6 +34,7 @@ import numpy as np
 from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
 from convtrain.nn.losses import softmax_cross_entropy
+from convtrain.nn.network import EVAL_BATCH_SIZE
 from convtrain.nn.optim import SGD, Schedule, clip_grad_norm_, make_optimizer, make_schedule, training_length
 from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
 from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
@@ -55,7 +56,7 @@ class Trainer:
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
                  checkpoint_dir: str | Path | None = None, patience: int | None = None,
                  monitor: str = "val_loss", balanced: bool = False, augment: bool = False,
-                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = 500,
+                 config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = EVAL_BATCH_SIZE,
                  label_smoothing: float = 0.0, clip_norm: float | None = None):
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f"epochs and batch_size: got {epochs} and {batch_size}, expected positive counts")

@@ -1,0 +1,88 @@
+"""The confusion matrix and per-class table: counted with numpy, checked against a literal
+count and against scikit-learn, without a fit importing scikit-learn."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from convtrain.training.metrics import confusion_matrix, per_class_metrics
+
+
+def _literal_confusion(y_true, y_pred, k):
+    counts = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        counts[t, p] += 1
+    return counts
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 7, 500), rng.integers(0, 7, 500)
+    counts = confusion_matrix(y_true, y_pred, 9)  # two classes absent from both
+    assert counts.shape == (9, 9) and counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, _literal_confusion(y_true, y_pred, 9))
+    np.testing.assert_array_equal(confusion_matrix([0, 0, 1], [1, 1, 1], 2), [[0, 2], [0, 1]])
+
+
+def test_confusion_matrix_refuses_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="labels"):
+        confusion_matrix([0, 1], [0, -1], 3)
+    with pytest.raises(ValueError, match="2 labels but y_pred 1"):
+        confusion_matrix([0, 1], [0], 3)
+
+
+def test_per_class_metrics_by_hand_with_empty_classes():
+    # class 0: 2 examples, 1 right, predicted 2x; class 1: 1 example, never predicted;
+    # class 2: no examples, predicted once
+    rows = per_class_metrics([0, 0, 1], [0, 2, 0], ["a", "b", "c"])
+    assert rows[0] == {"class": "a", "count": 2, "precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert rows[1] == {"class": "b", "count": 1, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert rows[2] == {"class": "c", "count": 0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_per_class_metrics_equal_scikit_learns():
+    from sklearn.metrics import confusion_matrix as sk_confusion
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 6, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 8, 300))  # 6, 7: never true
+    names = [f"c{i}" for i in range(8)]
+    np.testing.assert_array_equal(confusion_matrix(y_true, y_pred, 8), sk_confusion(y_true, y_pred, labels=range(8)))
+    precision, recall, f1, count = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(8),
+                                                                   zero_division=0.0)
+    rows = per_class_metrics(y_true, y_pred, names)
+    assert [r["count"] for r in rows] == count.tolist()
+    np.testing.assert_allclose([r["precision"] for r in rows], precision, rtol=1e-12, atol=0)
+    np.testing.assert_allclose([r["recall"] for r in rows], recall, rtol=1e-12, atol=0)
+    np.testing.assert_allclose([r["f1"] for r in rows], f1, rtol=1e-12, atol=0)
+
+
+def test_the_tables_do_not_import_scikit_learn():
+    # importing it (with scipy.stats and scipy.sparse) took about a second of every fit, for a 10 x 10 table
+    code = ("import sys; from convtrain.training.metrics import confusion_matrix, per_class_metrics; "
+            "confusion_matrix([0, 1], [1, 1], 2); per_class_metrics([0, 1], [1, 1], ['a', 'b']); "
+            "print(sorted(m for m in ('sklearn', 'scipy.stats', 'scipy.sparse') if m in sys.modules))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "[]", child.stderr
+
+
+def test_evaluation_does_not_depend_on_how_the_set_is_batched():
+    from convtrain.nn.network import EVAL_BATCH_SIZE, Network
+    from convtrain.training.metrics import evaluate_network
+
+    network = Network.build(input_shape=(3, 9, 9), num_classes=4, filters=[5], kernel_sizes=[3],
+                            dtype="float64", seed=0)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((EVAL_BATCH_SIZE + 23, 3, 9, 9)), rng.integers(0, 4, EVAL_BATCH_SIZE + 23)
+    whole, whole_predictions = evaluate_network(network, x, y, l2=1e-3, batch_size=len(y), return_predictions=True)
+    for batch_size in (7, EVAL_BATCH_SIZE):  # a ragged last batch either way
+        values, predictions = evaluate_network(network, x, y, l2=1e-3, batch_size=batch_size, return_predictions=True)
+        np.testing.assert_array_equal(predictions, whole_predictions)
+        assert values.keys() == whole.keys()
+        for key in values:
+            assert values[key] == pytest.approx(whole[key], rel=1e-12), key
