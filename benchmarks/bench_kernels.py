@@ -206,24 +206,15 @@ def run(args):
                 if ("im2col", threads) in seconds:
                     im2col_share = f"{100 * seconds['im2col', threads] / kernel_s:6.0f}%"
                 M, Kd, N = gemm_shape[pass_name]
-                line = (f"{name:<13} {pass_name:<8} {f'{M} x {Kd} x {N}':>20} {threads:>3} "
-                        f"{kernel_s * 1e3:9.3f} {kernel_gf:7.1f} {100 * kernel_gf / peaks[threads]:5.0f}% "
-                        f"{matmul_gf:11.1f} {kernel_gf / matmul_gf:6.2f} {im2col_share:>7}")
-                if torch is not None:
-                    torch_gf = flops / seconds['torch', threads] / 1e9
-                    line += f" {torch_gf:10.1f} {100 * kernel_gf / torch_gf:5.0f}%"
-                print(line, flush=True)
+                torch_gf = flops / seconds["torch", threads] / 1e9 if torch is not None else None
+                print_row(name, pass_name, f"{M} x {Kd} x {N}", threads, kernel_s, kernel_gf, peaks[threads],
+                          f"{matmul_gf:11.1f}", kernel_gf / matmul_gf, im2col_share, torch_gf)
                 if ("winograd", threads) in seconds:
                     wg_s = seconds["winograd", threads]
-                    wg_gf = flops / wg_s / 1e9
                     winograd[name, pass_name, threads] = kernel_s / wg_s
-                    line = (f"{name:<13} {pass_name + '-wg':<8} {'16 GEMMs / image':>20} {threads:>3} "
-                            f"{wg_s * 1e3:9.3f} {wg_gf:7.1f} {100 * wg_gf / peaks[threads]:5.0f}% "
-                            f"{'':>11} {kernel_s / wg_s:6.2f} {'':>7}")
-                    if torch is not None:
-                        torch_gf = flops / seconds['torch', threads] / 1e9
-                        line += f" {torch_gf:10.1f} {100 * wg_gf / torch_gf:5.0f}%"
-                    print(line, flush=True)
+                    # the ratio column is Winograd's speed-up over im2col here, not over np.matmul
+                    print_row(name, pass_name + "-wg", "16 GEMMs / image", threads, wg_s, flops / wg_s / 1e9,
+                              peaks[threads], "", kernel_s / wg_s, "", torch_gf)
     convtrain.set_num_threads(max(args.threads))
     numpy_blas_threads(max(args.threads))()
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
@@ -268,6 +259,16 @@ def summarize(results, thread_counts, layer_names):
                     misses.append(f"{name} {pass_name}: 2 threads {k2 / k1:.2f}x 1 thread "
                                   f"(issue 14: {TARGET_PEAK_SCALING}x)")
     print("\nall targets met" if not misses else "\nmissed:\n  " + "\n  ".join(misses))
+
+
+def print_row(name, pass_name, shape, threads, seconds, gflops, peak, matmul, ratio, im2col_share, torch_gflops):
+    """One line of the table: the pass, its time, GFLOP/s and share of the FMA peak, then the
+    comparison columns (empty strings where a column does not apply) and oneDNN's share."""
+    line = (f"{name:<13} {pass_name:<8} {shape:>20} {threads:>3} {seconds * 1e3:9.3f} {gflops:7.1f} "
+            f"{100 * gflops / peak:5.0f}% {matmul:>11} {ratio:6.2f} {im2col_share:>7}")
+    if torch_gflops is not None:
+        line += f" {torch_gflops:10.1f} {100 * gflops / torch_gflops:5.0f}%"
+    print(line, flush=True)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ import pytest
 import convtrain
 from convtrain.nn import kernels
 from convtrain.nn import reference as ref
-from tests.support.numerics import numerical_gradient, rel_err
+from tests.support.numerics import conv_problem, numerical_gradient, rel_err
 
 # (x_shape, w_shape, stride, padding): non-square kernels and strides, padding, N=1, C=1, F=1,
 # odd sizes, 1x1 kernels, kernels as large as the (padded) input
@@ -32,27 +32,11 @@ SHAPE_IDS = [f"x{s[0]}-w{s[1]}-s{s[2]}-p{s[3]}" for s in SHAPES]
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
 
 
-def random_problem(x_shape, w_shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(w_shape[0]).astype(dtype)
-    return x, w, b, rng
-
-
-@pytest.fixture
-def threads():
-    """Restore the kernels' thread count after a test changes it."""
-    before = convtrain.get_num_threads()
-    yield
-    convtrain.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- im2col / col2im
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES, ids=SHAPE_IDS)
 def test_im2col_is_the_transposed_mx_im_of_each_image(x_shape, w_shape, stride, padding):
-    x, _, _, _ = random_problem(x_shape, w_shape, np.float64)
+    x, _, _, _ = conv_problem(x_shape, w_shape, np.float64)
     cols = kernels.im2col(x, w_shape[2:], stride, padding)
     for n in range(x_shape[0]):
         np.testing.assert_array_equal(cols[n].T, ref.mx_im(x[n], w_shape[2:], stride, padding))
@@ -70,7 +54,7 @@ def test_im2col_of_the_lecture_example():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES, ids=SHAPE_IDS)
 def test_col2im_is_the_adjoint_of_im2col(x_shape, w_shape, stride, padding, dtype):
-    x, _, _, rng = random_problem(x_shape, w_shape, dtype)
+    x, _, _, rng = conv_problem(x_shape, w_shape, dtype)
     cols = kernels.im2col(x, w_shape[2:], stride, padding)
     y = rng.standard_normal(cols.shape).astype(dtype)
     back = kernels.col2im(y, x_shape, w_shape[2:], stride, padding)
@@ -85,7 +69,7 @@ def test_col2im_is_the_adjoint_of_im2col(x_shape, w_shape, stride, padding, dtyp
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES, ids=SHAPE_IDS)
 def test_kernels_match_the_lecture_formulas(x_shape, w_shape, stride, padding, dtype):
-    x, w, b, rng = random_problem(x_shape, w_shape, dtype, seed=len(x_shape) + sum(w_shape))
+    x, w, b, rng = conv_problem(x_shape, w_shape, dtype, seed=len(x_shape) + sum(w_shape))
     tol = TOLERANCE[dtype]
 
     out = kernels.conv2d_forward(x, w, b, stride, padding)
@@ -110,7 +94,7 @@ def test_kernels_match_the_lecture_formulas(x_shape, w_shape, stride, padding, d
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES[:6], ids=SHAPE_IDS[:6])
 def test_kernels_match_the_correlation_and_rot180_forms(x_shape, w_shape, stride, padding):
-    x, w, _, rng = random_problem(x_shape, w_shape, np.float64, seed=3)
+    x, w, _, rng = conv_problem(x_shape, w_shape, np.float64, seed=3)
     out = kernels.conv2d_forward(x, w, None, stride, padding)
     dout = rng.standard_normal(out.shape)
     dw, _ = kernels.conv2d_backward_filter(x, dout, w_shape[2:], stride, padding)
@@ -120,7 +104,7 @@ def test_kernels_match_the_correlation_and_rot180_forms(x_shape, w_shape, stride
 
 
 def test_batch_larger_than_threads_and_non_contiguous_inputs():
-    x, w, b, rng = random_problem((9, 3, 12, 11), (5, 3, 3, 3), np.float64, seed=9)
+    x, w, b, rng = conv_problem((9, 3, 12, 11), (5, 3, 3, 3), np.float64, seed=9)
     x_strided = np.asfortranarray(x)
     w_view = np.ascontiguousarray(w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     out = kernels.conv2d_forward(x_strided, w_view, b, 2, 1)
@@ -143,7 +127,7 @@ def test_batch_larger_than_threads_and_non_contiguous_inputs():
     ],
 )
 def test_grouped_and_chunked_batches(x_shape, w_shape, stride, padding):
-    x, w, b, rng = random_problem(x_shape, w_shape, np.float64, seed=21)
+    x, w, b, rng = conv_problem(x_shape, w_shape, np.float64, seed=21)
     out = kernels.conv2d_forward(x, w, b, stride, padding)
     assert rel_err(out, ref.conv_forward(x, w, b, stride, padding)) <= 1e-12
     dout = rng.standard_normal(out.shape)
@@ -181,7 +165,7 @@ def scalar_loss(out, weights):
     [((2, 3, 7, 6), (4, 3, 3, 2), 1, 0), ((2, 2, 8, 9), (3, 2, 2, 3), (2, 3), (1, 2))],
 )
 def test_gradients_match_centered_differences(x_shape, w_shape, stride, padding):
-    x, w, b, rng = random_problem(x_shape, w_shape, np.float64, seed=11)
+    x, w, b, rng = conv_problem(x_shape, w_shape, np.float64, seed=11)
     x, w, b = 0.5 * x, 0.5 * w, 0.5 * b
     out = kernels.conv2d_forward(x, w, b, stride, padding)
     weights = rng.standard_normal(out.shape)
@@ -203,7 +187,7 @@ def test_gradients_match_centered_differences(x_shape, w_shape, stride, padding)
 @pytest.mark.parametrize("x_shape, stride", [((7, 3, 12, 10), 2), ((23, 2, 20, 19), 1)])
 def test_one_and_two_threads_give_the_same_bits(threads, dtype, x_shape, stride):
     # the work split depends on the batch only, never on the thread count
-    x, w, b, rng = random_problem(x_shape, (6, x_shape[1], 3, 2), dtype, seed=5)
+    x, w, b, rng = conv_problem(x_shape, (6, x_shape[1], 3, 2), dtype, seed=5)
     out_shape = kernels.conv2d_output_shape(x.shape, w.shape, stride, 1)
     dout = rng.standard_normal(out_shape).astype(dtype)
     results = {}
@@ -235,7 +219,7 @@ def test_thread_settings_and_build_info(threads):
 
 
 def _kernels_in_a_child(queue):
-    x, w, _, _ = random_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
+    x, w, _, _ = conv_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
     out = kernels.conv2d_forward(x, w, None)
     kernels.conv2d_backward_filter(x, out, 3)
     kernels.maxpool2d_forward(x, 2)
@@ -247,7 +231,7 @@ def test_a_child_forked_after_multithreaded_kernels_does_not_hang(threads):
     import multiprocessing
 
     convtrain.set_num_threads(2)
-    x, w, _, _ = random_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
+    x, w, _, _ = conv_problem((6, 2, 12, 12), (3, 2, 3, 3), np.float64)
     expected = float(kernels.conv2d_forward(x, w, None).sum())  # starts the OpenMP team
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -267,7 +251,7 @@ def test_a_child_forked_after_multithreaded_kernels_does_not_hang(threads):
 def test_blas_threads_are_restored_after_kernel_calls():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
-    x, w, b, rng = random_problem((4, 2, 20, 20), (3, 2, 3, 3), np.float64)
+    x, w, b, rng = conv_problem((4, 2, 20, 20), (3, 2, 3, 3), np.float64)
     out = kernels.conv2d_forward(x, w, b)
     kernels.conv2d_backward_filter(x, out, 3)
     kernels.conv2d_backward_input(out, w, x.shape)
@@ -394,7 +378,7 @@ def test_maxpool_gradient_matches_centered_differences():
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES[::2], ids=SHAPE_IDS[::2])
 def test_matches_torch(x_shape, w_shape, stride, padding):
     torch = pytest.importorskip("torch")
-    x, w, b, rng = random_problem(x_shape, w_shape, np.float64, seed=4)
+    x, w, b, rng = conv_problem(x_shape, w_shape, np.float64, seed=4)
     xt = torch.tensor(x, requires_grad=True)
     wt = torch.tensor(w, requires_grad=True)
     bt = torch.tensor(b, requires_grad=True)

@@ -11,7 +11,7 @@ from convtrain.errors import ConfigError
 from convtrain.nn import kernels
 from convtrain.nn import reference as ref
 from convtrain.nn.network import Network
-from tests.support.numerics import centered_difference, rel_err, rel_norm_err
+from tests.support.numerics import centered_difference, conv_problem, rel_err, rel_norm_err
 
 # (x_shape, filters, padding): odd outputs (not a multiple of the 2x2 tile), even ones, padding
 # 0, 1, 2 and 3 (the input gradient's padding 2 - p is then negative: cropping), N=1, C=1, F=1,
@@ -33,18 +33,8 @@ TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
 
 
 def problem(x_shape, filters, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal((filters, x_shape[1], 3, 3)).astype(dtype)
-    b = rng.standard_normal(filters).astype(dtype)
-    return x, w, b, rng
-
-
-@pytest.fixture
-def threads():
-    before = convtrain.get_num_threads()
-    yield
-    convtrain.set_num_threads(before)
+    """A 3x3 convolution's random operands (Winograd's only kernel size)."""
+    return conv_problem(x_shape, (filters, x_shape[1], 3, 3), dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

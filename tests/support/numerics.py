@@ -38,3 +38,13 @@ def numerical_gradient(f, array, h=1e-5):
     for index in np.ndindex(array.shape):
         grad[index] = centered_difference(f, array, index, h)
     return grad
+
+
+def conv_problem(x_shape, w_shape, dtype, seed=0):
+    """A convolution's random operands: x, w and b of the given shapes and dtype, and the
+    generator for anything else the test draws."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    return x, w, b, rng
