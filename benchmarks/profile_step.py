@@ -7,9 +7,10 @@ the step itself is unchanged). "python/other" is the step's time not inside any 
 A conv layer's kernel time is split further by timing, on the same arrays and thread count,
 the standalone im2col (forward and filter gradient build the same columns) and col2im
 (input gradient) kernels: an upper bound of their share, since inside the fused kernels
-the columns stay in cache; the rest is GEMM (+ the bias row).
+the columns stay in cache; the rest is GEMM (+ the bias row). Layers run the algorithm `convtrain fit` gives them
+(--conv-algo, default auto, as the fit's): a Winograd layer's phases say so, and get no split.
 
-    python benchmarks/profile_step.py --nets digits,mnist,cifar --threads 1,2 [--clock cpu]
+    python benchmarks/profile_step.py --nets digits,mnist,cifar --threads 1,2 [--clock cpu] [--conv-algo im2col]
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ class PhaseTimer:
         setattr(owner, attribute, timed)
 
 
+CONV_PARTS = {"im2col": "im2col+GEMM+bias", "winograd": "winograd"}
+
 def phase_label(layer, direction):
     kind = type(layer).__name__
     if isinstance(layer, layers.Conv2D):
-        what = "conv (im2col+GEMM+bias)" if direction == "forward" else "conv grads (filter+input)"
+        what = (f"conv ({CONV_PARTS[layer.algo]})" if direction == "forward"
+                else f"conv grads (filter+input, {layer.algo})")
     elif isinstance(layer, layers.ReLU):
         what = "ReLU" if direction == "forward" else "ReLU backward"
     elif isinstance(layer, layers.Dense):
@@ -67,10 +71,11 @@ def phase_label(layer, direction):
     return f"{layer.name:<10} {what}"
 
 
-def profile(net, threads, steps, clock):
+def profile(net, threads, steps, clock, conv_algo="auto"):
     """{label: seconds per step} for `steps` train steps of net at `threads` threads."""
     spec = NETS[net]
     network = build_network(spec)
+    network.set_conv_algo(conv_algo)
     trainer = trainer_for(network)
     xs, ys = batches(spec)
     convtrain.set_num_threads(threads)
@@ -100,7 +105,8 @@ def profile(net, threads, steps, clock):
                 cols = kernels.im2col(x, layer.kernel_size)
                 im2col_s = _median_time(lambda: kernels.im2col(x, layer.kernel_size), timer.clock)
                 col2im_s = _median_time(lambda: kernels.col2im(cols, x.shape, layer.kernel_size), timer.clock)
-                conv_parts[layer.name] = (im2col_s, col2im_s, layer.needs_input_grad)
+                if layer.algo == "im2col":
+                    conv_parts[layer.name] = (im2col_s, col2im_s, layer.needs_input_grad)
                 x = np.maximum(kernels.conv2d_forward(x, layer.params["weight"], layer.params["bias"]), 0)
                 assert x.shape == out_shape
             elif isinstance(layer, (layers.MaxPool2D,)):
@@ -127,8 +133,8 @@ def print_profile(net, threads, per_step, total, conv_parts, clock):
     for label, seconds in sorted(per_step.items(), key=lambda item: -item[1]):
         print(f"  {label:<46} {seconds * 1e3:8.3f} {100 * seconds / total:5.1f}%")
     for name, (im2col_s, col2im_s, has_input_grad) in conv_parts.items():
-        forward = per_step.get(f"{name:<10} conv (im2col+GEMM+bias)", 0.0)
-        backward = per_step.get(f"{name:<10} conv grads (filter+input)", 0.0)
+        forward = per_step.get(f"{name:<10} conv ({CONV_PARTS['im2col']})", 0.0)
+        backward = per_step.get(f"{name:<10} conv grads (filter+input, im2col)", 0.0)
         im2col_total = 2 * im2col_s
         col2im_total = col2im_s if has_input_grad else 0.0
         gemm = forward + backward - im2col_total - col2im_total
@@ -141,11 +147,13 @@ def main(argv=None):
     parser.add_argument("--nets", default="digits,mnist,cifar")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--conv-algo", choices=["auto", "im2col", "winograd"], default="auto",
+                        help="the conv layers' algorithm (conv_algo); auto as convtrain fit")
     args = parser.parse_args(argv)
     for net in args.nets.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
             steps = max(5, NETS[net]["steps"] * 3)
-            print_profile(net, threads, *profile(net, threads, steps, args.clock), args.clock)
+            print_profile(net, threads, *profile(net, threads, steps, args.clock, args.conv_algo), args.clock)
     return 0
 
 
