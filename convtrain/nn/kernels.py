@@ -219,16 +219,15 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     if min(kh, kw) < 1:
         raise ValueError(f"w has shape {w.shape}: kernel_size must be >= 1, got {(kh, kw)}")
     K = C * kh * kw
-    if b is None:
-        w_ext = w.reshape(F, K)
-    else:
+    bias = None
+    if b is not None:
         bias = _array("b", b, 1, x.dtype)
         if bias.shape != (F,):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
-        w_ext = np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
     if _checked_algo(algo, (kh, kw), stride) == "winograd":
-        return _winograd_forward(x, w, None if b is None else bias, padding, relu)
+        return _winograd_forward(x, w, bias, padding, relu)
+    w_ext = w.reshape(F, K) if bias is None else np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:

@@ -63,6 +63,62 @@ def test_forward_and_input_gradient_match_the_lecture_formulas(x_shape, filters,
     assert rel_err(db, db_ref) <= TOLERANCE[dtype]
 
 
+
+def _all_three_passes_match_the_formulas(x_shape, filters, padding, dtype, seed=0):
+    x, w, b, rng = problem(x_shape, filters, dtype, seed)
+    expected = ref.conv_forward(x, w, b, padding=padding)
+    out = kernels.conv2d_forward(x, w, b, padding=padding, algo="winograd")
+    assert out.shape == expected.shape and rel_err(out, expected) <= TOLERANCE[dtype]
+    dout = rng.standard_normal(expected.shape).astype(dtype)
+    dx = kernels.conv2d_backward_input(dout, w, x.shape, padding=padding, algo="winograd")
+    assert rel_err(dx, ref.input_grad(dout, w, x.shape, padding=padding)) <= TOLERANCE[dtype]
+    dw, db = kernels.conv2d_backward_filter(x, dout, 3, padding=padding, algo="winograd")
+    dw_ref, db_ref = ref.filter_grad(x, dout, 3, padding=padding)
+    assert rel_err(dw, dw_ref) <= TOLERANCE[dtype] and rel_err(db, db_ref) <= TOLERANCE[dtype]
+
+
+# (x_shape, filters, (ph, pw)): padding that differs by axis (cropping on one axis only for the
+# input gradient), padding 2 on even sizes (the input gradient's own padding is then 0: the path
+# that reads dout in place), padding 0 with the output odd in one dimension only
+EDGE_SHAPES = [
+    ((2, 3, 7, 8), 4, (1, 0)),
+    ((2, 3, 8, 7), 4, (0, 2)),
+    ((2, 3, 6, 9), 3, (3, 1)),
+    ((2, 4, 8, 10), 3, (2, 2)),
+    ((2, 4, 8, 9), 5, (0, 0)),     # output 6x7
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("x_shape, filters, padding", EDGE_SHAPES,
+                         ids=[f"x{s[0]}-p{s[2]}" for s in EDGE_SHAPES])
+def test_per_axis_padding_and_the_in_place_paths_match_the_formulas(x_shape, filters, padding, dtype):
+    _all_three_passes_match_the_formulas(x_shape, filters, padding, dtype)
+
+
+# An image is transformed a block of tile rows at a time (WINOGRAD_BLOCK_BYTES): the reference
+# shapes fit one block, so force blocks of one tile row, and (float32, 16 * (C + F) * tiles per
+# row * 4 bytes a row) blocks of 3 tile rows, the last of the 5 short.
+@pytest.mark.parametrize("block_bytes", [1, 3 * 16 * 9 * 5 * 4], ids=["one-row", "three-rows"])
+@pytest.mark.parametrize("x_shape, filters, padding", [((3, 4, 9, 10), 5, 1), ((3, 4, 12, 9), 5, 0)],
+                         ids=["p1-5-tile-rows", "p0-5-tile-rows"])
+def test_images_split_into_blocks_of_tile_rows_give_the_same_layer(monkeypatch, threads, block_bytes,
+                                                                    x_shape, filters, padding):
+    monkeypatch.setattr(kernels, "WINOGRAD_BLOCK_BYTES", block_bytes)
+    for dtype in (np.float64, np.float32):
+        _all_three_passes_match_the_formulas(x_shape, filters, padding, dtype, seed=7)
+    x, w, b, rng = problem(x_shape, filters, np.float32, seed=8)
+    out = kernels.conv2d_forward(x, w, b, padding=padding, algo="winograd")
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    results = []
+    for n in (1, 2):
+        convtrain.set_num_threads(n)
+        results.append((kernels.conv2d_forward(x, w, b, padding=padding, relu=True, algo="winograd"),
+                        kernels.conv2d_backward_input(dout, w, x.shape, padding=padding, algo="winograd"),
+                        *kernels.conv2d_backward_filter(x, dout, 3, padding=padding, algo="winograd")))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_fused_relu_is_np_maximum_of_the_output_nan_included(dtype):
     x, w, b, _ = problem((2, 3, 8, 7), 4, dtype, seed=3)
