@@ -10,8 +10,10 @@ The estimate is deliberately simple and a little generous; it is meant to catch 
 are off by orders of magnitude, not to predict the resident size to the megabyte:
   parameters:  weights + gradients + momentum + the best-epoch copy kept for early stopping (4x)
   activations: per batch, every layer's output and the gradient of it (2x), the input batch,
-               max-pooling's argmax indices (8 bytes each), and each thread's im2col scratch;
-               or, if larger, the forward pass alone over an evaluation batch (500 images).
+               max-pooling's argmax indices (8 bytes each), each thread's im2col scratch and the
+               filter gradient's per-chunk accumulators (the largest conv layer's, sized for
+               Winograd's 16 values per 3x3 tap set); or, if larger, the forward pass alone over
+               an evaluation batch (500 images: evaluation runs 100 at a time, so this is generous).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from convtrain.errors import ArchitectureError
 _PARAMETER_COPIES = 4  # weights, gradients, momentum, best weights
 _ACTIVATION_COPIES = 2  # forward output, backward gradient
 _INDEX_BYTES = 8  # max-pooling's argmax (intp)
-EVAL_BATCH = 500  # images per forward pass in evaluation and prediction (Trainer, predict_proba)
+EVAL_BATCH = 500  # images per forward pass allowed for evaluation (network.EVAL_BATCH_SIZE is 100)
 # The share of available memory a fit may plan to use; the rest is for the data, the Python
 # process itself and everything else running on the machine.
 MEMORY_SHARE = 0.5
@@ -54,12 +56,17 @@ def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, p
              global_pool: str = "none") -> Footprint:
     """The footprint of the network Network.build would make from these (per-block lists, one
     entry per conv block). Shapes that do not fit stop the walk: Network.build reports those."""
+    # the filter gradient sums a batch into at most this many partial results, F x (C*kh*kw + 1)
+    # each (imported here: the kernels module loads the compiled build, which this module must not)
+    from convtrain.nn.kernels import FILTER_GRAD_CHUNKS
+
     itemsize = 8 if str(dtype) == "float64" else 4
     channels, height, width = (int(v) for v in input_shape)
     params = 0
     activations = channels * height * width  # the input batch
     index_values = 0
     scratch = 0
+    accumulators = 0
     fits = True
     for f, k, s, p, q in zip(filters, kernel_sizes, strides, padding, pool):
         (kh, kw), (sh, sw) = _pair(k), _pair(s)
@@ -75,6 +82,8 @@ def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, p
         params += f * channels * kh * kw + f
         activations += f * out_h * out_w
         scratch = max(scratch, (channels * kh * kw + 1) * out_h * out_w)
+        taps = 16 if (kh, kw) == (3, 3) and (sh, sw) == (1, 1) else kh * kw  # Winograd's 4x4 per 3x3
+        accumulators = max(accumulators, FILTER_GRAD_CHUNKS * f * (channels * taps + 1))
         channels, height, width = f, out_h, out_w
         q = int(q)
         if q:
@@ -97,7 +106,7 @@ def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, p
         parameters=params,
         parameter_bytes=_PARAMETER_COPIES * params * itemsize,
         activation_bytes=(rows * activations * itemsize + max(batch, EVAL_BATCH) * index_values * _INDEX_BYTES
-                          + max(int(threads), 1) * scratch * itemsize),
+                          + (max(int(threads), 1) * scratch + accumulators) * itemsize),
         batch_size=batch,
     )
 

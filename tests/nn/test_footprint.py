@@ -53,6 +53,19 @@ def test_activations_grow_with_the_batch_and_the_dtype():
     assert tiny.activation_bytes > small.activation_bytes / 4
 
 
+def test_the_filter_gradient_accumulators_are_counted():
+    """The filter gradient's partial sums (FILTER_GRAD_CHUNKS of F x (C*taps + 1), 16 taps for
+    Winograd's 3x3) are as large as the weights times the chunks: a wide layer's dominate."""
+    from convtrain.nn.kernels import FILTER_GRAD_CHUNKS
+
+    wide = dict(input_shape=(512, 4, 4), num_classes=10, filters=[512], kernel_sizes=[3], strides=[1],
+                padding=[1], pool=[0], hidden=[], batch_size=1, threads=1)
+    footprint = estimate(**wide)
+    assert footprint.activation_bytes >= FILTER_GRAD_CHUNKS * 512 * (512 * 16 + 1) * 4
+    five = estimate(**{**wide, "kernel_sizes": [5], "padding": [2]})
+    assert five.activation_bytes >= FILTER_GRAD_CHUNKS * 512 * (512 * 25 + 1) * 4
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     ({"filters": [1_000_000_000]}, "parameters"),
     ({"hidden": [1_000_000_000]}, "parameters"),
