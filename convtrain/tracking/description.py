@@ -33,6 +33,8 @@ def architecture_rows(network) -> list[tuple[str, str, str, int]]:
                 kind += f", stride {_pair(layer.stride)}"
             if any(layer.padding):
                 kind += f", pad {_pair(layer.padding)}"
+            if getattr(layer, "algo", "im2col") != "im2col":  # what conv_algo (auto) chose for it
+                kind += f", {layer.algo}"
         elif kind == "MaxPool2D":
             kind += f" {_shape(layer.size)}"
             if tuple(layer.stride) != tuple(layer.size):

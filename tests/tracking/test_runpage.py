@@ -160,3 +160,15 @@ def test_a_resumed_run_that_finishes_drops_the_tags_of_its_failed_attempt(tmp_pa
     fit(config, resume=tmp_path / "f", progress=None)
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and tag not in finished.data.tags
+
+
+def test_the_architecture_rows_name_the_layers_that_run_winograd():
+    from convtrain.nn.network import Network
+    from convtrain.tracking.description import architecture_rows
+
+    network = Network.build(input_shape=(3, 32, 32), num_classes=10, filters=[32, 64], kernel_sizes=[5, 3])
+    assert network.set_conv_algo("auto") == {"conv1": "im2col", "conv2": "winograd"}
+    kinds = {name: kind for name, kind, _, _ in architecture_rows(network)}
+    assert kinds["conv2"] == "Conv2D, 64 filters 3x3, winograd" and kinds["conv1"] == "Conv2D, 32 filters 5x5"
+    network.set_conv_algo("im2col")
+    assert "winograd" not in " ".join(kind for _, kind, _, _ in architecture_rows(network))
