@@ -9,16 +9,18 @@ Project metadata lives in pyproject.toml; this file only describes the compiled 
 * OpenMP is used when the C compiler accepts it (a tiny test program is compiled and linked);
   otherwise the build still succeeds, serial, with a warning. ``convtrain.build_info()`` reports
   which one you got.
-* on x86-64 with gcc or clang, ``ext/_conv.pyx`` is also compiled for the x86-64-v3 (AVX2, FMA)
-  and x86-64-v4 (AVX-512) instruction sets, as ``convtrain.nn._conv_x86_64_v3`` and
-  ``convtrain.nn._conv_x86_64_v4``: the same source, with wider vectors in the loops around the
-  GEMMs (im2col, col2im, ReLU masks) and convtrain's own AVX2 / AVX-512 float32 GEMM tiles
+* on x86-64 with gcc or clang, ``ext/_conv.pyx`` and ``ext/_norm.pyx`` are also compiled for the
+  x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512) instruction sets, as
+  ``convtrain.nn._conv_x86_64_v3``, ``convtrain.nn._norm_x86_64_v4`` and so on: the same
+  source, with wider vectors in the loops around the GEMMs (im2col, col2im, ReLU masks) and
+  in batch norm's passes, and convtrain's own AVX2 / AVX-512 float32 GEMM tiles
   (ext/gemm_kernels.h) for the stride-1 conv passes; float32 conv results agree with the
   portable build's (BLAS) to rounding, everything else bit for bit (see convtrain/nn/backend.py
   and tests/nn/test_isa_variants.py). The baseline module stays portable; the CPU picks among
   them at import time. ``CONVTRAIN_NO_ISA_VARIANTS=1`` builds the baseline only.
 """
 
+import itertools
 import json
 import os
 import platform
@@ -102,8 +104,9 @@ def openmp_flags():
     return [], []
 
 
-# Extra builds of ext/_conv.pyx for newer x86-64 CPUs: module suffix -> compiler flag.
+# Extra builds for newer x86-64 CPUs: module suffix -> compiler flag, and the modules built so.
 ISA_VARIANTS = {"x86_64_v3": "-march=x86-64-v3", "x86_64_v4": "-march=x86-64-v4"}
+ISA_VARIANT_MODULES = ("_conv", "_norm")
 
 
 def isa_variant_flags():
@@ -128,7 +131,7 @@ def isa_variant_flags():
                 compiler.compile([source], output_dir=os.path.join(tmpdir, suffix), extra_postargs=[flag])
                 usable[suffix] = flag
             except CompileError:
-                print(f"convtrain: the C compiler does not accept {flag}; not building _conv_{suffix}")
+                print(f"convtrain: the C compiler does not accept {flag}; not building the {suffix} modules")
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return usable
@@ -156,6 +159,9 @@ def extensions():
     force = force_recythonize()
 
     def extension(name, pyx, isa_flag=None, isa="baseline"):
+        # batch norm's sums must round alike in every build: no fused multiply-adds where the
+        # ISA has them (ext/norm_rows.h); MSVC contracts only under /fp:fast
+        exact = ["-ffp-contract=off"] if pyx.stem == "_norm" and os.name != "nt" else []
         return Extension(
             name,
             [str(pyx.relative_to(HERE))],
@@ -170,15 +176,15 @@ def extensions():
                 ("CONVTRAIN_DEBUG_CHECKS", "1" if DEBUG_CHECKS else "0"),
                 ("CONVTRAIN_ISA", f'"{isa}"'),
             ],
-            extra_compile_args=optimize + omp_compile + ([isa_flag] if isa_flag else []),
+            extra_compile_args=optimize + omp_compile + exact + ([isa_flag] if isa_flag else []),
             extra_link_args=omp_link,
         )
 
     modules = [extension(f"convtrain.nn.{pyx.stem}", pyx) for pyx in sorted((HERE / "ext").glob("*.pyx"))]
     built = cythonize(modules, compiler_directives=COMPILER_DIRECTIVES, force=force, quiet=True)
-    for suffix, flag in isa_variant_flags().items():
+    for (suffix, flag), stem in itertools.product(isa_variant_flags().items(), ISA_VARIANT_MODULES):
         # same source, own module name: its C file goes to its own folder, not beside the .pyx
-        variant = extension(f"convtrain.nn._conv_{suffix}", HERE / "ext" / "_conv.pyx", flag,
+        variant = extension(f"convtrain.nn.{stem}_{suffix}", HERE / "ext" / f"{stem}.pyx", flag,
                             suffix.replace("_", "-"))
         (compiled,) = cythonize([variant], compiler_directives=COMPILER_DIRECTIVES, force=force,
                                 quiet=True, build_dir=str(Path("build") / f"cython-{suffix}"))

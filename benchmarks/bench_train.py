@@ -3,8 +3,11 @@
 One "step" is a full training update on a batch: forward, softmax cross-entropy, backward,
 L2 gradient, SGD momentum update (Trainer.train_step for convtrain), on the three reference
 nets of benchmarks/nets.py (DIGITS, MNIST, CIFAR: two valid convolutions with ReLU, FC10,
-float32, batch 100; CIFAR-BN: the CIFAR net with batch norm after each conv, before its ReLU,
-so that its row against CIFAR's is the cost of batch norm; torch: nn.BatchNorm2d).
+float32, batch 100; CIFAR-BN: the CIFAR net with batch norm after each conv, before its ReLU;
+torch: nn.BatchNorm2d). CIFAR-BN's rounds each run right beside a round of CIFAR, in every
+implementation, and the cost of batch norm is the median of those rounds' step-time ratios:
+this machine has slower and faster spells seconds long, in which memory-bound passes such as
+batch norm's slow down most, and a ratio of two medians taken minutes apart mixes them.
 
 The numpy baseline is convtrain's own engine with benchmarks/numpy_conv.py (im2col by strided
 views, numpy GEMMs) in place of the compiled kernels. Every implementation starts from the
@@ -114,19 +117,19 @@ def convtrain_runner(spec, kernels_module=None, algo="auto"):
 
 def isa_runner(spec, isa):
     """convtrain on another build of the kernels (convtrain/nn/backend.py), e.g. "baseline"."""
-    from convtrain.nn import backend, kernels
-    module = backend.load_build(isa)
+    from convtrain.nn import backend, kernels, norm
+    module, norm_module = backend.load_build(isa), backend.load_build(isa, "_norm")
     run_default = convtrain_runner(spec)
 
     def run(steps):
-        saved = kernels._conv
-        kernels._conv = module
+        saved = kernels._conv, norm._kernels()
+        kernels._conv, norm._norm = module, norm_module
         module.set_num_threads(convtrain.get_num_threads())
         try:  # this build has no BLAS pinning registered: pin from Python (once per round)
             with threadpool_limits(1, user_api="blas"):
                 run_default(steps)
         finally:
-            kernels._conv = saved
+            kernels._conv, norm._norm = saved
     return run
 
 
@@ -196,35 +199,44 @@ def _round_worker(name, net, threads, clock, connection):
             connection.send(timer() - started)
 
 
-def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=(), algos=()):
+def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=(), algos=(), paired_net=None):
     """{implementation: [images/s per round]}; every implementation in its own process, the
-    rounds interleaved so that load on the machine hits them alike."""
+    rounds interleaved so that load on the machine hits them alike. With `paired_net`,
+    convtrain and PyTorch also run that net, each right after its own round on `net`, as
+    "convtrain@<paired_net>" and "pytorch@<paired_net>": per-round pairs whose ratio the
+    machine's slower and faster spells (seconds long, on a shared host) hit alike."""
     import multiprocessing
 
     steps = NETS[net]["steps"]
     names = (["convtrain"] + ["pytorch"] * with_torch + ["numpy"] * with_numpy + [f"convtrain[{i}]" for i in isas]
              + [f"convtrain({a})" for a in algos])
+    workers = [(name, net) for name in names]
+    if paired_net:
+        for name in ("pytorch", "convtrain"):
+            if name in names:
+                workers.insert(names.index(name) + 1, (f"{name}@{paired_net}", paired_net))
     context = multiprocessing.get_context("spawn")
-    workers = {}
+    processes = {}
     try:
-        for name in names:
+        for key, worker_net in workers:
             parent_end, child_end = context.Pipe()
-            process = context.Process(target=_round_worker, args=(name, net, threads, clock, child_end), daemon=True)
+            process = context.Process(target=_round_worker, args=(key.split("@")[0], worker_net, threads, clock,
+                                                                  child_end), daemon=True)
             process.start()
-            workers[name] = (process, parent_end)
-        for _, connection in workers.values():
+            processes[key] = (process, parent_end)
+        for _, connection in processes.values():
             assert connection.recv() == "ready"
-        rates = {name: [] for name in names}
+        rates = {key: [] for key in processes}
         for _ in range(rounds):
-            for name, (_, connection) in workers.items():
+            for key, (_, connection) in processes.items():
                 # let the previous implementation's thread pools park first (OpenBLAS's
                 # threads spin ~0.1 s after a call and would take a core from the next one)
                 time.sleep(SETTLE_SECONDS)
                 connection.send(steps)
-                rates[name].append(steps * BATCH / connection.recv())
+                rates[key].append(steps * BATCH / connection.recv())
         return rates
     finally:
-        for process, connection in workers.values():
+        for process, connection in processes.values():
             try:
                 connection.send(None)
             except OSError:
@@ -232,6 +244,16 @@ def measure(net, threads, rounds, with_torch, with_numpy, clock="wall", isas=(),
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+
+
+def paired_step_cost(rates, name, paired_net):
+    """How much longer `name`'s step is than on `paired_net`: the median over rounds of the
+    round's ratio, and the range, or None when the pair was not run."""
+    other = rates.get(f"{name}@{paired_net}")
+    if other is None or name not in rates:
+        return None
+    ratios = sorted(plain / with_bn for with_bn, plain in zip(rates[name], other))  # images/s: inverse times
+    return {"median": statistics.median(ratios) - 1, "min": ratios[0] - 1, "max": ratios[-1] - 1}
 
 
 def _rss_mib(field):
@@ -324,9 +346,16 @@ def main(argv=None):
         for threads in thread_counts:
             isas = [isa for isa in args.isa.split(",") if isa]
             algos = [algo for algo in args.conv_algo.split(",") if algo]
-            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock, isas, algos)
+            paired_net = NETS[net].get("without_batch_norm")
+            rates = measure(net, threads, args.rounds, with_torch, not args.no_numpy, args.clock, isas, algos,
+                            paired_net)
             medians = {name: statistics.median(values) for name, values in rates.items()}
             print(format_row(net, threads, rates, medians), flush=True)
+            costs = {name: paired_step_cost(rates, name, paired_net) for name in ("convtrain", "pytorch")}
+            if costs["convtrain"]:
+                print(f"{'':<11} batch norm's step cost, round by round against {paired_net}: "
+                      + ", ".join(f"{name} +{c['median']:.1%} ({c['min']:+.1%} to {c['max']:+.1%})"
+                                  for name, c in costs.items() if c), flush=True)
             for isa in isas:
                 name = f"convtrain[{isa}]"
                 print(f"{'':<11} {isa} build: {medians[name]:,.0f} ({min(rates[name]):,.0f}-"
@@ -338,7 +367,8 @@ def main(argv=None):
                       f"{max(rates[name]):,.0f}); auto runs {medians['convtrain'] / medians[name]:.2f}x as fast"
                       + (f", {medians[name] / medians['pytorch']:.2f}x PyTorch" if "pytorch" in medians else ""),
                       flush=True)
-            results.append({"net": net, "threads": threads, "rates": rates, "medians": medians})
+            results.append({"net": net, "threads": threads, "rates": rates, "medians": medians,
+                            "batch_norm_step_cost": {name: c for name, c in costs.items() if c}})
     print("\nPyTorch reference at 2 threads (issue): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")
     print(f"load average at end {os.getloadavg()[0]:.2f}")

@@ -1,214 +1,181 @@
 """convtrain's batch-normalization kernels: per-channel statistics, normalization, backward.
 
-What this file is: the two passes batch norm makes over (N, C, P) activations (P = H*W for a
-conv's output, 1 after a dense layer), written once for float32 and float64 (`floating`),
-with the GIL released and OpenMP over channels. What it refuses to be: a Python API; every
-`def` trusts its caller (convtrain.nn.norm) to have checked shapes, dtypes and contiguity
-and to have allocated the outputs.
+What this file is: the passes batch norm makes over (N, C, P) activations (P = H*W for a conv's
+output, 1 after a dense layer), written once for float32 and float64 (`floating`), with the GIL
+released and OpenMP threads. What it refuses to be: a Python API; every `def` trusts its caller
+(convtrain.nn.norm) to have checked shapes, dtypes and contiguity and to have allocated the
+outputs. The row loops are C, in ext/norm_rows.h.
 
-Determinism: one channel is reduced by one thread, always in the same order (images, then
-positions), into eight float64 partial sums (position p goes to lane p % 8, the lanes are
-added up in order at the end); so the results are the same bits for any thread count. The
-eight independent lanes, not one running sum, let the adds overlap and vectorize: a single
-chain of dependent adds ran batch norm at ~60% of a CIFAR conv step's cost.
+Two layouts of the same arithmetic, chosen by the row length P:
+
+* rows of at least STREAM_MIN_ROW values (a conv's output): threads take whole images, which
+  lie contiguous in memory, and stream through them; each (image, channel) row leaves its
+  partial sums in a small (N, C) table, and one thread adds the table up per channel, in image
+  order. A channel's rows lie a whole image apart, a few KiB each: read channel by channel,
+  every row started with cache misses the hardware prefetcher had no time to hide, and batch
+  norm cost twice what these passes do (CIFAR's 64x26x26 activations, 100 images: 6.0 ms
+  backward at 1 thread against 2.8);
+* shorter rows (a dense layer's features, P = 1; tiny feature maps): threads take channels,
+  with a row's sums kept in lanes across all its images (one row per image would leave a
+  table entry per value).
+
+Determinism: every sum is float64, taken in an order fixed by the shapes alone (lanes within
+a row, ext/norm_rows.h, then rows in image order), never by the threads: the same bits for
+any thread count, and, compiled without fused multiply-adds, for every build.
+The variance is two-pass, not E[x^2] - E[x]^2 (no cancellation when the mean is large): per
+row, the squared deviations from the row's own mean while the row is in cache, then combined
+exactly as sum_n (M2_n + P (mean_n - mean)^2).
 The optional ReLU epilogue (forward: max(0, y); backward: dy where the output is > 0) spares
-the pass a separate ReLU layer would make over the activations.
+the pass a separate ReLU layer would make over the activations. The backward turns dout into
+dx in place: no new array to fault in and write.
 """
 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-cdef extern from *:
-    """
-    #define CONVTRAIN_LANES 8
-    /* Row kernels over one (image, channel) row of P values, for T = float and double. Plain
-       element-wise loops over restrict pointers and fixed lanes: GCC vectorizes them without
-       reordering any sum, so every build gives the same bits. The ReLU mask is a select,
-       not a branch (half the values are masked: a branch would be mispredicted half the time). */
-    #define CONVTRAIN_NORM_ROWS(T)                                                                \
-    static inline void row_sum_##T(const T *restrict x, Py_ssize_t n, double *restrict acc) {      \
-        Py_ssize_t p = 0, k;                                                                      \
-        for (; p + CONVTRAIN_LANES <= n; p += CONVTRAIN_LANES)                                    \
-            for (k = 0; k < CONVTRAIN_LANES; k++) acc[k] += (double) x[p + k];                    \
-        for (k = 0; p < n; p++, k++) acc[k] += (double) x[p];                                     \
-    }                                                                                             \
-    static inline void row_sq_dev_##T(const T *restrict x, Py_ssize_t n, double mean,             \
-                                      double *restrict acc) {                                     \
-        Py_ssize_t p = 0, k;                                                                      \
-        double d;                                                                                 \
-        for (; p + CONVTRAIN_LANES <= n; p += CONVTRAIN_LANES)                                    \
-            for (k = 0; k < CONVTRAIN_LANES; k++) {                                               \
-                d = (double) x[p + k] - mean;                                                     \
-                acc[k] += d * d;                                                                  \
-            }                                                                                     \
-        for (k = 0; p < n; p++, k++) { d = (double) x[p] - mean; acc[k] += d * d; }               \
-    }                                                                                             \
-    static inline void row_normalize_##T(const T *restrict x, T *restrict out, Py_ssize_t n,      \
-                                         T mu, T istd, T g, T b, int relu) {                      \
-        Py_ssize_t p;                                                                             \
-        T y;                                                                                      \
-        if (relu) {                                                                               \
-            for (p = 0; p < n; p++) { y = g * ((x[p] - mu) * istd) + b; out[p] = y > 0 ? y : 0; } \
-        } else {                                                                                  \
-            for (p = 0; p < n; p++) out[p] = g * ((x[p] - mu) * istd) + b;                        \
-        }                                                                                         \
-    }                                                                                             \
-    static inline void row_affine_##T(const T *restrict x, T *restrict out, Py_ssize_t n,         \
-                                      T s, T t, int relu) {                                       \
-        Py_ssize_t p;                                                                             \
-        T y;                                                                                      \
-        if (relu) {                                                                               \
-            for (p = 0; p < n; p++) { y = x[p] * s + t; out[p] = y > 0 ? y : 0; }                 \
-        } else {                                                                                  \
-            for (p = 0; p < n; p++) out[p] = x[p] * s + t;                                        \
-        }                                                                                         \
-    }                                                                                             \
-    /* g = dout where out > 0, else 0 (the fused ReLU's gradient). dout is loaded whatever    \
-       the mask: a load under the condition kept GCC from making the select branch-free, and  \
-       a mispredicted branch per value made the backward 4x slower. */                        \
-    static inline void row_relu_mask_##T(const T *restrict d, const T *restrict out,             \
-                                         T *restrict g, Py_ssize_t n) {                           \
-        Py_ssize_t p;                                                                             \
-        T dv;                                                                                     \
-        for (p = 0; p < n; p++) { dv = d[p]; g[p] = out[p] > 0 ? dv : (T) 0; }                    \
-    }                                                                                             \
-    /* sum g and sum g * (x - mean) */                                                            \
-    static inline void row_grad_sums_##T(const T *restrict x, const T *restrict g, Py_ssize_t n,  \
-                                         double mean, double *restrict acc_g,                     \
-                                         double *restrict acc_gx) {                               \
-        Py_ssize_t p = 0, k;                                                                      \
-        double gv;                                                                                \
-        for (; p + CONVTRAIN_LANES <= n; p += CONVTRAIN_LANES)                                    \
-            for (k = 0; k < CONVTRAIN_LANES; k++) {                                               \
-                gv = (double) g[p + k];                                                           \
-                acc_g[k] += gv;                                                                   \
-                acc_gx[k] += gv * ((double) x[p + k] - mean);                                     \
-            }                                                                                     \
-        for (k = 0; p < n; p++, k++) {                                                            \
-            gv = (double) g[p];                                                                   \
-            acc_g[k] += gv;                                                                       \
-            acc_gx[k] += gv * ((double) x[p] - mean);                                             \
-        }                                                                                         \
-    }                                                                                             \
-    /* dx = k * (g - a - xhat * b); g may be dx itself (then updated in place) */                 \
-    static inline void row_input_grad_##T(const T *restrict x, const T *g, T *dx, Py_ssize_t n,   \
-                                          T mu, T istd, T k, T a, T b) {                          \
-        Py_ssize_t p;                                                                             \
-        for (p = 0; p < n; p++) dx[p] = k * (g[p] - a - ((x[p] - mu) * istd) * b);                \
-    }
-    CONVTRAIN_NORM_ROWS(float)
-    CONVTRAIN_NORM_ROWS(double)
-    static inline double lanes_total(const double *acc) {
-        double total = 0.0;
-        for (int k = 0; k < CONVTRAIN_LANES; k++) total += acc[k];
-        return total;
-    }
-    static inline void lanes_clear(double *acc) {
-        for (int k = 0; k < CONVTRAIN_LANES; k++) acc[k] = 0.0;
-    }
-    """
-    enum: CONVTRAIN_LANES
-    void row_sum_float(const float *x, Py_ssize_t n, double *acc) noexcept nogil
-    void row_sum_double(const double *x, Py_ssize_t n, double *acc) noexcept nogil
-    void row_sq_dev_float(const float *x, Py_ssize_t n, double mean, double *acc) noexcept nogil
-    void row_sq_dev_double(const double *x, Py_ssize_t n, double mean, double *acc) noexcept nogil
-    void row_normalize_float(const float *x, float *out, Py_ssize_t n, float mu, float istd,
-                             float g, float b, int relu) noexcept nogil
-    void row_normalize_double(const double *x, double *out, Py_ssize_t n, double mu, double istd,
-                              double g, double b, int relu) noexcept nogil
-    void row_affine_float(const float *x, float *out, Py_ssize_t n, float s, float t, int relu) noexcept nogil
-    void row_affine_double(const double *x, double *out, Py_ssize_t n, double s, double t,
-                           int relu) noexcept nogil
-    void row_relu_mask_float(const float *d, const float *out, float *g, Py_ssize_t n) noexcept nogil
-    void row_relu_mask_double(const double *d, const double *out, double *g, Py_ssize_t n) noexcept nogil
-    void row_grad_sums_float(const float *x, const float *g, Py_ssize_t n, double mean,
-                             double *acc_g, double *acc_gx) noexcept nogil
-    void row_grad_sums_double(const double *x, const double *g, Py_ssize_t n, double mean,
-                              double *acc_g, double *acc_gx) noexcept nogil
-    void row_input_grad_float(const float *x, const float *g, float *dx, Py_ssize_t n, float mu,
-                              float istd, float k, float a, float b) noexcept nogil
-    void row_input_grad_double(const double *x, const double *g, double *dx, Py_ssize_t n,
-                               double mu, double istd, double k, double a, double b) noexcept nogil
-    double lanes_total(const double *acc) noexcept nogil
-    void lanes_clear(double *acc) noexcept nogil
+import numpy as np
+
+# the shortest row (P) the image-streaming layout takes (see above)
+cdef Py_ssize_t STREAM_MIN_ROW = 64
+
+cdef extern from "norm_rows.h":
+    enum: CT_NORM_LANES
+    void ct_row_sum_float(const float *x, Py_ssize_t n, double *acc) noexcept nogil
+    void ct_row_sum_double(const double *x, Py_ssize_t n, double *acc) noexcept nogil
+    void ct_row_sq_dev_float(const float *x, Py_ssize_t n, double mean, double *acc) noexcept nogil
+    void ct_row_sq_dev_double(const double *x, Py_ssize_t n, double mean, double *acc) noexcept nogil
+    void ct_row_normalize_float(const float *x, float *out, Py_ssize_t n, float mu, float istd,
+                                float g, float b, int relu) noexcept nogil
+    void ct_row_normalize_double(const double *x, double *out, Py_ssize_t n, double mu,
+                                 double istd, double g, double b, int relu) noexcept nogil
+    void ct_row_affine_float(const float *x, float *out, Py_ssize_t n, float s, float t,
+                             int relu) noexcept nogil
+    void ct_row_affine_double(const double *x, double *out, Py_ssize_t n, double s, double t,
+                              int relu) noexcept nogil
+    void ct_row_relu_mask_float(float *g, const float *out, Py_ssize_t n) noexcept nogil
+    void ct_row_relu_mask_double(double *g, const double *out, Py_ssize_t n) noexcept nogil
+    void ct_row_grad_sums_float(const float *x, const float *g, Py_ssize_t n, double mean,
+                                double *acc_g, double *acc_gx) noexcept nogil
+    void ct_row_grad_sums_double(const double *x, const double *g, Py_ssize_t n, double mean,
+                                 double *acc_g, double *acc_gx) noexcept nogil
+    void ct_row_input_grad_float(const float *x, float *g, Py_ssize_t n, float mu, float istd,
+                                 float k, float a, float b) noexcept nogil
+    void ct_row_input_grad_double(const double *x, double *g, Py_ssize_t n, double mu,
+                                  double istd, double k, double a, double b) noexcept nogil
+    double ct_lanes_total(const double *acc) noexcept nogil
+    void ct_lanes_clear(double *acc) noexcept nogil
 
 
 cdef inline void row_sum(const floating *x, Py_ssize_t n, double *acc) noexcept nogil:
     if floating is float:
-        row_sum_float(x, n, acc)
+        ct_row_sum_float(x, n, acc)
     else:
-        row_sum_double(x, n, acc)
+        ct_row_sum_double(x, n, acc)
 
 
 cdef inline void row_sq_dev(const floating *x, Py_ssize_t n, double mean, double *acc) noexcept nogil:
     if floating is float:
-        row_sq_dev_float(x, n, mean, acc)
+        ct_row_sq_dev_float(x, n, mean, acc)
     else:
-        row_sq_dev_double(x, n, mean, acc)
+        ct_row_sq_dev_double(x, n, mean, acc)
 
 
 cdef inline void row_normalize(const floating *x, floating *out, Py_ssize_t n, floating mu,
                                floating istd, floating g, floating b, int relu) noexcept nogil:
     if floating is float:
-        row_normalize_float(x, out, n, mu, istd, g, b, relu)
+        ct_row_normalize_float(x, out, n, mu, istd, g, b, relu)
     else:
-        row_normalize_double(x, out, n, mu, istd, g, b, relu)
+        ct_row_normalize_double(x, out, n, mu, istd, g, b, relu)
 
 
 cdef inline void row_affine(const floating *x, floating *out, Py_ssize_t n, floating s, floating t,
                             int relu) noexcept nogil:
     if floating is float:
-        row_affine_float(x, out, n, s, t, relu)
+        ct_row_affine_float(x, out, n, s, t, relu)
     else:
-        row_affine_double(x, out, n, s, t, relu)
+        ct_row_affine_double(x, out, n, s, t, relu)
 
 
-cdef inline void row_relu_mask(const floating *d, const floating *out, floating *g,
-                               Py_ssize_t n) noexcept nogil:
+cdef inline void row_relu_mask(floating *g, const floating *out, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        row_relu_mask_float(d, out, g, n)
+        ct_row_relu_mask_float(g, out, n)
     else:
-        row_relu_mask_double(d, out, g, n)
+        ct_row_relu_mask_double(g, out, n)
 
 
 cdef inline void row_grad_sums(const floating *x, const floating *g, Py_ssize_t n, double mean,
                                double *acc_g, double *acc_gx) noexcept nogil:
     if floating is float:
-        row_grad_sums_float(x, g, n, mean, acc_g, acc_gx)
+        ct_row_grad_sums_float(x, g, n, mean, acc_g, acc_gx)
     else:
-        row_grad_sums_double(x, g, n, mean, acc_g, acc_gx)
+        ct_row_grad_sums_double(x, g, n, mean, acc_g, acc_gx)
 
 
-cdef inline void row_input_grad(const floating *x, const floating *g, floating *dx, Py_ssize_t n,
-                                floating mu, floating istd, floating k, floating a,
-                                floating b) noexcept nogil:
+cdef inline void row_input_grad(const floating *x, floating *g, Py_ssize_t n, floating mu,
+                                floating istd, floating k, floating a, floating b) noexcept nogil:
     if floating is float:
-        row_input_grad_float(x, g, dx, n, mu, istd, k, a, b)
+        ct_row_input_grad_float(x, g, n, mu, istd, k, a, b)
     else:
-        row_input_grad_double(x, g, dx, n, mu, istd, k, a, b)
+        ct_row_input_grad_double(x, g, n, mu, istd, k, a, b)
 
+
+# ---- statistics and normalization -------------------------------------------------------------
 
 cdef void channel_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                                 const floating[::1] beta, floating[:, :, ::1] out,
                                 double *mean, double *var, double *inv_std,
                                 double eps, bint relu, Py_ssize_t c) noexcept nogil:
+    """Channel c whole (short rows): mean, variance, then normalize."""
     cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
-    cdef double acc[CONVTRAIN_LANES]
+    cdef double acc[CT_NORM_LANES]
     cdef double m = <double> (N * P)
-    lanes_clear(acc)
+    ct_lanes_clear(acc)
     for n in range(N):
         row_sum(&x[n, c, 0], P, acc)
-    mean[c] = lanes_total(acc) / m
-    # Two passes (not E[x^2] - E[x]^2): no cancellation when the mean is large.
-    lanes_clear(acc)
+    mean[c] = ct_lanes_total(acc) / m
+    ct_lanes_clear(acc)
     for n in range(N):
         row_sq_dev(&x[n, c, 0], P, mean[c], acc)
-    var[c] = lanes_total(acc) / m
+    var[c] = ct_lanes_total(acc) / m
     inv_std[c] = 1.0 / sqrt(var[c] + eps)
     for n in range(N):
         row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c], <floating> inv_std[c],
                       gamma[c], beta[c], relu)
+
+
+cdef void image_row_stats(const floating[:, :, ::1] x, double[:, :, ::1] part,
+                          Py_ssize_t n) noexcept nogil:
+    """Image n's rows: part[n, c] = (sum, sum of squared deviations from the row's mean)."""
+    cdef Py_ssize_t C = x.shape[1], P = x.shape[2], c
+    cdef double acc[CT_NORM_LANES]
+    cdef double total
+    for c in range(C):
+        ct_lanes_clear(acc)
+        row_sum(&x[n, c, 0], P, acc)
+        total = ct_lanes_total(acc)
+        ct_lanes_clear(acc)
+        row_sq_dev(&x[n, c, 0], P, total / <double> P, acc)  # the row is in L1 now
+        part[n, c, 0] = total
+        part[n, c, 1] = ct_lanes_total(acc)
+
+
+cdef void combine_row_stats(const double[:, :, ::1] part, Py_ssize_t P, double *mean, double *var,
+                            double *inv_std, double eps) noexcept nogil:
+    """Per channel, the rows' statistics added up in image order."""
+    cdef Py_ssize_t N = part.shape[0], C = part.shape[1], n, c
+    cdef double total, m2, d, m = <double> (N * P)
+    for c in range(C):
+        total = 0.0
+        for n in range(N):
+            total = total + part[n, c, 0]
+        mean[c] = total / m
+        m2 = 0.0
+        for n in range(N):
+            d = part[n, c, 0] / <double> P - mean[c]
+            m2 = m2 + (part[n, c, 1] + <double> P * (d * d))
+        var[c] = m2 / m
+        inv_std[c] = 1.0 / sqrt(var[c] + eps)
 
 
 def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -217,12 +184,24 @@ def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                      double eps, bint relu, int num_threads):
     """Per channel c: mean[c], biased var[c] and inv_std[c] = 1/sqrt(var + eps) of x[:, c, :],
     then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu)."""
-    cdef Py_ssize_t C = x.shape[1], c
-    if x.shape[0] == 0 or x.shape[2] == 0:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
+    cdef double[:, :, ::1] part
+    if N == 0 or P == 0:
         return
+    if P < STREAM_MIN_ROW:
+        with nogil:
+            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+                channel_train_forward(x, gamma, beta, out, &mean[0], &var[0], &inv_std[0], eps, relu, c)
+        return
+    part = np.empty((N, C, 2))
     with nogil:
-        for c in prange(C, schedule="dynamic", num_threads=num_threads):
-            channel_train_forward(x, gamma, beta, out, &mean[0], &var[0], &inv_std[0], eps, relu, c)
+        for n in prange(N, schedule="dynamic", num_threads=num_threads):
+            image_row_stats(x, part, n)
+        combine_row_stats(part, P, &mean[0], &var[0], &inv_std[0], eps)
+        for n in prange(N, schedule="dynamic", num_threads=num_threads):
+            for c in range(C):
+                row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
+                              <floating> inv_std[c], gamma[c], beta[c], relu)
 
 
 def bn_affine_forward(const floating[:, :, ::1] x, const floating[::1] scale,
@@ -234,58 +213,101 @@ def bn_affine_forward(const floating[:, :, ::1] x, const floating[::1] scale,
     if N == 0 or P == 0:
         return
     with nogil:
-        for c in prange(C, schedule="dynamic", num_threads=num_threads):
-            for n in range(N):
-                row_affine(&x[n, c, 0], &out[n, c, 0], P, scale[c], shift[c], relu)
+        if P < STREAM_MIN_ROW:
+            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+                for n in range(N):
+                    row_affine(&x[n, c, 0], &out[n, c, 0], P, scale[c], shift[c], relu)
+        else:
+            for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                for c in range(C):
+                    row_affine(&x[n, c, 0], &out[n, c, 0], P, scale[c], shift[c], relu)
 
 
-cdef void channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dout,
+# ---- backward -----------------------------------------------------------------------------
+
+cdef void channel_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
                            const floating[:, :, ::1] out, bint relu, const double *mean,
                            const double *inv_std, const floating[::1] gamma,
-                           floating[:, :, ::1] dx, floating[::1] dgamma, floating[::1] dbeta,
-                           Py_ssize_t c) noexcept nogil:
+                           floating[::1] dgamma, floating[::1] dbeta, Py_ssize_t c) noexcept nogil:
+    """Channel c whole (short rows): mask, sums, then dx in place of g."""
     cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
-    cdef double acc_g[CONVTRAIN_LANES]
-    cdef double acc_gx[CONVTRAIN_LANES]
+    cdef double acc_g[CT_NORM_LANES]
+    cdef double acc_gx[CT_NORM_LANES]
     cdef double sum_g, sum_gx, m = <double> (N * P)
-    cdef const floating *g
-    lanes_clear(acc_g)
-    lanes_clear(acc_gx)
-    # With the fused ReLU, g (dout masked) is made in dx's row first, then used from there.
+    ct_lanes_clear(acc_g)
+    ct_lanes_clear(acc_gx)
     for n in range(N):
         if relu:
-            row_relu_mask(&dout[n, c, 0], &out[n, c, 0], &dx[n, c, 0], P)
-            row_grad_sums(&x[n, c, 0], &dx[n, c, 0], P, mean[c], acc_g, acc_gx)
-        else:
-            row_grad_sums(&x[n, c, 0], &dout[n, c, 0], P, mean[c], acc_g, acc_gx)
-    sum_g = lanes_total(acc_g)
-    sum_gx = lanes_total(acc_gx) * inv_std[c]  # sum g * xhat
+            row_relu_mask(&g[n, c, 0], &out[n, c, 0], P)
+        row_grad_sums(&x[n, c, 0], &g[n, c, 0], P, mean[c], acc_g, acc_gx)
+    sum_g = ct_lanes_total(acc_g)
+    sum_gx = ct_lanes_total(acc_gx) * inv_std[c]  # sum g * xhat
     dbeta[c] = <floating> sum_g
     dgamma[c] = <floating> sum_gx
     for n in range(N):
-        if relu:
-            g = &dx[n, c, 0]
-        else:
-            g = &dout[n, c, 0]
-        row_input_grad(&x[n, c, 0], g, &dx[n, c, 0], P,
+        row_input_grad(&x[n, c, 0], &g[n, c, 0], P,
                        <floating> mean[c], <floating> inv_std[c], <floating> (gamma[c] * inv_std[c]),
                        <floating> (sum_g / m), <floating> (sum_gx / m))
 
 
-def bn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dout,
-                const floating[:, :, ::1] out, bint relu,
-                const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
-                floating[:, :, ::1] dx, floating[::1] dgamma, floating[::1] dbeta,
-                int num_threads):
-    """Gradients of batch norm in train mode (batch statistics), per channel c:
+cdef void image_grad_sums(const floating[:, :, ::1] x, floating[:, :, ::1] g,
+                          const floating[:, :, ::1] out, bint relu, const double *mean,
+                          double[:, :, ::1] part, Py_ssize_t n) noexcept nogil:
+    """Image n's rows: mask g in place, then part[n, c] = (sum g, sum g * (x - mean))."""
+    cdef Py_ssize_t C = x.shape[1], P = x.shape[2], c
+    cdef double acc_g[CT_NORM_LANES]
+    cdef double acc_gx[CT_NORM_LANES]
+    for c in range(C):
+        if relu:
+            row_relu_mask(&g[n, c, 0], &out[n, c, 0], P)
+        ct_lanes_clear(acc_g)
+        ct_lanes_clear(acc_gx)
+        row_grad_sums(&x[n, c, 0], &g[n, c, 0], P, mean[c], acc_g, acc_gx)
+        part[n, c, 0] = ct_lanes_total(acc_g)
+        part[n, c, 1] = ct_lanes_total(acc_gx)
+
+
+def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
+                 const floating[:, :, ::1] out, bint relu,
+                 const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
+                 floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+    """Gradients of batch norm in train mode (batch statistics), per channel c; dout becomes
+    dx in place:
 
         xhat = (x - mean) * inv_std,  g = dout (masked by out > 0 if relu)
         dbeta = sum g,  dgamma = sum g * xhat
         dx = gamma * inv_std * (g - dbeta / M - xhat * dgamma / M),  M = N * P
     """
-    cdef Py_ssize_t C = x.shape[1], c
-    if x.shape[0] == 0 or x.shape[2] == 0:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
+    cdef double sum_g, sum_gx, m = <double> (N * P)
+    cdef double[:, :, ::1] part
+    cdef double[:, ::1] coef
+    if N == 0 or P == 0:
         return
+    if P < STREAM_MIN_ROW:
+        with nogil:
+            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+                channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta, c)
+        return
+    part = np.empty((N, C, 2))
+    coef = np.empty((C, 3))  # per channel: gamma * inv_std, dbeta / M, dgamma / M
     with nogil:
-        for c in prange(C, schedule="dynamic", num_threads=num_threads):
-            channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dx, dgamma, dbeta, c)
+        for n in prange(N, schedule="dynamic", num_threads=num_threads):
+            image_grad_sums(x, dout, out, relu, &mean[0], part, n)
+        for c in range(C):
+            sum_g = 0.0
+            sum_gx = 0.0
+            for n in range(N):
+                sum_g = sum_g + part[n, c, 0]
+                sum_gx = sum_gx + part[n, c, 1]
+            sum_gx = sum_gx * inv_std[c]  # sum g * xhat
+            dbeta[c] = <floating> sum_g
+            dgamma[c] = <floating> sum_gx
+            coef[c, 0] = gamma[c] * inv_std[c]
+            coef[c, 1] = sum_g / m
+            coef[c, 2] = sum_gx / m
+        for n in prange(N, schedule="dynamic", num_threads=num_threads):
+            for c in range(C):
+                row_input_grad(&x[n, c, 0], &dout[n, c, 0], P, <floating> mean[c],
+                               <floating> inv_std[c], <floating> coef[c, 0], <floating> coef[c, 1],
+                               <floating> coef[c, 2])

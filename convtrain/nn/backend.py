@@ -12,9 +12,9 @@ Trainer and by the CLI; the kernels call `compiled()`, which does the part that 
   tens of microseconds) before sleeping still pays: a small net's step runs its parallel regions
   a few tens of microseconds apart (DIGITS at 2 threads: 63-66k images/s passive, 94k with the
   spin, the same CPU time per image). Must be set before libgomp loads with the extension.
-* **Which compiled build** of ext/_conv.pyx runs: setup.py compiles it portably
-  (`convtrain.nn._conv`) and, on x86-64, again for x86-64-v3 (AVX2, FMA) and x86-64-v4
-  (AVX-512). The wider vectors speed up the copies and masks around the GEMMs (im2col, col2im,
+* **Which compiled build** of ext/_conv.pyx and ext/_norm.pyx runs: setup.py compiles each
+  portably (`convtrain.nn._conv`) and, on x86-64, again for x86-64-v3 (AVX2, FMA) and x86-64-v4
+  (AVX-512); both modules run the same build (`compiled_module`). The wider vectors speed up the copies and masks around the GEMMs (im2col, col2im,
   ReLU), and the float32 stride-1 conv GEMMs run on convtrain's own AVX2 / AVX-512 tiles
   (ext/gemm_kernels.h) reading the image directly, where the portable build calls BLAS
   (`benchmarks/bench_train.py --isa baseline --clock cpu --threads 1` compares them). The builds
@@ -52,8 +52,9 @@ import threading
 import warnings
 
 ISA_ENV = "CONVTRAIN_KERNEL_ISA"
-# name -> (module, x86-64 level the CPU needs), newest first
-_ISA_BUILDS = {"x86-64-v4": ("convtrain.nn._conv_x86_64_v4", 4), "x86-64-v3": ("convtrain.nn._conv_x86_64_v3", 3)}
+# name -> (module suffix, x86-64 level the CPU needs), newest first; every compiled module
+# (ext/_conv.pyx, ext/_norm.pyx) has one build per name, e.g. convtrain.nn._norm_x86_64_v4
+_ISA_BUILDS = {"x86-64-v4": ("_x86_64_v4", 4), "x86-64-v3": ("_x86_64_v3", 3)}
 _BASELINE_MODULE = "convtrain.nn._conv"
 
 M_TRIM_THRESHOLD = -1
@@ -64,6 +65,7 @@ _USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _lock = threading.RLock()  # compiled() is also reached while the BLAS set-up holds it
 _compiled = None          # the chosen extension module
+_compiled_build = None    # its build's name ("baseline", "x86-64-v3", "x86-64-v4")
 _malloc_kept = None       # whether the malloc thresholds are in effect
 _python_pinned = None     # threadpoolctl controllers the kernels cannot pin themselves
 
@@ -91,8 +93,15 @@ def compiled():
         with _lock:
             if _compiled is None:
                 _set_openmp_environment()
-                _compiled = _choose_build()
+                _compiled = load_build(_choose_build())
     return _compiled
+
+
+def compiled_module(stem: str):
+    """The build of ext/<stem>.pyx (e.g. "_norm") that matches the conv kernels' (compiled()),
+    loaded after them: they set OpenMP's environment first."""
+    compiled()
+    return load_build(_compiled_build, stem)
 
 
 def _set_openmp_environment() -> None:
@@ -108,28 +117,31 @@ def available_builds() -> list[str]:
     _set_openmp_environment()
     level = importlib.import_module(_BASELINE_MODULE).cpu_x86_64_level()
     names = []
-    for name, (module, needs) in _ISA_BUILDS.items():
-        if level >= needs and importlib.util.find_spec(module) is not None:
+    for name, (suffix, needs) in _ISA_BUILDS.items():
+        if level >= needs and importlib.util.find_spec(_BASELINE_MODULE + suffix) is not None:
             names.append(name)
     return names + ["baseline"]
 
 
-def load_build(name: str):
-    """The compiled module of build `name` ("baseline", "x86-64-v3", "x86-64-v4")."""
-    return importlib.import_module(_BASELINE_MODULE if name == "baseline" else _ISA_BUILDS[name][0])
+def load_build(name: str, stem: str = "_conv"):
+    """The compiled module ext/<stem>.pyx of build `name` ("baseline", "x86-64-v3",
+    "x86-64-v4"); the baseline build if this one was not built for `stem`."""
+    module = f"convtrain.nn.{stem}"
+    if name != "baseline" and importlib.util.find_spec(module + _ISA_BUILDS[name][0]) is not None:
+        module += _ISA_BUILDS[name][0]
+    return importlib.import_module(module)
 
 
-def _choose_build():
+def _choose_build() -> str:
+    global _compiled_build
     _set_openmp_environment()
     runnable = available_builds()
     wanted = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
-    if wanted == "auto":
-        return load_build(runnable[0])
-    if wanted in runnable:
-        return load_build(wanted)
-    warnings.warn(f"{ISA_ENV}={wanted!r} is not available here (choose from auto, {', '.join(runnable)}); "
-                  f"using {runnable[0]}", RuntimeWarning, stacklevel=3)
-    return load_build(runnable[0])
+    if wanted != "auto" and wanted not in runnable:
+        warnings.warn(f"{ISA_ENV}={wanted!r} is not available here (choose from auto, {', '.join(runnable)}); "
+                      f"using {runnable[0]}", RuntimeWarning, stacklevel=3)
+    _compiled_build = wanted if wanted in runnable else runnable[0]
+    return _compiled_build
 
 
 # ---- malloc ---------------------------------------------------------------------------------

@@ -5,14 +5,13 @@ Train mode normalizes with the batch's statistics (biased variance) and updates 
 ones as PyTorch does: running = (1 - momentum) * running + momentum * batch, the running
 variance from the unbiased batch variance. Eval mode normalizes with the running statistics.
 gamma ("weight") and beta ("bias") are learned; they are not under L2 (`regularized` False).
-Both passes run in the compiled ext/_norm kernels, threaded over channels, the same bits for
-any thread count. A BatchNorm followed by an inplace ReLU computes that ReLU itself
-(fuse_norm_relu), as a conv does: no separate pass over the activations.
+Both passes run in the compiled ext/_norm kernels (threaded over images, or over channels for
+short rows), the same bits for any thread count and every build. A BatchNorm followed by an
+inplace ReLU computes that ReLU itself (fuse_norm_relu), as a conv does: no separate pass over
+the activations. The backward overwrites the gradient it is given with dx, as a conv's does.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 
@@ -24,11 +23,11 @@ _norm = None
 
 
 def _kernels():
-    """The compiled module, loaded after the conv kernels (which set OpenMP's environment)."""
+    """The compiled module, the build the conv kernels run (loaded after them: they set
+    OpenMP's environment)."""
     global _norm
     if _norm is None:
-        backend.compiled()
-        _norm = importlib.import_module("convtrain.nn._norm")
+        _norm = backend.compiled_module("_norm")
     return _norm
 
 
@@ -110,14 +109,15 @@ class _BatchNorm(Layer):
     def backward(self, dout):
         x3, out, mean, inv_std, shape = self._cache
         self._cache = None
-        d3 = np.ascontiguousarray(dout, dtype=self.dtype).reshape(x3.shape)
-        dx = np.empty_like(x3)
+        # dout becomes dx in place: ours to overwrite, as a conv's backward takes it (a copy
+        # only when it is not writable, contiguous and of our dtype)
+        g = np.require(dout, dtype=self.dtype, requirements=["C", "W"]).reshape(x3.shape)
         dgamma = np.empty(self.num_features, dtype=self.dtype)
         dbeta = np.empty(self.num_features, dtype=self.dtype)
-        _kernels().bn_backward(x3, d3, out if out is not None else x3, out is not None,
-                               mean, inv_std, self.params["weight"], dx, dgamma, dbeta, _threads())
+        _kernels().bn_backward_(x3, g, out if out is not None else x3, out is not None,
+                                mean, inv_std, self.params["weight"], dgamma, dbeta, _threads())
         self.grads = {"weight": dgamma, "bias": dbeta}
-        return dx.reshape(shape)
+        return g.reshape(shape)
 
     def describe(self) -> dict:
         return {"type": type(self).__name__.lower(), "name": self.name, "features": self.num_features,

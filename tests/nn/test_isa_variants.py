@@ -1,12 +1,13 @@
 """The x86-64-v3/v4 builds of the kernels compute what the portable build computes.
 
-setup.py compiles ext/_conv.pyx more than once (convtrain/nn/backend.py picks one per CPU); every
+setup.py compiles ext/_conv.pyx and ext/_norm.pyx more than once (convtrain/nn/backend.py picks one per CPU); every
 kernel entry point is run through each build this machine can execute and compared with the
 baseline, on shapes that exercise the vector loops' remainders (odd widths, padding, strides):
 
 * bit for bit: everything in float64 (all builds use BLAS there), and in float32 everything but
   the im2col convolution GEMMs (im2col, col2im, pooling, dense layers, ReLU, and the Winograd
-  passes: their transforms only add and subtract, their GEMMs are BLAS's in every build);
+  passes: their transforms only add and subtract, their GEMMs are BLAS's in every build), and
+  batch norm's passes (built without fused multiply-adds);
 * to float32 rounding (relative error <= 1e-5, the kernel tests' float32 bound against the
   float64 reference): the float32 convolution passes (forward, filter and input gradients).
   The x86-64-v3 and v4 builds run convtrain's own AVX2 / AVX-512 GEMM tiles (ext/gemm_kernels.h),
@@ -104,6 +105,40 @@ def test_each_instruction_set_build_gives_the_baseline_bits(variant, dtype):
         if kind == "conv" and dtype == np.float32 and backend.load_build(variant).compiled_with()["gemm_tiles"]:
             assert rel_err(got, expected) <= 1e-5, kind   # own GEMM tiles: another summation order
         else:
+            np.testing.assert_array_equal(got, expected)
+
+
+def _batch_norm_passes(module, dtype, threads):
+    """Every batch-norm kernel of `module` (a build of ext/_norm.pyx) on rows short and long
+    (channel by channel, image by image), with and without the fused ReLU."""
+    results = []
+    for k, shape in enumerate([(6, 5, 7), (5, 4, 99), (9, 3, 1)]):
+        rng = np.random.default_rng(k)
+        x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+        gamma, beta = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+        for relu in (False, True):
+            out = np.empty_like(x)
+            mean, var, inv_std = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape[1])
+            module.bn_train_forward(x, gamma, beta, out, mean, var, inv_std, 1e-5, relu, threads)
+            g = rng.standard_normal(shape).astype(dtype)
+            dgamma, dbeta = np.empty_like(gamma), np.empty_like(beta)
+            module.bn_backward_(x, g, out, relu, mean, inv_std, gamma, dgamma, dbeta, threads)
+            affine = np.empty_like(x)
+            module.bn_affine_forward(x, gamma, beta, affine, relu, threads)
+            results += [out, mean, var, inv_std, g, dgamma, dbeta, affine]
+    return results
+
+
+@needs_variants
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_instruction_set_build_gives_the_baseline_batch_norm_bits(variant, dtype):
+    # built without fused multiply-adds (setup.py): the wider vectors may not round otherwise
+    for threads in (1, 2):
+        baseline = _batch_norm_passes(backend.load_build("baseline", "_norm"), dtype, threads)
+        other = _batch_norm_passes(backend.load_build(variant, "_norm"), dtype, threads)
+        assert backend.load_build(variant, "_norm").__name__.endswith(variant.replace("-", "_"))
+        for expected, got in zip(baseline, other, strict=True):
             np.testing.assert_array_equal(got, expected)
 
 
