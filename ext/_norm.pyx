@@ -36,7 +36,10 @@ from libc.math cimport sqrt
 
 import numpy as np
 
-# the shortest row (P) the image-streaming layout takes (see above)
+# The shortest row (P) the image-streaming layout takes (see above). Measured on ~20M-value
+# activations at 1 and 2 threads: from 64 values on, images won every case (forward 1.1-2.5x,
+# backward 2-4x faster); at 16-36 the forward went either way, at 4 channels won (each row
+# then pays for clearing and adding up its lanes).
 cdef Py_ssize_t STREAM_MIN_ROW = 64
 
 cdef extern from "norm_rows.h":
