@@ -6,18 +6,20 @@ released and OpenMP threads. What it refuses to be: a Python API; every `def` tr
 (convtrain.nn.norm) to have checked shapes, dtypes and contiguity and to have allocated the
 outputs. The row loops are C, in ext/norm_rows.h.
 
-Two layouts of the same arithmetic, chosen by the row length P:
+Three layouts of the same arithmetic; the caller chooses between the first two (`by_images`,
+see convtrain.nn.norm for the measured rule), rows of one value always take the third:
 
-* rows of at least STREAM_MIN_ROW values (a conv's output): threads take whole images, which
-  lie contiguous in memory, and stream through them; each (image, channel) row leaves its
-  partial sums in a small (N, C) table, and one thread adds the table up per channel, in image
-  order. A channel's rows lie a whole image apart, a few KiB each: read channel by channel,
-  every row started with cache misses the hardware prefetcher had no time to hide, and batch
-  norm cost twice what these passes do (CIFAR's 64x26x26 activations, 100 images: 6.0 ms
-  backward at 1 thread against 2.8);
-* shorter rows (a dense layer's features, P = 1; tiny feature maps): threads take channels,
-  with a row's sums kept in lanes across all its images (one row per image would leave a
-  table entry per value).
+* by images (long rows of an activation too large for the caches, such as a conv's output
+  over a batch): threads take whole images, which lie contiguous in memory, and stream through
+  them; each (image, channel) row leaves its sums in a small (N, C) table, added up per channel
+  in image order. A channel's rows lie a whole image apart, a few KiB each: read channel by
+  channel from memory, every row started with cache misses the hardware prefetcher had no time
+  to hide (CIFAR's 64x26x26 activations, 100 images: backward 6.0 ms at 1 thread against 2.8);
+* by channels (activations the caches hold, short rows): each thread takes a contiguous range
+  of channels (static schedule: with neighbouring channels on different threads, the lines
+  their rows share were written by both), a row's sums kept in lanes across all its images;
+* rows of one value (a dense layer's (N, F) output): threads take blocks of FEATURE_BLOCK
+  features and sum each over the images in order, vectorized across the features.
 
 Determinism: every sum is float64, taken in an order fixed by the shapes alone (lanes within
 a row, ext/norm_rows.h, then rows in image order), never by the threads: the same bits for
@@ -36,11 +38,8 @@ from libc.math cimport sqrt
 
 import numpy as np
 
-# The shortest row (P) the image-streaming layout takes (see above). Measured on ~20M-value
-# activations at 1 and 2 threads: from 64 values on, images won every case (forward 1.1-2.5x,
-# backward 2-4x faster); at 16-36 the forward went either way, at 4 channels won (each row
-# then pays for clearing and adding up its lanes).
-cdef Py_ssize_t STREAM_MIN_ROW = 64
+# Rows of one value (P = 1, after a dense layer) go by blocks of this many features per thread.
+cdef Py_ssize_t FEATURE_BLOCK = 64
 
 cdef extern from "norm_rows.h":
     enum: CT_NORM_LANES
@@ -66,6 +65,39 @@ cdef extern from "norm_rows.h":
                                  float k, float a, float b) noexcept nogil
     void ct_row_input_grad_double(const double *x, double *g, Py_ssize_t n, double mu,
                                   double istd, double k, double a, double b) noexcept nogil
+    void ct_features_stats_float(const float *x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,
+                                 Py_ssize_t c1, double *mean, double *var) noexcept nogil
+    void ct_features_stats_double(const double *x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,
+                                  Py_ssize_t c1, double *mean, double *var) noexcept nogil
+    void ct_features_normalize_float(const float *x, float *out, Py_ssize_t N, Py_ssize_t C,
+                                     Py_ssize_t c0, Py_ssize_t c1, const float *mu,
+                                     const float *istd, const float *g, const float *b,
+                                     int relu) noexcept nogil
+    void ct_features_normalize_double(const double *x, double *out, Py_ssize_t N, Py_ssize_t C,
+                                      Py_ssize_t c0, Py_ssize_t c1, const double *mu,
+                                      const double *istd, const double *g, const double *b,
+                                      int relu) noexcept nogil
+    void ct_features_grad_sums_float(const float *x, float *g, const float *out, int relu,
+                                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                                     const double *mean, double *sum_g, double *sum_gx) noexcept nogil
+    void ct_features_grad_sums_double(const double *x, double *g, const double *out, int relu,
+                                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                                      const double *mean, double *sum_g, double *sum_gx) noexcept nogil
+    void ct_features_input_grad_float(const float *x, float *g, Py_ssize_t N, Py_ssize_t C,
+                                      Py_ssize_t c0, Py_ssize_t c1, const float *mu,
+                                      const float *istd, const float *kk, const float *a,
+                                      const float *b) noexcept nogil
+    void ct_features_input_grad_double(const double *x, double *g, Py_ssize_t N, Py_ssize_t C,
+                                       Py_ssize_t c0, Py_ssize_t c1, const double *mu,
+                                       const double *istd, const double *kk, const double *a,
+                                       const double *b) noexcept nogil
+    void ct_row_stats_float(const float *x, Py_ssize_t n, double *total, double *m2) noexcept nogil
+    void ct_row_stats_double(const double *x, Py_ssize_t n, double *total, double *m2) noexcept nogil
+    void ct_row_grad_totals_float(const float *x, float *g, const float *out, int relu, Py_ssize_t n,
+                                  double mean, double *sum_g, double *sum_gx) noexcept nogil
+    void ct_row_grad_totals_double(const double *x, double *g, const double *out, int relu,
+                                   Py_ssize_t n, double mean, double *sum_g,
+                                   double *sum_gx) noexcept nogil
     double ct_lanes_total(const double *acc) noexcept nogil
     void ct_lanes_clear(double *acc) noexcept nogil
 
@@ -151,16 +183,11 @@ cdef void image_row_stats(const floating[:, :, ::1] x, double[:, :, ::1] part,
                           Py_ssize_t n) noexcept nogil:
     """Image n's rows: part[n, c] = (sum, sum of squared deviations from the row's mean)."""
     cdef Py_ssize_t C = x.shape[1], P = x.shape[2], c
-    cdef double acc[CT_NORM_LANES]
-    cdef double total
     for c in range(C):
-        ct_lanes_clear(acc)
-        row_sum(&x[n, c, 0], P, acc)
-        total = ct_lanes_total(acc)
-        ct_lanes_clear(acc)
-        row_sq_dev(&x[n, c, 0], P, total / <double> P, acc)  # the row is in L1 now
-        part[n, c, 0] = total
-        part[n, c, 1] = ct_lanes_total(acc)
+        if floating is float:
+            ct_row_stats_float(&x[n, c, 0], P, &part[n, c, 0], &part[n, c, 1])
+        else:
+            ct_row_stats_double(&x[n, c, 0], P, &part[n, c, 0], &part[n, c, 1])
 
 
 cdef void combine_row_stats(const double[:, :, ::1] part, Py_ssize_t P, double *mean, double *var,
@@ -181,19 +208,51 @@ cdef void combine_row_stats(const double[:, :, ::1] part, Py_ssize_t P, double *
         inv_std[c] = 1.0 / sqrt(var[c] + eps)
 
 
+cdef void features_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
+                                 const floating[::1] beta, floating[:, :, ::1] out,
+                                 double[::1] mean, double[::1] var, double[::1] inv_std,
+                                 double eps, bint relu, int num_threads):
+    """Rows of one value: blocks of features per thread, each summed over the images in order."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], blocks = (C + FEATURE_BLOCK - 1) // FEATURE_BLOCK
+    cdef Py_ssize_t block, c0, c1, c
+    cdef floating[::1] mu = np.empty(C, dtype=np.float32 if floating is float else np.float64)
+    cdef floating[::1] istd = np.empty_like(mu)
+    with nogil:
+        for block in prange(blocks, schedule="dynamic", num_threads=num_threads):
+            c0 = block * FEATURE_BLOCK
+            c1 = min(c0 + FEATURE_BLOCK, C)
+            if floating is float:
+                ct_features_stats_float(&x[0, 0, 0], N, C, c0, c1, &mean[0], &var[0])
+            else:
+                ct_features_stats_double(&x[0, 0, 0], N, C, c0, c1, &mean[0], &var[0])
+            for c in range(c0, c1):
+                inv_std[c] = 1.0 / sqrt(var[c] + eps)
+                mu[c] = <floating> mean[c]
+                istd[c] = <floating> inv_std[c]
+            if floating is float:
+                ct_features_normalize_float(&x[0, 0, 0], &out[0, 0, 0], N, C, c0, c1, &mu[0], &istd[0],
+                                            &gamma[0], &beta[0], relu)
+            else:
+                ct_features_normalize_double(&x[0, 0, 0], &out[0, 0, 0], N, C, c0, c1, &mu[0], &istd[0],
+                                             &gamma[0], &beta[0], relu)
+
+
 def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                      const floating[::1] beta, floating[:, :, ::1] out,
                      double[::1] mean, double[::1] var, double[::1] inv_std,
-                     double eps, bint relu, int num_threads):
+                     double eps, bint relu, bint by_images, int num_threads):
     """Per channel c: mean[c], biased var[c] and inv_std[c] = 1/sqrt(var + eps) of x[:, c, :],
     then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
     cdef double[:, :, ::1] part
     if N == 0 or P == 0:
         return
-    if P < STREAM_MIN_ROW:
+    if P == 1:
+        features_train_forward(x, gamma, beta, out, mean, var, inv_std, eps, relu, num_threads)
+        return
+    if not by_images:
         with nogil:
-            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+            for c in prange(C, schedule="static", num_threads=num_threads):
                 channel_train_forward(x, gamma, beta, out, &mean[0], &var[0], &inv_std[0], eps, relu, c)
         return
     part = np.empty((N, C, 2))
@@ -209,15 +268,15 @@ def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
 
 def bn_affine_forward(const floating[:, :, ::1] x, const floating[::1] scale,
                       const floating[::1] shift, floating[:, :, ::1] out,
-                      bint relu, int num_threads):
+                      bint relu, bint by_images, int num_threads):
     """Eval mode: out[:, c, :] = x[:, c, :] * scale[c] + shift[c] (then max(0, .) if relu)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2]
     cdef Py_ssize_t c, n
     if N == 0 or P == 0:
         return
     with nogil:
-        if P < STREAM_MIN_ROW:
-            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+        if P > 1 and not by_images:  # (rows of one value: the images' rows are contiguous)
+            for c in prange(C, schedule="static", num_threads=num_threads):
                 for n in range(N):
                     row_affine(&x[n, c, 0], &out[n, c, 0], P, scale[c], shift[c], relu)
         else:
@@ -258,22 +317,56 @@ cdef void image_grad_sums(const floating[:, :, ::1] x, floating[:, :, ::1] g,
                           double[:, :, ::1] part, Py_ssize_t n) noexcept nogil:
     """Image n's rows: mask g in place, then part[n, c] = (sum g, sum g * (x - mean))."""
     cdef Py_ssize_t C = x.shape[1], P = x.shape[2], c
-    cdef double acc_g[CT_NORM_LANES]
-    cdef double acc_gx[CT_NORM_LANES]
     for c in range(C):
-        if relu:
-            row_relu_mask(&g[n, c, 0], &out[n, c, 0], P)
-        ct_lanes_clear(acc_g)
-        ct_lanes_clear(acc_gx)
-        row_grad_sums(&x[n, c, 0], &g[n, c, 0], P, mean[c], acc_g, acc_gx)
-        part[n, c, 0] = ct_lanes_total(acc_g)
-        part[n, c, 1] = ct_lanes_total(acc_gx)
+        if floating is float:
+            ct_row_grad_totals_float(&x[n, c, 0], &g[n, c, 0], &out[n, c, 0], relu, P, mean[c],
+                                     &part[n, c, 0], &part[n, c, 1])
+        else:
+            ct_row_grad_totals_double(&x[n, c, 0], &g[n, c, 0], &out[n, c, 0], relu, P, mean[c],
+                                      &part[n, c, 0], &part[n, c, 1])
+
+
+cdef void features_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
+                            const floating[:, :, ::1] out, bint relu, const double[::1] mean,
+                            const double[::1] inv_std, const floating[::1] gamma,
+                            floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+    """Rows of one value: blocks of features per thread, each summed over the images in order."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], blocks = (C + FEATURE_BLOCK - 1) // FEATURE_BLOCK
+    cdef Py_ssize_t block, c0, c1, c
+    cdef double[::1] sum_g = np.empty(C), sum_gx = np.empty(C)
+    # per feature, in the dtype of the data: mean, inv_std, gamma * inv_std, dbeta / M, dgamma / M
+    cdef floating[:, ::1] coef = np.empty((5, C), dtype=np.float32 if floating is float else np.float64)
+    with nogil:
+        for block in prange(blocks, schedule="dynamic", num_threads=num_threads):
+            c0 = block * FEATURE_BLOCK
+            c1 = min(c0 + FEATURE_BLOCK, C)
+            if floating is float:
+                ct_features_grad_sums_float(&x[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0], relu, N, C, c0, c1,
+                                            &mean[0], &sum_g[0], &sum_gx[0])
+            else:
+                ct_features_grad_sums_double(&x[0, 0, 0], &g[0, 0, 0], &out[0, 0, 0], relu, N, C, c0, c1,
+                                             &mean[0], &sum_g[0], &sum_gx[0])
+            for c in range(c0, c1):
+                sum_gx[c] = sum_gx[c] * inv_std[c]  # sum g * xhat
+                dbeta[c] = <floating> sum_g[c]
+                dgamma[c] = <floating> sum_gx[c]
+                coef[0, c] = <floating> mean[c]
+                coef[1, c] = <floating> inv_std[c]
+                coef[2, c] = <floating> (gamma[c] * inv_std[c])
+                coef[3, c] = <floating> (sum_g[c] / <double> N)
+                coef[4, c] = <floating> (sum_gx[c] / <double> N)
+            if floating is float:
+                ct_features_input_grad_float(&x[0, 0, 0], &g[0, 0, 0], N, C, c0, c1, &coef[0, 0],
+                                             &coef[1, 0], &coef[2, 0], &coef[3, 0], &coef[4, 0])
+            else:
+                ct_features_input_grad_double(&x[0, 0, 0], &g[0, 0, 0], N, C, c0, c1, &coef[0, 0],
+                                              &coef[1, 0], &coef[2, 0], &coef[3, 0], &coef[4, 0])
 
 
 def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
                  const floating[:, :, ::1] out, bint relu,
                  const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
-                 floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+                 floating[::1] dgamma, floating[::1] dbeta, bint by_images, int num_threads):
     """Gradients of batch norm in train mode (batch statistics), per channel c; dout becomes
     dx in place:
 
@@ -287,9 +380,12 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
     cdef double[:, ::1] coef
     if N == 0 or P == 0:
         return
-    if P < STREAM_MIN_ROW:
+    if P == 1:
+        features_backward(x, dout, out, relu, mean, inv_std, gamma, dgamma, dbeta, num_threads)
+        return
+    if not by_images:
         with nogil:
-            for c in prange(C, schedule="dynamic", num_threads=num_threads):
+            for c in prange(C, schedule="static", num_threads=num_threads):
                 channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta, c)
         return
     part = np.empty((N, C, 2))
@@ -314,3 +410,4 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
                 row_input_grad(&x[n, c, 0], &dout[n, c, 0], P, <floating> mean[c],
                                <floating> inv_std[c], <floating> coef[c, 0], <floating> coef[c, 1],
                                <floating> coef[c, 2])
+

@@ -26,11 +26,29 @@
 
 #define CT_NORM_LANES 32
 
+/* The lanes added up pairwise, halving the width each step (lane k + lane k + w): a fixed
+   order, so the same bits everywhere, and five steps of independent adds instead of a chain of
+   32 (which cost more than the row itself for rows of a few dozen values). */
+static inline double ct_lanes_total(const double *acc) {
+    double t[CT_NORM_LANES];
+    int k, w;
+    for (k = 0; k < CT_NORM_LANES; k++) t[k] = acc[k];
+    for (w = CT_NORM_LANES / 2; w >= 1; w /= 2)
+        for (k = 0; k < w; k++) t[k] = t[k] + t[k + w];
+    return t[0];
+}
+
 #define CT_NORM_ROWS(T)                                                                            \
 /* acc[k] += x[p] for p % LANES == k */                                                          \
 static inline void ct_row_sum_##T(const T *CT_RESTRICT x, Py_ssize_t n, double *CT_RESTRICT acc) { \
     double a[CT_NORM_LANES];                                                                      \
     Py_ssize_t p = 0, k;                                                                          \
+    if (n < CT_NORM_LANES) { /* a short row: straight into its lanes, 8 at a time */             \
+        for (; p + 8 <= n; p += 8)                                                                \
+            for (k = 0; k < 8; k++) acc[p + k] += (double) x[p + k];                              \
+        for (; p < n; p++) acc[p] += (double) x[p];                                               \
+        return;                                                                                   \
+    }                                                                                             \
     for (k = 0; k < CT_NORM_LANES; k++) a[k] = acc[k];                                            \
     for (; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                            \
         for (k = 0; k < CT_NORM_LANES; k++) a[k] += (double) x[p + k];                            \
@@ -42,6 +60,12 @@ static inline void ct_row_sq_dev_##T(const T *CT_RESTRICT x, Py_ssize_t n, doubl
                                      double *CT_RESTRICT acc) {                                   \
     double a[CT_NORM_LANES], d;                                                                   \
     Py_ssize_t p = 0, k;                                                                          \
+    if (n < CT_NORM_LANES) {                                                                      \
+        for (; p + 8 <= n; p += 8)                                                                \
+            for (k = 0; k < 8; k++) { d = (double) x[p + k] - mean; acc[p + k] += d * d; }        \
+        for (; p < n; p++) { d = (double) x[p] - mean; acc[p] += d * d; }                         \
+        return;                                                                                   \
+    }                                                                                             \
     for (k = 0; k < CT_NORM_LANES; k++) a[k] = acc[k];                                            \
     for (; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                            \
         for (k = 0; k < CT_NORM_LANES; k++) {                                                     \
@@ -88,6 +112,20 @@ static inline void ct_row_grad_sums_##T(const T *CT_RESTRICT x, const T *CT_REST
                                         double *CT_RESTRICT acc_gx) {                             \
     double a[CT_NORM_LANES], b[CT_NORM_LANES], gv;                                                \
     Py_ssize_t p = 0, k;                                                                          \
+    if (n < CT_NORM_LANES) {                                                                      \
+        for (; p + 8 <= n; p += 8)                                                                \
+            for (k = 0; k < 8; k++) {                                                             \
+                gv = (double) g[p + k];                                                           \
+                acc_g[p + k] += gv;                                                               \
+                acc_gx[p + k] += gv * ((double) x[p + k] - mean);                                 \
+            }                                                                                     \
+        for (; p < n; p++) {                                                                      \
+            gv = (double) g[p];                                                                   \
+            acc_g[p] += gv;                                                                       \
+            acc_gx[p] += gv * ((double) x[p] - mean);                                             \
+        }                                                                                         \
+        return;                                                                                   \
+    }                                                                                             \
     for (k = 0; k < CT_NORM_LANES; k++) { a[k] = acc_g[k]; b[k] = acc_gx[k]; }                    \
     for (; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                            \
         for (k = 0; k < CT_NORM_LANES; k++) {                                                     \
@@ -102,6 +140,47 @@ static inline void ct_row_grad_sums_##T(const T *CT_RESTRICT x, const T *CT_REST
     }                                                                                             \
     for (k = 0; k < CT_NORM_LANES; k++) { acc_g[k] = a[k]; acc_gx[k] = b[k]; }                    \
 }                                                                                                 \
+/* One row's own statistics, for the image-streaming layout: *total = sum x and *m2 = sum of   \
+   (x - total / n)^2, the row read twice while it is in L1, the lanes kept in registers. */    \
+static inline void ct_row_stats_##T(const T *CT_RESTRICT x, Py_ssize_t n, double *total,         \
+                                    double *m2) {                                                 \
+    double a[CT_NORM_LANES] = {0}, mean, d;                                                       \
+    Py_ssize_t p = 0, k;                                                                          \
+    for (; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                            \
+        for (k = 0; k < CT_NORM_LANES; k++) a[k] += (double) x[p + k];                            \
+    for (k = 0; p < n; p++, k++) a[k] += (double) x[p];                                           \
+    *total = ct_lanes_total(a);                                                                   \
+    mean = *total / (double) n;                                                                   \
+    for (k = 0; k < CT_NORM_LANES; k++) a[k] = 0.0;                                               \
+    for (p = 0; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                       \
+        for (k = 0; k < CT_NORM_LANES; k++) { d = (double) x[p + k] - mean; a[k] += d * d; }      \
+    for (k = 0; p < n; p++, k++) { d = (double) x[p] - mean; a[k] += d * d; }                     \
+    *m2 = ct_lanes_total(a);                                                                      \
+}                                                                                                 \
+/* One row's gradient sums, for the image-streaming layout: g masked in place by out > 0 if     \
+   relu, then *sum_g = sum g and *sum_gx = sum g * (x - mean). */                               \
+static inline void ct_row_grad_totals_##T(const T *CT_RESTRICT x, T *CT_RESTRICT g,              \
+                                          const T *CT_RESTRICT out, int relu, Py_ssize_t n,       \
+                                          double mean, double *sum_g, double *sum_gx) {           \
+    double a[CT_NORM_LANES] = {0}, b[CT_NORM_LANES] = {0}, gv;                                    \
+    Py_ssize_t p = 0, k;                                                                          \
+    T mv;                                                                                         \
+    if (relu)                                                                                     \
+        for (p = 0; p < n; p++) { mv = g[p]; g[p] = out[p] > 0 ? mv : (T) 0; }                    \
+    for (p = 0; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                       \
+        for (k = 0; k < CT_NORM_LANES; k++) {                                                     \
+            gv = (double) g[p + k];                                                               \
+            a[k] += gv;                                                                           \
+            b[k] += gv * ((double) x[p + k] - mean);                                              \
+        }                                                                                         \
+    for (k = 0; p < n; p++, k++) {                                                                \
+        gv = (double) g[p];                                                                       \
+        a[k] += gv;                                                                               \
+        b[k] += gv * ((double) x[p] - mean);                                                      \
+    }                                                                                             \
+    *sum_g = ct_lanes_total(a);                                                                   \
+    *sum_gx = ct_lanes_total(b);                                                                  \
+}                                                                                                 \
 /* g becomes dx = kk * (g - a - xhat * b), in place */                                           \
 static inline void ct_row_input_grad_##T(const T *CT_RESTRICT x, T *CT_RESTRICT g, Py_ssize_t n,  \
                                          T mu, T istd, T kk, T a, T b) {                          \
@@ -109,14 +188,71 @@ static inline void ct_row_input_grad_##T(const T *CT_RESTRICT x, T *CT_RESTRICT 
     for (p = 0; p < n; p++) g[p] = kk * (g[p] - a - ((x[p] - mu) * istd) * b);                    \
 }
 
+/* Rows of one value (a dense layer's (N, F) output): features c0 <= c < c1 of all N images at
+   once, each feature's sums in image order, vectorized across the features (contiguous). */
+#define CT_NORM_FEATURES(T)                                                                        \
+static inline void ct_features_stats_##T(const T *CT_RESTRICT x, Py_ssize_t N, Py_ssize_t C,      \
+                                         Py_ssize_t c0, Py_ssize_t c1, double *CT_RESTRICT mean,  \
+                                         double *CT_RESTRICT var) {                               \
+    Py_ssize_t n, c;                                                                              \
+    double d;                                                                                     \
+    for (c = c0; c < c1; c++) mean[c] = var[c] = 0.0;                                             \
+    for (n = 0; n < N; n++)                                                                       \
+        for (c = c0; c < c1; c++) mean[c] += (double) x[n * C + c];                               \
+    for (c = c0; c < c1; c++) mean[c] /= (double) N;                                              \
+    for (n = 0; n < N; n++)                                                                       \
+        for (c = c0; c < c1; c++) { d = (double) x[n * C + c] - mean[c]; var[c] += d * d; }       \
+    for (c = c0; c < c1; c++) var[c] /= (double) N;                                               \
+}                                                                                                 \
+/* out = g * ((x - mu) * istd) + b per feature (then max(0, .) if relu): the arithmetic of     \
+   ct_row_normalize, with per-feature parameters */                                              \
+static inline void ct_features_normalize_##T(const T *CT_RESTRICT x, T *CT_RESTRICT out,         \
+                                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,           \
+                                             Py_ssize_t c1, const T *CT_RESTRICT mu,              \
+                                             const T *CT_RESTRICT istd, const T *CT_RESTRICT g,   \
+                                             const T *CT_RESTRICT b, int relu) {                  \
+    Py_ssize_t n, c;                                                                              \
+    T y;                                                                                          \
+    for (n = 0; n < N; n++)                                                                       \
+        for (c = c0; c < c1; c++) {                                                               \
+            y = g[c] * ((x[n * C + c] - mu[c]) * istd[c]) + b[c];                                 \
+            out[n * C + c] = (relu && !(y > 0)) ? (T) 0 : y;                                      \
+        }                                                                                         \
+}                                                                                                 \
+/* the fused ReLU's mask on g in place, then per feature sum g and sum g * (x - mean) */        \
+static inline void ct_features_grad_sums_##T(const T *CT_RESTRICT x, T *CT_RESTRICT g,           \
+                                             const T *CT_RESTRICT out, int relu, Py_ssize_t N,    \
+                                             Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,          \
+                                             const double *CT_RESTRICT mean,                      \
+                                             double *CT_RESTRICT sum_g, double *CT_RESTRICT sum_gx) { \
+    Py_ssize_t n, c;                                                                              \
+    T gv;                                                                                         \
+    for (c = c0; c < c1; c++) sum_g[c] = sum_gx[c] = 0.0;                                         \
+    for (n = 0; n < N; n++) {                                                                     \
+        if (relu)                                                                                 \
+            for (c = c0; c < c1; c++) { gv = g[n * C + c]; g[n * C + c] = out[n * C + c] > 0 ? gv : (T) 0; } \
+        for (c = c0; c < c1; c++) {                                                               \
+            sum_g[c] += (double) g[n * C + c];                                                    \
+            sum_gx[c] += (double) g[n * C + c] * ((double) x[n * C + c] - mean[c]);               \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+/* g becomes dx = kk * (g - a - xhat * b) per feature, in place (ct_row_input_grad's arithmetic) */ \
+static inline void ct_features_input_grad_##T(const T *CT_RESTRICT x, T *CT_RESTRICT g,          \
+                                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,          \
+                                              Py_ssize_t c1, const T *CT_RESTRICT mu,             \
+                                              const T *CT_RESTRICT istd, const T *CT_RESTRICT kk, \
+                                              const T *CT_RESTRICT a, const T *CT_RESTRICT b) {   \
+    Py_ssize_t n, c;                                                                              \
+    for (n = 0; n < N; n++)                                                                       \
+        for (c = c0; c < c1; c++)                                                                 \
+            g[n * C + c] = kk[c] * (g[n * C + c] - a[c] - ((x[n * C + c] - mu[c]) * istd[c]) * b[c]); \
+}
+
 CT_NORM_ROWS(float)
 CT_NORM_ROWS(double)
-
-static inline double ct_lanes_total(const double *acc) {
-    double total = 0.0;
-    for (int k = 0; k < CT_NORM_LANES; k++) total += acc[k];
-    return total;
-}
+CT_NORM_FEATURES(float)
+CT_NORM_FEATURES(double)
 
 static inline void ct_lanes_clear(double *acc) {
     for (int k = 0; k < CT_NORM_LANES; k++) acc[k] = 0.0;

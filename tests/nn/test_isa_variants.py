@@ -16,6 +16,7 @@ baseline, on shapes that exercise the vector loops' remainders (odd widths, padd
   count (tests/nn/test_kernels.py, test_kernels_fused.py run on every build).
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -109,22 +110,23 @@ def test_each_instruction_set_build_gives_the_baseline_bits(variant, dtype):
 
 
 def _batch_norm_passes(module, dtype, threads):
-    """Every batch-norm kernel of `module` (a build of ext/_norm.pyx) on rows short and long
-    (channel by channel, image by image), with and without the fused ReLU."""
+    """Every batch-norm kernel of `module` (a build of ext/_norm.pyx) on rows short, long and
+    of one value, in both layouts (channel by channel, image by image), with and without the
+    fused ReLU."""
     results = []
-    for k, shape in enumerate([(6, 5, 7), (5, 4, 99), (9, 3, 1)]):
+    for k, shape in enumerate([(6, 5, 7), (5, 4, 99), (9, 3, 1), (4, 70, 1)]):
         rng = np.random.default_rng(k)
         x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
         gamma, beta = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
-        for relu in (False, True):
+        for relu, by_images in itertools.product((False, True), (False, True)):
             out = np.empty_like(x)
             mean, var, inv_std = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape[1])
-            module.bn_train_forward(x, gamma, beta, out, mean, var, inv_std, 1e-5, relu, threads)
+            module.bn_train_forward(x, gamma, beta, out, mean, var, inv_std, 1e-5, relu, by_images, threads)
             g = rng.standard_normal(shape).astype(dtype)
             dgamma, dbeta = np.empty_like(gamma), np.empty_like(beta)
-            module.bn_backward_(x, g, out, relu, mean, inv_std, gamma, dgamma, dbeta, threads)
+            module.bn_backward_(x, g, out, relu, mean, inv_std, gamma, dgamma, dbeta, by_images, threads)
             affine = np.empty_like(x)
-            module.bn_affine_forward(x, gamma, beta, affine, relu, threads)
+            module.bn_affine_forward(x, gamma, beta, affine, relu, by_images, threads)
             results += [out, mean, var, inv_std, g, dgamma, dbeta, affine]
     return results
 

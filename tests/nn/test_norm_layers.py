@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import convtrain
+from convtrain.nn import norm
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import ReLU
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
@@ -12,15 +13,34 @@ from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 from tests.support.numerics import numerical_gradient, rel_norm_err
 
 
-# 2d: rows (H*W) shorter than the kernels' image-streaming threshold, so they run channel by
-# channel; 2d-rows: rows long enough to stream image by image, of a length (99) that leaves a
-# remainder in every vector loop; 1d: a dense layer's features (rows of one value)
-KINDS = ["2d", "2d-rows", "1d"]
-SHAPES = {"2d": (4, 3, 5, 6), "2d-rows": (5, 3, 9, 11), "1d": (7, 5)}
+# The kernels' three layouts (ext/_norm.pyx): 2d runs channel by channel (as activations the
+# caches hold do); 2d-rows streams image by image (as large activations with long rows do: the
+# size threshold is lifted for it), rows of 99 values leaving a remainder in every vector loop;
+# 1d, a dense layer's features (rows of one value), in one block of features, and 1d-wide in
+# three (64, 64 and 22 features)
+KINDS = ["2d", "2d-rows", "1d", "1d-wide"]
+SHAPES = {"2d": (4, 3, 5, 6), "2d-rows": (5, 3, 9, 11), "1d": (7, 5), "1d-wide": (9, 150)}
+
+
+@pytest.fixture(autouse=True)
+def layout_for_kind(request, monkeypatch):
+    """A test parametrized with kind "2d-rows" runs the image-streaming layout."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("kind") == "2d-rows":
+        monkeypatch.setattr(norm, "IMAGE_LAYOUT_MIN_BYTES", 0)
+
+
+def test_large_activations_with_long_rows_stream_by_images_and_the_rest_by_channels():
+    def by_images(shape, dtype=np.float32):
+        return norm._by_images(np.empty(shape, dtype))
+    assert by_images((100, 64, 676)) and by_images((100, 32, 784)) and by_images((100, 64, 256))
+    assert not by_images((100, 128, 64)) and not by_images((100, 64, 144))  # the caches hold them
+    assert not by_images((10, 64, 676))  # a small batch
+    assert not by_images((100, 4096, 16))  # short rows
 
 
 def make_bn(kind, channels, dtype="float64", seed=0, relu=False):
-    layer = (BatchNorm1D if kind == "1d" else BatchNorm2D)(channels, dtype=dtype, name="bn")
+    layer = (BatchNorm1D if kind.startswith("1d") else BatchNorm2D)(channels, dtype=dtype, name="bn")
     rng = np.random.default_rng(seed)
     layer.params["weight"][...] = rng.standard_normal(channels)
     layer.params["bias"][...] = rng.standard_normal(channels)
@@ -200,7 +220,7 @@ def test_batch_norm_matches_pytorch_in_train_and_eval_mode(kind, dtype):
     torch = pytest.importorskip("torch")
     tol = TOLERANCE[dtype]
     layer = make_bn(kind, SHAPES[kind][1], dtype=dtype)
-    module = (torch.nn.BatchNorm1d if kind == "1d" else torch.nn.BatchNorm2d)(layer.num_features)
+    module = (torch.nn.BatchNorm1d if kind.startswith("1d") else torch.nn.BatchNorm2d)(layer.num_features)
     module = module.to(getattr(torch, dtype))
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(layer.params["weight"]))
