@@ -12,7 +12,6 @@ from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 from tests.support.numerics import numerical_gradient, rel_norm_err
 
-
 # The kernels' three layouts (ext/_norm.pyx): 2d runs channel by channel (as activations the
 # caches hold do); 2d-rows streams image by image (as large activations with long rows do: the
 # size threshold is lifted for it), rows of 99 values leaving a remainder in every vector loop;
