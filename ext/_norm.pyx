@@ -24,8 +24,9 @@ see convtrain.nn.norm for the measured rule), rows of one value always take the 
 Determinism: every sum is float64, taken in an order fixed by the shapes alone (lanes within
 a row, ext/norm_rows.h, then rows in image order), never by the threads: the same bits for
 any thread count, and, compiled without fused multiply-adds, for every build.
-The variance is two-pass, not E[x^2] - E[x]^2 (no cancellation when the mean is large): per
-row, the squared deviations from the row's own mean while the row is in cache, then combined
+The variance is two-pass, not E[x^2] - E[x]^2 (no cancellation when the mean is large): by
+channels and by features, the squared deviations from the channel's mean; by images, each
+row's squared deviations from its own mean, taken while the row is in cache, then combined
 exactly as sum_n (M2_n + P (mean_n - mean)^2).
 The optional ReLU epilogue (forward: max(0, y); backward: dy where the output is > 0) spares
 the pass a separate ReLU layer would make over the activations. The backward turns dout into

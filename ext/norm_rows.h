@@ -1,14 +1,14 @@
-/* The row kernels of batch normalization (ext/_norm.pyx): one (image, channel) row of n values
-   at a time, for T = float and double. Plain C loops over non-aliasing (restrict) pointers, so
-   that the compiler vectorizes them (written in Cython, where every pointer may alias, it
-   cannot).
+/* The loops of batch normalization (ext/_norm.pyx), for T = float and double: over one
+   (image, channel) row of n values, or over a block of features of every image (rows of one
+   value). Plain C loops over non-aliasing (restrict) pointers, so that the compiler vectorizes
+   them (written in Cython, where every pointer may alias, it cannot).
 
-   Sums are float64, in CT_NORM_LANES fixed lanes: position p of a row goes to lane p % LANES,
-   each lane adds in row order, and the lanes are added up in order at the end. A vector unit
-   of any width then computes the same bits (each vector element is one lane), and the lanes
-   are independent chains of adds that overlap in the pipeline: with one chain, or with one
-   AVX-512 register of 8 lanes, the adds' latency set the pace. The lanes live in local arrays
-   for the length of a row (through a pointer, the compiler stores them back after every add).
+   Sums are float64. Along a row they go in CT_NORM_LANES fixed lanes: position p of a row goes
+   to lane p % LANES, each lane adds in row order, and the lanes are added up pairwise at the
+   end (ct_lanes_total). A vector unit of any width then computes the same bits (each vector
+   element is one lane), and the lanes are independent chains of adds, held in registers for
+   the length of a row (32 lanes: four AVX-512 registers; with 8 or 16 lanes the backward's row
+   sums ran at half the speed, on rows in cache).
 
    Nothing here may be contracted into fused multiply-adds, which would round differently in
    the x86-64-v3/v4 builds than in the portable one: setup.py builds this module with
@@ -27,8 +27,7 @@
 #define CT_NORM_LANES 32
 
 /* The lanes added up pairwise, halving the width each step (lane k + lane k + w): a fixed
-   order, so the same bits everywhere, and five steps of independent adds instead of a chain of
-   32 (which cost more than the row itself for rows of a few dozen values). */
+   order, so the same bits everywhere, and independent adds rather than one chain. */
 static inline double ct_lanes_total(const double *acc) {
     double t[CT_NORM_LANES];
     int k, w;

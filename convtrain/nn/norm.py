@@ -5,8 +5,9 @@ Train mode normalizes with the batch's statistics (biased variance) and updates 
 ones as PyTorch does: running = (1 - momentum) * running + momentum * batch, the running
 variance from the unbiased batch variance. Eval mode normalizes with the running statistics.
 gamma ("weight") and beta ("bias") are learned; they are not under L2 (`regularized` False).
-Both passes run in the compiled ext/_norm kernels (threaded over images, or over channels for
-short rows), the same bits for any thread count and every build. A BatchNorm followed by an
+Both passes run in the compiled ext/_norm kernels (threaded over images for large activations,
+over channels for those the caches hold: `_by_images`), the same bits for any thread count and
+every build. A BatchNorm followed by an
 inplace ReLU computes that ReLU itself (fuse_norm_relu), as a conv does: no separate pass over
 the activations. The backward overwrites the gradient it is given with dx, as a conv's does.
 """
