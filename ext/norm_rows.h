@@ -140,43 +140,23 @@ static inline void ct_row_grad_sums_##T(const T *CT_RESTRICT x, const T *CT_REST
     for (k = 0; k < CT_NORM_LANES; k++) { acc_g[k] = a[k]; acc_gx[k] = b[k]; }                    \
 }                                                                                                 \
 /* One row's own statistics, for the image-streaming layout: *total = sum x and *m2 = sum of   \
-   (x - total / n)^2, the row read twice while it is in L1, the lanes kept in registers. */    \
+   (x - total / n)^2, the row read twice while it is in L1. */                                  \
 static inline void ct_row_stats_##T(const T *CT_RESTRICT x, Py_ssize_t n, double *total,         \
                                     double *m2) {                                                 \
-    double a[CT_NORM_LANES] = {0}, mean, d;                                                       \
-    Py_ssize_t p = 0, k;                                                                          \
-    for (; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                            \
-        for (k = 0; k < CT_NORM_LANES; k++) a[k] += (double) x[p + k];                            \
-    for (k = 0; p < n; p++, k++) a[k] += (double) x[p];                                           \
+    double a[CT_NORM_LANES] = {0}, b[CT_NORM_LANES] = {0};                                        \
+    ct_row_sum_##T(x, n, a);                                                                      \
     *total = ct_lanes_total(a);                                                                   \
-    mean = *total / (double) n;                                                                   \
-    for (k = 0; k < CT_NORM_LANES; k++) a[k] = 0.0;                                               \
-    for (p = 0; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                       \
-        for (k = 0; k < CT_NORM_LANES; k++) { d = (double) x[p + k] - mean; a[k] += d * d; }      \
-    for (k = 0; p < n; p++, k++) { d = (double) x[p] - mean; a[k] += d * d; }                     \
-    *m2 = ct_lanes_total(a);                                                                      \
+    ct_row_sq_dev_##T(x, n, *total / (double) n, b);                                              \
+    *m2 = ct_lanes_total(b);                                                                      \
 }                                                                                                 \
 /* One row's gradient sums, for the image-streaming layout: g masked in place by out > 0 if     \
    relu, then *sum_g = sum g and *sum_gx = sum g * (x - mean). */                               \
 static inline void ct_row_grad_totals_##T(const T *CT_RESTRICT x, T *CT_RESTRICT g,              \
                                           const T *CT_RESTRICT out, int relu, Py_ssize_t n,       \
                                           double mean, double *sum_g, double *sum_gx) {           \
-    double a[CT_NORM_LANES] = {0}, b[CT_NORM_LANES] = {0}, gv;                                    \
-    Py_ssize_t p = 0, k;                                                                          \
-    T mv;                                                                                         \
-    if (relu)                                                                                     \
-        for (p = 0; p < n; p++) { mv = g[p]; g[p] = out[p] > 0 ? mv : (T) 0; }                    \
-    for (p = 0; p + CT_NORM_LANES <= n; p += CT_NORM_LANES)                                       \
-        for (k = 0; k < CT_NORM_LANES; k++) {                                                     \
-            gv = (double) g[p + k];                                                               \
-            a[k] += gv;                                                                           \
-            b[k] += gv * ((double) x[p + k] - mean);                                              \
-        }                                                                                         \
-    for (k = 0; p < n; p++, k++) {                                                                \
-        gv = (double) g[p];                                                                       \
-        a[k] += gv;                                                                               \
-        b[k] += gv * ((double) x[p] - mean);                                                      \
-    }                                                                                             \
+    double a[CT_NORM_LANES] = {0}, b[CT_NORM_LANES] = {0};                                        \
+    if (relu) ct_row_relu_mask_##T(g, out, n);                                                    \
+    ct_row_grad_sums_##T(x, g, n, mean, a, b);                                                    \
     *sum_g = ct_lanes_total(a);                                                                   \
     *sum_gx = ct_lanes_total(b);                                                                  \
 }                                                                                                 \
