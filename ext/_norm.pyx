@@ -162,7 +162,7 @@ cdef void channel_train_forward(const floating[:, :, ::1] x, const floating[::1]
                                 const floating[::1] beta, floating[:, :, ::1] out,
                                 double *mean, double *var, double *inv_std,
                                 double eps, bint relu, Py_ssize_t c) noexcept nogil:
-    """Channel c whole (short rows): mean, variance, then normalize."""
+    """The channel layout: channel c whole, mean, variance, then normalize."""
     cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
     cdef double acc[CT_NORM_LANES]
     cdef double m = <double> (N * P)
@@ -292,7 +292,7 @@ cdef void channel_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
                            const floating[:, :, ::1] out, bint relu, const double *mean,
                            const double *inv_std, const floating[::1] gamma,
                            floating[::1] dgamma, floating[::1] dbeta, Py_ssize_t c) noexcept nogil:
-    """Channel c whole (short rows): mask, sums, then dx in place of g."""
+    """The channel layout: channel c whole, mask, sums, then dx in place of g."""
     cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
     cdef double acc_g[CT_NORM_LANES]
     cdef double acc_gx[CT_NORM_LANES]

@@ -14,13 +14,14 @@ Trainer and by the CLI; the kernels call `compiled()`, which does the part that 
   spin, the same CPU time per image). Must be set before libgomp loads with the extension.
 * **Which compiled build** of ext/_conv.pyx and ext/_norm.pyx runs: setup.py compiles each
   portably (`convtrain.nn._conv`) and, on x86-64, again for x86-64-v3 (AVX2, FMA) and x86-64-v4
-  (AVX-512); both modules run the same build (`compiled_module`). The wider vectors speed up the copies and masks around the GEMMs (im2col, col2im,
-  ReLU), and the float32 stride-1 conv GEMMs run on convtrain's own AVX2 / AVX-512 tiles
-  (ext/gemm_kernels.h) reading the image directly, where the portable build calls BLAS
-  (`benchmarks/bench_train.py --isa baseline --clock cpu --threads 1` compares them). The builds
-  give the same bits except the float32 conv passes, which agree to rounding
-  (tests/nn/test_isa_variants.py says which and how closely). `CONVTRAIN_KERNEL_ISA` = auto (default) | baseline |
-  x86-64-v3 | x86-64-v4 chooses by hand.
+  (AVX-512); both modules run the same build (`compiled_module`). The wider vectors speed up the
+  copies and masks around the GEMMs (im2col, col2im, ReLU) and in batch norm's passes, and the
+  float32 stride-1 conv GEMMs run on convtrain's own AVX2 / AVX-512 tiles (ext/gemm_kernels.h)
+  reading the image directly, where the portable build calls BLAS (`benchmarks/bench_train.py
+  --isa baseline --clock cpu --threads 1` compares them). The builds give the same bits except
+  the float32 conv passes, which agree to rounding (tests/nn/test_isa_variants.py says which and
+  how closely). `CONVTRAIN_KERNEL_ISA` = auto (default) | baseline | x86-64-v3 | x86-64-v4
+  chooses by hand.
 * **BLAS pinned to one thread inside the kernels' parallel regions**: the kernels call a
   single-threaded GEMM per group of images inside an OpenMP region; a threaded BLAS there would
   oversubscribe the cores (2 x 2 threads on 2 cores). OpenBLAS with its own pthreads pool (what
