@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from convtrain.errors import ConfigError, did_you_mean
+from convtrain.nn.choices import CONV_ALGOS as ENGINE_CONV_ALGOS, GLOBAL_POOLS, POOL_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,9 +45,7 @@ MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
 OPTIMIZERS = ("sgd", "adamw")
-CONV_ALGOS = ("auto", "im2col", "winograd")
-GLOBAL_POOLS = ("none", "avg")
-POOL_TYPES = ("max", "avg")
+CONV_ALGOS = ("auto", *ENGINE_CONV_ALGOS)  # auto: the engine chooses per conv block
 PADDING_WORDS = ("same", "valid")
 
 

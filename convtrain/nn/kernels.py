@@ -38,6 +38,7 @@ import operator
 import numpy as np
 
 from convtrain.nn.backend import blas_pinned_to_one_thread, compiled
+from convtrain.nn.choices import CONV_ALGOS
 from convtrain.nn.geometry import output_size, pair
 
 _conv = compiled()  # the build this CPU runs, loaded after OpenMP's environment is set
@@ -393,7 +394,6 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
 
 # ----------------------------------------------------------------------------- Winograd
 
-CONV_ALGOS = ("im2col", "winograd")
 # The transformed tiles V (16, Cin, tiles) and their products M (16, Cout, tiles) are made a
 # block of tile rows at a time, at most this many bytes of them (the block depends on the
 # shapes only, never on the threads). Wider blocks make wider GEMMs, which won over keeping

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
+from convtrain.nn.choices import GLOBAL_POOLS, POOL_TYPES
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.nn.losses import softmax, softmax_cross_entropy
@@ -29,8 +30,6 @@ from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 MODEL_FORMAT = "convtrain-model-1"
 PARAM_PREFIX = "param/"
 BUFFER_PREFIX = "buffer/"
-GLOBAL_POOLS = ("none", "avg")
-POOL_TYPES = ("max", "avg")
 # Images per forward pass when scoring or predicting a whole data set (the trainer's per-epoch
 # evaluation, `convtrain evaluate`, `predict`). On the CIFAR reference net, 500 images make an
 # 86 MB activation (the 3x3x64 layer), above glibc's largest mmap threshold (32 MiB, see
