@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from convtrain.config import DEFAULTS, SCHEDULES
 from convtrain.errors import CheckpointError, ConfigError
 
 
@@ -315,11 +316,15 @@ def training_length(schedule: Schedule, epochs: int, steps_per_epoch: int) -> tu
     return epochs, epochs * steps_per_epoch
 
 
+# the FitConfig fields a schedule is made of
+SCHEDULE_FIELDS = ("schedule", "lr", "step_epochs", "gamma", "eta_min", "eta_max", "n_s", "cycles")
+
+
 def make_schedule(config=None, **kwargs) -> Schedule:
     """A schedule from a FitConfig (fields schedule, lr, step_epochs, gamma, eta_min, eta_max,
-    n_s, cycles) and/or keyword overrides of the same names (`kind` = `schedule`)."""
-    values = {"schedule": "constant", "lr": 0.01, "step_epochs": 10, "gamma": 0.1,
-              "eta_min": 0.0, "eta_max": 0.1, "n_s": 500, "cycles": None}
+    n_s, cycles) and/or keyword overrides of the same names (`kind` = `schedule`); a value given
+    by neither is FitConfig's default, so `make_schedule()` and `convtrain fit` agree."""
+    values = {name: DEFAULTS[name] for name in SCHEDULE_FIELDS}  # FitConfig owns the defaults
     if config is not None:
         values.update({k: getattr(config, k) for k in values})
     if "kind" in kwargs:
@@ -337,4 +342,4 @@ def make_schedule(config=None, **kwargs) -> Schedule:
         return CosineSchedule(values["lr"], values["eta_min"])
     if kind == "cyclic":
         return CyclicSchedule(values["eta_min"], values["eta_max"], values["n_s"], values["cycles"])
-    raise ConfigError(f"schedule: got {kind!r}, expected one of constant, step, cosine, cyclic")
+    raise ConfigError(f"schedule: got {kind!r}, expected one of {', '.join(SCHEDULES)}")
