@@ -1,8 +1,8 @@
 """Data sets for convtrain: readers for each format, the split, standardization, balancing.
 
     splits = load_dataset("mnist", "data/mnist", val_fraction=0.1, seed=0)
-    standardizer = Standardizer.fit(splits.x_train)
-    x = standardizer.transform(splits.x_train)
+    network.normalization = Standardizer.fit(splits.x_train).to_dict()
+    x = network.normalize(splits.x_train)
 
 Every reader checks its files and raises convtrain.errors.DataError with one line naming the
 file and the problem; bad arguments (unknown name, impossible val_fraction) raise ConfigError.

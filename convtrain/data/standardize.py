@@ -1,4 +1,8 @@
-"""Per-channel standardization with statistics from the training set only."""
+"""Per-channel standardization statistics, from the training set only.
+
+The formula itself, (x - mean) / std, is the network's (convtrain.nn.standardization): a
+fitted Standardizer goes into `Network.normalization`, and `Network.normalize` applies it.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ _MIN_STD = 1e-8
 
 
 class Standardizer:
-    """x -> (x - mean[c]) / std[c] per channel c; mean and std are (C,) float64."""
+    """The mean[c] and std[c] of each channel c, (C,) float64, for x -> (x - mean[c]) / std[c]."""
 
     def __init__(self, mean: np.ndarray, std: np.ndarray):
         mean = np.asarray(mean, dtype=np.float64).reshape(-1)
@@ -46,17 +50,6 @@ class Standardizer:
             squares += np.einsum("nchw,nchw->c", deviation, deviation)
         std = np.sqrt(squares / n_values)
         return cls(mean, np.where(std < _MIN_STD, 1.0, std))
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Standardized copy of x, (N, C, H, W) or one image (C, H, W); float64 stays float64,
-        anything else becomes float32."""
-        if x.ndim not in (3, 4) or x.shape[-3] != self.mean.size:
-            raise DataError(f"input of shape {x.shape} does not have the {self.mean.size} channel(s) "
-                            f"the standardizer was fitted on (expected (N, {self.mean.size}, H, W))")
-        dtype = np.float64 if x.dtype == np.float64 else np.float32
-        out = np.subtract(x, self.mean.astype(dtype)[:, None, None], dtype=dtype)
-        out /= self.std.astype(dtype)[:, None, None]
-        return out
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays, storable with np.savez (no pickling needed to read them back)."""

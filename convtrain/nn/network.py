@@ -26,6 +26,7 @@ from convtrain.nn.losses import softmax, softmax_cross_entropy
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, write_npz_atomic
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
+from convtrain.nn.standardization import standardize
 
 MODEL_FORMAT = "convtrain-model-1"
 PARAM_PREFIX = "param/"
@@ -372,14 +373,9 @@ class Network:
         if x.shape[1:] != self.input_shape:
             raise DataError(
                 f"input images have shape {tuple(x.shape[1:])}, the network expects {self.input_shape} (C, H, W)")
-        x = x.astype(self.dtype, copy=True)
-        if self.normalization:
-            shape = (1, -1, 1, 1)
-            mean = np.asarray(self.normalization["mean"], dtype=self.dtype).reshape(shape)
-            std = np.asarray(self.normalization["std"], dtype=self.dtype).reshape(shape)
-            x -= mean
-            x /= std
-        return x
+        if not self.normalization:
+            return x.astype(self.dtype, copy=True)
+        return standardize(x, self.normalization["mean"], self.normalization["std"], self.dtype)
 
     def predict_proba(self, x_raw: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """Class probabilities (N, num_classes) for raw images; normalizes inside, in batches."""

@@ -16,6 +16,7 @@ from convtrain.data import (
 )
 from convtrain.data.split import allocate, split_indices
 from convtrain.errors import ConfigError, DataError
+from tests.support.data import standardized
 
 # 100 rows of class 0, 30 of class 1, 10 of class 2
 LABELS = np.repeat([0, 1, 2], [100, 30, 10])
@@ -100,15 +101,15 @@ def test_standardizer_uses_its_training_data_only():
     standardizer = Standardizer.fit(x_train)
     np.testing.assert_allclose(standardizer.mean, x_train.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
     np.testing.assert_allclose(standardizer.std, x_train.std(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
-    out = standardizer.transform(x_train)
+    out = standardized(standardizer, x_train)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(0, 2, 3)), 1, atol=1e-5)
     # Other data is shifted by the training mean, not re-centred on its own.
-    np.testing.assert_allclose(standardizer.transform(x_other).mean(axis=(0, 2, 3)),
+    np.testing.assert_allclose(standardized(standardizer, x_other).mean(axis=(0, 2, 3)),
                                100 / standardizer.std, rtol=1e-4)
-    assert standardizer.transform(x_train.astype(np.float64)).dtype == np.float64
-    assert standardizer.transform(x_train[0]).shape == (2, 4, 4)
+    assert standardized(standardizer, x_train.astype(np.float64)).dtype == np.float64
+    assert standardized(standardizer, x_train[0]).shape == (2, 4, 4)
 
 
 def test_standardizer_round_trips_through_npz(tmp_path):
@@ -124,7 +125,7 @@ def test_standardizer_constant_channel_and_wrong_channels():
     standardizer = Standardizer.fit(np.full((3, 1, 2, 2), 7.0))
     assert standardizer.std.tolist() == [1.0]
     with pytest.raises(DataError, match="channel"):
-        standardizer.transform(np.zeros((1, 3, 2, 2)))
+        standardized(standardizer, np.zeros((1, 3, 2, 2)))
 
 
 def test_balanced_accuracy_by_hand():

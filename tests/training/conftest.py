@@ -3,14 +3,15 @@
 import pytest
 
 from convtrain.data import Standardizer, load_dataset
+from tests.support.data import standardized
 
 
 @pytest.fixture(scope="module")
 def digits():
     splits = load_dataset("digits", val_fraction=0.1, seed=0)
     standardizer = Standardizer.fit(splits.x_train)
-    return (standardizer.transform(splits.x_train), splits.y_train,
-            standardizer.transform(splits.x_val), splits.y_val)
+    return (standardized(standardizer, splits.x_train), splits.y_train,
+            standardized(standardizer, splits.x_val), splits.y_val)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD, AdamW, make_schedule
 from convtrain.training.checkpoint import CHECKPOINT_FILE
 from convtrain.training.trainer import Trainer
+from tests.support.data import standardized
 from tests.support.stops import StopAt
 
 
@@ -18,7 +19,7 @@ from tests.support.stops import StopAt
 def small():
     splits = load_dataset("digits", val_fraction=0.1, seed=0)
     standardizer = Standardizer.fit(splits.x_train)
-    x_train, x_val = standardizer.transform(splits.x_train), standardizer.transform(splits.x_val)
+    x_train, x_val = standardized(standardizer, splits.x_train), standardized(standardizer, splits.x_val)
     return x_train[:300], splits.y_train[:300], x_val[:100], splits.y_val[:100]
 
 
