@@ -535,16 +535,23 @@ def _list_item(name: str, v: Any) -> Any:
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return parse_toml(text, str(path))
+
+
+def parse_toml(text: str, source: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """The TOML `text` as a dict; `error` (ConfigError, or the caller's own kind, e.g. a
+    checkpoint's) names `source` and the parser's complaint."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{source}: invalid TOML: {exc}") from None
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:

@@ -119,18 +119,11 @@ class TrainingCheckpoint:
 
     def config(self):
         """The resolved FitConfig the fit was started with."""
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        from convtrain.config import FitConfig
+        from convtrain.config import FitConfig, parse_toml
 
         if "config" not in self.arrays:
             raise CheckpointError(f"{self.name} records no config; cannot resume it")
-        try:
-            values = tomllib.loads(str(self.arrays["config"][()]))
-        except tomllib.TOMLDecodeError as exc:
-            raise CheckpointError(f"{self.name}: stored config is not valid TOML ({exc})") from None
+        values = parse_toml(str(self.arrays["config"][()]), f"{self.name}: stored config", CheckpointError)
         return FitConfig.from_dict(values, source=f"config in {self.path}")
 
     def next_epoch(self, epochs: int) -> int | None:
