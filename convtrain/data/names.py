@@ -74,6 +74,36 @@ def encode_names(names: list[str], alphabet: str, max_len: int) -> np.ndarray:
     return encoded
 
 
+# A names model carries its encoding in the network's meta: these keys, written by the
+# encoder below and read back only through the functions after it.
+ALPHABET_KEY = "alphabet"
+MAX_LEN_KEY = "max_len"
+
+
+def is_names_model(meta: dict | None) -> bool:
+    """Whether a network's meta says it reads one-hot names (so predict encodes names)."""
+    return ALPHABET_KEY in (meta or {})
+
+
+def names_meta_problem(meta: dict) -> str | None:
+    """What is wrong with a names model's encoding in `meta` (a user may edit it), or None."""
+    if not is_names_model(meta):
+        return None
+    alphabet, max_len = meta.get(ALPHABET_KEY), meta.get(MAX_LEN_KEY)
+    if not isinstance(alphabet, str) or (max_len is not None and (
+            isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1)):
+        return (f"meta 'alphabet' must be a string and 'max_len' a positive whole number, "
+                f"got {alphabet!r:.40} and {max_len!r:.20}")
+    return None
+
+
+def encode_names_as_trained(meta: dict | None, names: list[str]) -> np.ndarray:
+    """One-hot encode `names` with the alphabet and length a names model was trained on (its meta)."""
+    if not is_names_model(meta):
+        raise ValueError("this model was not trained on names: pass images as (N, C, H, W) arrays")
+    return encode_names(names, meta[ALPHABET_KEY], meta[MAX_LEN_KEY])
+
+
 def fit_name_encoder(max_len: int, directory: Path | str = "names"):
     """RawData.fit_encoder for names: the alphabet is every letter of the training names.
 
@@ -88,7 +118,7 @@ def fit_name_encoder(max_len: int, directory: Path | str = "names"):
         check_data_memory(directory, f"{len(names)} names of up to {max_len} letters from an alphabet of "
                                      f"{len(alphabet)}", len(names) * len(alphabet) * max_len, 0)
         encode = partial(encode_names, alphabet=alphabet, max_len=max_len)
-        return encode, {"alphabet": alphabet, "max_len": max_len}
+        return encode, {ALPHABET_KEY: alphabet, MAX_LEN_KEY: max_len}
     return fit
 
 

@@ -92,12 +92,11 @@ def checked_saved_extras(network: "Network", normalization, class_names, meta, w
         meta = {}
     if not isinstance(meta, dict):
         raise refuse(f"'meta' must be an object (a dict), got {meta!r:.80}")
-    if "alphabet" in meta:  # a names model: predict encodes names with these
-        alphabet, max_len = meta.get("alphabet"), meta.get("max_len")
-        if not isinstance(alphabet, str) or (max_len is not None and (
-                isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1)):
-            raise refuse(f"meta 'alphabet' must be a string and 'max_len' a positive whole number, "
-                         f"got {alphabet!r:.40} and {max_len!r:.20}")
+    from convtrain.data.names import names_meta_problem  # a names model: predict encodes names with it
+
+    problem = names_meta_problem(meta)
+    if problem:
+        raise refuse(problem)
     return normalization, class_names, meta
 
 

@@ -11,20 +11,19 @@ from convtrain.errors import DataError
 
 def predict_inputs(model_path: str | Path, inputs: list[str]) -> list[dict]:
     """Class and probabilities for each input: .npz files (array x), image files, or names."""
+    from convtrain.data.names import encode_names_as_trained, is_names_model
     from convtrain.nn.network import Network
     from convtrain.pipeline.evaluate import resolve_model
 
     network = Network.load(resolve_model(model_path))
     class_names = [str(c) for c in (network.class_names or range(network.num_classes))]
     labels, batches = [], []
-    if "alphabet" in (network.meta or {}):
-        from convtrain.tracking.model import encode_names_for
-
+    if is_names_model(network.meta):
         names = []
         for item in inputs:
             path = Path(item)
             names += _read_name_lines(path) if path.is_file() else [item]
-        labels, batches = names, [encode_names_for(network, names)]
+        labels, batches = names, [encode_names_as_trained(network.meta, names)]
     else:
         for item in inputs:
             images = _read_images(Path(item), network)

@@ -87,12 +87,9 @@ def to_network_input(network, model_input) -> np.ndarray:
 
 def encode_names_for(network, names: list[str]) -> np.ndarray:
     """One-hot encode surnames with the alphabet and length the network was trained on."""
-    from convtrain.data import encode_names
+    from convtrain.data.names import encode_names_as_trained
 
-    meta = getattr(network, "meta", {}) or {}
-    if "alphabet" not in meta:
-        raise ValueError("this model was not trained on names: pass images as (N, C, H, W) arrays")
-    return encode_names(names, meta["alphabet"], meta["max_len"])
+    return encode_names_as_trained(getattr(network, "meta", None), names)
 
 
 def model_name(run_name: str | None) -> str:
