@@ -31,13 +31,13 @@ import itertools
 import json
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from convtrain.config import FIELD_TYPES, FitConfig, read_toml
 from convtrain.errors import ConfigError, did_you_mean
+from convtrain.tracking.safe_names import safe_name
 
 METHODS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -225,7 +225,7 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
         pruner=_one_of(sweep.get("pruner", "none"), PRUNERS, where, "pruner"),
         warmup_epochs=_whole(sweep.get("warmup_epochs", 1), where, "warmup_epochs", minimum=0),
         startup_trials=_whole(sweep.get("startup_trials", 5), where, "startup_trials", minimum=0),
-        out=Path(_text(sweep.get("out", f"runs/{folder_name(name)}"), where, "out")),
+        out=Path(_text(sweep.get("out", f"runs/{safe_name(name, fallback='sweep')}"), where, "out")),
         register_model=_registry_name(sweep.get("register_model"), where),
     )
     if method == "grid":
@@ -401,12 +401,6 @@ def _whole(value: Any, where: str, key: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{where}: {key}: got {value!r}, expected a whole number >= {minimum}")
     return value
-
-
-def folder_name(name: str) -> str:
-    """A name made safe as one folder: no separators, no '..', nothing a shell trips on
-    (the rule pipeline/fit.py applies to a fit's run_name)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "sweep"
 
 
 def _text(value: Any, where: str, key: str) -> str:

@@ -17,11 +17,12 @@ mlflow is imported only by the functions that log a model; loading needs only th
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from convtrain.tracking.safe_names import safe_name
 
 try:  # the base class only matters to MLflow; without it the wrapper still works on its own
     from mlflow.pyfunc import PythonModel
@@ -94,8 +95,7 @@ def encode_names_for(network, names: list[str]) -> np.ndarray:
 
 def model_name(run_name: str | None) -> str:
     """The logged model's name: the run's, in the characters a `runs:/<run id>/<name>` URI keeps."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(run_name or "")).strip("-.")
-    return name or "model"
+    return safe_name(run_name, fallback="model")
 
 
 def log_model(client, run_id: str, experiment_id: str, network_path: str | Path, input_example: np.ndarray, *,

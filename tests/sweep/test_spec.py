@@ -135,9 +135,9 @@ def test_a_sweep_name_cannot_put_its_folder_outside_runs(tmp_path, name):
 
 
 def test_the_folder_name_follows_the_run_name_rule():
-    from convtrain.sweep.spec import folder_name
-    assert folder_name("digits grid/v2") == "digits-grid-v2"
-    assert folder_name("../../x") == "x" and folder_name("..") == "sweep"
+    from convtrain.tracking.safe_names import safe_name
+    assert safe_name("digits grid/v2", fallback="sweep") == "digits-grid-v2"
+    assert safe_name("../../x", fallback="sweep") == "x" and safe_name("..", fallback="sweep") == "sweep"
 
 
 @pytest.mark.parametrize("n_trials", [1_000_000, 2**63, MAX_TRIALS + 1])
