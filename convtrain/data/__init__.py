@@ -9,7 +9,7 @@ file and the problem; bad arguments (unknown name, impossible val_fraction) rais
 """
 
 from .augment import augment_batch
-from .balance import balanced_accuracy, class_balanced_indices
+from .balance import class_balanced_indices
 from .base import DataSplits
 from .images import load_image_file
 from .names import encode_names, normalize_name
@@ -21,7 +21,6 @@ __all__ = [
     "DataSplits",
     "Standardizer",
     "augment_batch",
-    "balanced_accuracy",
     "class_balanced_indices",
     "encode_names",
     "load_dataset",

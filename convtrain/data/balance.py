@@ -1,26 +1,9 @@
-"""Class imbalance: equal-per-class epochs and the accuracy that weighs every class alike."""
+"""Class imbalance: epochs that show every class equally often (the accuracy that weighs every
+class alike is a metric: convtrain.training.metrics.balanced_accuracy)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean over classes of recall (correct / examples of that class).
-
-    Classes with no examples in y_true are skipped rather than counted as 0 or 1; NaN when
-    y_true is empty.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true has {y_true.size} labels but y_pred {y_pred.size}")
-    examples = np.bincount(y_true, minlength=num_classes)
-    correct = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
-    present = examples > 0
-    if not present.any():
-        return float("nan")
-    return float(np.mean(correct[present] / examples[present]))
 
 
 def class_balanced_indices(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -26,6 +26,24 @@ class Evaluation:
     class_names: list[str]
 
 
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Mean over classes of recall (correct / examples of that class).
+
+    Classes with no examples in y_true are skipped rather than counted as 0 or 1; NaN when
+    y_true is empty.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.size} labels but y_pred {y_pred.size}")
+    examples = np.bincount(y_true, minlength=num_classes)
+    correct = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
+    present = examples > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(correct[present] / examples[present]))
+
+
 def evaluate_network(network, x, y, *, l2: float = 0.0, batch_size: int = EVAL_BATCH_SIZE, normalize: bool = False,
                      return_predictions: bool = False):
     """loss, cost, accuracy and balanced accuracy of `network` on (x, y) in eval mode, a batch
@@ -36,8 +54,6 @@ def evaluate_network(network, x, y, *, l2: float = 0.0, batch_size: int = EVAL_B
     a float32 probability of a confidently wrong prediction underflows to 0, and its log would
     make the loss infinite.
     """
-    from convtrain.data import balanced_accuracy
-
     y = np.asarray(y)
     loss_sum = 0.0
     predictions = np.empty(len(y), dtype=np.int64)

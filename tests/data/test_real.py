@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from convtrain.data import balanced_accuracy, load_dataset
+from convtrain.data import load_dataset
+from convtrain.training.metrics import balanced_accuracy
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,4 +1,4 @@
-"""Splitting, limiting, standardization, class balance, augmentation and image files."""
+"""Splitting, limiting, standardization, class-balanced batches, augmentation and image files."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,6 @@ from convtrain.data import (
     DATASETS,
     Standardizer,
     augment_batch,
-    balanced_accuracy,
     class_balanced_indices,
     encode_names,
     load_dataset,
@@ -126,15 +125,6 @@ def test_standardizer_constant_channel_and_wrong_channels():
     assert standardizer.std.tolist() == [1.0]
     with pytest.raises(DataError, match="channel"):
         standardized(standardizer, np.zeros((1, 3, 2, 2)))
-
-
-def test_balanced_accuracy_by_hand():
-    y_true = np.array([0, 0, 0, 0, 1, 1, 2])
-    y_pred = np.array([0, 0, 0, 1, 1, 0, 0])
-    # recalls: class 0 3/4, class 1 1/2, class 2 0/1; class 3 has no examples and is skipped
-    assert balanced_accuracy(y_true, y_pred, 4) == pytest.approx((0.75 + 0.5 + 0.0) / 3)
-    assert balanced_accuracy(y_true, y_true, 4) == 1.0
-    assert np.isnan(balanced_accuracy(np.array([], int), np.array([], int), 3))
 
 
 def test_class_balanced_indices_give_every_class_the_smallest_count():

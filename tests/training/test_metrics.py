@@ -1,11 +1,12 @@
-"""The confusion matrix and per-class table (scikit-learn's, behind convtrain's label checks):
-checked against a literal count, by hand on empty classes, and batching-independent evaluation."""
+"""Balanced accuracy by hand; the confusion matrix and per-class table (scikit-learn's, behind
+convtrain's label checks): checked against a literal count, by hand on empty classes, and
+batching-independent evaluation."""
 
 
 import numpy as np
 import pytest
 
-from convtrain.training.metrics import confusion_matrix, per_class_metrics
+from convtrain.training.metrics import balanced_accuracy, confusion_matrix, per_class_metrics
 
 
 def _literal_confusion(y_true, y_pred, k):
@@ -57,3 +58,12 @@ def test_evaluation_does_not_depend_on_how_the_set_is_batched():
         assert values.keys() == whole.keys()
         for key in values:
             assert values[key] == pytest.approx(whole[key], rel=1e-12), key
+
+
+def test_balanced_accuracy_by_hand():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 0, 1, 1, 0, 0])
+    # recalls: class 0 3/4, class 1 1/2, class 2 0/1; class 3 has no examples and is skipped
+    assert balanced_accuracy(y_true, y_pred, 4) == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+    assert balanced_accuracy(y_true, y_true, 4) == 1.0
+    assert np.isnan(balanced_accuracy(np.array([], int), np.array([], int), 3))

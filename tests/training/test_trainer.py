@@ -284,7 +284,7 @@ def test_history_round_trip_and_best():
 
 
 def test_float64_training_with_a_training_evaluation_subset(small):
-    from convtrain.data import balanced_accuracy
+    from convtrain.training.metrics import balanced_accuracy
     from convtrain.nn.optim import SGD, make_schedule
 
     x_train, y_train, x_val, y_val = small
