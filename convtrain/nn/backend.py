@@ -289,3 +289,13 @@ def build_info():
             ),
         })
     return info
+
+
+def blas_summary(libraries: list[dict]) -> str:
+    """'openblas 0.3.31 (pthreads, 2 threads); ...' from build_info()['blas']: one line for
+    `convtrain info` and for a run's build tag alike."""
+    parts = []
+    for lib in libraries:
+        details = ", ".join(str(d) for d in (lib.get("threading_layer"), f"{lib.get('num_threads')} threads") if d)
+        parts.append(f"{lib.get('name')} {lib.get('version')} ({details})")
+    return "; ".join(parts) or "none found"

@@ -9,8 +9,7 @@ def describe_installation() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import convtrain
-    from convtrain.nn.backend import build_info
-    from convtrain.tracking.runs import blas_summary
+    from convtrain.nn.backend import blas_summary, build_info
     from convtrain.tracking.store import resolve_tracking_uri
 
     info = {"convtrain": convtrain.__version__, "python": platform.python_version(),

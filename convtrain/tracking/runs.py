@@ -75,6 +75,7 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
     import convtrain
+    from convtrain.nn.backend import blas_summary
 
     tags = {"convtrain.version": convtrain.__version__, "convtrain.host": socket.gethostname()}
     try:
@@ -94,14 +95,6 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
         tags.setdefault(MLFLOW_USER, user)
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return {k: str(v)[:5000] for k, v in tags.items()}
-
-def blas_summary(libraries: list[dict]) -> str:
-    """'openblas 0.3.31 (pthreads, 2 threads); ...' from build_info()['blas']."""
-    parts = []
-    for lib in libraries:
-        details = ", ".join(str(d) for d in (lib.get("threading_layer"), f"{lib.get('num_threads')} threads") if d)
-        parts.append(f"{lib.get('name')} {lib.get('version')} ({details})")
-    return "; ".join(parts) or "none found"
 
 def _git_commit(folder: Path) -> str | None:
     import subprocess
