@@ -22,7 +22,7 @@ a single point is listed). The study name may be anything; the folder it names b
 
 Everything wrong with a file is a ConfigError with one line naming the file, the key,
 the bad value and what was expected. Nothing here imports optuna: parsing stays cheap,
-and the distributions are built where the study is (sweep/study.py).
+and a trial draws its values where it runs (sweep/worker.py, suggest).
 """
 
 from __future__ import annotations

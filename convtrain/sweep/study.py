@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convtrain.errors import ConfigError, ConvtrainError, one_line
-from convtrain.sweep.spec import Choices, SweepSpec
+from convtrain.sweep.spec import SweepSpec
 from convtrain.tracking.processes import alive, on_this_machine, this_process
 
 if TYPE_CHECKING:  # optuna is imported lazily: `convtrain --help` must not pay for it
@@ -190,20 +190,6 @@ def make_pruner(spec: SweepSpec):
         max_epochs = "auto" if "epochs" in spec.space else spec.base.epochs
         return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.warmup_epochs), max_resource=max_epochs)
     return optuna.pruners.NopPruner()
-
-
-def distributions(spec: SweepSpec) -> dict[str, Any]:
-    """The Optuna distribution of every swept parameter."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    result = {}
-    for name, p in spec.space.items():
-        if isinstance(p, Choices):
-            result[name] = CategoricalDistribution(list(p.labels))
-        elif p.integer:
-            result[name] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-        else:
-            result[name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-    return result
 
 
 @dataclass
