@@ -138,10 +138,6 @@ class FitConfig:
     # ---- construction -------------------------------------------------------------
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "FitConfig":
         """Build from flat or sectioned keys; unknown keys are refused with a suggestion."""
         flat = _flatten_sections(values, source)
