@@ -1,4 +1,5 @@
-"""SGD (momentum, Nesterov, L2 through the cost) and the learning-rate schedules."""
+"""SGD (momentum, Nesterov, L2 through the cost), the learning-rate schedules, AdamW and gradient
+clipping by global norm (literal formulas, and PyTorch step for step when installed)."""
 
 import math
 
@@ -8,7 +9,8 @@ import pytest
 from convtrain.config import FitConfig
 from convtrain.errors import CheckpointError, ConfigError
 from convtrain.nn.network import Network
-from convtrain.nn.optim import SGD, make_schedule
+from convtrain.nn.optim import SGD, AdamW, clip_grad_norm_, make_schedule
+from tests.support.numerics import rel_norm_err
 
 
 def l2_gradient(g, p, l2):
@@ -142,3 +144,97 @@ def test_cosine_replanned_at_a_resume_continues_from_the_rate_reached():
     restored = make_schedule(kind="cosine", lr=0.1, eta_min=0.01)
     restored.load_plan(cosine.to_dict())
     assert restored.segments == cosine.segments and restored.total_steps == 300
+
+
+# ---- AdamW and gradient clipping ----------------------------------------------------------
+
+TORCH_TOLERANCE = {"float64": 1e-10, "float32": 1e-5}  # agreement with PyTorch, per dtype
+
+
+def make_params(dtype="float64", seed=0):
+    rng = np.random.default_rng(seed)
+    return {"a.weight": rng.standard_normal((3, 4)).astype(dtype), "a.bias": rng.standard_normal(3).astype(dtype)}
+
+
+def grads_for(step, params, dtype="float64"):
+    rng = np.random.default_rng(100 + step)
+    return {name: rng.standard_normal(p.shape).astype(dtype) for name, p in params.items()}
+
+
+def test_adamw_follows_the_literal_update_with_decoupled_decay_on_chosen_parameters():
+    params = make_params()
+    literal = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(p) for k, p in params.items()}
+    lr, b1, b2, eps, wd = 0.01, 0.8, 0.99, 1e-6, 0.1
+    optimizer = AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decay=["a.weight"])
+    for t in range(1, 6):
+        grads = grads_for(t, params)
+        optimizer.step(grads)
+        for k in literal:
+            if k == "a.weight":
+                literal[k] = literal[k] - lr * wd * literal[k]
+            m[k] = b1 * m[k] + (1 - b1) * grads[k]
+            v[k] = b2 * v[k] + (1 - b2) * grads[k] ** 2
+            m_hat, v_hat = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+            literal[k] = literal[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
+        for k in params:
+            assert rel_norm_err(params[k], literal[k]) < 1e-13
+
+
+def test_adamw_state_round_trips_and_a_resumed_optimizer_takes_the_same_steps():
+    params, other = make_params(), make_params()
+    first = AdamW(params, lr=0.01)
+    for t in range(3):
+        first.step(grads_for(t, params))
+    second = AdamW(other, lr=0.01)
+    for k in other:
+        other[k][...] = params[k]
+    second.load_state_dict(first.state_dict())
+    for t in range(3, 6):
+        first.step(grads_for(t, params))
+        second.step(grads_for(t, other))
+    for k in params:
+        assert np.array_equal(params[k], other[k])
+    with pytest.raises(CheckpointError):
+        second.load_state_dict({"steps": np.array(1)})
+    with pytest.raises(ConfigError):
+        AdamW(params, betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_adamw_matches_torch_step_for_step(dtype):
+    torch = pytest.importorskip("torch")
+    params = make_params(dtype)
+    tensors = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+    optimizer = AdamW(params, lr=0.02, weight_decay=0.05)  # torch's defaults otherwise
+    reference = torch.optim.AdamW(list(tensors.values()), lr=0.02, weight_decay=0.05)
+    for t in range(10):
+        grads = grads_for(t, params, dtype)
+        for k, tensor in tensors.items():
+            tensor.grad = torch.from_numpy(grads[k].copy())
+        reference.step()
+        optimizer.step(grads, lr=0.02)
+        for k in params:
+            assert rel_norm_err(params[k], tensors[k].detach().numpy()) < TORCH_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_scales_to_the_global_norm_as_torch_does(max_norm):
+    grads = make_params()
+    total = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+    expected = {k: g * min(1.0, max_norm / (total + 1e-6)) for k, g in grads.items()}
+    assert clip_grad_norm_(grads, max_norm) == pytest.approx(total, rel=1e-14)
+    for k in grads:
+        assert rel_norm_err(grads[k], expected[k]) < 1e-15
+    torch = pytest.importorskip("torch")
+    for dtype in ("float64", "float32"):
+        grads = make_params(dtype)
+        tensors = [torch.nn.Parameter(torch.zeros(g.shape, dtype=getattr(torch, dtype))) for g in grads.values()]
+        for tensor, g in zip(tensors, grads.values()):
+            tensor.grad = torch.from_numpy(g.copy())
+        torch_total = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm))
+        ours = clip_grad_norm_(grads, max_norm)
+        assert abs(ours - torch_total) / torch_total < TORCH_TOLERANCE[dtype]
+        for tensor, g in zip(tensors, grads.values()):
+            assert rel_norm_err(g, tensor.grad.numpy()) < TORCH_TOLERANCE[dtype]
