@@ -1,4 +1,5 @@
-"""FitConfig: defaults, flag/TOML spellings, round trips and one-line validation errors."""
+"""FitConfig: defaults, flag/TOML spellings, round trips, one-line validation errors, and the keys
+of the optional layers and AdamW turned into what they name."""
 
 import os
 
@@ -7,7 +8,13 @@ import pytest
 
 from convtrain.config import FitConfig, dump_toml, tomllib
 from convtrain.errors import ConfigError
+from convtrain.nn.dropout import Dropout
+from convtrain.nn.network import Network
+from convtrain.nn.norm import BatchNorm1D, BatchNorm2D
 from convtrain.nn.npz_files import write_npz_atomic
+from convtrain.nn.optim import SGD, AdamW
+from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
+from convtrain.training.trainer import Trainer
 
 
 def test_defaults_are_valid_and_round_trip_through_toml():
@@ -130,3 +137,113 @@ def test_atomic_npz_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+# ---- the keys of batch norm, dropout, pooling, AdamW, label smoothing and clipping: parsed,
+# validated, written back, and turned into the network and trainer they name
+
+LAYER_KEYS = {"batch_norm": True, "dropout": [0.5, 0.25], "global_pool": "avg", "pool_type": "avg",
+              "optimizer": "adamw", "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05,
+              "label_smoothing": 0.1, "clip_norm": 2.0}
+
+
+def test_the_keys_load_from_sections_and_round_trip_through_toml(tmp_path):
+    config = FitConfig.from_dict({"model": {"hidden": [32, 16], "pool": [2], "batch_norm": True,
+                                            "dropout": [0.5, 0.25], "global_pool": "avg", "pool_type": "avg"},
+                                  "optim": {k: v for k, v in LAYER_KEYS.items()
+                                            if k not in ("batch_norm", "dropout", "global_pool", "pool_type")}})
+    for key, value in LAYER_KEYS.items():
+        assert getattr(config, key) == value
+    path = config.save_toml(tmp_path / "config.toml")
+    assert FitConfig.from_toml(path) == config
+    sections = config.to_sections()
+    assert {"batch_norm", "dropout", "global_pool", "pool_type"} <= set(sections["model"])
+    assert {"optimizer", "beta1", "beta2", "eps", "weight_decay", "label_smoothing", "clip_norm"} <= set(sections["optim"])
+
+
+def test_layer_and_optimizer_flag_spellings_are_coerced():
+    config = FitConfig(hidden=[8, 8]).with_overrides({"dropout": "0.5,0.3", "batch_norm": "true", "clip_norm": "1"})
+    assert config.dropout == [0.5, 0.3] and config.batch_norm is True and config.clip_norm == 1.0
+    assert FitConfig(hidden=[8]).with_overrides({"dropout": 0.2}).dropout == [0.2]
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"dropout": [1.0]}, "dropout"), ({"dropout": [0.1, 0.2, 0.3]}, "dropout"),
+    ({"dropout": [0.3], "hidden": []}, "dropout"), ({"global_pool": "max"}, "global_pool"),
+    ({"pool_type": "min"}, "pool_type"), ({"optimizer": "adam"}, "optimizer"), ({"beta1": 1.0}, "beta1"),
+    ({"beta2": -0.1}, "beta2"), ({"eps": 0.0}, "eps"), ({"weight_decay": -1.0}, "weight_decay"),
+    ({"label_smoothing": 1.0}, "label_smoothing"), ({"clip_norm": 0.0}, "clip_norm"),
+])
+def test_bad_layer_and_optimizer_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"^{field}: got"):
+        FitConfig(hidden=[8, 8]).with_overrides(overrides)
+
+
+def test_the_config_builds_the_layers_optimizer_and_loss_it_names():
+    config = FitConfig(filters=[4, 6], padding=[1], pool=[2], hidden=[8, 8], **LAYER_KEYS)
+    network = Network.from_config(config, (1, 8, 8), 10)
+    kinds = [type(layer) for layer in network.layers]
+    assert kinds.count(BatchNorm2D) == 2 and kinds.count(BatchNorm1D) == 2
+    assert kinds.count(AvgPool2D) == 2 and GlobalAvgPool in kinds
+    assert [layer.p for layer in network.layers if isinstance(layer, Dropout)] == [0.5, 0.25]
+    trainer = Trainer.from_config(network, config)
+    assert isinstance(trainer.optimizer, AdamW)
+    assert (trainer.optimizer.beta1, trainer.optimizer.beta2, trainer.optimizer.eps,
+            trainer.optimizer.weight_decay) == (0.8, 0.99, 1e-6, 0.05)
+    assert trainer.optimizer.decay == set(network.weight_names())
+    assert trainer.label_smoothing == 0.1 and trainer.clip_norm == 2.0
+    default = FitConfig()
+    plain = Network.from_config(default, (1, 8, 8), 10)
+    assert isinstance(Trainer.from_config(plain, default).optimizer, SGD)
+    assert "batch_norm" not in plain.architecture and "dropout" not in plain.architecture
+
+
+def test_every_key_has_a_flag_in_fit_help():
+    from typer.testing import CliRunner
+
+    from convtrain.cli import app
+
+    result = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    for flag in ("--batch-norm", "--dropout", "--global-pool", "--pool-type", "--optimizer", "--beta1",
+                 "--beta2", "--eps", "--weight-decay", "--label-smoothing", "--clip-norm"):
+        assert flag in result.output, flag
+
+
+def test_a_sweep_can_search_every_key(tmp_path):
+    from convtrain.sweep.spec import load_sweep
+
+    (tmp_path / "sweep.toml").write_text('''
+[fit]
+hidden = [32]
+[sweep]
+name = "layers"
+method = "tpe"
+[space]
+batch_norm = [true, false]
+dropout = [0.0, 0.3]
+global_pool = ["none", "avg"]
+pool_type = ["max", "avg"]
+optimizer = ["sgd", "adamw"]
+beta1 = {low = 0.8, high = 0.95}
+beta2 = {low = 0.99, high = 0.9999, log = true}
+eps = {low = 1e-9, high = 1e-6, log = true}
+weight_decay = {low = 1e-3, high = 0.1, log = true}
+label_smoothing = {low = 0.0, high = 0.2}
+clip_norm = {low = 0.5, high = 5.0}
+''')
+    spec = load_sweep(tmp_path / "sweep.toml", n_trials=2)
+    assert set(LAYER_KEYS) <= set(spec.space)
+    config = spec.trial_config({"batch_norm": True, "dropout": "0.3", "global_pool": "avg", "pool_type": "avg",
+                                "optimizer": "adamw", "beta1": 0.85, "beta2": 0.995, "eps": 1e-8,
+                                "weight_decay": 0.01, "label_smoothing": 0.1, "clip_norm": 1.0})
+    assert (config.batch_norm, config.dropout, config.optimizer, config.clip_norm) == (True, [0.3], "adamw", 1.0)
+
+
+def test_a_flag_the_chosen_optimizer_does_not_use_is_refused():
+    from convtrain.config import FLAG
+
+    with pytest.raises(ConfigError, match="--beta1 0.8 is not used by optimizer = sgd"):
+        FitConfig(beta1=0.8).check_settings({"beta1": FLAG})
+    with pytest.raises(ConfigError, match="--momentum 0.5 is not used by --optimizer adamw"):
+        FitConfig(optimizer="adamw", momentum=0.5).check_settings({"momentum": FLAG, "optimizer": FLAG})
+    FitConfig(optimizer="adamw", beta1=0.8).check_settings({"beta1": FLAG, "optimizer": FLAG})
