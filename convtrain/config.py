@@ -1,4 +1,5 @@
-"""FitConfig: every knob of one fit, with validation and TOML round-tripping.
+"""FitConfig: every knob of one fit (the class declares them), and the functions that validate
+a config, refuse settings that contradict each other, and read and write it as TOML.
 
 A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sweep
 parameter all use the same name) but is written to TOML in sections for reading:
@@ -20,7 +21,7 @@ generated from these (convtrain.cli): a new setting is one line here, e.g.
 gives `--dropout` (a bool gives `--name/--no-name`, a list takes `16,32`), its help with the
 default, its panel, its TOML section and MLflow param. A setting used only by some values of
 another (like `n_s` by the cyclic schedule) is declared in SCHEDULE_SETTINGS or checked in
-`check_settings`, so a flag the user gives is never silently ignored.
+`check_chosen_settings`, so a flag the user gives is never silently ignored.
 """
 
 from __future__ import annotations
@@ -225,158 +226,171 @@ class FitConfig:
             return f"{cyclic} = {epochs} epochs of {steps_per_epoch} batches"
         return f"{epochs} epochs x {steps_per_epoch} batches = {updates} updates"
 
-    # ---- settings that decide the same thing ------------------------------------------
+    # ---- checks (the rules live in the functions below the class) ----------------------
 
     def check_settings(self, sources: dict[str, str], *, resumed: "FitConfig | None" = None) -> None:
-        """Refuse a setting the user chose that another setting would silently override.
-
-        `sources` says where each chosen value came from: FLAG, or the config file's path; every
-        other value is a default (or, with `resumed`, the checkpoint's), which the other setting
-        may override. A file value equal to the default (the checkpoint's) counts as that, so a
-        written config.toml or best.toml (every key spelled out) can be passed back. Raises
-        ConfigError naming both settings and how to say what is meant."""
-        base = resumed.to_dict() if resumed is not None else DEFAULTS
-        chosen = {name: where for name, where in sources.items()
-                  if where == FLAG or getattr(self, name) != base.get(name)}
-
-        def said(name: str) -> str:
-            value = getattr(self, name)
-            if chosen.get(name) == FLAG:
-                if isinstance(value, bool):
-                    return flag_name(name) if value else "--no-" + flag_name(name)[2:]
-                return f"{flag_name(name)} {show_value(value)}"
-            where = chosen.get(name) or ("the checkpoint" if resumed is not None else "default")
-            return f"{name} = {show_value(value)} ({where})"
-
-        for name in FIXED_ON_RESUME if resumed is not None else ():
-            if name in chosen and not _same_setting(name, getattr(self, name), getattr(resumed, name)):
-                raise ConfigError(f"{said(name)} conflicts with --resume: the checkpoint was trained with "
-                                  f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
-                                  "continue it, or start a new fit without --resume")
-        if self.schedule_sets_length and "epochs" in chosen:
-            raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({self.describe_length(None)}, "
-                              "whatever the epochs); pass --cycles for the length, or --schedule constant "
-                              "(or step, cosine) for --epochs")
-        for name, users in SCHEDULE_SETTINGS.items():
-            # flags only: a written config spells out every schedule's settings
-            if chosen.get(name) == FLAG and self.schedule not in users:
-                raise ConfigError(f"{said(name)} is not used by {said('schedule')} (it is a setting of the "
-                                  f"{' and '.join(users)} schedule{'s' if len(users) > 1 else ''}); "
-                                  f"pass --schedule {users[0]}, or leave {flag_name(name)} out")
-        for name, users in OPTIMIZER_SETTINGS.items():
-            if chosen.get(name) == FLAG and self.optimizer not in users:
-                raise ConfigError(f"{said(name)} is not used by {said('optimizer')} (it is a setting of "
-                                  f"{users[0]}); pass --optimizer {users[0]}, or leave {flag_name(name)} out")
-        if (self.schedule == "step" and self.step_epochs >= self.epochs
-                and {"schedule", "step_epochs", "epochs"} & set(chosen)):
-            raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "
-                              f"learning rate (it drops after every step_epochs epochs); pass --step-epochs "
-                              f"below {self.epochs}, or more --epochs")
-        if self.val_fraction == 0 and self.monitor.startswith("val_"):
-            for name in ("patience", "monitor"):
-                if name in chosen and getattr(self, name) is not None:
-                    raise ConfigError(f"{said(name)} needs a validation split ({self.monitor}), and "
-                                      f"{said('val_fraction')} makes none; pass --val-fraction 0.1 (or a count), "
-                                      "or --monitor train_loss")
-
-    # ---- validation ---------------------------------------------------------------
+        """Refuse a setting the user chose that another would silently override; see check_chosen_settings."""
+        check_chosen_settings(self, sources, resumed=resumed)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and what was expected."""
-        from convtrain.data.registry import DATASETS, needs_path  # the registry owns the names
-
-        _expect(self.data in DATASETS, "data", self.data, f"one of {', '.join(DATASETS)}")
-        if needs_path(self.data) and not self.data_path:
-            raise ConfigError(f"data_path: data set {self.data!r} needs --data-path (a directory, or the .npz file)")
-        vf = self.val_fraction
-        _expect(vf >= 0 and (vf < 1 or float(vf).is_integer()), "val_fraction", vf,
-                "a fraction in [0, 1) or a whole count >= 1")
-        _expect(self.limit is None or self.limit > 0, "limit", self.limit, "a positive count")
-
-        _expect(len(self.filters) >= 1, "filters", self.filters, "at least one conv block")
-        for name in ("filters", "hidden"):
-            for v in getattr(self, name):
-                _expect(isinstance(v, int) and v > 0, name, getattr(self, name), "positive whole numbers")
-        for name in ("kernel_sizes", "strides", "padding", "pool"):
-            values = getattr(self, name)
-            _expect(len(values) in (1, self.num_blocks), name, values,
-                    f"1 or {self.num_blocks} entries (one per conv block)")
-        for k in self.kernel_sizes:
-            pair = k if isinstance(k, list) else [k]
-            _expect(all(isinstance(v, int) and v > 0 for v in pair) and len(pair) in (1, 2),
-                    "kernel_sizes", self.kernel_sizes, "positive sizes (an int or [height, width])")
-        for s in self.strides:
-            _expect(isinstance(s, int) and s > 0, "strides", self.strides, "positive whole numbers")
-        for p in self.padding:
-            _expect(p in PADDING_WORDS or (isinstance(p, int) and p >= 0), "padding", self.padding,
-                    "whole numbers >= 0, 'same' or 'valid'")
-        for p in self.pool:
-            _expect(isinstance(p, int) and p >= 0, "pool", self.pool, "pool sizes >= 0 (0 = no pooling)")
-        _expect(self.dtype in DTYPES, "dtype", self.dtype, " or ".join(DTYPES))
-        self._validate_layer_options()
-
-        _expect(self.epochs > 0, "epochs", self.epochs, "a positive count")
-        _expect(self.batch_size > 0, "batch_size", self.batch_size, "a positive count")
-        _expect(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a learning rate > 0")
-        _expect(_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a value in [0, 1)")
-        _expect(_finite(self.l2) and self.l2 >= 0, "l2", self.l2, "lambda >= 0")
-        _expect(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        _expect(self.step_epochs > 0, "step_epochs", self.step_epochs, "a positive count")
-        _expect(_finite(self.gamma) and 0 < self.gamma <= 1, "gamma", self.gamma, "a factor in (0, 1]")
-        _expect(_finite(self.eta_min) and self.eta_min >= 0, "eta_min", self.eta_min, "a learning rate >= 0")
-        _expect(_finite(self.eta_max) and self.eta_max > self.eta_min, "eta_max", self.eta_max,
-                f"a learning rate > eta_min ({self.eta_min})")
-        _expect(self.n_s > 0, "n_s", self.n_s, "a positive number of updates")
-        _expect(self.cycles is None or self.cycles > 0, "cycles", self.cycles, "a positive count")
-        self._validate_optimizer_options()
-
-        _expect(self.threads is None or self.threads > 0, "threads", self.threads, "a positive count")
-        self._validate_conv_algo()
-        _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
-        _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
-        _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
-        if self.run_name is not None and len(self.run_name) > MAX_RUN_NAME:
-            raise ConfigError(f"run_name: got {len(self.run_name)} characters, expected at most {MAX_RUN_NAME} "
-                              "(MLflow's limit)")
-        _expect(self.log_every > 0, "log_every", self.log_every, "a positive number of steps")
-        _expect(self.register_model is None or (bool(str(self.register_model).strip())
-                                                and not set(str(self.register_model)) & set("/:%")),
-                "register_model", self.register_model, "a model registry name without '/', ':' or '%'")
-        _expect(self.parent_run is None or str(self.parent_run).isalnum(), "parent_run", self.parent_run,
-                "an MLflow run id")
+        validate_config(self)
 
 
-    def _validate_conv_algo(self) -> None:
-        _expect(self.conv_algo in CONV_ALGOS, "conv_algo", self.conv_algo, " or ".join(CONV_ALGOS))
-        if self.conv_algo == "winograd":
-            kernels = self.per_block("kernel_sizes")
-            strides = self.per_block("strides")
-            if not any(_as_pair(k) == [3, 3] and s == 1 for k, s in zip(kernels, strides)):
-                raise ConfigError("conv_algo: got 'winograd', but no conv block has a 3x3 kernel with "
-                                  "stride 1 (Winograd F(2x2,3x3) computes those only); use auto or im2col")
+# ---- settings that decide the same thing ------------------------------------------------
 
-    def _validate_layer_options(self) -> None:
-        for p in self.dropout:
-            _expect(_finite(p) and 0 <= p < 1, "dropout", self.dropout, "probabilities in [0, 1)")
-        _expect(len(self.dropout) == 1 or len(self.dropout) == len(self.hidden), "dropout", self.dropout,
-                f"1 or {len(self.hidden)} entries (one per hidden dense layer)")
-        _expect(self.hidden or not any(self.dropout), "dropout", self.dropout,
-                "0 without hidden dense layers (dropout follows each hidden layer; see --hidden)")
-        _expect(self.global_pool in GLOBAL_POOLS, "global_pool", self.global_pool, " or ".join(GLOBAL_POOLS))
-        _expect(self.pool_type in POOL_TYPES, "pool_type", self.pool_type, " or ".join(POOL_TYPES))
+def check_chosen_settings(config: FitConfig, sources: dict[str, str], *,
+                          resumed: FitConfig | None = None) -> None:
+    """Refuse a setting the user chose that another setting would silently override.
 
-    def _validate_optimizer_options(self) -> None:
-        _expect(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            _expect(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
-        _expect(_finite(self.eps) and self.eps > 0, "eps", self.eps, "a value > 0")
-        _expect(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
-                "a value >= 0")
-        _expect(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing",
-                self.label_smoothing, "a value in [0, 1)")
-        _expect(self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0), "clip_norm",
-                self.clip_norm, "a norm > 0 (or nothing: no clipping)")
+    `sources` says where each chosen value came from: FLAG, or the config file's path; every
+    other value is a default (or, with `resumed`, the checkpoint's), which the other setting
+    may override. A file value equal to the default (the checkpoint's) counts as that, so a
+    written config.toml or best.toml (every key spelled out) can be passed back. Raises
+    ConfigError naming both settings and how to say what is meant."""
+    base = resumed.to_dict() if resumed is not None else DEFAULTS
+    chosen = {name: where for name, where in sources.items()
+              if where == FLAG or getattr(config, name) != base.get(name)}
+
+    def said(name: str) -> str:
+        value = getattr(config, name)
+        if chosen.get(name) == FLAG:
+            if isinstance(value, bool):
+                return flag_name(name) if value else "--no-" + flag_name(name)[2:]
+            return f"{flag_name(name)} {show_value(value)}"
+        where = chosen.get(name) or ("the checkpoint" if resumed is not None else "default")
+        return f"{name} = {show_value(value)} ({where})"
+
+    for name in FIXED_ON_RESUME if resumed is not None else ():
+        if name in chosen and not _same_setting(name, getattr(config, name), getattr(resumed, name)):
+            raise ConfigError(f"{said(name)} conflicts with --resume: the checkpoint was trained with "
+                              f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
+                              "continue it, or start a new fit without --resume")
+    if config.schedule_sets_length and "epochs" in chosen:
+        raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({config.describe_length(None)}, "
+                          "whatever the epochs); pass --cycles for the length, or --schedule constant "
+                          "(or step, cosine) for --epochs")
+    for name, users in SCHEDULE_SETTINGS.items():
+        # flags only: a written config spells out every schedule's settings
+        if chosen.get(name) == FLAG and config.schedule not in users:
+            raise ConfigError(f"{said(name)} is not used by {said('schedule')} (it is a setting of the "
+                              f"{' and '.join(users)} schedule{'s' if len(users) > 1 else ''}); "
+                              f"pass --schedule {users[0]}, or leave {flag_name(name)} out")
+    for name, users in OPTIMIZER_SETTINGS.items():
+        if chosen.get(name) == FLAG and config.optimizer not in users:
+            raise ConfigError(f"{said(name)} is not used by {said('optimizer')} (it is a setting of "
+                              f"{users[0]}); pass --optimizer {users[0]}, or leave {flag_name(name)} out")
+    if (config.schedule == "step" and config.step_epochs >= config.epochs
+            and {"schedule", "step_epochs", "epochs"} & set(chosen)):
+        raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "
+                          f"learning rate (it drops after every step_epochs epochs); pass --step-epochs "
+                          f"below {config.epochs}, or more --epochs")
+    if config.val_fraction == 0 and config.monitor.startswith("val_"):
+        for name in ("patience", "monitor"):
+            if name in chosen and getattr(config, name) is not None:
+                raise ConfigError(f"{said(name)} needs a validation split ({config.monitor}), and "
+                                  f"{said('val_fraction')} makes none; pass --val-fraction 0.1 (or a count), "
+                                  "or --monitor train_loss")
+
+
+# ---- validation -----------------------------------------------------------------------
+
+def validate_config(config: FitConfig) -> None:
+    """Raise ConfigError naming the first bad field, its value and what was expected."""
+    from convtrain.data.registry import DATASETS, needs_path  # the registry owns the names
+
+    _expect(config.data in DATASETS, "data", config.data, f"one of {', '.join(DATASETS)}")
+    if needs_path(config.data) and not config.data_path:
+        raise ConfigError(f"data_path: data set {config.data!r} needs --data-path (a directory, or the .npz file)")
+    vf = config.val_fraction
+    _expect(vf >= 0 and (vf < 1 or float(vf).is_integer()), "val_fraction", vf,
+            "a fraction in [0, 1) or a whole count >= 1")
+    _expect(config.limit is None or config.limit > 0, "limit", config.limit, "a positive count")
+
+    _expect(len(config.filters) >= 1, "filters", config.filters, "at least one conv block")
+    for name in ("filters", "hidden"):
+        for v in getattr(config, name):
+            _expect(isinstance(v, int) and v > 0, name, getattr(config, name), "positive whole numbers")
+    for name in ("kernel_sizes", "strides", "padding", "pool"):
+        values = getattr(config, name)
+        _expect(len(values) in (1, config.num_blocks), name, values,
+                f"1 or {config.num_blocks} entries (one per conv block)")
+    for k in config.kernel_sizes:
+        pair = k if isinstance(k, list) else [k]
+        _expect(all(isinstance(v, int) and v > 0 for v in pair) and len(pair) in (1, 2),
+                "kernel_sizes", config.kernel_sizes, "positive sizes (an int or [height, width])")
+    for s in config.strides:
+        _expect(isinstance(s, int) and s > 0, "strides", config.strides, "positive whole numbers")
+    for p in config.padding:
+        _expect(p in PADDING_WORDS or (isinstance(p, int) and p >= 0), "padding", config.padding,
+                "whole numbers >= 0, 'same' or 'valid'")
+    for p in config.pool:
+        _expect(isinstance(p, int) and p >= 0, "pool", config.pool, "pool sizes >= 0 (0 = no pooling)")
+    _expect(config.dtype in DTYPES, "dtype", config.dtype, " or ".join(DTYPES))
+    _validate_layer_options(config)
+
+    _expect(config.epochs > 0, "epochs", config.epochs, "a positive count")
+    _expect(config.batch_size > 0, "batch_size", config.batch_size, "a positive count")
+    _expect(_finite(config.lr) and config.lr > 0, "lr", config.lr, "a learning rate > 0")
+    _expect(_finite(config.momentum) and 0 <= config.momentum < 1, "momentum", config.momentum, "a value in [0, 1)")
+    _expect(_finite(config.l2) and config.l2 >= 0, "l2", config.l2, "lambda >= 0")
+    _expect(config.schedule in SCHEDULES, "schedule", config.schedule, f"one of {', '.join(SCHEDULES)}")
+    _expect(config.step_epochs > 0, "step_epochs", config.step_epochs, "a positive count")
+    _expect(_finite(config.gamma) and 0 < config.gamma <= 1, "gamma", config.gamma, "a factor in (0, 1]")
+    _expect(_finite(config.eta_min) and config.eta_min >= 0, "eta_min", config.eta_min, "a learning rate >= 0")
+    _expect(_finite(config.eta_max) and config.eta_max > config.eta_min, "eta_max", config.eta_max,
+            f"a learning rate > eta_min ({config.eta_min})")
+    _expect(config.n_s > 0, "n_s", config.n_s, "a positive number of updates")
+    _expect(config.cycles is None or config.cycles > 0, "cycles", config.cycles, "a positive count")
+    _validate_optimizer_options(config)
+
+    _expect(config.threads is None or config.threads > 0, "threads", config.threads, "a positive count")
+    _validate_conv_algo(config)
+    _expect(config.patience is None or config.patience > 0, "patience", config.patience, "a positive count")
+    _expect(config.monitor in MONITORS, "monitor", config.monitor, f"one of {', '.join(MONITORS)}")
+    _expect(bool(config.experiment), "experiment", config.experiment, "a non-empty name")
+    if config.run_name is not None and len(config.run_name) > MAX_RUN_NAME:
+        raise ConfigError(f"run_name: got {len(config.run_name)} characters, expected at most {MAX_RUN_NAME} "
+                          "(MLflow's limit)")
+    _expect(config.log_every > 0, "log_every", config.log_every, "a positive number of steps")
+    _expect(config.register_model is None or (bool(str(config.register_model).strip())
+                                            and not set(str(config.register_model)) & set("/:%")),
+            "register_model", config.register_model, "a model registry name without '/', ':' or '%'")
+    _expect(config.parent_run is None or str(config.parent_run).isalnum(), "parent_run", config.parent_run,
+            "an MLflow run id")
+
+
+def _validate_conv_algo(config: FitConfig) -> None:
+    _expect(config.conv_algo in CONV_ALGOS, "conv_algo", config.conv_algo, " or ".join(CONV_ALGOS))
+    if config.conv_algo == "winograd":
+        kernels = config.per_block("kernel_sizes")
+        strides = config.per_block("strides")
+        if not any(_as_pair(k) == [3, 3] and s == 1 for k, s in zip(kernels, strides)):
+            raise ConfigError("conv_algo: got 'winograd', but no conv block has a 3x3 kernel with "
+                              "stride 1 (Winograd F(2x2,3x3) computes those only); use auto or im2col")
+
+def _validate_layer_options(config: FitConfig) -> None:
+    for p in config.dropout:
+        _expect(_finite(p) and 0 <= p < 1, "dropout", config.dropout, "probabilities in [0, 1)")
+    _expect(len(config.dropout) == 1 or len(config.dropout) == len(config.hidden), "dropout", config.dropout,
+            f"1 or {len(config.hidden)} entries (one per hidden dense layer)")
+    _expect(config.hidden or not any(config.dropout), "dropout", config.dropout,
+            "0 without hidden dense layers (dropout follows each hidden layer; see --hidden)")
+    _expect(config.global_pool in GLOBAL_POOLS, "global_pool", config.global_pool, " or ".join(GLOBAL_POOLS))
+    _expect(config.pool_type in POOL_TYPES, "pool_type", config.pool_type, " or ".join(POOL_TYPES))
+
+def _validate_optimizer_options(config: FitConfig) -> None:
+    _expect(config.optimizer in OPTIMIZERS, "optimizer", config.optimizer, " or ".join(OPTIMIZERS))
+    for name in ("beta1", "beta2"):
+        value = getattr(config, name)
+        _expect(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
+    _expect(_finite(config.eps) and config.eps > 0, "eps", config.eps, "a value > 0")
+    _expect(_finite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", config.weight_decay,
+            "a value >= 0")
+    _expect(_finite(config.label_smoothing) and 0 <= config.label_smoothing < 1, "label_smoothing",
+            config.label_smoothing, "a value in [0, 1)")
+    _expect(config.clip_norm is None or (_finite(config.clip_norm) and config.clip_norm > 0), "clip_norm",
+            config.clip_norm, "a norm > 0 (or nothing: no clipping)")
 
 
 # ---- helpers ----------------------------------------------------------------------
