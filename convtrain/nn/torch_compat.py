@@ -52,3 +52,24 @@ def to_torch_module(network, copy_weights: bool = True):
         state = {name: torch.from_numpy(value) for name, value in network.state_dict_torch().items()}
         model.load_state_dict(state)
     return model
+
+
+def torch_state_dict(network) -> dict:
+    """Copies of the weights in PyTorch's layout and naming: conv (F, C, kh, kw), linear
+    (out, in), and flattening in NCHW order as torch.nn.Flatten does. These are the layouts
+    convtrain uses inside, so this is a plain copy (with batch norm's buffers)."""
+    state = {name: value.copy() for name, value in network.parameters().items()}
+    state.update({name: value.copy() for name, value in network.buffers().items()})
+    return state
+
+
+def load_torch_state_dict(network, state: dict) -> None:
+    """Copy a state dict in PyTorch's layout (numpy arrays or torch tensors) into `network`."""
+    values = {}
+    for name, value in state.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        values[name] = value
+    buffer_names = set(network.buffers())
+    network.set_parameters({k: v for k, v in values.items() if k not in buffer_names}, source="state dict")
+    network.set_buffers({k: v for k, v in values.items() if k in buffer_names}, source="state dict")
