@@ -1,12 +1,11 @@
-"""Network: whole-network gradient check, architecture checks, save/load, PyTorch layout."""
-
-import zipfile
+"""Network: whole-network gradient check, architecture checks, PyTorch layout (its file:
+tests/nn/test_model_file.py)."""
 
 import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.errors import ArchitectureError, CheckpointError, DataError
+from convtrain.errors import ArchitectureError, DataError
 from convtrain.nn.network import Network
 from tests.support.numerics import centered_difference, rel_norm_err
 
@@ -127,62 +126,6 @@ def test_predict_normalizes_raw_input_in_batches():
     np.testing.assert_array_equal(net.predict(raw, batch_size=2), scores.argmax(axis=1))
     with pytest.raises(DataError, match=r"\(2, 6, 6\)"):
         net.predict(raw[:, :1])
-
-
-def test_save_load_round_trip(tmp_path):
-    net = Network.build(input_shape=(3, 10, 10), num_classes=5, filters=[4, 6], kernel_sizes=[3, [3, 1]],
-                        padding=["same", 0], pool=[2, 0], hidden=[7], seed=4)
-    net.normalization = {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]}
-    net.class_names = ["a", "b", "c", "d", "e"]
-    net.meta = {"alphabet": "abc"}
-    path = net.save(tmp_path / "model.npz")
-    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
-    with np.load(path, allow_pickle=False) as archive:
-        assert "architecture" in archive.files
-    loaded = Network.load(path)
-    assert loaded.architecture == net.architecture
-    assert loaded.normalization == net.normalization
-    assert loaded.class_names == net.class_names and loaded.meta == net.meta
-    for name, value in net.parameters().items():
-        assert np.array_equal(loaded.parameters()[name], value)
-    raw = np.random.default_rng(0).random((4, 3, 10, 10))
-    np.testing.assert_array_equal(loaded.predict_proba(raw), net.predict_proba(raw))
-
-
-def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
-    net = Network.build(input_shape=(1, 6, 6), num_classes=2, filters=[2])
-    path = net.save(tmp_path / "model.npz")
-    data = path.read_bytes()
-
-    with pytest.raises(CheckpointError, match="not found"):
-        Network.load(tmp_path / "missing.npz")
-
-    truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated"):
-        Network.load(truncated)
-
-    foreign = tmp_path / "foreign.npz"
-    np.savez(foreign, weights=np.zeros(3))
-    with pytest.raises(CheckpointError, match="no 'architecture' entry"):
-        Network.load(foreign)
-
-    other = Network.build(input_shape=(1, 6, 6), num_classes=3, filters=[2])
-    arrays = other.to_arrays()
-    arrays["architecture"] = net.to_arrays()["architecture"]  # weights of another shape
-    mismatched = tmp_path / "mismatched.npz"
-    np.savez(mismatched, **arrays)
-    with pytest.raises(CheckpointError, match="fc.weight has shape"):
-        Network.load(mismatched)
-
-    pickled = tmp_path / "pickled.npz"
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(pickled, "w") as dst:
-        for item in src.namelist():
-            dst.writestr(item, src.read(item))
-        np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-        dst.write(tmp_path / "obj.npy", "obj.npy")
-    with pytest.raises(CheckpointError, match="pickled"):
-        Network.load(pickled)
 
 
 def test_torch_layout_export_matches_torch_forward():

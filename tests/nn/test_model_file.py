@@ -1,7 +1,8 @@
-"""A saved model whose .npy headers claim more than the file holds is refused unread.
+"""The model file (convtrain.nn.model_file): a round trip, and the files it refuses in one line.
 
-A model .npz is a zip of .npy members, and numpy allocates whatever a member's header
-declares before reading it. Each hostile file here is a real saved model with one member
+A saved model whose .npy headers claim more than the file holds is refused unread. A model
+.npz is a zip of .npy members, and numpy allocates whatever a member's header declares before
+reading it. Each hostile file here is a real saved model with one member
 rewritten; loading it (Network.load, `convtrain evaluate`, `convtrain predict`) must end in one
 line naming the file, and tracemalloc (which sees numpy's allocations) shows that nothing the
 size of the claim was allocated.
@@ -182,3 +183,59 @@ def test_an_honest_model_still_loads_with_its_arrays_writable(tmp_path, small_me
     weights = loaded.parameters()["conv1.weight"]
     np.testing.assert_array_equal(weights, arrays[WEIGHTS])
     weights += 1  # training continues from loaded weights in place
+
+
+def test_save_load_round_trip(tmp_path):
+    net = Network.build(input_shape=(3, 10, 10), num_classes=5, filters=[4, 6], kernel_sizes=[3, [3, 1]],
+                        padding=["same", 0], pool=[2, 0], hidden=[7], seed=4)
+    net.normalization = {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]}
+    net.class_names = ["a", "b", "c", "d", "e"]
+    net.meta = {"alphabet": "abc"}
+    path = net.save(tmp_path / "model.npz")
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+    with np.load(path, allow_pickle=False) as archive:
+        assert "architecture" in archive.files
+    loaded = Network.load(path)
+    assert loaded.architecture == net.architecture
+    assert loaded.normalization == net.normalization
+    assert loaded.class_names == net.class_names and loaded.meta == net.meta
+    for name, value in net.parameters().items():
+        assert np.array_equal(loaded.parameters()[name], value)
+    raw = np.random.default_rng(0).random((4, 3, 10, 10))
+    np.testing.assert_array_equal(loaded.predict_proba(raw), net.predict_proba(raw))
+
+
+def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
+    net = Network.build(input_shape=(1, 6, 6), num_classes=2, filters=[2])
+    path = net.save(tmp_path / "model.npz")
+    data = path.read_bytes()
+
+    with pytest.raises(CheckpointError, match="not found"):
+        Network.load(tmp_path / "missing.npz")
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Network.load(truncated)
+
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="no 'architecture' entry"):
+        Network.load(foreign)
+
+    other = Network.build(input_shape=(1, 6, 6), num_classes=3, filters=[2])
+    arrays = other.to_arrays()
+    arrays["architecture"] = net.to_arrays()["architecture"]  # weights of another shape
+    mismatched = tmp_path / "mismatched.npz"
+    np.savez(mismatched, **arrays)
+    with pytest.raises(CheckpointError, match="fc.weight has shape"):
+        Network.load(mismatched)
+
+    pickled = tmp_path / "pickled.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(pickled, "w") as dst:
+        for item in src.namelist():
+            dst.writestr(item, src.read(item))
+        np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        dst.write(tmp_path / "obj.npy", "obj.npy")
+    with pytest.raises(CheckpointError, match="pickled"):
+        Network.load(pickled)
