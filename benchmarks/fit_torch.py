@@ -2,8 +2,8 @@
 
 What `convtrain fit` does on an .npz without a test split, and this script does too:
 read the .npz; the stratified seeded validation split and the training set's per-channel
-standardization (the same functions convtrain uses, convtrain.data.split and
-convtrain.data.standardize: pure numpy, so the two see the same images); a net of valid
+standardization (the same functions convtrain uses, convtrain.data.split,
+convtrain.data.standardize and convtrain.nn.standardization: pure numpy, so the two see the same images); a net of valid
 convolutions with ReLU and a dense output, He-initialized (N(0, 2/fan_in), biases 0); SGD with
 momentum and an L2 penalty on the weights (weight_decay = 2*l2); the config written to the
 output folder; a checkpoint (weights, optimizer state, batch-order generator, history) written
@@ -31,6 +31,7 @@ import torch
 
 from convtrain.data.split import split_indices
 from convtrain.data.standardize import Standardizer
+from convtrain.nn.standardization import standardize
 from convtrain.training import plots
 from convtrain.training.metrics import confusion_matrix
 
@@ -112,8 +113,9 @@ def main(argv=None) -> int:
     num_classes = len(class_names) if class_names else int(y.max()) + 1
     train_rows, val_rows = split_indices(y, args.val_fraction, seed=args.seed, limit=None)
     standardizer = Standardizer.fit(x[train_rows].astype(np.float32))
-    x_train, y_train = standardizer.transform(x[train_rows]), y[train_rows]
-    x_val, y_val = standardizer.transform(x[val_rows]), y[val_rows]
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    x_train, y_train = standardize(x[train_rows], standardizer.mean, standardizer.std, dtype), y[train_rows]
+    x_val, y_val = standardize(x[val_rows], standardizer.mean, standardizer.std, dtype), y[val_rows]
 
     filters = [int(f) for f in args.filters.split(",")]
     kernel_sizes = [int(k) for k in args.kernel_sizes.split(",")]
