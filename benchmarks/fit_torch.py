@@ -3,8 +3,8 @@
 What `convtrain fit` does on an .npz without a test split, and this script does too:
 read the .npz; the stratified seeded validation split and the training set's per-channel
 standardization (the same functions convtrain uses, convtrain.data.split,
-convtrain.data.standardize and convtrain.nn.standardization: pure numpy, so the two see the same images); a net of valid
-convolutions with ReLU and a dense output, He-initialized (N(0, 2/fan_in), biases 0); SGD with
+convtrain.data.standardize and convtrain.nn.standardization: pure numpy, so the two see the
+same images); a net of valid convolutions with ReLU and a dense output, He-initialized (N(0, 2/fan_in), biases 0); SGD with
 momentum and an L2 penalty on the weights (weight_decay = 2*l2); the config written to the
 output folder; a checkpoint (weights, optimizer state, batch-order generator, history) written
 atomically and fsync'ed before the first epoch and after every epoch; per epoch, the training
