@@ -1,6 +1,6 @@
 """Settings that decide the same thing: a value the user chose (flag or config file) that another
 setting would override fails with one line naming both; defaults give way silently; the length
-a fit trains is said before it starts (issue 16). Through FitConfig.check_settings and the CLI."""
+a fit trains is said before it starts. Through FitConfig.check_settings and the CLI."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def flags(*args) -> Callable[[Path], list]:
     return lambda tmp: list(args)
 
 
-# ---- files that claim more than they hold (issue 13, section 2) --------------------------------
+# ---- files that claim more than they hold (docs/reliability.md, size limits) -------------------
 
 class Declares:
     """Pickles as numpy's _reconstruct(ndarray, shape, dtype): an array of any declared shape,
@@ -388,7 +388,7 @@ CASES = {
     "tracking store in a missing folder": Case(flags("fit", *TINY, "--tracking-uri", "sqlite:///no/such/dir/mlflow.db"),
                                                "does not exist"),
     "resume an unknown run id": Case(flags("fit", "--resume", "0123456789abcdef0123456789abcdef"), "0123456789abcdef"),
-    # sizes taken on trust (issue 13, section 2): refused before anything is allocated
+    # sizes taken on trust: refused before anything is allocated
     "npz of 300 bytes declaring 5.8 TiB": Case(npz_bytes(_npz_declaring_terabytes), "5.8 TiB"),
     "predict on an npz declaring 5.8 TiB": Case(
         with_model(lambda tmp: ((tmp / "claims.npz").write_bytes(_npz_declaring_terabytes(tmp)),

@@ -1,4 +1,4 @@
-"""A new SQLite tracking store is created whole or not at all (issue 13, section 1).
+"""A new SQLite tracking store is created whole or not at all.
 
 MLflow creates a store in dozens of separately committed migrations: processes creating it at
 once, or a kill during creation, used to leave `_alembic_tmp_*` tables that broke every later

@@ -1,4 +1,4 @@
-"""One run folder, one writer (issue 13, section 3): a fit holds an exclusive lock on its output
+"""One run folder, one writer: a fit holds an exclusive lock on its output
 folder from before its MLflow run exists until it ends; a second fit on that folder (`--out`
 twice, `--resume` twice, `--resume <run id>` of the run using it) is refused with one line naming
 the holder, and changes nothing. The kernel drops the lock when the holder dies, even by kill -9."""

@@ -1,5 +1,5 @@
-"""Everything that can be checked is checked before the MLflow run, the folder or any file exists
-(issue 13, sections 5 and 6): a resume that cannot work changes nothing, a tampered checkpoint is
+"""Everything that can be checked is checked before the MLflow run, the folder or any file exists:
+a resume that cannot work changes nothing, a tampered checkpoint is
 one line, and an interrupt during set-up says that nothing was written."""
 
 from __future__ import annotations

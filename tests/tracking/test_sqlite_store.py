@@ -1,6 +1,6 @@
 """A local tracking store that cannot be used is one line naming the file and what to do, for
-`fit` and `ui` alike, before any work; an absent or empty one is built whole (issue 13, section 1;
-tests/e2e/test_store_races.py kills and races the creation)."""
+`fit` and `ui` alike, before any work; an absent or empty one is built whole
+(tests/e2e/test_store_races.py kills and races the creation)."""
 
 from __future__ import annotations
 
