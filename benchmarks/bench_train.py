@@ -49,7 +49,8 @@ import numpy_conv  # noqa: E402  the shared pure-numpy im2col baseline, same API
 import profile_step  # noqa: E402
 from nets import BATCH, L2, LR, MOMENTUM, NETS, batches, build_network, trainer_for  # noqa: E402
 
-# PyTorch 2.13 CPU at 2 threads on this machine, as measured for the issue.
+# PyTorch 2.13 CPU at 2 threads on the Xeon of docs/performance.md, measured once as a fixed
+# reference (the run's own PyTorch column is the one to compare with).
 PYTORCH_REFERENCE_2T = {"digits": 86_000, "mnist": 1_460, "cifar": 1_530}
 
 
@@ -369,7 +370,7 @@ def main(argv=None):
                       flush=True)
             results.append({"net": net, "threads": threads, "rates": rates, "medians": medians,
                             "batch_norm_step_cost": {name: c for name, c in costs.items() if c}})
-    print("\nPyTorch reference at 2 threads (issue): "
+    print("\nPyTorch reference at 2 threads (a fixed earlier measurement): "
           + ", ".join(f"{k} {v:,}" for k, v in PYTORCH_REFERENCE_2T.items()) + " images/s")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if not args.no_rss:

@@ -118,7 +118,7 @@ class FitConfig:
     threads: int | None = option("run", None, "Kernel threads.", shown="all cores")
     conv_algo: str = option("run", "auto", "Convolution algorithm: im2col, winograd (Winograd F(2x2,3x3) on "
                             "the 3x3 stride-1 conv blocks, im2col on the others) or auto (per block, by a "
-                            "measured rule; see README, Winograd).")
+                            "measured rule; see docs/kernels.md, Winograd).")
     patience: int | None = option("run", None, "Early stopping after this many epochs without improvement.",
                                   shown="no early stopping")
     monitor: str = option("run", "val_loss", "Metric for early stopping and the best epoch.")

@@ -13,10 +13,10 @@ in groups of images; each thread owns its scratch (one group's im2col matrices) 
 threaded BLAS never runs inside it). Nothing a thread writes is written by another; the filter
 gradient accumulates into per-chunk buffers summed afterwards.
 Why not a serial loop over images calling a threaded BLAS instead: the per-image GEMMs of the
-reference nets are too small for OpenBLAS to split well (measured on 2 cores, best runs: 2 BLAS
-threads gave 0.6-1.0x of 1 thread on the MNIST/CIFAR per-image shapes), while the images are
-independent, keep their im2col matrix in the thread's own L2 and need no synchronization.
-A single-threaded GEMM per image runs at 85-95% of the same GEMM over the whole batch.
+reference nets are too small for OpenBLAS to split well, while the images are independent,
+keep their im2col matrix in the thread's own L2 and need no synchronization; a
+single-threaded GEMM per image runs nearly as fast as the same GEMM over the whole batch
+(the figures: docs/performance.md, "The measurements behind the kernels' rules").
 Compiler directives (boundscheck, wraparound, cdivision, ...) are set in setup.py; the C helpers
 (build settings, thread count, CPU probe, short-row copies) are in conv_support.h beside this file.
 """
@@ -279,8 +279,8 @@ cdef inline void copy_rows(floating *dst, const floating *src, Py_ssize_t rows, 
 
 
 cdef inline void copy_long_row(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
-    # a row at a time, not one loop over the block: GCC vectorizes this form better (MNIST's
-    # 20-wide rows: im2col 1.2x slower as a single two-level loop)
+    # a row at a time, not one loop over the block: GCC vectorizes this form better (measured
+    # on MNIST's 20-wide rows: docs/performance.md)
     cdef Py_ssize_t k
     for k in range(n):
         dst[k] = src[k]
@@ -351,7 +351,7 @@ cdef void im2col_image_valid(const floating *x, floating *cols, Py_ssize_t ld,
                 if short_rows:
                     copy_rows(dst, src, Ho, Wo, W)
                     continue
-                for oh in range(Ho):  # written out here: as a call, 1.2x slower on MNIST's rows
+                for oh in range(Ho):  # written out here: as a call, slower on MNIST's rows
                     for ow in range(Wo):
                         dst[ow] = src[ow]
                     dst += Wo
@@ -365,9 +365,9 @@ cdef void col2im_image_valid(const floating *cols, Py_ssize_t ld, floating *x,
     Short rows (DIGITS): taps in the order (c, j, i), so that consecutive blocks add to the
     same x rows one row apart, at the same columns, and each row is read back exactly as it
     was just stored; in the order (c, i, j) a block rereads the rows the previous one has just
-    written, one value to the side, which the CPU cannot forward from its store buffer
-    (DIGITS conv2: 1.3 -> 0.9 us an image). Long rows keep (c, i, j), the order the sums of
-    MNIST and CIFAR were measured fastest in, and their loops written out (as for im2col)."""
+    written, one value to the side, which the CPU cannot forward from its store buffer (the
+    figure for DIGITS conv2: docs/performance.md). Long rows keep (c, i, j), the order the sums
+    of MNIST and CIFAR ran fastest in, and their loops written out (as for im2col)."""
     cdef Py_ssize_t c, i, j, oh, ow, Ho = g.Ho, Wo = g.Wo, W = g.W
     cdef const floating *src
     cdef floating *dst
@@ -533,7 +533,7 @@ cdef inline void relu_mask_inplace(floating *d, const floating *out, Py_ssize_t 
     """d = where(out > 0, d, 0): the ReLU's backward given its output (as PyTorch's
     threshold_backward: a masked NaN or -0.0 becomes +0.0, where dout * (out > 0) would keep
     NaN and -0.0; every other value is the same). Written as a select, which GCC vectorizes;
-    the multiply by a bool-to-float was 10-20x slower here."""
+    a multiply by a bool-to-float was many times slower here."""
     cdef Py_ssize_t k
     for k in range(n):
         d[k] = d[k] if out[k] > 0 else 0
@@ -593,11 +593,10 @@ cdef Direct make_direct(const Geometry *g) noexcept nogil:
 
 cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
     """Where the tiles run (float32, builds with tiles): the direct path only, with at least 64
-    taps and at most 15% of the columns computed and dropped ((Wp - Wo) / Wo). Measured, 1
-    thread, CPU clock, AVX-512 build, GFLOP/s tiles vs OpenBLAS: CIFAR conv2 (288 taps, 8%
-    dropped) forward 82 vs 77, filter gradient 78 vs 73; CIFAR conv1 (75 taps, 14%) 63 vs 59
-    and 65 vs 50; but MNIST conv2 (500 taps, 20%) 67 vs 71 and 66 vs 69, MNIST conv1 (25 taps)
-    39 vs 61 and 33 vs 37, DIGITS' grouped small images (conv2) forward 44 vs 51."""
+    taps and at most 15% of the columns computed and dropped ((Wp - Wo) / Wo). That is where
+    they beat OpenBLAS: with fewer taps a tile has too little work per load, with more dropped
+    columns the wasted multiply-adds cost more than im2col saves, and grouped small images are
+    BLAS's best case (the GFLOP/s of each reference layer: docs/performance.md)."""
     cdef Py_ssize_t dropped = g.W + 2 * g.pw - g.Wo
     return (CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
             and g.C * g.kh * g.kw >= 64 and dropped * 20 <= g.Wo * 3)
@@ -605,10 +604,9 @@ cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
 
 cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
     """The input gradient's tile computes the dropped columns (Wp/Wo - 1 more) where BLAS +
-    col2im computes none, and was measured slower than them even with few dropped: CIFAR conv2
-    (Wp/Wo = 28/26) 64-77 vs 71-79 GFLOP/s, MNIST conv2 (24/20) 69 vs 78 (1 thread, CPU
-    clock). So it runs only where no column is dropped (kw == 1 without padding), and the
-    input gradient of the reference nets stays on BLAS."""
+    col2im computes none, and was measured slower than them even with few dropped (CIFAR and
+    MNIST conv2: docs/performance.md). So it runs only where no column is dropped (kw == 1
+    without padding), and the input gradient of the reference nets stays on BLAS."""
     return d.Wp == g.Wo
 
 
@@ -640,7 +638,7 @@ cdef void tap_rows(const float *image, const float **rows, const Geometry *g,
 # (c, i, j) and (c, i, j+1) add to the same pixels one float apart, and a load that partly
 # overlaps a store still in flight cannot be forwarded from it (the CPU waits for the store):
 # so the rows are taken in the order (i, j, c), channel fastest, whose neighbours lie a whole
-# plane apart (CIFAR conv2's input gradient, 1 thread, CPU clock: 74 -> 77 GFLOP/s).
+# plane apart (a few percent on CIFAR conv2's input gradient: docs/performance.md).
 
 cdef Py_ssize_t *channel_fastest_taps(const Geometry *g) noexcept nogil:
     """order[(i*kw + j)*C + c] = (c*kh + i)*kw + j (free() it; NULL if out of memory)."""
@@ -1041,8 +1039,7 @@ include "winograd.pxi"
 #
 # Dense GEMMs go through here, not through NumPy's threaded BLAS: a BLAS thread pool woken
 # inside a training step keeps spinning after its GEMM, against the kernels' OpenMP threads
-# (measured on 2 cores, MNIST at 2 threads: 679 images/s with NumPy's BLAS at 2 threads,
-# 1114 with it at 1). Work is cut into fixed blocks (of rows or columns, independent of the
+# (it cost MNIST at 2 threads about 40% of its images/s: docs/performance.md). Work is cut into fixed blocks (of rows or columns, independent of the
 # thread count), each one single-threaded GEMM, so the bits do not depend on the threads.
 
 def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,

@@ -14,7 +14,7 @@ see convtrain.nn.norm for the measured rule), rows of one value always take the 
   them; each (image, channel) row leaves its sums in a small (N, C) table, added up per channel
   in image order. A channel's rows lie a whole image apart, a few KiB each: read channel by
   channel from memory, every row started with cache misses the hardware prefetcher had no time
-  to hide (CIFAR's 64x26x26 activations, 100 images: backward 6.0 ms at 1 thread against 2.8);
+  to hide (CIFAR's 64x26x26 activations: the backward twice as fast by images, docs/performance.md);
 * by channels (activations the caches hold, short rows): each thread takes a contiguous range
   of channels (static schedule: with neighbouring channels on different threads, the lines
   their rows share were written by both), a row's sums kept in lanes across all its images;

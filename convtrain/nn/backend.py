@@ -33,8 +33,8 @@ Trainer and by the CLI; the kernels call `compiled()`, which does the part that 
 * **Freed memory kept for reuse** (glibc's malloc thresholds): a training step allocates and
   frees the same few-MiB arrays every batch; glibc hands big blocks back to the kernel when they
   are freed, so the next step takes page faults to get them back zeroed, and each unmap
-  interrupts the other cores to flush their TLBs. On the MNIST net at 2 threads: 1,440 page
-  faults and 9 ms of system time per 46 ms step; with the thresholds, none, and 40 ms. At most
+  interrupts the other cores to flush their TLBs (on the MNIST net at 2 threads, over a tenth
+  of each step: docs/performance.md). At most
   what a step had in use at its peak stays in the heap. Linux/glibc only; a no-op when the user
   set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (theirs win) or CONVTRAIN_MALLOC_DEFAULTS=1
   (`CONVTRAIN_MALLOC_DEFAULTS=1 python benchmarks/step_cost.py` measures the difference).

@@ -397,27 +397,17 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
 # The transformed tiles V (16, Cin, tiles) and their products M (16, Cout, tiles) are made a
 # block of tile rows at a time, at most this many bytes of them (the block depends on the
 # shapes only, never on the threads). Wider blocks make wider GEMMs, which won over keeping
-# the block in L2: CIFAR conv2, 1 thread, CPU clock, forward / input / filter gradient, ms:
-# 256 KiB blocks 21.8 / 27.1 / 33.4, 1 MiB 18.9 / 22.8 / 29.2, 4 MiB (the whole image)
-# 18.7 / 22.4 / 28.7. The bound only splits large images, to bound the scratch per thread.
+# the block in L2 (CIFAR conv2's timings per block size: docs/performance.md). The bound only
+# splits large images, to bound the scratch per thread.
 WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 # conv_algo "auto": Winograd where it applies and both channel counts are at least
 # AUTO_WINOGRAD_MIN_CHANNELS and the output at least AUTO_WINOGRAD_MIN_OUTPUT pixels, else
-# im2col. Measured (AVX-512 build, float32, batch 100, 1 thread, CPU clock, 15 interleaved
-# rounds, medians; milliseconds forward / input gradient / filter gradient):
-#                                        im2col                Winograd
-#   CIFAR conv2 32->64, 28x28, pad 0     29.8 / 31.4 / 31.6    18.0 / 20.9 / 28.3   pays
-#   the same with pad 1                  33.5 / 38.6 / 35.6    20.8 / 21.7 / 33.0   pays
-#   16->32, 16x16, pad 1                  3.6 /  4.3 /  4.3     2.6 /  2.8 /  4.1   pays
-#   8->16, 28x28, pad 1                   2.9 /  3.6 /  3.1     3.1 /  3.1 /  4.6   does not
-#   3->32, 32x32, pad 1                   4.2 /  3.2 /  2.8     4.4 /  5.0 / 10.2   does not
-#   DIGITS conv2 16->32, 6x6 (4x4 out)   0.23 / 0.22 / 0.33    0.55 / 0.73 / 0.67   does not
-#   DIGITS conv1 1->16, 8x8              0.04 / 0.04 / 0.04    0.20 / 0.30 / 0.34   does not
-# With few channels the 16 GEMMs per image are too thin for BLAS to run fast, and with few
-# tiles the per-image overhead dominates; the transforms then cost more than the multiplies
-# they save.
+# im2col: the shapes where Winograd was measured to pay (the timings, per shape and pass:
+# docs/performance.md, "The measurements behind the kernels' rules"). With few channels the
+# 16 GEMMs per image are too thin for BLAS to run fast, and with few tiles the per-image
+# overhead dominates; the transforms then cost more than the multiplies they save.
 AUTO_WINOGRAD_MIN_CHANNELS = 16
 AUTO_WINOGRAD_MIN_OUTPUT = 256
 
@@ -495,9 +485,8 @@ def _winograd_backward_input(dout, w, hw, padding):
 # ----------------------------------------------------------------------------- dense layer
 
 # Rows of x per forward block and columns of the input per backward block: fixed, so that
-# the results are the same bit for bit for any thread count.
-# (CIFAR's fc, 100 x 43264 -> 10, 1 thread: blocks of 10 rows 5.6 ms, of 50 rows 2.7 ms,
-# np.matmul 2.4 ms; 2 threads: 1.5 ms. Backward: 512-column blocks 3.1 ms, np.matmul 4.0 ms.)
+# the results are the same bit for bit for any thread count; sized so that CIFAR's fc runs
+# about as fast as np.matmul (the timings: docs/performance.md).
 DENSE_ROW_BLOCK = 50
 DENSE_COLUMN_BLOCK = 512
 # Below this many multiply-adds a dense GEMM runs on the calling thread alone: waking a

@@ -178,7 +178,7 @@ def flags(*args) -> Callable[[Path], list]:
     return lambda tmp: list(args)
 
 
-# ---- files that claim more than they hold ----------------------------------------------------
+# ---- files that claim more than they hold (docs/reliability.md, size limits) -------------------
 
 class Declares:
     """Pickles as numpy's _reconstruct(ndarray, shape, dtype): an array of any declared shape,
