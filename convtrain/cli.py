@@ -195,10 +195,11 @@ app.command(no_args_is_help=False)(fit)
 def _planned_length(config: FitConfig) -> str:
     """What --print-config says the fit will train, counted on the data as configured."""
     from convtrain.data.registry import load_dataset
+    from convtrain.pipeline.image_folder import options_from_config
 
     try:
         splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
-                              limit=config.limit)
+                              limit=config.limit, folder=options_from_config(config))
     except (ConvtrainError, OSError) as exc:
         return config.describe_length(None) + f" (the data could not be read: {one_line(exc)})"
     return config.describe_length(_steps_per_epoch(config, splits.y_train))

@@ -103,8 +103,10 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
 
         set_num_threads(config.threads)
 
-    splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
-                          limit=config.limit)
+    from convtrain.pipeline.image_folder import decode_progress, options_from_config
+    with decode_progress(progress == "auto") as decoding:
+        splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
+                              limit=config.limit, folder=options_from_config(config, decoding))
     if config.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
                           "training examples")
