@@ -266,6 +266,9 @@ def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_di
     model_problem = tracker.log_model(model_path, _input_example(splits))
     if model_problem:
         problems.append(model_problem)
+    if config.log_onnx:
+        from convtrain.tracking.model import log_onnx
+        problems += log_onnx(tracker, model_path, out_dir)
     link_problem = tracker.link_model_metrics([*metrics, *evaluation.metrics])
     if link_problem:
         problems.append(link_problem)
