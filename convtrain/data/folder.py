@@ -125,8 +125,8 @@ class BadFiles:
 
 
 def describe_counts(counts: dict[str, int]) -> str:
-    """'2 non-image file, 1 unreadable image': what was skipped, by kind."""
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    """'2 non-image files, 1 unreadable image': what was skipped, by kind."""
+    return ", ".join(f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in sorted(counts.items()))
 
 
 def load_folder(path: str | Path | None, options: FolderOptions | None = None) -> RawData:
@@ -165,7 +165,7 @@ def _raw_data(listing, options, x, labels, splits, class_names, counts, from_cac
     val = splits == VAL if listing.fixed_splits else None
     n, c, h, w = x.shape
     skipped = sum(counts.values())
-    note = f", skipped {skipped} ({describe_counts(counts)})" if skipped else ""
+    note = f", skipped {describe_counts(counts)}" if skipped else ""
     source = (f"{listing.root}: {n} images of {c}x{h}x{w}, {len(class_names)} classes"
               f"{', fixed train/val/test folders' if listing.fixed_splits else ''}"
               f"{note}{' (decoded pixels from the cache)' if from_cache else ''}")
@@ -393,7 +393,7 @@ def decode_image(path: Path, options: FolderOptions, channels: int | None) -> np
     except OSError as exc:
         raise BadImage("unreadable file", f"cannot be read ({exc.strerror or exc})") from None
     if size > MAX_FILE_BYTES:
-        raise BadImage("too large", f"{size} bytes, more than an image of {MAX_IMAGE_PIXELS} pixels needs")
+        raise BadImage("oversized file", f"{size} bytes, more than an image of {MAX_IMAGE_PIXELS} pixels needs")
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -403,7 +403,7 @@ def decode_image(path: Path, options: FolderOptions, channels: int | None) -> np
             gray = image.mode in _GRAY_MODES or (image.mode == "P" and _palette_is_gray(image))
             want = options.channels or channels or (1 if gray else 3)
             if want == 1 and not gray and not options.channels:
-                raise BadImage("colour image in a grayscale set",
+                raise BadImage("grayscale-set colour image",
                                "a colour image, but the first image is grayscale; pass --channels 1 or 3")
             image = image.convert("L" if want == 1 else "RGB")
             if options.image_size:
