@@ -23,6 +23,7 @@ N x C x H x W bytes, checked against the memory a fit may use before it is alloc
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -264,7 +265,7 @@ def _image_files(class_folder: Path, root: Path, bad: BadFiles):
             try:
                 stat = entry.stat(follow_symlinks=True)
             except OSError as exc:
-                kind = "symbolic link loop" if exc.errno == 40 else "unreadable file"  # ELOOP
+                kind = "symbolic link loop" if exc.errno == errno.ELOOP else "unreadable file"
                 bad.add(entry.path, kind, "a symbolic link loop" if kind == "symbolic link loop"
                         else f"cannot be read ({exc.strerror or exc})")
                 continue

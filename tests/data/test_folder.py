@@ -296,3 +296,23 @@ def test_a_tracked_fit_logs_the_folder_as_datasets_with_digests(tmp_path, in_tmp
     datasets = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
     assert set(datasets) == {"folder-training", "folder-validation"}
     assert all(d.digest for d in datasets.values()) and str(root) in datasets["folder-training"].source
+
+
+def test_bmp_gif_webp_and_palette_images_are_read(tmp_path):
+    root = tmp_path / "formats"
+    rng = np.random.default_rng(1)
+    first, second = (rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(2))
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(first).save(root / "a" / "1.bmp")
+    Image.fromarray(first).save(root / "a" / "2.webp", lossless=True)
+    frames = [Image.fromarray(np.full((6, 5, 3), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(root / "b" / "1.gif", save_all=True, append_images=frames[1:])  # the first frame counts
+    Image.fromarray(second).convert("P").save(root / "b" / "2.png")
+    splits = load_dataset("folder", root, val_fraction=0)
+    x = splits.x_train
+    assert x.shape == (4, 3, 6, 5)
+    assert (x[0] == first.transpose(2, 0, 1)).all() and (x[1] == first.transpose(2, 0, 1)).all()
+    assert (x[2] == 40).all()
+    gray = load_dataset("folder", root, val_fraction=0, folder=FolderOptions(channels=1)).x_train
+    assert gray.shape == (4, 1, 6, 5)
