@@ -36,6 +36,7 @@ import numpy as np
 from convtrain.errors import ConfigError, DataError
 
 from .base import RawData, data_error, existing_dir
+from .images import _palette_is_gray
 from .limits import check_data_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -420,12 +421,6 @@ def decode_image(path: Path, options: FolderOptions, channels: int | None) -> np
     except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes Pillow raise is a bad file
         raise BadImage("unreadable image", f"not a readable image ({type(exc).__name__}: {exc})") from None
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def _palette_is_gray(image) -> bool:
-    palette = image.getpalette() or []
-    rgb = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
-    return bool((rgb == rgb[:, :1]).all())
 
 
 def _compact(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
