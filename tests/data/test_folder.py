@@ -135,13 +135,16 @@ def test_images_of_another_size_name_the_first_one_and_its_size(tmp_path):
 
 def test_the_second_read_comes_from_the_cache_in_under_a_second(tmp_path, cifar, in_tmp_cwd):
     root = tmp_path / "many"
-    write_images(root, cifar, range(4000))
+    files = write_images(root, cifar, range(4000))
+    for i in range(6000):  # 10,000 files in all: the rest are byte copies under new names
+        source = files[i % len(files)]
+        (source.parent / f"copy{i:05d}{source.suffix}").write_bytes(source.read_bytes())
     first = invoke(*FIT, "--data-path", root, "--limit", "100", "--out", in_tmp_cwd / "run")
     assert first.exit_code == 0, first.output
     started = time.perf_counter()
     splits = load_dataset("folder", root, limit=100)
     assert time.perf_counter() - started < 1.0
-    assert "from the cache" in splits.source
+    assert "from the cache" in splits.source and "10000 images" in splits.source
     second = invoke(*FIT, "--data-path", root, "--limit", "100", "--out", in_tmp_cwd / "run2")
     assert second.exit_code == 0, second.output
 
