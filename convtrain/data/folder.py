@@ -16,7 +16,8 @@ without it the first image decides, and a colour image in a grayscale set is ref
 Bad files are refused with one line naming the file; with `skip_bad` they are counted and left
 out: unreadable or truncated images, files that are no images, images over MAX_IMAGE_PIXELS
 (decompression bombs: checked from the header, before anything is decoded), files larger than
-an image of that many pixels could need, symbolic link loops, and class folders left empty.
+an image of that many pixels could need, FIFOs and devices, symbolic link loops, and class
+folders left empty. Hidden files (.DS_Store) and files beside the class folders are not looked at.
 Memory: the listing keeps one short record per file; the pixels go straight into one array of
 N x C x H x W bytes, checked against the memory a fit may use before it is allocated.
 """
@@ -29,6 +30,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable
 
 import numpy as np
@@ -272,6 +274,8 @@ def _image_files(class_folder: Path, root: Path, bad: BadFiles):
                 continue
             if entry.is_dir(follow_symlinks=True):
                 subfolders.append(Path(entry.path))
+            elif not S_ISREG(stat.st_mode):  # a FIFO would block the read, a device never end
+                bad.add(entry.path, "special file", "not a regular file (a FIFO, socket or device)")
             elif not entry.name.lower().endswith(IMAGE_SUFFIXES):
                 bad.add(entry.path, "non-image file", f"not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
             else:

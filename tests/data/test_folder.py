@@ -219,13 +219,16 @@ def hostile(tmp_path, name: str) -> tuple[Path, str]:
     if name == "self-link":
         (root / "b" / "self.png").symlink_to(root / "b" / "self.png")
         return root, "self.png"
+    if name == "fifo":
+        os.mkfifo(root / "a" / "pipe.png")
+        return root, "pipe.png"
     if name == "empty-class":
         (root / "c").mkdir()
         return root, "c"
     raise ValueError(name)
 
 
-HOSTILE = ["truncated", "garbage", "non-image", "bomb", "symlink-loop", "self-link", "empty-class"]
+HOSTILE = ["truncated", "garbage", "non-image", "bomb", "symlink-loop", "self-link", "fifo", "empty-class"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)
