@@ -322,3 +322,14 @@ def test_bmp_gif_webp_and_palette_images_are_read(tmp_path):
     assert (x[2] == 40).all()
     gray = load_dataset("folder", root, val_fraction=0, folder=FolderOptions(channels=1)).x_train
     assert gray.shape == (4, 1, 6, 5)
+
+
+def test_decoding_reports_progress_and_draws_a_bar_only_on_a_terminal(tmp_path):
+    from convtrain.pipeline.image_folder import decode_progress
+
+    root = tiny_folder(tmp_path / "images", per_class=100)
+    calls = []
+    load_dataset("folder", root, folder=FolderOptions(progress=lambda done, total: calls.append((done, total))))
+    assert calls[-1] == (200, 200) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    with decode_progress() as progress:  # pytest's captured stderr is no terminal
+        assert progress is None
