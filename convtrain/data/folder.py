@@ -264,6 +264,7 @@ def _image_files(class_folder: Path, root: Path, bad: BadFiles):
             bad.add(folder, "unreadable folder", f"cannot be listed ({exc.strerror or exc})")
             continue
         subfolders = []
+        prefix = os.path.relpath(folder, root) + os.sep  # once per folder: relpath per file is slow
         for entry in entries:
             try:
                 stat = entry.stat(follow_symlinks=True)
@@ -279,7 +280,7 @@ def _image_files(class_folder: Path, root: Path, bad: BadFiles):
             elif not entry.name.lower().endswith(IMAGE_SUFFIXES):
                 bad.add(entry.path, "non-image file", f"not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
             else:
-                yield os.path.relpath(entry.path, root), (stat.st_size, stat.st_mtime_ns)
+                yield prefix + entry.name, (stat.st_size, stat.st_mtime_ns)
         pending.extend(reversed(subfolders))
 
 
