@@ -120,6 +120,7 @@ def _console(**kwargs):
 CONFIG = "Config"
 RUN = "Run and tracking"
 PANELS = {"data": "Data", "model": "Model", "optim": "Optimizer", "run": RUN}
+_FLAG_ALIASES = {"log_onnx": ["--onnx/--no-onnx"]}  # a shorter spelling beside the generated flag
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": str}  # a list flag takes 16,32
 
 
@@ -137,6 +138,7 @@ def _config_option(f: dataclasses.Field) -> inspect.Parameter:
     type is told apart from one set to the default value."""
     kind = _FLAG_TYPES[FIELD_TYPES[f.name].split("[")[0].split(" ")[0]]
     decls = [f"{flag_name(f.name)}/--no-{flag_name(f.name)[2:]}" if kind is bool else flag_name(f.name)]
+    decls += _FLAG_ALIASES.get(f.name, [])
     option = typer.Option(None, *decls, help=f"{f.metadata['help']} (default: {_shown_default(f)})",
                           rich_help_panel=PANELS[f.metadata["section"]], show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
@@ -195,10 +197,11 @@ app.command(no_args_is_help=False)(fit)
 def _planned_length(config: FitConfig) -> str:
     """What --print-config says the fit will train, counted on the data as configured."""
     from convtrain.data.registry import load_dataset
+    from convtrain.pipeline.image_folder import options_from_config
 
     try:
         splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
-                              limit=config.limit)
+                              limit=config.limit, folder=options_from_config(config))
     except (ConvtrainError, OSError) as exc:
         return config.describe_length(None) + f" (the data could not be read: {one_line(exc)})"
     return config.describe_length(_steps_per_epoch(config, splits.y_train))
@@ -318,7 +321,7 @@ def _print_evaluation(console, report) -> None:
 def predict(
     model: Path = typer.Argument(..., help="A model.npz or checkpoint.npz written by convtrain fit, or the "
                                            "fit's --out folder (runs/<name>)."),
-    inputs: List[str] = typer.Argument(..., help="An .npz of images (array x), image files, or for a names "
+    inputs: List[str] = typer.Argument(..., help="An .npz of images (array x), image files, folders of images, or for a names "
                                                   "model a text file of names or the names themselves."),
     top: int = typer.Option(3, min=1, help="Show the most probable classes, this many."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per input with all probabilities.",
@@ -339,6 +342,28 @@ def predict(
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])[:top]
         console.print(f"{item['input']}: {item['class']}   " + "  ".join(f"{c} {p:.3f}" for c, p in ranked),
                       markup=False)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A model.npz or checkpoint.npz, a fit's --out folder, or an MLflow run id."),
+    format: str = typer.Option("onnx", "--format", "-f", help="Export format: onnx."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The file to write.",
+                                          show_default="the model's file name with .onnx, beside it"),
+    input_type: str = typer.Option("float32", help="The model input's type: float32 or uint8 (raw pixels "
+                                                    "either way; the normalization is inside the graph)."),
+    fold_batch_norm: bool = typer.Option(True, "--fold-batch-norm/--no-fold-batch-norm",
+                                         help="Fold batch norm into the conv or dense layer before it.",
+                                         show_default="--fold-batch-norm"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store of a run id. (default: "
+                                                          "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+):
+    """A saved model as ONNX: raw images in, class probabilities out (runs in onnxruntime)."""
+    from convtrain.pipeline.export import export_model
+
+    written = export_model(model, format=format, output=output, input_type=input_type,
+                           fold_batch_norm=fold_batch_norm, tracking_uri=tracking_uri)
+    typer.echo(str(written))
 
 
 # ---- info / ui ------------------------------------------------------------------------------------

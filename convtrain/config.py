@@ -66,7 +66,7 @@ def option(section: str, default: Any, help: str, *, shown: str | None = None) -
 @dataclass
 class FitConfig:
     # [data]
-    data: str = option("data", "digits", "Data set: digits, mnist, cifar10, npz, names.")
+    data: str = option("data", "digits", "Data set: digits, mnist, cifar10, npz, names, folder.")
     data_path: str | None = option("data", None, "Where the data set is: a directory, or the .npz file.",
                                    shown="none, for the built-in digits")
     val_fraction: float = option("data", 0.1, "Validation split: a fraction of train, or a count.")
@@ -135,6 +135,14 @@ class FitConfig:
                                         "version of this name.", shown="not registered")
     parent_run: str | None = option("run", None, "An MLflow run id this fit's run becomes a child of (a sweep's "
                                     "best.toml sets its parent run).", shown="none")
+    # image folders (--data folder) and the ONNX export
+    image_size: str | None = option("data", None, "folder: resize every image to HxW (centre crop to that aspect "
+                                    "ratio, then bilinear), e.g. 32x32.", shown="none: all images one size")
+    channels: int | None = option("data", None, "folder: convert images to 1 (grayscale) or 3 (RGB) channels.",
+                                  shown="the first image's")
+    skip_bad_images: bool = option("data", False, "folder: leave out unreadable, non-image and oversized files "
+                                   "and empty class folders (counted), instead of stopping at the first.")
+    log_onnx: bool = option("run", False, "Also log the model as ONNX (model.onnx) to the MLflow run.")
 
     # ---- construction -------------------------------------------------------------
 

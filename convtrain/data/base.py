@@ -42,6 +42,9 @@ class RawData:
     # Whether a fit standardizes the input with the training set's channel statistics. Images
     # are (pixel values on an arbitrary scale); one-hot encodings are not (see names.py).
     standardize: bool = True
+    # A validation set the format fixes (an image folder's val/): then no rows of x are drawn for it.
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 @dataclass

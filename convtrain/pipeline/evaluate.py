@@ -45,6 +45,7 @@ def evaluate_model(model_path: str | Path, *, data: str | None = None, data_path
     """Metrics of a saved model on a data set (by default the one it was trained on)."""
     from convtrain.data import load_dataset
     from convtrain.nn.network import Network
+    from convtrain.pipeline.image_folder import options_from_meta
 
     model_path = resolve_model(model_path)
     network = Network.load(model_path)
@@ -62,7 +63,8 @@ def evaluate_model(model_path: str | Path, *, data: str | None = None, data_path
     splits = load_dataset(name, data_path,
                           val_fraction=meta.get("val_fraction", 0.1) if same_data else 0.1,
                           seed=meta.get("seed", 0) if same_data else 0,
-                          limit=meta.get("limit") if same_data else None)
+                          limit=meta.get("limit") if same_data else None,
+                          folder=options_from_meta(meta) if name == "folder" else None)
     if split == "auto":
         split = "test" if splits.x_test is not None and len(splits.x_test) else "val"
     x, y = {"test": (splits.x_test, splits.y_test), "val": (splits.x_val, splits.y_val),

@@ -103,8 +103,10 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
 
         set_num_threads(config.threads)
 
-    splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
-                          limit=config.limit)
+    from convtrain.pipeline.image_folder import decode_progress, options_from_config
+    with decode_progress(progress == "auto") as decoding:
+        splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
+                              limit=config.limit, folder=options_from_config(config, decoding))
     if config.batch_size > len(splits.y_train):
         raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
                           "training examples")
@@ -264,6 +266,9 @@ def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_di
     model_problem = tracker.log_model(model_path, _input_example(splits))
     if model_problem:
         problems.append(model_problem)
+    if config.log_onnx:
+        from convtrain.tracking.model import log_onnx
+        problems += log_onnx(tracker, model_path, out_dir)
     link_problem = tracker.link_model_metrics([*metrics, *evaluation.metrics])
     if link_problem:
         problems.append(link_problem)

@@ -10,7 +10,8 @@ from convtrain.errors import DataError
 
 
 def predict_inputs(model_path: str | Path, inputs: list[str]) -> list[dict]:
-    """Class and probabilities for each input: .npz files (array x), image files, or names."""
+    """Class and probabilities for each input: .npz files (array x), image files, folders of image
+    files, or names."""
     from convtrain.data.names import encode_names_as_trained, is_names_model
     from convtrain.nn.network import Network
     from convtrain.pipeline.evaluate import resolve_model
@@ -26,6 +27,13 @@ def predict_inputs(model_path: str | Path, inputs: list[str]) -> list[dict]:
         labels, batches = names, [encode_names_as_trained(network.meta, names)]
     else:
         for item in inputs:
+            if Path(item).is_dir():  # a folder of images: each file under it, in name order
+                from convtrain.data.folder import images_in
+
+                files = images_in(item)
+                batches += [_read_images(path, network) for path in files]
+                labels += [str(path) for path in files]
+                continue
             images = _read_images(Path(item), network)
             batches.append(images)
             labels += [item] if len(images) == 1 and not item.endswith(".npz") else [f"{item}[{i}]" for i in range(len(images))]
@@ -62,9 +70,24 @@ def _read_images(path: Path, network) -> np.ndarray:
         if x.ndim == 3 and network.input_shape[0] == 1:
             x = x[:, None]
         return x.astype(np.float32)
+    if (network.meta or {}).get("data") == "folder":
+        return _folder_image(path, network)[None]
     from convtrain.data import load_image_file
 
     return _fit_image(load_image_file(path), network, path)[None]
+
+def _folder_image(path: Path, network) -> np.ndarray:
+    """An image for a model trained on an image folder: decoded as its training images were
+    (the same channels; centre crop and bilinear resize to the network's size)."""
+    from convtrain.data.base import data_error
+    from convtrain.data.folder import BadImage, FolderOptions, decode_image
+
+    channels, height, width = network.input_shape
+    try:
+        pixels = decode_image(Path(path), FolderOptions(image_size=(height, width), channels=channels), channels)
+    except BadImage as error:
+        raise data_error(path, str(error)) from None
+    return pixels.astype(np.float32)
 
 def _fit_image(pixels: np.ndarray, network, path: Path) -> np.ndarray:
     """Match an image file to the network's (C, H, W): channels by averaging/repeating, size by resizing."""

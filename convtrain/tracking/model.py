@@ -4,7 +4,7 @@ The network file carries its input normalization, so the model takes RAW inputs,
 like `convtrain predict`, and returns the class probabilities as a pandas DataFrame with
 one column per class, named by the class names (`.to_numpy()` gives the (N, num_classes) array):
 
-    mlflow.pyfunc.load_model("runs:/<run id>/<run name>").predict(x)   # x: (N, C, H, W) float32
+    mlflow.pyfunc.load_model("runs:/<run id>/<run name>").predict(x)   # x: (N, C, H, W) uint8, int, float
 
 Each logged model is named after its run (`model_name`), so the experiment's Models list says
 which fit it came from; `register` files one as a new version of a registered model.
@@ -204,10 +204,12 @@ def run_models(client, experiment_id: str, run_id: str) -> list:
 def _log_new_model(client, run_id, experiment_id, network, network_path, input_example, name, digest):
     import mlflow
     import mlflow.pyfunc
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model
 
-    example = np.ascontiguousarray(input_example, dtype=np.float32)
-    signature = infer_signature(example, probabilities_frame(network, network.predict_proba(example)))
+    example = np.ascontiguousarray(input_example)
+    if example.dtype.kind not in "iuf":
+        example = example.astype(np.float32)
+    signature = model_signature(network, example)
     with tempfile.TemporaryDirectory() as folder:
         # "Models from code": the logged model is this short script plus the weights file, so
         # loading it unpickles nothing (MLflow would otherwise cloudpickle the wrapper).
@@ -227,8 +229,48 @@ def _log_new_model(client, run_id, experiment_id, network, network_path, input_e
             artifacts={NETWORK_ARTIFACT: str(network_path)},
             signature=signature,
             input_example=example,
+            metadata=input_metadata(network),
             pip_requirements=_requirements(),
         )
+
+
+def model_signature(network, example: np.ndarray):
+    """The outputs (one probability column per class), and no input schema: an MLflow tensor spec
+    holds one dtype and refuses every other, while the model takes raw images of any integer
+    or float type, as `convtrain predict` does. What it takes is written in the model's metadata
+    (INPUT_METADATA) and shown by its input example."""
+    from mlflow.models import ModelSignature, infer_signature
+
+    inferred = infer_signature(example, probabilities_frame(network, network.predict_proba(example)))
+    return ModelSignature(inputs=None, outputs=inferred.outputs)
+
+
+INPUT_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+                "float16", "float32", "float64")
+
+
+def input_metadata(network) -> dict:
+    """The input the pyfunc model accepts, for the logged model's metadata."""
+    return {"convtrain_input": {"shape": [-1, *[int(v) for v in network.input_shape]], "dtypes": list(INPUT_DTYPES),
+                                "values": "raw pixels as the training images were stored (e.g. 0..255)"}}
+
+
+ONNX_FILE = "model.onnx"
+ONNX_ARTIFACT_DIR = "onnx"
+
+
+def log_onnx(tracker, network_path: str | Path, out_dir: str | Path) -> list[str]:
+    """Export the network to out_dir/model.onnx and log it as the run's artifact onnx/model.onnx,
+    beside the pyfunc model; returns one line per problem (nothing when it got through)."""
+    from convtrain.errors import one_line
+    from convtrain.nn.network import Network
+    from convtrain.nn.onnx_export import export_onnx
+
+    try:
+        path = export_onnx(Network.load(network_path), Path(out_dir) / ONNX_FILE)
+    except Exception as exc:  # an export problem must not cost the run its other results
+        return [f"ONNX model not written ({one_line(exc)})"]
+    return tracker.log_artifacts([(path, ONNX_ARTIFACT_DIR)])
 
 
 MODEL_CODE = """\

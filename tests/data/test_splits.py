@@ -22,7 +22,7 @@ LABELS = np.repeat([0, 1, 2], [100, 30, 10])
 
 
 def test_datasets_names():
-    assert DATASETS == ("digits", "mnist", "cifar10", "npz", "names")
+    assert DATASETS == ("digits", "mnist", "cifar10", "npz", "names", "folder")
 
 
 def test_allocate_is_proportional_and_exact():
