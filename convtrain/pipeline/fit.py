@@ -28,16 +28,11 @@ import numpy as np
 from convtrain.config import FitConfig
 from convtrain.errors import ConfigError, TrainingInterrupted
 from convtrain.pipeline.resume import resolve_checkpoint
-from convtrain.pipeline.run_folder_lock import RunFolderLock
 from convtrain.training.callbacks import BatchLossRecorder, Callback
-from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.checkpoint import TrainingCheckpoint
 from convtrain.training.metrics import Evaluation, confusion_matrix
+from convtrain.training.run_folder import RunFolder, RunFolderLock
 from convtrain.training.signals import sigterm_as_keyboard_interrupt, stop_on_signals
-
-MODEL_FILE = "model.npz"
-CONFIG_FILE = "config.toml"
-PLOTS_DIR = "plots"
-
 
 @dataclass
 class FitResult:
@@ -126,6 +121,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
     tracker = None
     if track:
         from convtrain.tracking.callback import MLflowCallback
+        from convtrain.tracking.runs import OUT_DIR_TAG
 
         tracker = MLflowCallback.start(config, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags,
                                        resume_run_id=saved_tracking.get("run_id"),
@@ -144,7 +140,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             out_dir.mkdir(parents=True, exist_ok=True)
             config = config.with_overrides({"out": str(out_dir)})
             if checkpoint is None:
-                config.save_toml(out_dir / CONFIG_FILE)
+                config.save_toml(RunFolder(out_dir).config)
 
             recorder = BatchLossRecorder(config.log_every)
             progress_callback = _progress_callback(progress)
@@ -154,7 +150,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             trainer = Trainer.from_config(network, config, callbacks=all_callbacks, checkpoint_dir=out_dir)
             if saved is not None:
                 trainer.resume(saved)
-                config.save_toml(out_dir / CONFIG_FILE)  # only once the resume is known to work
+                config.save_toml(RunFolder(out_dir).config)  # only once the resume is known to work
             else:
                 # The epoch-0 checkpoint: initial weights, generator state and (in the MLflow
                 # callback's state) the run id, written as soon as the run exists and before the
@@ -165,7 +161,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
                 tracker.log_config(config, resumed=checkpoint is not None)
                 if checkpoint is not None:  # metrics an outage kept back: sent before the model
                     tracker.restore_unlogged(out_dir)
-                tracker.set_tags({"convtrain.out_dir": str(out_dir.resolve())})
+                tracker.set_tags({OUT_DIR_TAG: str(out_dir.resolve())})
                 # a fit killed before its datasets were logged logs them when resumed
                 if checkpoint is None or not tracker.has_datasets():
                     tracker.log_datasets(splits, config.data_path)
@@ -178,7 +174,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             del x_train, x_val
 
             stage = "saving the model"
-            model_path = network.save(out_dir / MODEL_FILE)
+            model_path = network.save(RunFolder(out_dir).model)
             metrics = dict(history.best if config.patience else history.last)
             metrics.pop("epoch", None)
             metrics["best_epoch"] = history.best_epoch
@@ -190,7 +186,7 @@ def _fit(config: FitConfig, out_lock: RunFolderLock, *, callbacks, resume, paren
             evaluation = _final_evaluation(trainer, network, splits)
             metrics.update(evaluation.metrics)
             stage = "writing the plots"
-            plots = _write_plots(out_dir / PLOTS_DIR, history, recorder, trainer, network, evaluation)
+            plots = _write_plots(RunFolder(out_dir).plots, history, recorder, trainer, network, evaluation)
 
             stage = "logging the results to MLflow"
             problems = _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_dir,
@@ -257,7 +253,7 @@ def _log_results(tracker, trainer, evaluation, plots, model_path, splits, out_di
     tracker.log_final_metrics(evaluation.metrics, step=trainer.epoch)
     tracker.log_restored_metrics(metrics, last_epoch=trainer.epoch, best_epoch=metrics.get("best_epoch"),
                                  restored=bool(config.patience), stopped_epoch=stopped_epoch)
-    artifacts = [(out_dir / CONFIG_FILE, None), *[(p, "plots") for p in plots]]
+    artifacts = [(RunFolder(out_dir).config, None), *[(p, "plots") for p in plots]]
     if trainer.checkpoint_path is not None:
         artifacts.append((trainer.checkpoint_path, "checkpoint"))
     problems = tracker.log_artifacts(artifacts)
@@ -323,7 +319,7 @@ def check_validation_split(config: FitConfig, splits) -> None:
                           "split (--val-fraction) or monitor 'train_loss'")
 
 def _check_no_other_checkpoint(out_dir: Path) -> None:
-    if (out_dir / CHECKPOINT_FILE).exists():
+    if RunFolder(out_dir).checkpoint.exists():
         raise ConfigError(f"out: {out_dir} already holds a checkpoint of another fit; continue it with "
                           f"--resume {out_dir}, or choose another --out")
 

@@ -40,6 +40,7 @@ from convtrain.tracking.runs import (
 from convtrain.tracking.sqlite_store import is_disk_full
 from convtrain.tracking.store import check_reachable, client_for, ensure_experiment
 from convtrain.training.callbacks import Callback
+from convtrain.training.run_folder import RunFolder
 
 EPOCH_METRICS = (
     "train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy",
@@ -53,7 +54,6 @@ EPOCH_STEP_METRIC = "epoch_seconds"
 # the metrics a restored best epoch logs again as the run's latest values.
 MODEL_METRICS = tuple(k for k in EPOCH_METRICS if k.startswith(("train_", "val_")))
 MODEL_URI_TAG = "convtrain.model_uri"
-UNLOGGED_FILE = "unlogged-metrics.json"
 
 _MAX_METRICS_PER_BATCH = 1000
 _FLUSH_SECONDS = 60.0  # long epochs still show batch losses in the dashboard this often
@@ -109,7 +109,7 @@ def _check_step_free(client, run, next_epoch: int | None, config) -> None:
         f"epochs: run {run_id} cannot train past epoch {next_epoch - 1}: its fit ended by putting {restored} "
         f"weights back and logged their metrics at step {next_epoch}, where epoch {next_epoch} would log a "
         f"second value; to train longer, start a new fit from its config "
-        f"(convtrain fit --config {Path(config.out or '.') / 'config.toml'} --epochs {config.epochs} --out <new folder>)")
+        f"(convtrain fit --config {RunFolder(config.out or '.').config} --epochs {config.epochs} --out <new folder>)")
 
 
 class MLflowCallback(Callback):
@@ -262,7 +262,7 @@ class MLflowCallback(Callback):
         The file stays until they are sent. Returns how many were queued."""
         from mlflow.entities import Metric
 
-        path = Path(out_dir) / UNLOGGED_FILE
+        path = RunFolder(out_dir).unlogged
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             rows = [Metric(str(m["key"]), float(m["value"]), int(m["timestamp"]), int(m["step"]))
@@ -529,7 +529,7 @@ class MLflowCallback(Callback):
     def _save_unlogged(self, out_dir) -> Path | None:
         if out_dir is None:
             return None
-        path = Path(out_dir) / UNLOGGED_FILE
+        path = RunFolder(out_dir).unlogged
         rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self.pending]
         text = json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "metrics": rows}, indent=1)
         partial = path.with_name(f".{path.name}.partial")

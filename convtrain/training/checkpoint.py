@@ -38,7 +38,6 @@ from convtrain.errors import CheckpointError
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
 from convtrain.training.checkpoint_checks import check_checkpoint_entries
 
-CHECKPOINT_FILE = "checkpoint.npz"
 _SHAPE_CHECKED = ("trainer", "history", "callbacks")  # see checkpoint_checks.py
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
 OPTIMIZER_PREFIX = "velocity/"   # named after SGD's state, the first optimizer's

@@ -37,8 +37,9 @@ from convtrain.nn.losses import softmax_cross_entropy
 from convtrain.nn.network import EVAL_BATCH_SIZE
 from convtrain.nn.optim import SGD, Schedule, clip_grad_norm_, make_optimizer, make_schedule, training_length
 from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
-from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.checkpoint import TrainingCheckpoint
 from convtrain.training.metrics import evaluate_network
+from convtrain.training.run_folder import RunFolder
 
 
 def epoch_size(y, balanced: bool) -> int:
@@ -291,7 +292,7 @@ class Trainer:
         if path is None:
             if self.checkpoint_dir is None:
                 raise ConfigError("save_checkpoint: no path given and the trainer has no checkpoint_dir")
-            path = self.checkpoint_dir / CHECKPOINT_FILE
+            path = RunFolder(self.checkpoint_dir).checkpoint
         for name, value in self.network.parameters().items():
             if not np.isfinite(value).all():
                 raise TrainingDiverged(

@@ -132,7 +132,7 @@ def test_a_full_disk_under_the_tracking_store_is_one_line_and_resume_sends_what_
     import subprocess
     import sys
 
-    from convtrain.tracking.callback import UNLOGGED_FILE
+    from convtrain.training.run_folder import UNLOGGED_FILE
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "120"}
     env.pop("MLFLOW_TRACKING_URI", None)

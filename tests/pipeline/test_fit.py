@@ -16,6 +16,7 @@ from convtrain.config import FitConfig
 from convtrain.pipeline.fit import fit
 from convtrain.pipeline.resume import resolve_fit_config
 from convtrain.training.callbacks import Callback
+from convtrain.training.run_folder import RunFolder
 
 pytestmark = pytest.mark.usefixtures("in_tmp_cwd")
 
@@ -233,7 +234,7 @@ def test_what_never_got_through_is_saved_and_reported(tmp_path):
     # not marked FINISHED while metrics are missing: it stays open for `--resume` to complete
     assert any(f"stays open until the rest is sent: convtrain fit --resume {tmp_path}" in p for p in problems)
     assert fake.status is None
-    saved = json.loads((tmp_path / tracking.UNLOGGED_FILE).read_text())
+    saved = json.loads((RunFolder(tmp_path).unlogged).read_text())
     assert saved["metrics"] == [{"key": "train_loss", "value": 1.0, "step": 1, "timestamp": saved["metrics"][0]["timestamp"]}]
 
 

@@ -231,7 +231,7 @@ def test_server_down_at_start_fails_fast_with_one_line(tmp_path, monkeypatch):
 def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlflow_servers):
     from convtrain.nn.network import Network
     from convtrain.pipeline.fit import fit
-    from convtrain.tracking.callback import UNLOGGED_FILE
+    from convtrain.training.run_folder import UNLOGGED_FILE
     from convtrain.training.callbacks import Callback
 
     monkeypatch.chdir(tmp_path)
