@@ -405,7 +405,7 @@ def _whole(value: Any, where: str, key: str, *, minimum: int) -> int:
 
 def folder_name(name: str) -> str:
     """A name made safe as one folder: no separators, no '..', nothing a shell trips on
-    (the rule pipeline/fit.py applies to a fit's run_name)."""
+    (the rule pipeline/out_folder.py applies to a fit's run_name)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "sweep"
 
 
