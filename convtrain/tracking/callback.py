@@ -3,8 +3,9 @@ TrackedRun (tracking/tracked_run.py).
 
 Epoch metrics go to the run's MetricBuffer at each epoch's end, the batch loss every
 `log_every` updates, each new checkpoint's path becomes the run's checkpoint tag, and the run's
-identity goes into the checkpoint, so a resumed fit continues the same run. Opening, describing
-and ending the run are the run's jobs; buffering and retrying are the buffer's.
+identity and its unsent metrics go into the checkpoint, so a resumed fit continues the same
+run with nothing lost. Opening, describing and ending the run are the run's jobs; buffering
+and retrying are the buffer's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from convtrain.errors import TrackingError
 from convtrain.tracking.tracked_run import TrackedRun
 from convtrain.training.callbacks import Callback
+
+UNSENT_KEY = "unsent_metrics"  # in this callback's state: the metrics the store had not taken
 
 
 class MLflowCallback(Callback):
@@ -38,8 +41,13 @@ class MLflowCallback(Callback):
         self.run.tag_checkpoint(path)
 
     def state_dict(self):
-        return self.run.state_dict()
+        # Metrics the store has not taken are written with each checkpoint, so a fit killed
+        # (even with kill -9) during an outage resumes with them instead of losing them.
+        unsent = self.run.metrics.unsent_rows()
+        return {**self.run.state_dict(), **({UNSENT_KEY: unsent} if unsent else {})}
 
     def load_state_dict(self, state):
         if state.get("run_id") and state["run_id"] != self.run.run_id:
             raise TrackingError(f"the checkpoint belongs to MLflow run {state['run_id']}, not {self.run.run_id}")
+        if state.get(UNSENT_KEY):
+            self.run.metrics.take_back(state[UNSENT_KEY], "the checkpoint")

@@ -3,8 +3,9 @@
 If the tracking store goes away during training nothing waits for it: the metrics stay in the
 buffer, are sent when it answers again (probed with a short health request, at growing
 intervals), and whatever could not be sent by the end is written to the run folder's
-unlogged-metrics file, which the next `--resume` sends. The buffer also knows what the run
-already holds (on resume), so no step is logged twice.
+unlogged-metrics file, which the next `--resume` sends. What is pending also goes into every
+checkpoint (MLflowCallback.state_dict), so a fit killed -9 during an outage loses none of it.
+The buffer knows what the run already holds (on resume), so no step is logged twice.
 """
 
 from __future__ import annotations
@@ -145,40 +146,67 @@ class MetricBuffer:
             return False
         return True
 
-    # ---- the unlogged-metrics file ----------------------------------------------------
+    # ---- what an earlier fit of this run could not send -------------------------------
 
-    def restore_unlogged(self, path: Path) -> int:
-        """Queue the metrics an earlier fit of this run kept in `path` (the store was down or
-        full), so they are sent before the model and the run's end. The file stays until they
-        are sent. Returns how many were queued."""
+    def unsent_rows(self) -> list[dict]:
+        """The pending metrics as plain rows: what a checkpoint and the unlogged-metrics file keep."""
+        return [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self.pending]
+
+    def take_back(self, rows, source: str) -> int:
+        """Queue the rows (unsent_rows() of an earlier fit of this run, read from `source`) ahead
+        of anything new, without what the store holds by now (they may have got through after
+        they were saved) or what is queued already; returns how many were queued."""
         from mlflow.entities import Metric
 
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            rows = [Metric(str(m["key"]), float(m["value"]), int(m["timestamp"]), int(m["step"]))
-                    for m in saved["metrics"]] if saved.get("run_id") == self.run_id else []
-        except FileNotFoundError:
+            metrics = [Metric(str(m["key"]), float(m["value"]), int(m["timestamp"]), int(m["step"])) for m in rows]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.notify(f"warning: {source} holds unreadable metrics ({one_line(exc)}); they are not sent")
             return 0
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.notify(f"warning: {path} cannot be read ({one_line(exc)}); its metrics are not sent")
-            return 0
-        self._unlogged_file = path
-        self.pending[:0] = rows
+        held = self._held_steps({m.key for m in metrics})
+        queued = {(m.key, m.step) for m in self.pending}
+        metrics = [m for m in metrics if m.step > held.get(m.key, -1) and (m.key, m.step) not in queued]
+        self.pending[:0] = metrics
         # what they hold must not be queued a second time when the rest of the fit recomputes it
-        for row in rows:
+        for row in metrics:
             if row.key == EPOCH_STEP_METRIC:  # not train_loss: see TrackedRun.log_restored_metrics
                 self.logged_epochs = max(self.logged_epochs, row.step)
             elif row.key == BATCH_METRIC:
                 self.logged_batch_step = max(self.logged_batch_step, row.step)
             elif row.key not in EPOCH_METRICS:
                 self.logged_other_steps[row.key] = max(self.logged_other_steps.get(row.key, -1), row.step)
-        return len(rows)
+        return len(metrics)
+
+    def _held_steps(self, keys) -> dict[str, int]:
+        """The last step the run holds of each key; the store sends a key's rows in step order,
+        so what it holds of them is a prefix. Nothing is known to be held if it does not answer."""
+        from convtrain.tracking.runs import max_step
+
+        try:
+            return {key: max_step(self.client, self.run_id, key, -1) for key in keys}
+        except Exception:
+            return {}
+
+    def restore_unlogged(self, path: Path) -> int:
+        """Queue the metrics an earlier fit of this run kept in `path` (the store was down or
+        full when it ended), so they are sent before the model and the run's end. The file stays
+        until they are sent. Returns how many were queued."""
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            rows = saved["metrics"] if saved.get("run_id") == self.run_id else []
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.notify(f"warning: {path} cannot be read ({one_line(exc)}); its metrics are not sent")
+            return 0
+        self._unlogged_file = path
+        return self.take_back(rows, str(path))
 
     def save_unlogged(self, path: Path) -> Path | None:
         """Write what is still pending to `path`, whole or not at all (it may hold the metrics of
         an earlier fit too); None if it could not be written."""
-        rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self.pending]
-        text = json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "metrics": rows}, indent=1)
+        text = json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "metrics": self.unsent_rows()},
+                          indent=1)
         partial = path.with_name(f".{path.name}.partial")
         try:
             partial.write_text(text, encoding="utf-8")
