@@ -210,7 +210,7 @@ def _planned_length(config: FitConfig) -> str:
 def _steps_per_epoch(config: FitConfig, y_train) -> int:
     import math
 
-    from convtrain.training.trainer import epoch_size
+    from convtrain.training.sampling import epoch_size
 
     return math.ceil(epoch_size(y_train, config.balanced) / config.batch_size)
 

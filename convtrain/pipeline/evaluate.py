@@ -28,8 +28,7 @@ class EvaluationReport:
 def resolve_model(spec: str | Path) -> Path:
     """A model file, or a run's --out folder (what `fit --resume` takes): its model.npz, or
     its checkpoint.npz when the fit has not finished."""
-    from convtrain.pipeline.fit import MODEL_FILE
-    from convtrain.training.checkpoint import CHECKPOINT_FILE
+    from convtrain.training.run_folder import CHECKPOINT_FILE, MODEL_FILE
 
     path = Path(spec).expanduser()
     if not path.is_dir():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from convtrain.config import FLAG, FitConfig, read_toml
 from convtrain.errors import CheckpointError
-from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.checkpoint import TrainingCheckpoint
+from convtrain.training.run_folder import CHECKPOINT_FILE
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 

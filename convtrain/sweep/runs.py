@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convtrain.sweep.spec import SweepSpec
 from convtrain.tracking.runs import context_tags
-from convtrain.tracking.store import client_for, resolve_tracking_uri
+from convtrain.tracking.store import client_for, ensure_described_experiment, resolve_tracking_uri
 
 ROLE_TAG = "convtrain.sweep.role"
 SWEEP_TAG = "convtrain.sweep"
@@ -27,7 +27,6 @@ def create_parent(spec: SweepSpec, *, tracking_uri: str, storage_url: str) -> st
     from mlflow.entities import Param
 
     from convtrain.sweep.study import redact
-    from convtrain.tracking.callback import ensure_described_experiment
 
     client = client_for(tracking_uri)
     experiment_id = ensure_described_experiment(client, spec.base.experiment)

@@ -111,7 +111,10 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
     handle = sweep_study.load(spec, storage)
     console = Console(highlight=False, soft_wrap=True)
-    fit = plan.fit or _api_fit()
+    if plan.fit is None:
+        from convtrain.pipeline.fit import fit
+    else:
+        fit = plan.fit
     ran = errors_in_a_row = 0
     previous_failure = None
     while True:
@@ -266,10 +269,11 @@ def _resumable(folder: str | None):
     """The folder of a stopped trial if it holds a readable training checkpoint, else None."""
     if not folder:
         return None
-    from convtrain.pipeline.resume import CHECKPOINT_FILE, checkpoint_config
+    from convtrain.pipeline.resume import checkpoint_config
+    from convtrain.training.run_folder import RunFolder
 
     try:
-        checkpoint_config(Path(folder) / CHECKPOINT_FILE)
+        checkpoint_config(RunFolder(folder).checkpoint)
     except (CheckpointError, OSError):
         return None
     return Path(folder)
@@ -315,11 +319,6 @@ def _trial_bar(number: int, plan: WorkerPlan):
     from convtrain.training.progress import ProgressCallback
 
     return ProgressCallback(bar_only=True, label=f"{plan.label}trial {number} ")
-
-
-def _api_fit() -> Callable:
-    from convtrain.pipeline.fit import fit
-    return fit
 
 
 def default_threads(workers: int) -> int:

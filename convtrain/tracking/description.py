@@ -14,6 +14,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
+from convtrain.training.run_folder import RunFolder
+
 NOTE_TAG = "mlflow.note.content"  # shown by the MLflow UI as the run's (or experiment's) description
 
 # The metrics of the results table, in the order a reviewer looks for them.
@@ -107,7 +109,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                      + (f"; load it with `mlflow.pyfunc.load_model(\"runs:/{run_id}/{model_name}\")`" if run_id else "")
                      + ".  ")
     lines += ["", "**Reproduce** (a new run with the same settings):", "", "```",
-              f"convtrain fit --config {shlex.quote(str(out_dir))}/config.toml --out "
+              f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
               f"{shlex.quote(str(out_dir))}-again", "```"]
     if run_id:
         lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", "```",

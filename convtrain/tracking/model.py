@@ -136,7 +136,7 @@ def log_model(client, run_id: str, experiment_id: str, network_path: str | Path,
 
 def link_metrics(client, run_id: str, model_id: str, rows) -> None:
     """Attach metric rows the run already holds (mlflow Metric entities) to logged model
-    `model_id`, so MLflow 3 lists them with the model; see MLflowCallback.link_model_metrics."""
+    `model_id`, so MLflow 3 lists them with the model; see RunModel.link_metrics."""
     from mlflow.entities import Metric
 
     client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)

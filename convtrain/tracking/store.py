@@ -105,6 +105,19 @@ def ensure_experiment(client, name: str) -> str:
             raise
         return experiment.experiment_id
 
+def ensure_described_experiment(client, name: str) -> str:
+    """ensure_experiment, and an experiment this call creates gets convtrain's description."""
+    from convtrain.tracking.description import NOTE_TAG, experiment_description
+
+    existed = client.get_experiment_by_name(name) is not None
+    experiment_id = ensure_experiment(client, name)
+    if not existed:
+        try:
+            client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_description(name))
+        except Exception:  # a description is not worth failing a fit over
+            pass
+    return experiment_id
+
 def runs_table_url(base_url: str, experiment_id: str | None) -> str:
     """MLflow 3 opens in its GenAI view; this goes straight to the classic runs table."""
     base_url = base_url.rstrip("/")

@@ -24,8 +24,10 @@ Entries (plain arrays and JSON documents, no pickles; see nn/npz_files.py):
     callback/<key>/<name>  their state arrays (EarlyStopping's best weights)
     config           the resolved FitConfig as TOML (absent for a Trainer built without one)
 
-A new kind of state gets its own entry (or prefix) here, in `capture` and `restore`; a reader
-of an older file finds it absent and starts that state fresh, so older checkpoints keep resuming.
+Each object saves and restores its own state (Trainer.state_dict(), the optimizer's, the
+callbacks'); this module only maps those dicts to entries and back. A new kind of state gets its
+own entry (or prefix) here, in `capture` and `restore`; a reader of an older file finds it absent
+and starts that state fresh, so older checkpoints keep resuming.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from convtrain.errors import CheckpointError
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
 from convtrain.training.checkpoint_checks import check_checkpoint_entries
 
-CHECKPOINT_FILE = "checkpoint.npz"
 _SHAPE_CHECKED = ("trainer", "history", "callbacks")  # see checkpoint_checks.py
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
 OPTIMIZER_PREFIX = "velocity/"   # named after SGD's state, the first optimizer's
@@ -58,28 +59,24 @@ class TrainingCheckpoint:
 
     @classmethod
     def capture(cls, trainer) -> "TrainingCheckpoint":
-        """The complete training state of `trainer`, at an epoch end or mid-epoch."""
+        """The complete training state of `trainer`, at an epoch end or mid-epoch: its network's
+        arrays and its state_dict(), each dict in its entry."""
+        state = trainer.state_dict()
         arrays = trainer.network.to_arrays()
         arrays["format"] = np.array(CHECKPOINT_FORMAT)
         prefix = _optimizer_prefix(trainer.optimizer)
-        for name, value in trainer.optimizer.state_dict().items():
+        for name, value in state["optimizer"].items():
             arrays[prefix + name] = value
-        if trainer.network.has_dropout:  # so a net without dropout writes the entries it always did
-            arrays["dropout_rng"] = json_entry(trainer.dropout_rng.bit_generator.state)
-        mid_epoch = trainer.epoch_order is not None
-        arrays["trainer"] = json_entry({
-            "epoch": trainer.epoch, "step": trainer.step, "epochs": trainer.epochs,
-            "batch_size": trainer.batch_size, "l2": trainer.l2, "seed": trainer.seed,
-            "stop_training": trainer.stop_training, "mid_epoch": mid_epoch,
-            "batches_done": trainer.batches_done if mid_epoch else 0,
-        })
-        arrays["epoch_order"] = trainer.epoch_order if mid_epoch else np.empty(0, dtype=np.int64)
-        arrays["rng"] = json_entry(trainer.rng.bit_generator.state)
-        arrays["schedule"] = json_entry(trainer.schedule.to_dict())
-        states = trainer.callbacks.state_dict()
-        arrays["history"] = json_entry(states.pop(HISTORY_KEY))
-        arrays["callbacks"] = json_entry(states)
-        for key, values in trainer.callbacks.state_arrays().items():
+        if state["dropout_rng"] is not None:  # so a net without dropout writes the entries it always did
+            arrays["dropout_rng"] = json_entry(state["dropout_rng"])
+        arrays["trainer"] = json_entry(state["counters"])
+        arrays["epoch_order"] = state["epoch_order"]
+        arrays["rng"] = json_entry(state["rng"])
+        arrays["schedule"] = json_entry(state["schedule"])
+        callbacks = dict(state["callbacks"])
+        arrays["history"] = json_entry(callbacks.pop(HISTORY_KEY))
+        arrays["callbacks"] = json_entry(callbacks)
+        for key, values in state["callback_arrays"].items():
             for name, value in values.items():
                 arrays[f"{CALLBACK_PREFIX}{key}/{name}"] = value
         if trainer.config is not None:
@@ -161,51 +158,39 @@ class TrainingCheckpoint:
     # ---- restoring ------------------------------------------------------------------
 
     def restore(self, trainer) -> None:
-        """Put the saved state into `trainer` (its network, optimizer, counters, generator,
-        history and callbacks); its next fit() continues from there."""
+        """Put the saved state into `trainer`: the network's arrays into its live network, the
+        rest through trainer.load_state_dict(); its next fit() continues from there."""
+        self.check_resumable(trainer.network, trainer.batch_size)
+        self._restore_network(trainer.network)
+        trainer.load_state_dict({
+            "counters": self.state, "epoch_order": self.arrays["epoch_order"], "rng": self._json("rng"),
+            "dropout_rng": self._json("dropout_rng") if "dropout_rng" in self.arrays else None,
+            "schedule": self._json("schedule") if "schedule" in self.arrays else None,
+            "optimizer": self._optimizer_state(trainer.optimizer),
+            "callbacks": {**self._json("callbacks"), HISTORY_KEY: self._json("history")},
+            "callback_arrays": self._callback_arrays(),
+        }, source=self.name)
+
+    def _restore_network(self, network) -> None:
         from convtrain.nn.network import Network
 
-        self.check_resumable(trainer.network, trainer.batch_size)
         saved = Network.from_arrays(self.arrays, self.path, "checkpoint")
         # into the live arrays: the optimizer holds references to them
-        trainer.network.set_parameters(saved.parameters(), source=self.name)
-        trainer.network.normalization = saved.normalization
-        trainer.network.class_names = saved.class_names
-        trainer.network.meta = saved.meta
-        trainer.network.set_buffers(saved.buffers(), source=self.name)
-        self._restore_optimizer(trainer.optimizer)
-        if "dropout_rng" in self.arrays:
-            try:
-                trainer.dropout_rng.bit_generator.state = self._json("dropout_rng")
-            except (TypeError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{self.name}: unusable dropout generator state ({exc})") from None
+        network.set_parameters(saved.parameters(), source=self.name)
+        network.normalization = saved.normalization
+        network.class_names = saved.class_names
+        network.meta = saved.meta
+        network.set_buffers(saved.buffers(), source=self.name)
 
-        state = self.state
-        trainer.epoch = int(state["epoch"])
-        trainer.step = int(state["step"])
-        trainer.stop_training = bool(state["stop_training"])
-        if state["mid_epoch"]:
-            trainer.epoch_order = self.arrays["epoch_order"].astype(np.int64)
-            trainer.batches_done = int(state["batches_done"])
-        else:
-            trainer.epoch_order, trainer.batches_done = None, 0
-        try:
-            trainer.rng.bit_generator.state = self._json("rng")
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{self.name}: unusable generator state ({exc})") from None
-        if "schedule" in self.arrays:  # the cosine plan the fit followed so far
-            trainer.schedule.load_plan(self._json("schedule"))
-        trainer.callbacks.load_state_dict({**self._json("callbacks"), HISTORY_KEY: self._json("history")})
-        trainer.callbacks.load_state_arrays(self._callback_arrays())
-
-    def _restore_optimizer(self, optimizer) -> None:
+    def _optimizer_state(self, optimizer) -> dict[str, np.ndarray]:
+        """The saved optimizer state, refused if another kind of optimizer wrote it."""
         saved_adamw = any(k.startswith(ADAMW_PREFIX) for k in self.arrays)
         prefix = _optimizer_prefix(optimizer)
         if saved_adamw != (prefix == ADAMW_PREFIX):
             raise CheckpointError(
                 f"{self.name} was written by a fit with optimizer {'adamw' if saved_adamw else 'sgd'}; "
                 f"resume with the same optimizer (not {'adamw' if prefix == ADAMW_PREFIX else 'sgd'})")
-        optimizer.load_state_dict({k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)})
+        return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
 
     def _callback_arrays(self) -> dict[str, dict[str, np.ndarray]]:
         grouped: dict[str, dict[str, np.ndarray]] = {}

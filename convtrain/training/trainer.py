@@ -1,6 +1,6 @@
 """Trainer: epochs of shuffled mini-batches, per-epoch evaluation, callbacks, exact resume.
 
-One update: forward -> softmax cross-entropy (optionally label-smoothed) -> backward ->
+One update (step.py): forward -> softmax cross-entropy (optionally label-smoothed) -> backward ->
 + 2*l2*W -> (clip the gradients to a global norm) -> SGD or AdamW step at the schedule's
 learning rate. After each epoch the training set (all of it up to
 `train_eval_limit` images, else a fixed seeded subset of that size) and the validation set
@@ -15,7 +15,7 @@ default_rng([seed, 0]) (see Network.initialize).
 Resuming is exact. A checkpoint (training/checkpoint.py, the format's one owner) holds the
 weights, batch norm's running statistics, the optimizer's state (SGD's velocities or AdamW's
 moments), update count, epoch, the shuffling and dropout generators' states, history and
-callbacks' state; a checkpoint written mid-epoch (request_stop) also holds that epoch's sample
+callbacks' state (the network's arrays plus the trainer's state_dict()); a checkpoint written mid-epoch (request_stop) also holds that epoch's sample
 order and the number of batches done. Since
 those are all the inputs of the remaining computation, a resumed fit makes the same
 floating-point operations in the same order as an uninterrupted one and ends with the same
@@ -31,24 +31,17 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from convtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
+from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
-from convtrain.nn.losses import softmax_cross_entropy
 from convtrain.nn.network import EVAL_BATCH_SIZE
-from convtrain.nn.optim import SGD, Schedule, clip_grad_norm_, make_optimizer, make_schedule, training_length
+from convtrain.nn.optim import SGD, Schedule, make_optimizer, make_schedule, training_length
 from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
-from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.checkpoint import TrainingCheckpoint
+from convtrain.training.inputs import checked_inputs
 from convtrain.training.metrics import evaluate_network
-
-
-def epoch_size(y, balanced: bool) -> int:
-    """Examples an epoch draws: all of them, or with balanced batches the rarest class's count
-    from every class."""
-    if not balanced:
-        return len(y)
-    counts = np.bincount(y)
-    counts = counts[counts > 0]
-    return int(counts.size * counts.min())
+from convtrain.training.run_folder import RunFolder
+from convtrain.training.sampling import epoch_order, epoch_size, train_eval_rows
+from convtrain.training.step import train_step
 
 
 class Trainer:
@@ -81,13 +74,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         backend.configure()  # process-wide kernel set-up; keeps what each step frees for the next
 
-        callbacks = list(callbacks)
-        if patience is not None and not any(isinstance(c, EarlyStopping) for c in callbacks):
-            callbacks.append(EarlyStopping(monitor=monitor, patience=patience))
-        if self.checkpoint_dir is not None and not any(isinstance(c, Checkpoint) for c in callbacks):
-            callbacks.append(Checkpoint())
         self.history = History(monitor=monitor)
-        self.callbacks = CallbackList([self.history, *callbacks])
+        self.callbacks = CallbackList([self.history, *_with_defaults(callbacks, patience, monitor,
+                                                                     self.checkpoint_dir is not None)])
 
         self.rng = np.random.default_rng([self.seed, 1])
         self.dropout_rng = np.random.default_rng([self.seed, 3])
@@ -127,24 +116,24 @@ class Trainer:
     def fit(self, x_train, y_train, x_val=None, y_val=None) -> History:
         """Train on normalized inputs (N, C, H, W) until `epochs` (or the schedule's planned
         updates, or early stopping); continues after the last finished epoch when resumed."""
-        x_train, y_train = self._check_data(x_train, y_train, "training")
+        x_train, y_train = checked_inputs(self.network, x_train, y_train, "training")
         if x_val is not None and len(x_val):
-            x_val, y_val = self._check_data(x_val, y_val, "validation")
+            x_val, y_val = checked_inputs(self.network, x_val, y_val, "validation")
         else:
             x_val = y_val = None
         self.has_validation = x_val is not None
-        self.steps_per_epoch = math.ceil(self._epoch_size(y_train) / self.batch_size)
+        self.steps_per_epoch = math.ceil(epoch_size(y_train, self.balanced) / self.batch_size)
         self.epochs, self.max_steps = training_length(self.schedule, self.epochs, self.steps_per_epoch)
         self.schedule.plan(self.max_steps, self.step)  # a resumed fit of another length re-plans from here
         if self.epoch_order is not None and (self.epoch_order.size and self.epoch_order.max() >= len(x_train)):
             raise CheckpointError("the checkpoint's epoch order indexes past the training set: "
                                   "resume with the same training data")
-        train_eval_rows = self._train_eval_rows(len(x_train))
+        eval_rows = train_eval_rows(len(x_train), self.train_eval_limit, self.seed)
 
         try:
             self.callbacks.on_fit_start(self)
             while not self._finished():
-                self._run_epoch(self.epoch + 1, x_train, y_train, x_val, y_val, train_eval_rows)
+                self._run_epoch(self.epoch + 1, x_train, y_train, x_val, y_val, eval_rows)
             self.callbacks.on_fit_end(self, self.history)
         except BaseException as exc:
             self.callbacks.on_exception(self, exc)
@@ -154,41 +143,12 @@ class Trainer:
     def _finished(self) -> bool:
         return self.stop_training or self.epoch >= self.epochs or self.step >= self.max_steps
 
-    def _check_data(self, x, y, what):
-        x = np.asarray(x)
-        y = np.asarray(y)
-        if x.ndim != 4 or x.shape[1:] != self.network.input_shape:
-            raise DataError(f"{what} images have shape {x.shape}, expected (N, {', '.join(map(str, self.network.input_shape))})")
-        if y.shape != (x.shape[0],):
-            raise DataError(f"{what} labels have shape {y.shape}, expected ({x.shape[0]},) for {x.shape[0]} images")
-        if x.shape[0] == 0:
-            raise DataError(f"the {what} set is empty")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= self.network.num_classes:
-            raise DataError(f"{what} labels must be integers in [0, {self.network.num_classes}), "
-                            f"got {y.dtype} in [{y.min()}, {y.max()}]")
-        return np.ascontiguousarray(x, dtype=self.network.dtype), y.astype(np.int64, copy=False)
-
-    def _epoch_size(self, y) -> int:
-        return epoch_size(y, self.balanced)
-
-    def _epoch_order_for(self, y) -> np.ndarray:
-        if self.balanced:
-            from convtrain.data import class_balanced_indices
-            return class_balanced_indices(y, self.rng)
-        return self.rng.permutation(len(y))
-
-    def _train_eval_rows(self, n: int) -> np.ndarray | None:
-        if self.train_eval_limit is None or n <= self.train_eval_limit:
-            return None
-        rows = np.random.default_rng([self.seed, 2]).choice(n, self.train_eval_limit, replace=False)
-        return np.sort(rows)
-
-    def _run_epoch(self, epoch, x_train, y_train, x_val, y_val, train_eval_rows) -> None:
+    def _run_epoch(self, epoch, x_train, y_train, x_val, y_val, eval_rows) -> None:
         bs = self.batch_size
         self.callbacks.on_epoch_start(self, epoch)
         started = time.perf_counter()
         if self.epoch_order is None:  # not resuming mid-epoch
-            self.epoch_order = self._epoch_order_for(y_train)
+            self.epoch_order = epoch_order(y_train, self.rng, self.balanced)
             self.batches_done = 0
         order = self.epoch_order
         num_batches = math.ceil(len(order) / bs)
@@ -215,7 +175,7 @@ class Trainer:
         train_seconds = time.perf_counter() - started
 
         logs: dict[str, Any] = {}
-        x_eval, y_eval = (x_train, y_train) if train_eval_rows is None else (x_train[train_eval_rows], y_train[train_eval_rows])
+        x_eval, y_eval = (x_train, y_train) if eval_rows is None else (x_train[eval_rows], y_train[eval_rows])
         logs.update({f"train_{k}": v for k, v in self.evaluate(x_eval, y_eval).items()})
         if x_val is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(x_val, y_val).items()})
@@ -233,25 +193,9 @@ class Trainer:
             self._interrupt(epoch, num_batches)
 
     def train_step(self, xb, yb, lr: float) -> tuple[float | None, float, float]:
-        """One update on a batch: (loss, cost, accuracy) before the update. A non-finite loss
-        leaves the weights untouched and returns (None, loss, nan)."""
-        network = self.network
-        # Overflow on the way to a non-finite loss is reported as divergence (by the caller, or
-        # at the next batch), not as numpy RuntimeWarnings around that one-line error.
-        with np.errstate(over="ignore", invalid="ignore"):
-            scores = network.forward(xb, train=True)
-            loss, dscores = softmax_cross_entropy(scores, yb, self.label_smoothing)
-            if not math.isfinite(loss):
-                return None, loss, float("nan")
-            network.backward(dscores)
-            network.add_l2_gradients(self.l2)
-            cost = loss + self.l2 * network.l2_penalty() if self.l2 else loss
-            grads = network.gradients()
-            if self.clip_norm:
-                clip_grad_norm_(grads, self.clip_norm)  # the cost's gradient, L2 term included
-            self.optimizer.step(grads, lr)
-        accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
-        return loss, cost, accuracy
+        """One update on a batch: (loss, cost, accuracy) before it; see step.train_step."""
+        return train_step(self.network, self.optimizer, xb, yb, lr, l2=self.l2,
+                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm)
 
     def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
         """loss, cost, accuracy and balanced accuracy of normalized x (raw images with
@@ -282,6 +226,40 @@ class Trainer:
         saved = f"checkpoint written to {path}" if path else "no checkpoint directory, nothing saved"
         raise TrainingInterrupted(f"training stopped at {where} (update {self.step}); {saved}", checkpoint=path)
 
+    # ---- state ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The loop's state: counters, the epoch in progress, generators, schedule plan, optimizer
+        and callbacks. With the network's arrays it is all a resumed fit needs (see the module
+        docstring); TrainingCheckpoint stores it."""
+        mid_epoch = self.epoch_order is not None
+        return {"counters": {"epoch": self.epoch, "step": self.step, "epochs": self.epochs,
+                             "batch_size": self.batch_size, "l2": self.l2, "seed": self.seed,
+                             "stop_training": self.stop_training, "mid_epoch": mid_epoch,
+                             "batches_done": self.batches_done if mid_epoch else 0},
+                "epoch_order": self.epoch_order if mid_epoch else np.empty(0, dtype=np.int64),
+                "rng": self.rng.bit_generator.state,
+                "dropout_rng": self.dropout_rng.bit_generator.state if self.network.has_dropout else None,
+                "schedule": self.schedule.to_dict(), "optimizer": self.optimizer.state_dict(),
+                "callbacks": self.callbacks.state_dict(), "callback_arrays": self.callbacks.state_arrays()}
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Continue from a state_dict(); keys an older checkpoint lacks (None) start fresh.
+        `source` names the file in the one-line error for an unusable generator state."""
+        counters = state["counters"]
+        self.epoch, self.step = int(counters["epoch"]), int(counters["step"])
+        self.stop_training = bool(counters["stop_training"])
+        mid_epoch = bool(counters["mid_epoch"])
+        self.epoch_order = np.asarray(state["epoch_order"], dtype=np.int64) if mid_epoch else None
+        self.batches_done = int(counters["batches_done"]) if mid_epoch else 0
+        self.optimizer.load_state_dict(state["optimizer"])
+        _load_generator(self.dropout_rng, state.get("dropout_rng"), f"{source}: unusable dropout generator state")
+        _load_generator(self.rng, state["rng"], f"{source}: unusable generator state")
+        if state.get("schedule") is not None:  # the cosine plan the fit followed so far
+            self.schedule.load_plan(state["schedule"])
+        self.callbacks.load_state_dict(state["callbacks"])
+        self.callbacks.load_state_arrays(state.get("callback_arrays") or {})
+
     # ---- checkpoints ----------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
@@ -291,7 +269,7 @@ class Trainer:
         if path is None:
             if self.checkpoint_dir is None:
                 raise ConfigError("save_checkpoint: no path given and the trainer has no checkpoint_dir")
-            path = self.checkpoint_dir / CHECKPOINT_FILE
+            path = RunFolder(self.checkpoint_dir).checkpoint
         for name, value in self.network.parameters().items():
             if not np.isfinite(value).all():
                 raise TrainingDiverged(
@@ -313,3 +291,23 @@ class Trainer:
         checkpoint.restore(self)
         self.checkpoint_path = self.resumed_from = checkpoint.path
         self._checkpoint_epoch = self.epoch
+
+
+def _load_generator(generator: np.random.Generator, state: dict | None, what: str) -> None:
+    if state is None:
+        return
+    try:
+        generator.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{what} ({exc})") from None
+
+
+def _with_defaults(callbacks: Iterable[Callback], patience: int | None, monitor: str, checkpoints: bool) -> list:
+    """The caller's callbacks, plus early stopping (with `patience`) and the checkpoint writer
+    (with a checkpoint folder) unless the caller brought its own."""
+    callbacks = list(callbacks)
+    if patience is not None and not any(isinstance(c, EarlyStopping) for c in callbacks):
+        callbacks.append(EarlyStopping(monitor=monitor, patience=patience))
+    if checkpoints and not any(isinstance(c, Checkpoint) for c in callbacks):
+        callbacks.append(Checkpoint())
+    return callbacks

@@ -494,13 +494,13 @@ def test_a_zip_bomb_npz_is_refused_from_its_headers(tmp_path, monkeypatch):
 
 
 def test_a_memory_error_anywhere_is_one_line(tmp_path, monkeypatch):
-    import convtrain.pipeline.fit as pipeline_fit
+    import convtrain.pipeline.prepare as pipeline_prepare
 
     def runs_out_of_memory(*_args, **_kwargs):
         raise MemoryError("Unable to allocate 5.82 TiB for an array with shape (1600000, 1000, 1000)")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline_fit, "_build_network", runs_out_of_memory)
+    monkeypatch.setattr(pipeline_prepare, "_build_network", runs_out_of_memory)
     before = snapshot(tmp_path)
     line = assert_one_line_error(invoke("fit", *TINY), "out of memory (Unable to allocate 5.82 TiB")
     assert "smaller" in line

@@ -30,7 +30,7 @@ import pytest
 from convtrain.nn.network import Network
 from convtrain.nn.npz_files import read_json, read_npz
 from convtrain.pipeline.resume import checkpoint_config
-from convtrain.tracking.callback import EPOCH_METRICS
+from convtrain.tracking.metric_buffer import EPOCH_METRICS
 from tests.support.killharness import Harness
 
 pytestmark = pytest.mark.slow

@@ -132,7 +132,7 @@ def test_a_full_disk_under_the_tracking_store_is_one_line_and_resume_sends_what_
     import subprocess
     import sys
 
-    from convtrain.tracking.callback import UNLOGGED_FILE
+    from convtrain.training.run_folder import UNLOGGED_FILE
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "120"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -172,14 +172,14 @@ def test_ctrl_c_after_training_says_what_was_saved_and_resume_finishes_the_run(t
     there): one line naming the model and checkpoint and the resume command, run KILLED."""
     monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")  # as the CLI does, for the import below
     import convtrain.tracking.model
-    from convtrain.pipeline import fit as fit_module
+    from convtrain.pipeline import finish as finish_module
     from convtrain.training import plots
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     target, name, stage = {"plots": (plots, "learning_curves", "writing the plots"),
-                           "test evaluation": (fit_module, "_final_evaluation", "evaluating the final model"),
+                           "test evaluation": (finish_module, "_final_evaluation", "evaluating the final model"),
                            "model logging": (convtrain.tracking.model, "log_model", "logging the results to MLflow")}[where]
     real = getattr(target, name)
     monkeypatch.setattr(target, name, interrupt)

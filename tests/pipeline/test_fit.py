@@ -16,6 +16,7 @@ from convtrain.config import FitConfig
 from convtrain.pipeline.fit import fit
 from convtrain.pipeline.resume import resolve_fit_config
 from convtrain.training.callbacks import Callback
+from convtrain.training.run_folder import RunFolder
 
 pytestmark = pytest.mark.usefixtures("in_tmp_cwd")
 
@@ -203,46 +204,53 @@ class FlakyClient:
 
 
 def test_metrics_wait_in_the_buffer_until_the_store_answers_again(tmp_path, monkeypatch):
-    from convtrain.tracking import callback as tracking
+    from convtrain.tracking import metric_buffer
+    from convtrain.tracking.callback import MLflowCallback
+    from convtrain.tracking.tracked_run import TrackedRun
 
-    monkeypatch.setattr(tracking, "_RETRY_SECONDS", (0.0, 0.0))
+    monkeypatch.setattr(metric_buffer, "_RETRY_SECONDS", (0.0, 0.0))
     fake, notes = FlakyClient(), []
-    callback = tracking.MLflowCallback(fake, "sqlite:///x.db", "run1", "1", log_every=2, notify=notes.append)
+    run = TrackedRun(fake, "sqlite:///x.db", "run1", "1", notify=notes.append)
+    callback = MLflowCallback(run, log_every=2)
     logs = {"train_loss": 1.0, "val_loss": 2.0, "learning_rate": 0.1}
     callback.on_epoch_end(None, 1, logs)
     fake.down = True
     callback.on_batch_end(None, 2, {"loss": 0.5})
     callback.on_epoch_end(None, 2, logs)
-    assert callback.pending and len(notes) == 1 and "stopped answering" in notes[0]
+    assert run.metrics.pending and len(notes) == 1 and "stopped answering" in notes[0]
     fake.down = False
     callback.on_epoch_end(None, 3, logs)
-    assert not callback.pending and "answers again" in notes[-1]
+    assert not run.metrics.pending and "answers again" in notes[-1]
     steps = sorted((m.key, m.step) for m in fake.metrics)
     assert steps == sorted([(k, e) for k in logs for e in (1, 2, 3)] + [("batch_loss", 2)])
 
 
 def test_what_never_got_through_is_saved_and_reported(tmp_path):
-    from convtrain.tracking import callback as tracking
+    from convtrain.tracking.callback import MLflowCallback
+    from convtrain.tracking.tracked_run import TrackedRun
 
     fake = FlakyClient()
-    callback = tracking.MLflowCallback(fake, "sqlite:///x.db", "run1", "1", notify=lambda _: None)
+    run = TrackedRun(fake, "sqlite:///x.db", "run1", "1", notify=lambda _: None)
+    callback = MLflowCallback(run)
     fake.down = True
     callback.on_epoch_end(None, 1, {"train_loss": 1.0})
-    problems = callback.finish("FINISHED", out_dir=tmp_path)
+    problems = run.finish("FINISHED", out_dir=tmp_path)
     assert any("1 metric values could not be logged" in p for p in problems)
     # not marked FINISHED while metrics are missing: it stays open for `--resume` to complete
     assert any(f"stays open until the rest is sent: convtrain fit --resume {tmp_path}" in p for p in problems)
     assert fake.status is None
-    saved = json.loads((tmp_path / tracking.UNLOGGED_FILE).read_text())
+    saved = json.loads((RunFolder(tmp_path).unlogged).read_text())
     assert saved["metrics"] == [{"key": "train_loss", "value": 1.0, "step": 1, "timestamp": saved["metrics"][0]["timestamp"]}]
 
 
 def test_resumed_callback_skips_what_the_run_already_holds():
-    from convtrain.tracking import callback as tracking
+    from convtrain.tracking.callback import MLflowCallback
+    from convtrain.tracking.metric_buffer import MetricBuffer
+    from convtrain.tracking.tracked_run import TrackedRun
 
     fake = FlakyClient()
-    callback = tracking.MLflowCallback(fake, "sqlite:///x.db", "run1", "1", log_every=1,
-                                       logged_epochs=2, logged_batch_step=20)
+    buffer = MetricBuffer(fake, "sqlite:///x.db", "run1", logged_epochs=2, logged_batch_step=20)
+    callback = MLflowCallback(TrackedRun(fake, "sqlite:///x.db", "run1", "1", metrics=buffer), log_every=1)
     callback.on_batch_end(None, 20, {"loss": 1.0})
     callback.on_epoch_end(None, 2, {"train_loss": 1.0})
     assert fake.metrics == []

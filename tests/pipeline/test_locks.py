@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from convtrain.pipeline.run_folder_lock import LOCK_FILE, RunFolderLock
+from convtrain.training.run_folder import LOCK_FILE, RunFolderLock
 from tests.support.cli import error_line, invoke
 
 TINY = ["--limit", "200", "--filters", "4", "--epochs", "1", "--quiet"]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 HOLD = """
 import sys, time
-from convtrain.pipeline.run_folder_lock import RunFolderLock
+from convtrain.training.run_folder import RunFolderLock
 with RunFolderLock() as lock:
     lock.take(sys.argv[1])
     print("held", flush=True)

@@ -77,10 +77,10 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def mlflow_servers(tmp_path_factory):
-    """Two servers started side by side (start-up is the slow part): one shared by the tests
-    of this module, one for the test that kills it."""
+    """Servers started side by side (start-up is the slow part): one shared by the tests of
+    this module, and one for each test that kills its server."""
     servers = {name: MlflowServer(tmp_path_factory.mktemp(f"mlflow-{name}")).launch()
-               for name in ("shared", "doomed")}
+               for name in ("shared", "doomed", "outage")}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -231,7 +231,7 @@ def test_server_down_at_start_fails_fast_with_one_line(tmp_path, monkeypatch):
 def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlflow_servers):
     from convtrain.nn.network import Network
     from convtrain.pipeline.fit import fit
-    from convtrain.tracking.callback import UNLOGGED_FILE
+    from convtrain.training.run_folder import UNLOGGED_FILE
     from convtrain.training.callbacks import Callback
 
     monkeypatch.chdir(tmp_path)
@@ -273,6 +273,65 @@ def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlf
         assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [1, 2, 3], key
     assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [result.run_id]
     assert not (result.out_dir / UNLOGGED_FILE).exists()
+
+
+KILLED_DURING_AN_OUTAGE = """
+import os, signal, sys
+from convtrain import FitConfig, fit
+from convtrain.training.callbacks import Callback
+
+server_pid, url = int(sys.argv[1]), sys.argv[2]
+
+class Outage(Callback):
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == 1:  # the store dies; epochs 2 and 3 wait in the buffer
+            os.killpg(server_pid, signal.SIGKILL)
+
+    def on_checkpoint(self, trainer, path):
+        if trainer.epoch == 3:  # kill -9 right after epoch 3's checkpoint: no chance to save anything
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fit(FitConfig(epochs=5, limit=400, log_every=1, run_name="outage", tracking_uri=url, out="out"),
+    callbacks=[Outage()], progress=None)
+"""
+
+
+def test_metrics_kept_back_by_an_outage_survive_kill_9_and_resume_sends_each_once(tmp_path, monkeypatch, mlflow_servers):
+    """The server dies after epoch 1, the fit is killed -9 after epoch 3 (its metrics for epochs
+    2-3 were only in memory), the server comes back: `--resume` sends them from the checkpoint,
+    trains epochs 4-5, and the run holds every epoch and every batch step exactly once."""
+    import mlflow
+
+    from convtrain.tracking.metric_buffer import EPOCH_METRICS as LOGGED_PER_EPOCH
+    from convtrain.training.checkpoint import TrainingCheckpoint
+
+    server = mlflow_servers["outage"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    killed = subprocess.run([sys.executable, "-c", KILLED_DURING_AN_OUTAGE, str(server.process.pid), server.url],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    server.process.wait(timeout=30)  # the fit killed it
+    server.process = None
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "stopped answering" in killed.stderr
+    assert TrainingCheckpoint.load(tmp_path / "out" / "checkpoint.npz").state["epoch"] == 3
+
+    server.launch().wait_ready()
+    client = mlflow.MlflowClient(server.url)
+    run_id = TrainingCheckpoint.load(tmp_path / "out" / "checkpoint.npz").callback_state("mlflow")["run_id"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1]  # all the store got
+    monkeypatch.chdir(tmp_path)
+    resumed = invoke("fit", "--resume", "out")
+    assert resumed.exit_code == 0, resumed.output
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    per_epoch = [key for key in LOGGED_PER_EPOCH if key in run.data.metrics]
+    assert {"train_loss", "val_loss", "val_accuracy", "epoch_seconds"} <= set(per_epoch)
+    for key in per_epoch:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4, 5], key
+    last_step = TrainingCheckpoint.load(tmp_path / "out" / "checkpoint.npz").state["step"]
+    batches = sorted(m.step for m in client.get_metric_history(run_id, "batch_loss"))
+    assert batches == list(range(1, last_step + 1))
 
 
 def test_runs_left_running_by_a_dead_fit_are_marked_killed_by_the_next_one(tmp_path, monkeypatch):

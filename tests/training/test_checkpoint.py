@@ -17,7 +17,8 @@ from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.nn.npz_files import read_npz
 from convtrain.training.callbacks import BatchLossRecorder
-from convtrain.training.checkpoint import CHECKPOINT_FILE, TrainingCheckpoint
+from convtrain.training.checkpoint import TrainingCheckpoint
+from convtrain.training.run_folder import CHECKPOINT_FILE
 from convtrain.training.trainer import Trainer
 from tests.support.stops import StopAt
 

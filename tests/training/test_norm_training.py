@@ -9,7 +9,7 @@ from convtrain.data import Standardizer, load_dataset
 from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD, AdamW, make_schedule
-from convtrain.training.checkpoint import CHECKPOINT_FILE
+from convtrain.training.run_folder import CHECKPOINT_FILE
 from convtrain.training.trainer import Trainer
 from tests.support.data import standardized
 from tests.support.stops import StopAt

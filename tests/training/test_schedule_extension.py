@@ -7,7 +7,7 @@ import pytest
 from convtrain.config import FitConfig
 from convtrain.errors import TrainingInterrupted
 from convtrain.training.callbacks import Callback
-from convtrain.training.checkpoint import CHECKPOINT_FILE
+from convtrain.training.run_folder import CHECKPOINT_FILE
 from tests.support.stops import StopAt
 from tests.training.test_trainer import assert_same_weights, make_trainer, weights
 

@@ -10,7 +10,7 @@ from convtrain.config import FitConfig
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn.network import Network
 from convtrain.training.callbacks import Callback, EarlyStopping
-from convtrain.training.checkpoint import CHECKPOINT_FILE
+from convtrain.training.run_folder import CHECKPOINT_FILE
 from convtrain.training.trainer import History, Trainer
 from tests.support.stops import StopAt
 

@@ -1,10 +1,18 @@
-"""One run folder, one writer: an exclusive lock on a fit's --out folder for the whole fit.
+"""A fit's run folder (its --out): the one place its file names are spelled, and its lock.
 
-Two fits writing one folder (`--resume d` twice, `--out same` twice, `--resume <run id>` of a
-run whose folder another fit is using) would log every metric twice and overwrite each other's
-checkpoints. The lock is `fcntl.flock` on `.convtrain.lock` in the folder: the kernel releases
-it when the process ends however it ends (kill -9 included), so a stale lock cannot outlive
-its fit. The file records the holder's pid and host for the message the second fit prints.
+    runs/<name>/
+        config.toml            the resolved FitConfig (what `fit --config` takes back)
+        checkpoint.npz         the training checkpoint (training/checkpoint.py owns its format)
+        model.npz              the final model (nn/network.py owns its format)
+        plots/                 learning curves, confusion matrix, first-layer filters
+        unlogged-metrics.json  metrics the tracking store did not take, sent by `--resume`
+        .convtrain.lock        held by the fit writing the folder
+
+One folder, one writer: two fits writing one folder (`--resume d` twice, `--out same` twice,
+`--resume <run id>` of a run whose folder another fit is using) would log every metric twice and
+overwrite each other's checkpoints. The lock is `fcntl.flock` on the lock file: the kernel
+releases it when the process ends however it ends (kill -9 included), so a stale lock cannot
+outlive its fit. The file records the holder's pid and host for the message the second fit prints.
 """
 
 from __future__ import annotations
@@ -19,7 +27,46 @@ from pathlib import Path
 
 from convtrain.errors import ConfigError
 
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILE = "checkpoint.npz"
+MODEL_FILE = "model.npz"
+PLOTS_DIR = "plots"
+UNLOGGED_FILE = "unlogged-metrics.json"
 LOCK_FILE = ".convtrain.lock"
+
+
+class RunFolder:
+    """The paths inside one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS_DIR
+
+    @property
+    def unlogged(self) -> Path:
+        return self.path / UNLOGGED_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_FILE
 
 
 class RunFolderLock:
@@ -42,14 +89,14 @@ class RunFolderLock:
         folder = Path(folder)
         self._created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(RunFolder(folder).lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise ConfigError(f"out: {folder} is in use by another fit ({_holder(folder / LOCK_FILE)}); "
+            raise ConfigError(f"out: {folder} is in use by another fit ({_holder(RunFolder(folder).lock)}); "
                               "wait for it to end, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
@@ -62,7 +109,7 @@ class RunFolderLock:
         self.folder, self._fd = None, None
         if failed and self._created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
             with contextlib.suppress(OSError):
-                os.remove(folder / LOCK_FILE)
+                os.remove(RunFolder(folder).lock)
                 folder.rmdir()
         os.close(fd)  # closing the last descriptor releases the lock
 

@@ -1,0 +1,102 @@
+"""The last step of a fit: the model saved, the final evaluation, the plots, then one call that
+hands the results to the MLflow run (TrackedRun.end_fit)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convtrain.config import FitConfig
+from convtrain.training.metrics import Evaluation, confusion_matrix
+from convtrain.training.run_folder import RunFolder
+
+
+@dataclass
+class FitResult:
+    run_id: str | None
+    history: Any  # convtrain.training.callbacks.History
+    metrics: dict[str, float]  # the final model's train/val metrics, test_* and best_epoch
+    model_path: Path
+    checkpoint_path: Path | None
+    out_dir: Path
+    network: Any  # convtrain.nn.network.Network
+    config: FitConfig
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    problems: list[str] = field(default_factory=list)  # e.g. metrics the tracking store did not take
+    registered_model: str | None = None  # "NAME version N" with --register-model
+
+
+def finish(plan, outcome) -> FitResult:
+    """Save the model, evaluate it, draw the plots and log it all; `plan.stage` says which."""
+    config, network, splits, run = plan.config, plan.network, plan.splits, plan.run
+    trainer, history = outcome.trainer, outcome.history
+    plan.stage = "saving the model"
+    model_path = plan.model_path = network.save(RunFolder(plan.out_dir).model)
+    metrics = dict(history.best if config.patience else history.last)
+    metrics.pop("epoch", None)
+    metrics["best_epoch"] = history.best_epoch
+    if outcome.stopped_epoch:
+        metrics["stopped_epoch"] = outcome.stopped_epoch
+        _say(plan.progress, f"stopped at epoch {outcome.stopped_epoch}: {config.monitor} has not improved for "
+                            f"{config.patience} epochs; restored epoch {history.best_epoch}")
+    plan.stage = "evaluating the final model"
+    evaluation = _final_evaluation(trainer, network, splits)
+    metrics.update(evaluation.metrics)
+    plan.stage = "writing the plots"
+    plots = _write_plots(RunFolder(plan.out_dir).plots, history, outcome.batch_losses, trainer, network, evaluation)
+
+    plan.stage = "logging the results to MLflow"
+    problems = []
+    if run is not None:
+        from convtrain.tracking.tracked_run import FitRecord
+
+        problems = run.end_fit(FitRecord(
+            config=config, network=network, splits=splits, history=history, metrics=metrics,
+            test_metrics=evaluation.metrics, last_epoch=trainer.epoch, stopped_epoch=outcome.stopped_epoch,
+            out_dir=plan.out_dir, plots=plots, checkpoint_path=trainer.checkpoint_path, model_path=model_path,
+            input_example=np.ascontiguousarray(splits.x_train[:2]), wall_seconds=time.monotonic() - plan.started))
+    return FitResult(run_id=run.run_id if run else None, history=history, metrics=metrics, model_path=model_path,
+                     checkpoint_path=trainer.checkpoint_path, out_dir=plan.out_dir, network=network, config=config,
+                     tracking_uri=plan.tracking_uri, experiment_id=run.experiment_id if run else None,
+                     problems=problems, registered_model=run.registered if run else None)
+
+
+def _say(progress_callback, line: str) -> None:
+    """A line in the fit's own output (nothing when the caller asked for no progress output)."""
+    console = getattr(progress_callback, "console", None)
+    if console is not None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _final_evaluation(trainer, network, splits) -> Evaluation:
+    """Test metrics of the final model (validation if the data set has no test split)."""
+    if splits.x_test is not None and len(splits.x_test):
+        split, x, y = "test", splits.x_test, splits.y_test
+    elif splits.x_val is not None and len(splits.x_val):
+        split, x, y = "val", splits.x_val, splits.y_val
+    else:
+        split, x, y = "train", splits.x_train, splits.y_train
+    values, predictions = trainer.evaluate(x, y, normalize=True, return_predictions=True)  # a batch at a time
+    metrics = {f"test_{k}": float(v) for k, v in values.items()} if split == "test" else {}
+    return Evaluation(split, metrics, confusion_matrix(y, predictions, network.num_classes),
+                      list(network.class_names or range(network.num_classes)))
+
+
+def _write_plots(folder: Path, history, recorder, trainer, network, evaluation) -> list[Path]:
+    from convtrain.training import plots
+
+    paths = [plots.learning_curves(history.epochs, folder / "learning_curves.png",
+                                   batch_losses=recorder.curve(trainer.steps_per_epoch),
+                                   best_epoch=history.best_epoch, monitor=history.monitor)]
+    paths.append(plots.confusion_matrix(evaluation.confusion, evaluation.class_names,
+                                        folder / "confusion_matrix.png",
+                                        title=f"confusion matrix ({evaluation.split} split)"))
+    first = next((v for k, v in network.parameters().items() if k.endswith(".weight") and v.ndim == 4), None)
+    if first is not None:
+        paths.append(plots.filter_montage(first, folder / "filters_conv1.png"))
+    return paths

@@ -1,0 +1,33 @@
+"""One update on one batch: forward -> softmax cross-entropy (optionally label-smoothed) ->
+backward -> + 2*l2*W -> (clip the gradients to a global norm) -> the optimizer's step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from convtrain.nn.losses import softmax_cross_entropy
+from convtrain.nn.optim import clip_grad_norm_
+
+
+def train_step(network, optimizer, xb, yb, lr: float, *, l2: float, label_smoothing: float = 0.0,
+               clip_norm: float | None = None) -> tuple[float | None, float, float]:
+    """(loss, cost, accuracy) of the batch before the update. A non-finite loss leaves the
+    weights untouched and returns (None, loss, nan)."""
+    # Overflow on the way to a non-finite loss is reported as divergence (by the caller, or
+    # at the next batch), not as numpy RuntimeWarnings around that one-line error.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = network.forward(xb, train=True)
+        loss, dscores = softmax_cross_entropy(scores, yb, label_smoothing)
+        if not math.isfinite(loss):
+            return None, loss, float("nan")
+        network.backward(dscores)
+        network.add_l2_gradients(l2)
+        cost = loss + l2 * network.l2_penalty() if l2 else loss
+        grads = network.gradients()
+        if clip_norm:
+            clip_grad_norm_(grads, clip_norm)  # the cost's gradient, L2 term included
+        optimizer.step(grads, lr)
+    accuracy = float(np.count_nonzero(scores.argmax(axis=1) == yb)) / len(yb)
+    return loss, cost, accuracy
