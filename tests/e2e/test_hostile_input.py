@@ -192,6 +192,37 @@ class Declares:
         return _reconstruct, (np.ndarray, self.shape, self.dtype)
 
 
+class ArrayState:
+    """Pickles as numpy does an array: _reconstruct(ndarray, (0,), b'b'), then BUILD with
+    (version, shape, dtype, fortran, data), here with any shape, dtype and data."""
+
+    def __init__(self, shape, dtype, data):
+        self.state = (1, shape, dtype, False, data)
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+class Calls:
+    """Pickles as callable(*args), whatever the args are (another call, for one)."""
+
+    def __init__(self, callable_, *args):
+        self.callable, self.args = callable_, args
+
+    def __reduce__(self):
+        return self.callable, self.args
+
+
+def cifar_of(data, labels=(0,)) -> Callable[[Path], list]:
+    return cifar(lambda tmp: pickle.dumps({b"data": data, b"labels": list(labels)}, protocol=2))
+
+
+def _nested_reconstruct():
+    from numpy._core.multiarray import _reconstruct
+    return Calls(_reconstruct, np.ndarray, Calls(_reconstruct, np.ndarray, (0,), b"b"), b"b")
+
+
 def _npz_declaring_terabytes(_tmp) -> bytes:
     """About 300 bytes whose x.npy header declares (1600000, 1, 1000, 1000) float32: 5.8 TiB."""
     import io
@@ -418,7 +449,20 @@ CASES = {
     "dd2424 holding out every name": Case(dd2424("Abadi 1\nBai 2\n", "1 2\n"), "holds out all 2 names"),
     "cifar labels nested past 64 dimensions": Case(
         cifar(lambda tmp: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": nested(70)}, protocol=4)),
-        "'labels' must be a list of whole numbers"),
+        "nests lists or dicts deeper"),
+    # crafted CIFAR batches: numpy is handed only checked uint8 arrays
+    "cifar object array declaring 250,000,000 entries": Case(
+        cifar_of(ArrayState((250_000_000,), np.dtype(object), [1, 2, 3])), "numpy.dtype('O8')"),
+    "cifar uint8 array of a shape larger than its bytes": Case(
+        cifar_of(ArrayState((10, 3072), np.dtype(np.uint8), bytes(100))), "needs 30,720 bytes, the file gives 100"),
+    "cifar big-endian structured dtype": Case(
+        cifar_of(ArrayState((1, 3072), np.dtype([("a", ">i4")]), bytes(4 * 3072))), "uint8 arrays only"),
+    "cifar reconstruct nested in a reconstruct": Case(cifar_of(_nested_reconstruct()), "_reconstruct declares shape"),
+    "cifar labels list of 100,000 entries": Case(
+        cifar_of(np.zeros((1, 3072), np.uint8), [0] * 100_000), "a list of more than 10,000 entries"),
+    "cifar batch holding a set": Case(
+        cifar(lambda tmp: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": {0}}, protocol=4)),
+        "opcode"),
     # a hand-edited model.npz (section 5)
     "model normalization of the wrong length": Case(
         evaluate_tampered("normalization", lambda n: {**n, "mean": n["mean"] * 2}), "normalization mean must be 1"),
