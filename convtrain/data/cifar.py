@@ -79,6 +79,8 @@ class _Uint8Dtype:
             _refuse(f"numpy.dtype({name!r}), but a CIFAR batch holds uint8 arrays only")
 
     def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 8 and state[1] == b"|":
+            state = (state[0], "|", *state[2:])  # a Python 2 pickle read with encoding="bytes"
         if not (isinstance(state, tuple) and len(state) == 8 and state[0] in (3, 4)
                 and state[1:] == self.STATE_FIELDS):
             _refuse(f"a uint8 dtype with the state {str(state)[:80]}")
