@@ -533,19 +533,55 @@ def _list_item(name: str, v: Any) -> Any:
     return int(v)
 
 
+# A config or sweep file is a few dozen lines; reading stops past this (a config of /dev/zero or
+# a multi-gigabyte file is refused before it fills memory).
+MAX_CONFIG_BYTES = 1024 * 1024
+# tables > keys > lists > [kh, kw] pairs: deeper nesting is no config (and tomllib's recursive
+# parser raises RecursionError for arrays nested thousands deep)
+MAX_CONFIG_NESTING = 8
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file's tables; ConfigError (one line) for a file that is missing, larger
+    than MAX_CONFIG_BYTES, not UTF-8, not TOML or nested deeper than any config."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply to be a config") from None
+    if _nesting(raw) > MAX_CONFIG_NESTING:
+        raise ConfigError(f"{path}: arrays or tables nested more than {MAX_CONFIG_NESTING} deep, "
+                          "deeper than any config")
+    return raw
+
+
+def _nesting(value) -> int:
+    """How deep lists and tables nest in `value` (walked without recursion)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 > MAX_CONFIG_NESTING:
+                break
+            todo += [(child, depth + 1) for child in item]
+    return deepest
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:

@@ -117,19 +117,11 @@ class _Uint8Array:
         self.array = np.frombuffer(data, np.uint8).reshape(shape, order="F" if fortran else "C")
 
 
-def _latin1_encode(text, encoding="utf-8"):
-    """_codecs.encode(text, 'latin1'): how Python 3's protocol-2 pickles write bytes."""
-    if not isinstance(text, str) or encoding != "latin1":
-        _refuse("_codecs.encode is allowed only on a string, to latin1")
-    return text.encode("latin-1")
-
-
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
     ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
     ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _Uint8Dtype,
-    ("_codecs", "encode"): _latin1_encode,
 }
 
 

@@ -23,6 +23,7 @@ from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.nn.losses import softmax, softmax_cross_entropy
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
+from convtrain.nn.footprint import check_saved_architecture
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, write_npz_atomic
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 
@@ -419,6 +420,8 @@ class Network:
                     what: str = "model") -> "Network":
         architecture = read_json(arrays, "architecture", path, what)
         try:
+            stored = sum(value.size for key, value in arrays.items() if key.startswith(PARAM_PREFIX))
+            check_saved_architecture(architecture, stored)  # before any array is allocated for it
             network = cls(architecture, seed=None)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ArchitectureError):

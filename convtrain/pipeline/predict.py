@@ -51,7 +51,9 @@ def _read_images(path: Path, network) -> np.ndarray:
     if path.suffix.lower() == ".npz":
         from convtrain.nn.npz_files import read_npz
 
-        arrays = read_npz(path, "input")  # checks the sizes its headers declare before reading
+        # the sizes its headers declare are checked before reading, with the float32 copy and
+        # the concatenated batch predicted on
+        arrays = read_npz(path, "input", working_bytes_per_value=2 * np.dtype(np.float32).itemsize)
         key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
         if key is None:
             raise DataError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")

@@ -215,7 +215,7 @@ class Calls:
 
 
 def cifar_of(data, labels=(0,)) -> Callable[[Path], list]:
-    return cifar(lambda tmp: pickle.dumps({b"data": data, b"labels": list(labels)}, protocol=2))
+    return cifar(lambda tmp: pickle.dumps({b"data": data, b"labels": list(labels)}, protocol=3))
 
 
 def _nested_reconstruct():
