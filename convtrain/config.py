@@ -43,6 +43,7 @@ SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
+MAX_EXPERIMENT_NAME = 500
 OPTIMIZERS = ("sgd", "adamw")
 CONV_ALGOS = ("auto", "im2col", "winograd")
 GLOBAL_POOLS = ("none", "avg")
@@ -340,6 +341,9 @@ class FitConfig:
         _expect(self.patience is None or self.patience > 0, "patience", self.patience, "a positive count")
         _expect(self.monitor in MONITORS, "monitor", self.monitor, f"one of {', '.join(MONITORS)}")
         _expect(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
+        if len(self.experiment) > MAX_EXPERIMENT_NAME:
+            raise ConfigError(f"experiment: got {len(self.experiment)} characters, expected at most "
+                              f"{MAX_EXPERIMENT_NAME} (MLflow's limit)")
         if self.run_name is not None and len(self.run_name) > MAX_RUN_NAME:
             raise ConfigError(f"run_name: got {len(self.run_name)} characters, expected at most {MAX_RUN_NAME} "
                               "(MLflow's limit)")

@@ -98,11 +98,23 @@ def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
         return x  # converted to float32 after the split, so only the kept rows are copied
     if x.dtype.kind != "f":
         raise data_error(path, f"{key!r} has dtype {x.dtype}, expected numbers")
-    x = x.astype(np.float32, copy=False)
+    return as_finite_float32(x, lambda problem: data_error(path, f"{key!r} has {problem}"))
+
+
+def as_finite_float32(x: np.ndarray, refuse) -> np.ndarray:
+    """Float images as float32, refused (refuse(problem) is the exception) if any value is NaN,
+    infinite, or beyond float32's range (which the cast would make infinite: numpy warns on
+    stderr, here it is the one line)."""
     bad = x.size - int(np.count_nonzero(np.isfinite(x)))
     if bad:
-        raise data_error(path, f"{key!r} has {bad} NaN or infinite value(s) (as float32)")
-    return x
+        raise refuse(f"{bad} NaN or infinite value(s)")
+    if x.dtype.itemsize > 4 and x.size:
+        limit = float(np.finfo(np.float32).max)
+        beyond = int(np.count_nonzero(np.abs(x) > limit))
+        if beyond:
+            raise refuse(f"{beyond} value(s) beyond float32's range (largest {float(np.abs(x).max()):.3g}, "
+                         f"float32 holds up to {limit:.3g})")
+    return x.astype(np.float32, copy=False)
 
 
 def _labels(path: Path, key: str, y: np.ndarray, count: int) -> np.ndarray:

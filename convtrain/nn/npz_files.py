@@ -135,3 +135,6 @@ def read_json(arrays: dict[str, np.ndarray], key: str, path: str | Path, what: s
         return json.loads(str(arrays[key][()]))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{what} file {str(path)!r}: entry {key!r} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} file {str(path)!r}: entry {key!r} nests JSON arrays or objects "
+                              "too deeply to be a convtrain entry") from None

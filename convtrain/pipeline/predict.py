@@ -58,12 +58,16 @@ def _read_images(path: Path, network) -> np.ndarray:
         if key is None:
             raise DataError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")
         x = arrays[key]
-        if x.dtype.kind not in "fiub" or (x.dtype.kind == "f" and not np.isfinite(x).all()):
+        if x.dtype.kind not in "fiub":
             raise DataError(f"{path}: array {key!r} must hold finite numbers, got {x.dtype}")
         if x.ndim == len(network.input_shape):
             x = x[None]
         if x.ndim == 3 and network.input_shape[0] == 1:
             x = x[:, None]
+        if x.dtype.kind == "f":
+            from convtrain.data.npz import as_finite_float32
+
+            return as_finite_float32(x, lambda problem: DataError(f"{path}: array {key!r} has {problem}"))
         return x.astype(np.float32)
     from convtrain.data import load_image_file
 

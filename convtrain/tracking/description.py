@@ -10,9 +10,12 @@ builds text only; the callers set the tags.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Iterable
+
+from convtrain.errors import printable
 
 NOTE_TAG = "mlflow.note.content"  # shown by the MLflow UI as the run's (or experiment's) description
 
@@ -75,7 +78,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     best_epoch = metrics.get("best_epoch", getattr(history, "best_epoch", None))
     # The Overview shows the first lines and folds the rest: the outcome comes first.
     lines = [_headline(config, metrics, best_epoch, stopped_epoch, len(epochs)), ""]
-    lines.append(f"**Data**: `{config.data}`" + (f" ({config.data_path})" if config.data_path else "")
+    lines.append(f"**Data**: `{config.data}`" + (f" ({_text(config.data_path)})" if config.data_path else "")
                  + f", {network.num_classes} classes, input {_shape(network.input_shape)}; "
                  f"split {split_text} examples" + (f" (limit {config.limit})" if config.limit else "") + ".")
     lines.append("")
@@ -102,16 +105,16 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines.append("")
     lines += _speed_lines(epochs, wall_seconds)
     if model_name:
-        lines.append(f"**Model**: logged as `{model_name}`"
-                     + (f", registered as `{registered}`" if registered else "")
-                     + (f"; load it with `mlflow.pyfunc.load_model(\"runs:/{run_id}/{model_name}\")`" if run_id else "")
+        lines.append(f"**Model**: logged as {_code(model_name)}"
+                     + (f", registered as {_code(registered)}" if registered else "")
+                     + (f"; load it with {_code(f'mlflow.pyfunc.load_model({chr(34)}runs:/{run_id}/{model_name}{chr(34)})')}"
+                        if run_id else "")
                      + ".  ")
-    lines += ["", "**Reproduce** (a new run with the same settings):", "", "```",
-              f"convtrain fit --config {shlex.quote(str(out_dir))}/config.toml --out "
-              f"{shlex.quote(str(out_dir))}-again", "```"]
+    lines += ["", "**Reproduce** (a new run with the same settings):", "",
+              *_fenced(f"convtrain fit --config {shlex.quote(str(out_dir))}/config.toml --out "
+                       f"{shlex.quote(str(out_dir))}-again")]
     if run_id:
-        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", "```",
-                  f"convtrain fit --resume {run_id}", "```"]
+        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", *_fenced(f"convtrain fit --resume {run_id}")]
     return "\n".join(lines) + "\n"
 
 
@@ -178,15 +181,15 @@ def sweep_description(*, spec, rows: list, counts: dict, best, best_link: str | 
                   + f" | {r.value:.6g} |" for r in top]
         lines.append("")
     if best_config is not None:
-        lines += ["**Retrain the best** (the run becomes a child of this sweep):", "", "```",
-                  f"convtrain fit --config {shlex.quote(str(Path(best_config).resolve()))}", "```", ""]
-    lines += ["**Continue or extend** the sweep (finished trials are kept):", "", "```",
-              f"convtrain sweep {shlex.quote(str(Path(spec.path).resolve()))}", "```"]
+        lines += ["**Retrain the best** (the run becomes a child of this sweep):", "",
+                  *_fenced(f"convtrain fit --config {shlex.quote(str(Path(best_config).resolve()))}"), ""]
+    lines += ["**Continue or extend** the sweep (finished trials are kept):", "",
+              *_fenced(f"convtrain sweep {shlex.quote(str(Path(spec.path).resolve()))}")]
     return "\n".join(lines) + "\n"
 
 
 def experiment_description(name: str) -> str:
-    return (f"convtrain experiment `{name}`: one run per `convtrain fit` (its description says what was trained "
+    return (f"convtrain experiment {_code(name)}: one run per `convtrain fit` (its description says what was trained "
             "and how to reproduce it), and one parent run per `convtrain sweep` with its trials as children. "
             "Sort the runs by a metric column to compare them; a run's Artifacts hold its learning curves, "
             "confusion matrix, config and checkpoint, and its Models tab the pyfunc model.\n")
@@ -232,3 +235,25 @@ def _duration(seconds: float) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _code(text: Any) -> str:
+    """`text` as one Markdown code span whatever it holds: delimited by one backtick more than
+    its longest run of backticks (padded with a space where it starts or ends with one), control
+    characters and line breaks shown as escapes. Not for table cells (a '|' would end the cell)."""
+    text = printable(str(text))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _fenced(command: str) -> list[str]:
+    """A one-line command as a fenced code block that nothing in it can close."""
+    command = printable(command)
+    fence = "`" * max(3, max((len(run) for run in re.findall("`+", command)), default=0) + 1)
+    return [fence, command, fence]
+
+
+def _text(text: Any) -> str:
+    """Free text (a path, a name) with Markdown's punctuation backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~])", r"\\\1", printable(str(text)))

@@ -35,6 +35,8 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     """
     import subprocess
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port: got {port}, expected a port number from 1 to 65535")
     uri = resolve_tracking_uri(tracking_uri)
     if is_http(uri):
         check_reachable(uri)

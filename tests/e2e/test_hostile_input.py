@@ -293,6 +293,40 @@ def evaluate_tampered(key: str, value):
     return with_model(lambda tmp: ["evaluate", "out/model.npz"], tamper_model(key, value))
 
 
+def set_entry(name: str, key: str, value):
+    """Replace entry `key` of out/`name` by `value` (an array, or a str stored as a 0-d text entry,
+    the way JSON and TOML entries are)."""
+    def damage(out: Path):
+        with np.load(out / name) as archive:
+            arrays = {entry: archive[entry] for entry in archive.files}
+        arrays[key] = np.array(value) if isinstance(value, str) else value
+        np.savez(out / name, **arrays)
+    return damage
+
+
+def deep_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def deep_toml_array(key: str, depth: int) -> str:
+    return f"{key} = " + "[" * depth + "1" + "]" * depth + "\n"
+
+
+def deep_inline_table(depth: int) -> str:
+    return "[optim]\nlr = " + "{a = " * depth + "1" + "}" * depth + "\n"
+
+
+def float64_beyond_float32():
+    x = images().astype(np.float64)
+    x[3, 0, 2, 2] = 1e300  # finite in float64, infinite once cast to the float32 a fit trains in
+    return x
+
+
+def _psycopg_missing() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("psycopg") is None
+
+
 # ---- the table ------------------------------------------------------------------------------------
 
 @dataclass
@@ -472,6 +506,46 @@ CASES = {
         evaluate_tampered("normalization", lambda n: {**n, "std": [0.0]}), "std must be positive"),
     "model class_names of 5": Case(evaluate_tampered("class_names", 5), "'class_names' must be null or a list"),
     "model meta of a string": Case(evaluate_tampered("meta", "x"), "'meta' must be an object"),
+    # inputs that used to end in a traceback
+    "config with filters nested 50,000 deep": Case(
+        write("fit.toml", deep_toml_array("filters", 50_000), "fit", "--config", "fit.toml"), "nested too deeply"),
+    "config with filters nested 20 deep": Case(
+        write("fit.toml", deep_toml_array("filters", 20), "fit", "--config", "fit.toml"), "nested more than 8 deep"),
+    "config with inline tables nested 50,000 deep": Case(
+        write("fit.toml", deep_inline_table(50_000), "fit", "--config", "fit.toml"), "nested too deeply"),
+    "sweep with a [space] nested 50,000 deep": Case(
+        write("sweep.toml", "[space]\n" + deep_toml_array("lr", 50_000), "sweep", "sweep.toml"), "nested too deeply"),
+    "config of /dev/zero": Case(flags("fit", "--config", "/dev/zero"), "too large for a config file"),
+    "sweep based on /dev/zero": Case(write("sweep.toml", 'base = "/dev/zero"\n[space]\nlr = [0.1, 0.2]\n',
+                                           "sweep", "sweep.toml"), "too large for a config file"),
+    "model architecture JSON nested 100,000 deep": Case(
+        with_model(lambda tmp: ["evaluate", "out/model.npz"], set_entry("model.npz", "architecture", deep_json(100_000))),
+        "entry 'architecture' nests JSON"),
+    "checkpoint callbacks JSON nested 100,000 deep": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"], set_entry("checkpoint.npz", "callbacks", deep_json(100_000))),
+        "entry 'callbacks' nests JSON"),
+    "checkpoint config TOML nested 50,000 deep": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "config", deep_toml_array("filters", 50_000))),
+        "stored config nests arrays or tables too deeply"),
+    "checkpoint epoch_order of strings": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"], set_entry("checkpoint.npz", "epoch_order", np.array(["a", "b"]))),
+        "entry 'epoch_order' is <U1 of shape (2,)"),
+    "tracking URI with an unclosed IPv6 host": Case(flags("fit", *TINY, "--tracking-uri", "http://[::1"),
+                                                    "not a valid URL (Invalid IPv6 URL)"),
+    "postgresql tracking URI without its driver": Case(
+        flags("fit", *TINY, "--tracking-uri", "postgresql://user:secret@127.0.0.1:1/db"),
+        "postgresql://user:***@127.0.0.1:1/db: its database driver 'psycopg' is not installed"),
+    "ui on port -1": Case(flags("ui", "--port", "-1"), "port: got -1, expected a port number from 1 to 65535"),
+    "ui on port 99999": Case(flags("ui", "--port", "99999"), "port: got 99999"),
+    "sweep experiment name of 5,000 characters": Case(
+        write("sweep.toml", f'[fit]\nexperiment = "{"e" * 5000}"\n[space]\nlr = [0.1, 0.2]\n', "sweep", "sweep.toml"),
+        "experiment: got 5000 characters, expected at most 500"),
+    "npz float64 beyond float32's range": Case(npz(x=float64_beyond_float32, y=np.arange(20) % 10),
+                                               "1 value(s) beyond float32's range (largest 1e+300"),
+    "predict on float64 beyond float32's range": Case(
+        with_model(lambda tmp: (np.savez(tmp / "x.npz", x=float64_beyond_float32()[:, 0]),
+                                ["predict", "out/model.npz", "x.npz"])[-1]), "beyond float32's range"),
     "sweep with an empty space": Case(write("sweep.toml", "[sweep]\nmethod = \"grid\"\n[space]\n",
                                             "sweep", "sweep.toml"), "[space] is empty"),
 }
@@ -482,6 +556,8 @@ def test_hostile_input_gives_one_line_and_writes_nothing(name, tmp_path, monkeyp
     case = CASES[name]
     if name == "out where no file can be created" and not Path("/sys/kernel").is_dir():
         pytest.skip("needs Linux's /sys")
+    if name == "postgresql tracking URI without its driver" and not _psycopg_missing():
+        pytest.skip("psycopg is installed here")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     if getattr(case.setup, "needs_model", False):
