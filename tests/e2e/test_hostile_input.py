@@ -674,3 +674,89 @@ def test_predict_on_an_image_past_pillows_pixel_limit(tmp_path, monkeypatch, tra
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert_one_line_error(invoke("predict", trained / "model.npz", "big.png"), "image too large")
+
+
+# ---- a full disk under the tracking store when the fit starts ------------------------------------
+
+DISK_FULL_FROM_THE_START = """
+import sqlite3, sys
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+real_execute = SQLiteDialect_pysqlite.do_execute
+
+def do_execute(self, cursor, statement, parameters, context=None):
+    # what SQLite answers when the disk under the store has no room left for a page
+    if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+        raise sqlite3.OperationalError("database or disk is full")
+    return real_execute(self, cursor, statement, parameters, context)
+
+SQLiteDialect_pysqlite.do_execute = do_execute
+from convtrain.cli import main
+sys.argv = ["convtrain", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_store_whose_disk_is_full_when_the_fit_starts_is_one_line(tmp_path):
+    """SQLite's own error, through SQLAlchemy and MLflow as it really arrives, when the run is
+    created: one line saying the disk is full, not MLflow's logged tracebacks."""
+    import subprocess
+    import sys
+
+    from convtrain.tracking.sqlite_store import ensure_sqlite_store
+
+    ensure_sqlite_store(tmp_path / "mlflow.db")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_FROM_THE_START, "fit", *TINY, "--out", "out"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: tracking store ") and "database or disk is full" in lines[0], lines[0]
+
+
+def test_a_store_on_a_disk_with_no_room_left_is_refused_before_any_work(tmp_path, monkeypatch):
+    from convtrain.tracking import store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(invoke("fit", *TINY), "the disk is full (4,096 bytes free")
+    assert "free some space" in line
+    assert snapshot(tmp_path) == before
+
+
+# ---- names shown on the terminal and in run descriptions -----------------------------------------
+
+def test_control_characters_in_a_sweep_name_are_shown_escaped():
+    from rich.console import Console
+
+    from convtrain.errors import printable
+    from convtrain.sweep.report import trials_table
+
+    name = "clear\x1b[2J\rbell\x07\u202eright-to-left"
+    assert printable(name) == "clear\\x1b[2J\\rbell\\x07\\u202eright-to-left"
+    assert printable("digits, 32 filters [v1.2]") == "digits, 32 filters [v1.2]"
+
+    class Spec:  # what trials_table reads of a SweepSpec
+        space, objective = {}, "val_accuracy"
+
+    Spec.name = name
+    console = Console(width=120, record=True, force_terminal=False)
+    console.print(trials_table([], Spec))
+    shown = console.export_text()
+    assert "\x1b" not in shown and "\r" not in shown and "\\x1b[2J" in shown
+
+
+def test_backticks_and_control_characters_in_names_keep_the_markdown_intact():
+    from convtrain.tracking.description import _code, _fenced, _text, experiment_description
+
+    assert _code("plain") == "`plain`"
+    assert _code("lr`0.05") == "``lr`0.05``"  # the span outlasts the backtick inside
+    assert _code("`edge`") == "`` `edge` ``"
+    assert _code("a\nb") == "`a\\nb`"  # a line break cannot end the paragraph
+    assert _fenced("convtrain fit --out 'a```b'") == ["````", "convtrain fit --out 'a```b'", "````"]
+    assert _text("my_data [v1].npz") == "my\\_data \\[v1\\]\\.npz"
+    line = experiment_description("team`s runs")
+    assert line.startswith("convtrain experiment ``team`s runs``: one run per `convtrain fit`")
