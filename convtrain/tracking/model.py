@@ -96,8 +96,10 @@ def encode_names_for(network, names: list[str]) -> np.ndarray:
 
 
 def model_name(run_name: str | None) -> str:
-    """The logged model's name: the run's, in the characters a `runs:/<run id>/<name>` URI keeps."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(run_name or "")).strip("-.")
+    """The logged model's name: the run's, in the characters both a `runs:/<run id>/<name>` URI
+    and MLflow's model names accept (MLflow refuses '/', ':', '.', '%' and quotes): a decimal
+    point becomes '_' (`lr0.05` -> `lr0_05`), any other run of characters '-'."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", str(run_name or "").replace(".", "_")).strip("-_")
     return name or "model"
 
 
