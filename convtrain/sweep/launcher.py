@@ -28,6 +28,7 @@ from convtrain.sweep import plots as sweep_plots
 from convtrain.sweep import report as sweep_report
 from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
+from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.spec import SweepSpec, load_sweep
 from convtrain.sweep.worker import SweepFailed, WorkerPlan, default_threads, reclaim, run_worker
 from convtrain.tracking import store as tracking_store
@@ -67,7 +68,7 @@ def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None =
               quiet: bool = False, console: Console | None = None, fit: Callable | None = None,
               force_workers: bool = False) -> SweepOutcome:
     """Run (or resume, or join) the sweep in `sweep_file`; see the module docstring."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or SweepConsole()
     check_workers(workers, force=force_workers)
     spec = load_sweep(sweep_file, n_trials=n_trials, study_name=study_name)
     track = spec.base.track

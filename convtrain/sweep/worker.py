@@ -46,6 +46,7 @@ from convtrain.errors import (
 )
 from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
+from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.runs import SWEEP_TAG, TRIAL_TAG
 from convtrain.sweep.spec import Choices, SweepSpec, load_sweep
 from convtrain.training.callbacks import Callback
@@ -110,7 +111,7 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     reclaimed: list = []
     storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
     handle = sweep_study.load(spec, storage)
-    console = Console(highlight=False, soft_wrap=True)
+    console = SweepConsole()
     fit = plan.fit or _api_fit()
     ran = errors_in_a_row = 0
     previous_failure = None
