@@ -30,8 +30,10 @@ from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
 from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.spec import SweepSpec, load_sweep
-from convtrain.sweep.worker import SweepFailed, WorkerPlan, default_threads, reclaim, run_worker
+from convtrain.sweep.worker import (SweepFailed, WorkerPlan, default_threads, launcher_gone, reclaim, run_worker,
+                                    watch_launcher)
 from convtrain.tracking import store as tracking_store
+from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
 STORAGE_FILE = "optuna.db"
 # More workers than cores only share the cores (and each holds a fit's memory); --force-workers
@@ -213,11 +215,19 @@ def _describe_exit(number: int, code: int) -> str:
 
 
 def _worker_main(plan: WorkerPlan, stop) -> None:
-    """Entry point of a spawned worker: one-line errors, exit codes like the CLI's."""
+    """Entry point of a spawned worker: one-line errors, exit codes like the CLI's. SIGTERM (from
+    the launcher, or sent when the launcher dies) stops a running fit at its next batch with a
+    checkpoint, and a worker between fits at once."""
     import sys
+    if plan.launcher_pid is not None:
+        watch_launcher(plan.launcher_pid)
     try:
-        run_worker(plan, stop)
+        with sigterm_as_keyboard_interrupt():
+            run_worker(plan, stop)
     except (KeyboardInterrupt, TrainingInterrupted):
+        if plan.launcher_pid is not None and launcher_gone(plan.launcher_pid):
+            print(f"{plan.label}error: the sweep launcher (pid {plan.launcher_pid}) is gone, so this worker stopped "
+                  "(a running trial checkpointed); re-run the sweep command to finish it", file=sys.stderr, flush=True)
         sys.exit(130)
     except ConvtrainError as exc:
         print(f"{plan.label}error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
