@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convtrain.errors import ConfigError, did_you_mean
+from convtrain.errors import ConfigError, did_you_mean, plural
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,14 +222,15 @@ class FitConfig:
         schedule = make_schedule(self)
         cyclic = None
         if self.schedule_sets_length:
-            cycles = f"{self.cycles} cycle{'s' * (self.cycles != 1)}"
-            cyclic = f"cyclic schedule: {cycles} x 2 x {self.n_s} = {schedule.planned_steps()} updates"
+            cyclic = (f"cyclic schedule: {plural(self.cycles, 'cycle')} x 2 x {self.n_s} = "
+                      f"{schedule.planned_steps()} updates")
         if steps_per_epoch is None:
-            return cyclic or f"{self.epochs} epochs"
+            return cyclic or plural(self.epochs, "epoch")
         epochs, updates = training_length(schedule, self.epochs, steps_per_epoch)
         if cyclic:
-            return f"{cyclic} = {epochs} epochs of {steps_per_epoch} batches"
-        return f"{epochs} epochs x {steps_per_epoch} batches = {updates} updates"
+            return f"{cyclic} = {plural(epochs, 'epoch')} of {plural(steps_per_epoch, 'batch', 'batches')}"
+        batches = plural(steps_per_epoch, "batch", "batches")
+        return f"{plural(epochs, 'epoch')} x {batches} = {plural(updates, 'update')}"
 
     # ---- settings that decide the same thing ------------------------------------------
 
@@ -260,8 +261,9 @@ class FitConfig:
                                   f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
                                   "continue it, or start a new fit without --resume")
         if self.schedule_sets_length and "epochs" in chosen:
+            length = ("--n-s (updates per half cycle) or --cycles" if self.cycles == 1 else "--cycles or --n-s")
             raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({self.describe_length(None)}, "
-                              "whatever the epochs); pass --cycles for the length, or --schedule constant "
+                              f"whatever the epochs); pass {length} for the length, or --schedule constant "
                               "(or step, cosine) for --epochs")
         for name, users in SCHEDULE_SETTINGS.items():
             # flags only: a written config spells out every schedule's settings

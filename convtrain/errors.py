@@ -65,6 +65,11 @@ def one_line(error: BaseException | str) -> str:
     return "" if isinstance(error, str) else type(error).__name__
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 epoch', '12 epochs', '2 batches' (nouns="batches"): a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def printable(text: str) -> str:
     """`text` safe to print on a terminal: control and format characters (escape sequences,
     carriage returns, bidirectional overrides) shown as Python escapes, e.g. '\\x1b'."""

@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
-from convtrain.errors import ConfigError, ConvtrainError, TrainingInterrupted, one_line, out_of_memory, printable
+from convtrain.errors import (ConfigError, ConvtrainError, TrainingInterrupted, one_line, out_of_memory, plural,
+                             printable)
 from convtrain.sweep import plots as sweep_plots
 from convtrain.sweep import report as sweep_report
 from convtrain.sweep import runs as sweep_runs
@@ -156,8 +157,8 @@ def _announce(console, spec, handle, storage_url, workers, parent_run_id, quiet)
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     verb = "created" if handle.created else "joined"
-    console.print(f"sweep {printable(spec.name)} ({verb}): {spec.method}, {len(spec.space)} parameters, "
-                  f"{done} trials done, {waiting} to run, {workers} worker{'s' if workers > 1 else ''}; "
+    console.print(f"sweep {printable(spec.name)} ({verb}): {spec.method}, {plural(len(spec.space), 'parameter')}, "
+                  f"{plural(done, 'trial')} done, {waiting} to run, {plural(workers, 'worker')}; "
                   f"storage {sweep_study.redact(storage_url)}", markup=False)
     if parent_run_id:
         console.print(f"mlflow parent run {parent_run_id} (experiment {spec.base.experiment!r})", markup=False)

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
-from convtrain.errors import printable
+from convtrain.errors import plural, printable
 
 NOTE_TAG = "mlflow.note.content"  # shown by the MLflow UI as the run's (or experiment's) description
 
@@ -58,11 +58,11 @@ def optimizer_text(config) -> str:
 
 def schedule_text(config) -> str:
     if config.schedule == "step":
-        return f"step: lr x{config.gamma:g} every {config.step_epochs} epochs"
+        return f"step: lr x{config.gamma:g} every {plural(config.step_epochs, 'epoch')}"
     if config.schedule == "cosine":
         return f"cosine: from lr {config.lr:g} down to {config.eta_min:g} over the fit"
     if config.schedule == "cyclic":
-        cycles = f", {config.cycles} cycles" if config.cycles else ""
+        cycles = f", {plural(config.cycles, 'cycle')}" if config.cycles else ""
         return f"cyclic: {config.eta_min:g} to {config.eta_max:g}, {config.n_s} updates per half cycle{cycles}"
     return f"constant lr {config.lr:g}"
 
@@ -89,7 +89,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines += [f"| {name} | {kind} | {shape} | {count:,} |" for name, kind, shape, count in architecture_rows(network)]
     lines.append("")
     lines.append(f"**Optimizer**: {optimizer_text(config)}.  ")
-    lines.append(f"**Schedule**: {schedule_text(config)}; {config.epochs} epochs planned, "
+    lines.append(f"**Schedule**: {schedule_text(config)}; {plural(config.epochs, 'epoch')} planned, "
                  f"{len(epochs)} run, seed {config.seed}.  ")
     if config.patience:
         stopping = f"**Early stopping** on `{config.monitor}`, patience {config.patience}: "
@@ -105,10 +105,10 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines.append("")
     lines += _speed_lines(epochs, wall_seconds)
     if model_name:
+        load = f'mlflow.pyfunc.load_model("runs:/{run_id}/{model_name}")'
         lines.append(f"**Model**: logged as {_code(model_name)}"
                      + (f", registered as {_code(registered)}" if registered else "")
-                     + (f"; load it with {_code(f'mlflow.pyfunc.load_model({chr(34)}runs:/{run_id}/{model_name}{chr(34)})')}"
-                        if run_id else "")
+                     + (f"; load it with {_code(load)}" if run_id else "")
                      + ".  ")
     lines += ["", "**Reproduce** (a new run with the same settings):", "",
               *_fenced(f"convtrain fit --config {shlex.quote(str(out_dir))}/config.toml --out "
@@ -124,7 +124,7 @@ def _headline(config, metrics: dict, best_epoch, stopped_epoch, epochs_run: int)
     values = ", ".join(f"{label} **{metrics[key]:.4f}**" for key, label in shown if metrics.get(key) is not None)
     if config.patience and best_epoch is not None:
         how = (f"early stopping on `{config.monitor}` stopped at epoch {stopped_epoch}" if stopped_epoch
-               else f"best `{config.monitor}` of {epochs_run} epochs")
+               else f"best `{config.monitor}` of {plural(epochs_run, 'epoch')}")
         where = f"the saved model is epoch {best_epoch}'s ({how})"
     else:
         where = f"the saved model is the last epoch's ({epochs_run})"
@@ -149,7 +149,7 @@ def _speed_lines(epochs: list[dict], wall_seconds: float | None) -> list[str]:
               if e.get("images_per_second") is not None and e.get("epoch_seconds") is not None]
     parts = []
     if seconds and sum(seconds) > 0:
-        parts.append(f"**Training**: {_duration(sum(seconds))} over {len(seconds)} epochs"
+        parts.append(f"**Training**: {_duration(sum(seconds))} over {plural(len(seconds), 'epoch')}"
                      + (f", {sum(images) / sum(seconds):,.0f} images/s" if images else ""))
     if wall_seconds is not None:
         parts.append(f"**wall time** of this invocation {_duration(wall_seconds)}")
@@ -168,7 +168,7 @@ def sweep_description(*, spec, rows: list, counts: dict, best, best_link: str | 
         lines += [f"**Best**: {trial}, `{spec.objective}` **{best.value:.6g}** ({params}).", ""]
     lines += [f"**Search**: {spec.method}, {spec.direction} `{spec.objective}`, {spec.n_trials} trials, "
               f"pruner {spec.pruner}, seed {spec.seed}; base config `{spec.base.data}` data, "
-              f"{spec.base.epochs} epochs.", "",
+              f"{plural(spec.base.epochs, 'epoch')}.", "",
               "| parameter | searched over |", "|---|---|"]
     lines += [f"| {name} | {_escape(p.describe())} |" for name, p in spec.space.items()]
     lines += ["", "**Trials**: " + ", ".join(f"{count} {state.lower()}" for state, count in counts.items() if count)

@@ -519,17 +519,20 @@ CASES = {
     "sweep based on /dev/zero": Case(write("sweep.toml", 'base = "/dev/zero"\n[space]\nlr = [0.1, 0.2]\n',
                                            "sweep", "sweep.toml"), "too large for a config file"),
     "model architecture JSON nested 100,000 deep": Case(
-        with_model(lambda tmp: ["evaluate", "out/model.npz"], set_entry("model.npz", "architecture", deep_json(100_000))),
+        with_model(lambda tmp: ["evaluate", "out/model.npz"],
+                   set_entry("model.npz", "architecture", deep_json(100_000))),
         "entry 'architecture' nests JSON"),
     "checkpoint callbacks JSON nested 100,000 deep": Case(
-        with_model(lambda tmp: ["fit", "--resume", "out"], set_entry("checkpoint.npz", "callbacks", deep_json(100_000))),
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "callbacks", deep_json(100_000))),
         "entry 'callbacks' nests JSON"),
     "checkpoint config TOML nested 50,000 deep": Case(
         with_model(lambda tmp: ["fit", "--resume", "out"],
                    set_entry("checkpoint.npz", "config", deep_toml_array("filters", 50_000))),
         "stored config nests arrays or tables too deeply"),
     "checkpoint epoch_order of strings": Case(
-        with_model(lambda tmp: ["fit", "--resume", "out"], set_entry("checkpoint.npz", "epoch_order", np.array(["a", "b"]))),
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "epoch_order", np.array(["a", "b"]))),
         "entry 'epoch_order' is <U1 of shape (2,)"),
     "tracking URI with an unclosed IPv6 host": Case(flags("fit", *TINY, "--tracking-uri", "http://[::1"),
                                                     "not a valid URL (Invalid IPv6 URL)"),
