@@ -251,7 +251,13 @@ def _print_fit_result(console, result) -> None:
     if val:
         table.add_row("val", "  ".join(f"{k[4:]} {v:.4f}" for k, v in val.items()))
     if best is not None:
-        table.add_row("best epoch", str(best))
+        epochs = getattr(result.history, "epochs", None) or []
+        last = epochs[-1].get("epoch", len(epochs)) if epochs else None
+        if result.config.patience or last in (None, best):
+            table.add_row("best epoch", f"{best} (the saved model)")
+        else:  # without early stopping the saved model is the last epoch's, not the best one
+            table.add_row("saved model",
+                          f"epoch {last}, the last (the best {result.config.monitor} was epoch {best}'s)")
     table.add_row("model", str(result.model_path))
     if getattr(result, "registered_model", None):
         table.add_row("registered", result.registered_model)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convtrain.errors import ConfigError, did_you_mean
+from convtrain.errors import ConfigError, did_you_mean, plural
 from convtrain.nn.choices import CONV_ALGOS as ENGINE_CONV_ALGOS, GLOBAL_POOLS, POOL_TYPES
 
 if sys.version_info >= (3, 11):
@@ -45,6 +45,7 @@ SCHEDULES = ("constant", "step", "cosine", "cyclic")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss")
 DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
+MAX_EXPERIMENT_NAME = 500
 OPTIMIZERS = ("sgd", "adamw")
 CONV_ALGOS = ("auto", *ENGINE_CONV_ALGOS)  # auto: the engine chooses per conv block
 PADDING_WORDS = ("same", "valid")
@@ -225,14 +226,15 @@ class FitConfig:
         schedule = make_schedule(self)
         cyclic = None
         if self.schedule_sets_length:
-            cycles = f"{self.cycles} cycle{'s' * (self.cycles != 1)}"
-            cyclic = f"cyclic schedule: {cycles} x 2 x {self.n_s} = {schedule.planned_steps()} updates"
+            cyclic = (f"cyclic schedule: {plural(self.cycles, 'cycle')} x 2 x {self.n_s} = "
+                      f"{schedule.planned_steps()} updates")
         if steps_per_epoch is None:
-            return cyclic or f"{self.epochs} epochs"
+            return cyclic or plural(self.epochs, "epoch")
         epochs, updates = training_length(schedule, self.epochs, steps_per_epoch)
         if cyclic:
-            return f"{cyclic} = {epochs} epochs of {steps_per_epoch} batches"
-        return f"{epochs} epochs x {steps_per_epoch} batches = {updates} updates"
+            return f"{cyclic} = {plural(epochs, 'epoch')} of {plural(steps_per_epoch, 'batch', 'batches')}"
+        batches = plural(steps_per_epoch, "batch", "batches")
+        return f"{plural(epochs, 'epoch')} x {batches} = {plural(updates, 'update')}"
 
     # ---- checks (the rules live in the functions below the class) ----------------------
 
@@ -275,8 +277,9 @@ def check_chosen_settings(config: FitConfig, sources: dict[str, str], *,
                               f"{name} = {show_value(getattr(resumed, name))}; leave {flag_name(name)} out to "
                               "continue it, or start a new fit without --resume")
     if config.schedule_sets_length and "epochs" in chosen:
+        length = "--n-s (updates per half cycle) or --cycles" if config.cycles == 1 else "--cycles or --n-s"
         raise ConfigError(f"{said('epochs')} conflicts with {said('cycles')} ({config.describe_length(None)}, "
-                          "whatever the epochs); pass --cycles for the length, or --schedule constant "
+                          f"whatever the epochs); pass {length} for the length, or --schedule constant "
                           "(or step, cosine) for --epochs")
     for name, users in SCHEDULE_SETTINGS.items():
         # flags only: a written config spells out every schedule's settings
@@ -357,6 +360,9 @@ def validate_config(config: FitConfig) -> None:
     _expect(config.patience is None or config.patience > 0, "patience", config.patience, "a positive count")
     _expect(config.monitor in MONITORS, "monitor", config.monitor, f"one of {', '.join(MONITORS)}")
     _expect(bool(config.experiment), "experiment", config.experiment, "a non-empty name")
+    if len(config.experiment) > MAX_EXPERIMENT_NAME:
+        raise ConfigError(f"experiment: got {len(config.experiment)} characters, expected at most "
+                          f"{MAX_EXPERIMENT_NAME} (MLflow's limit)")
     if config.run_name is not None and len(config.run_name) > MAX_RUN_NAME:
         raise ConfigError(f"run_name: got {len(config.run_name)} characters, expected at most {MAX_RUN_NAME} "
                           "(MLflow's limit)")
@@ -550,26 +556,63 @@ def _list_item(name: str, v: Any) -> Any:
     return int(v)
 
 
+# A config or sweep file is a few dozen lines; reading stops past this (a config of /dev/zero or
+# a multi-gigabyte file is refused before it fills memory).
+MAX_CONFIG_BYTES = 1024 * 1024
+# tables > keys > lists > [kh, kw] pairs: deeper nesting is no config (and tomllib's recursive
+# parser raises RecursionError for arrays nested thousands deep)
+MAX_CONFIG_NESTING = 8
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file's tables; ConfigError (one line) for a file that is missing, larger
+    than MAX_CONFIG_BYTES, not UTF-8, not TOML or nested deeper than any config."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse_toml(text, str(path))
 
 
 def parse_toml(text: str, source: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
     """The TOML `text` as a dict; `error` (ConfigError, or the caller's own kind, e.g. a
-    checkpoint's) names `source` and the parser's complaint."""
+    checkpoint's) names `source` and the parser's complaint, or a nesting deeper than any config."""
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise error(f"{source}: arrays or tables nested too deeply to be a config") from None
+    if _nesting(raw) > MAX_CONFIG_NESTING:
+        raise error(f"{source}: arrays or tables nested more than {MAX_CONFIG_NESTING} deep, "
+                    "deeper than any config")
+    return raw
+
+
+def _nesting(value) -> int:
+    """How deep lists and tables nest in `value` (walked without recursion)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 > MAX_CONFIG_NESTING:
+                break
+            todo += [(child, depth + 1) for child in item]
+    return deepest
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:

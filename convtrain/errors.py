@@ -59,9 +59,21 @@ def one_line(error: BaseException | str) -> str:
     errors such as MLflow's can carry a whole traceback below it), or the type's name if empty."""
     text = error if isinstance(error, str) else str(error)
     for line in text.splitlines():
-        if line.strip():
+        # SQLAlchemy puts a note about its session before the database's own error
+        if line.strip() and not line.lstrip().startswith("(raised as a result of Query-invoked autoflush"):
             return " ".join(line.split())
     return "" if isinstance(error, str) else type(error).__name__
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 epoch', '12 epochs', '2 batches' (nouns="batches"): a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control and format characters (escape sequences,
+    carriage returns, bidirectional overrides) shown as Python escapes, e.g. '\\x1b'."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
 def out_of_memory(error: MemoryError) -> str:

@@ -161,3 +161,16 @@ def test_a_config_file_with_resume_counts_where_it_changes_the_checkpoint():
     FitConfig(seed=5).check_settings({"seed": "again.toml"}, resumed=saved)  # the same value: no change
     with pytest.raises(ConfigError, match=r"seed = 0 \(other.toml\) conflicts with --resume"):
         FitConfig(seed=0).check_settings({"seed": "other.toml"}, resumed=saved)  # the default, but not the run's
+
+
+def test_one_cycle_against_epochs_points_at_the_half_cycle_length():
+    """With cycles already 1, the length is set by n_s: that is the flag to suggest."""
+    line = one_error_line(invoke("fit", "--schedule", "cyclic", "--cycles", "1", "--epochs", "40"))
+    assert "1 cycle x 2 x" in line and "pass --n-s (updates per half cycle) or --cycles for the length" in line
+
+
+def test_lengths_say_one_epoch_and_one_cycle_in_the_singular():
+    assert FitConfig(epochs=1).describe_length(None) == "1 epoch"
+    assert FitConfig(epochs=1).describe_length(1) == "1 epoch x 1 batch = 1 update"
+    one_cycle = FitConfig(schedule="cyclic", cycles=1, n_s=5).describe_length(10)
+    assert one_cycle == "cyclic schedule: 1 cycle x 2 x 5 = 10 updates = 1 epoch of 10 batches", one_cycle

@@ -37,7 +37,11 @@ def fit_bytes(values: int, stored_itemsize: int) -> int:
 def check_data_memory(path: str | Path, claim: str, values: int, stored_itemsize: int) -> None:
     """Refuse a data set (described by `claim`, e.g. '700000 images of 32x32') whose arrays would
     not fit in the share of available memory a fit may use."""
-    need = fit_bytes(values, stored_itemsize)
+    check_data_need(path, claim, fit_bytes(values, stored_itemsize))
+
+
+def check_data_need(path: str | Path, claim: str, need: int) -> None:
+    """check_data_memory for a data set whose arrays together cost `need` bytes (fit_bytes)."""
     available = available_memory()
     if available is not None and need > MEMORY_SHARE * available:
         raise data_error(path, f"declares {claim}, which needs {format_bytes(need)} in memory to train on, "

@@ -10,11 +10,12 @@ import numpy as np
 from convtrain.nn import npz_members
 
 from .base import RawData, check_labels, data_error
-from .limits import MAX_INFERRED_CLASSES, check_data_memory
+from .limits import MAX_INFERRED_CLASSES, check_data_need, fit_bytes
 
 # Whole numbers a float64 holds exactly; larger "labels" are no class numbers (and casting
 # them to int64 is undefined: numpy warns and makes up a value).
 _LARGEST_FLOAT_LABEL = 2 ** 53
+_ARRAYS = ("x", "y", "x_test", "y_test", "class_names")
 
 
 def load_npz(path: str | Path | None) -> RawData:
@@ -34,15 +35,16 @@ def load_npz(path: str | Path | None) -> RawData:
                 raise data_error(path, f"no array {required!r} (found: {', '.join(archive.files) or 'none'})")
         if ("x_test" in archive.files) != ("y_test" in archive.files):
             raise data_error(path, "has only one of x_test and y_test; give both or neither")
-        x = _images(path, "x", _read(path, archive, "x"))
-        y = _labels(path, "y", _read(path, archive, "y"), len(x))
+        claims = _claims(path, archive, [key for key in _ARRAYS if key in archive.files])
+        x = _images(path, "x", _read(path, archive, claims["x"]))
+        y = _labels(path, "y", _read(path, archive, claims["y"]), len(x))
         x_test = y_test = None
         if "x_test" in archive.files:
-            x_test = _images(path, "x_test", _read(path, archive, "x_test"))
-            y_test = _labels(path, "y_test", _read(path, archive, "y_test"), len(x_test))
+            x_test = _images(path, "x_test", _read(path, archive, claims["x_test"]))
+            y_test = _labels(path, "y_test", _read(path, archive, claims["y_test"]), len(x_test))
             if x_test.shape[1:] != x.shape[1:]:
                 raise data_error(path, f"x_test images are {x_test.shape[1:]}, but x images are {x.shape[1:]}")
-        class_names = _class_names(path, archive)
+        class_names = _class_names(path, archive, claims.get("class_names"))
 
     if class_names is None:
         highest = max(int(y.max()), int(y_test.max()) if y_test is not None and y_test.size else 0)
@@ -59,12 +61,24 @@ def load_npz(path: str | Path | None) -> RawData:
                    source=f"{path}: x {shape} {x.dtype}{test}")
 
 
-def _read(path: Path, archive, key: str) -> np.ndarray:
-    """Array `key`, its header's claim checked (nn/npz_members.py) and held to the memory a fit
-    may use before anything is allocated for it."""
+def _claims(path: Path, archive, keys: list[str]) -> dict[str, npz_members.Claim]:
+    """The arrays' header claims, checked (nn/npz_members.py) and held together to the memory a
+    fit may use (x and x_test are trained and tested in one process) before anything is read."""
+    size = path.stat().st_size
+    claims: dict[str, npz_members.Claim] = {}
+    for key in keys:  # in order, so a bomb in x is named as such before a defect in y
+        try:
+            claims[key] = npz_members.claim(archive.zip, key, size)
+        except npz_members.MemberRefused as exc:
+            raise data_error(path, str(exc)) from None
+        need = sum(fit_bytes(found.values, found.dtype.itemsize) for found in claims.values())
+        described = " and ".join(found.describe() for found in claims.values() if found.key in ("x", "x_test"))
+        check_data_need(path, described or claims[key].describe(), need)
+    return claims
+
+
+def _read(path: Path, archive, found: npz_members.Claim) -> np.ndarray:
     try:
-        found = npz_members.claim(archive.zip, key, path.stat().st_size)
-        check_data_memory(path, found.describe(), found.values, found.dtype.itemsize)
         return npz_members.read(archive.zip, found)
     except npz_members.MemberRefused as exc:
         raise data_error(path, str(exc)) from None
@@ -84,11 +98,23 @@ def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
         return x  # converted to float32 after the split, so only the kept rows are copied
     if x.dtype.kind != "f":
         raise data_error(path, f"{key!r} has dtype {x.dtype}, expected numbers")
-    x = x.astype(np.float32, copy=False)
+    return as_finite_float32(x, lambda problem: data_error(path, f"{key!r} has {problem}"))
+
+
+def as_finite_float32(x: np.ndarray, refuse) -> np.ndarray:
+    """Float images as float32, refused (refuse(problem) is the exception) if any value is NaN,
+    infinite, or beyond float32's range (which the cast would make infinite: numpy warns on
+    stderr, here it is the one line)."""
     bad = x.size - int(np.count_nonzero(np.isfinite(x)))
     if bad:
-        raise data_error(path, f"{key!r} has {bad} NaN or infinite value(s) (as float32)")
-    return x
+        raise refuse(f"{bad} NaN or infinite value(s)")
+    if x.dtype.itemsize > 4 and x.size:
+        limit = float(np.finfo(np.float32).max)
+        beyond = int(np.count_nonzero(np.abs(x) > limit))
+        if beyond:
+            raise refuse(f"{beyond} value(s) beyond float32's range (largest {float(np.abs(x).max()):.3g}, "
+                         f"float32 holds up to {limit:.3g})")
+    return x.astype(np.float32, copy=False)
 
 
 def _labels(path: Path, key: str, y: np.ndarray, count: int) -> np.ndarray:
@@ -107,10 +133,10 @@ def _labels(path: Path, key: str, y: np.ndarray, count: int) -> np.ndarray:
     raise data_error(path, f"{key!r} has dtype {y.dtype}, expected whole-number class labels")
 
 
-def _class_names(path: Path, archive) -> list[str] | None:
-    if "class_names" not in archive.files:
+def _class_names(path: Path, archive, found: npz_members.Claim | None) -> list[str] | None:
+    if found is None:
         return None
-    names = _read(path, archive, "class_names")
+    names = _read(path, archive, found)
     if names.ndim != 1 or names.dtype.kind not in "US" or names.size == 0:
         raise data_error(path, f"'class_names' is {names.dtype} of shape {names.shape}, expected a 1-D string array")
     return [name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name) for name in names.tolist()]

@@ -121,6 +121,41 @@ def estimate_for_config(config, input_shape, num_classes: int) -> Footprint:
                     global_pool=getattr(config, "global_pool", "none"))
 
 
+def estimate_for_architecture(architecture: dict) -> Footprint:
+    """estimate() for a saved network's architecture (a model's or checkpoint's JSON entry),
+    for one image at a time. TypeError, KeyError or ValueError for entries of the wrong kind."""
+    blocks = architecture["blocks"]
+    if not isinstance(blocks, list) or not all(isinstance(block, dict) for block in blocks):
+        raise TypeError("blocks: expected a list of objects")
+    return estimate(input_shape=architecture["input_shape"], num_classes=int(architecture["num_classes"]),
+                    filters=[int(block["filters"]) for block in blocks],
+                    kernel_sizes=[block["kernel_size"] for block in blocks],
+                    strides=[block["stride"] for block in blocks],
+                    padding=[block["padding"] for block in blocks],
+                    pool=[block["pool"] for block in blocks],
+                    hidden=[int(units) for units in architecture["hidden"]],
+                    dtype=str(architecture.get("dtype", "float32")),
+                    global_pool=str(architecture.get("global_pool", "none")))
+
+
+def check_saved_architecture(architecture: dict, stored_parameters: int, available: int | None = None) -> Footprint:
+    """Refuse (ArchitectureError, one line) a saved network before it is built: one whose
+    architecture needs more parameters than the file stores (a few bytes of JSON can ask for
+    gigabytes of weights and batch-norm arrays), or more memory than a model may use."""
+    footprint = estimate_for_architecture(architecture)
+    if footprint.parameters > stored_parameters:
+        raise ArchitectureError(
+            f"its architecture needs {footprint.parameters:,} parameters, but the file stores "
+            f"{stored_parameters:,} values: not the network its weights were saved from")
+    available = available_memory() if available is None else available
+    if available is not None and footprint.total_bytes > MEMORY_SHARE * available:
+        raise ArchitectureError(
+            f"its network needs an estimated {footprint.describe()}, more than the "
+            f"{format_bytes(int(MEMORY_SHARE * available))} a model may use (half of the "
+            f"{format_bytes(available)} of memory available)")
+    return footprint
+
+
 def check_fits(config, input_shape, num_classes: int, available: int | None = None) -> Footprint:
     """Refuse (ArchitectureError, one line) a configured network that would not fit in memory."""
     footprint = estimate_for_config(config, input_shape, num_classes)

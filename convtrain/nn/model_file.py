@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from convtrain.errors import ArchitectureError, CheckpointError
+from convtrain.nn.footprint import check_saved_architecture
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, write_npz_atomic
 
 MODEL_FORMAT = "convtrain-model-1"
@@ -49,6 +50,8 @@ def network_from_arrays(network_class, arrays: dict[str, np.ndarray], path: str 
     where = f"{what} file {str(path)!r}"
     architecture = read_json(arrays, "architecture", path, what)
     try:
+        stored = sum(value.size for key, value in arrays.items() if key.startswith(PARAM_PREFIX))
+        check_saved_architecture(architecture, stored)  # before any array is allocated for it
         network = network_class(architecture, seed=None)
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ArchitectureError):

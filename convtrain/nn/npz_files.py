@@ -89,12 +89,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_npz(path: str | Path, what: str = "model") -> dict[str, np.ndarray]:
+def read_npz(path: str | Path, what: str = "model", working_bytes_per_value: int = 0) -> dict[str, np.ndarray]:
     """Every array of an .npz, fully read; CheckpointError (one line) on any defect.
 
     Every member's header is checked before anything is allocated for it (nn/npz_members.py),
     and all of them together must fit in the share of available memory a fit may use: a file
-    of a few hundred bytes can declare terabytes."""
+    of a few hundred bytes can declare terabytes. `working_bytes_per_value`: what the caller
+    will need besides, per value read (a float32 copy of the input, say)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} file {str(path)!r} not found")
@@ -104,7 +105,7 @@ def read_npz(path: str | Path, what: str = "model") -> dict[str, np.ndarray]:
         with zipfile.ZipFile(path) as archive:
             size = path.stat().st_size
             claims = [npz_members.claim(archive, key, size) for key in npz_members.array_keys(archive)]
-            _check_memory(path, what, claims)
+            _check_memory(path, what, claims, working_bytes_per_value)
             # Reading each member here surfaces truncation and CRC errors now, not later.
             return {found.key: npz_members.read(archive, found) for found in claims}
     except npz_members.MemberRefused as exc:
@@ -115,13 +116,14 @@ def read_npz(path: str | Path, what: str = "model") -> dict[str, np.ndarray]:
             f"{what} file {str(path)!r} is truncated or not an .npz file ({reason})") from None
 
 
-def _check_memory(path: Path, what: str, claims: list) -> None:
-    total = sum(found.nbytes for found in claims)
+def _check_memory(path: Path, what: str, claims: list, working_bytes_per_value: int = 0) -> None:
+    total = sum(found.nbytes + working_bytes_per_value * found.values for found in claims)
     available = available_memory()
     if available is not None and total > MEMORY_SHARE * available:
         largest = max(claims, key=lambda found: found.nbytes)
         raise CheckpointError(
-            f"{what} file {str(path)!r} declares {format_bytes(total)} of arrays (the largest {largest.describe()}), "
+            f"{what} file {str(path)!r} declares {largest.describe() if len(claims) == 1 else 'arrays'} needing "
+            f"{format_bytes(total)} in memory{'' if len(claims) == 1 else f' (the largest {largest.describe()})'}, "
             f"more than the {format_bytes(int(MEMORY_SHARE * available))} a model may use "
             f"(half of the {format_bytes(available)} available)")
 
@@ -133,3 +135,6 @@ def read_json(arrays: dict[str, np.ndarray], key: str, path: str | Path, what: s
         return json.loads(str(arrays[key][()]))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{what} file {str(path)!r}: entry {key!r} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} file {str(path)!r}: entry {key!r} nests JSON arrays or objects "
+                              "too deeply to be a convtrain entry") from None

@@ -2,8 +2,9 @@
 
 An .npz is a zip of .npy files. numpy allocates the whole array an .npy header declares and only
 then reads into it, so a header of a hundred bytes can ask for terabytes. Here a member's claim is
-checked first (`claim`): the declared bytes must be what its zip entry holds, the entry no more
-than its compressed bytes can expand to, and those no more than the file itself. `read` then
+checked first (`claim`): the member must be stored or deflated (as numpy writes them), the
+declared bytes what its zip entry holds, the entry no more than its compressed bytes can (or
+plausibly do) expand to, and those no more than the file itself. `read` then
 decompresses exactly the declared bytes, never past the end of the entry, so a member that
 inflates further costs no more than its header said (and fails its checksum).
 
@@ -25,6 +26,17 @@ from convtrain.nn.footprint import format_bytes
 
 # Deflate cannot shrink data by more than about 1032:1, so a zip entry declaring more is lying.
 DEFLATE_MAX_RATIO = 1032
+# Up to that bound, a few MB of deflate stream still inflate to gigabytes of zeros. Arrays worth
+# keeping do not compress like that (images about 2-10:1, weights hardly at all): a deflated
+# member may expand past PLAIN_ALLOWANCE only up to PLAUSIBLE_RATIO, a larger one is refused from
+# its headers with the advice to store it uncompressed.
+PLAUSIBLE_RATIO = 100
+PLAIN_ALLOWANCE = 64 * 1024 * 1024
+# numpy writes stored (np.savez) and deflated (np.savez_compressed) members only. bzip2 and LZMA
+# members are refused before they are opened: their ratio has no useful bound (a few hundred
+# bytes of bzip2 make gigabytes), and zipfile decompresses each chunk of them without a cap.
+NUMPY_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+OTHER_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
 _CHUNK = 1 << 20  # bytes decompressed per read
 
 
@@ -65,6 +77,14 @@ def claim(archive: zipfile.ZipFile, key: str, file_size: int) -> Claim:
     size on disk. Object arrays are refused here: only unpickling reads them."""
     try:
         info = archive.getinfo(f"{key}.npy")
+    except KeyError as exc:
+        raise MemberRefused(f"array {key!r} is unreadable ({exc})") from None
+    if info.compress_type not in NUMPY_METHODS:
+        method = OTHER_METHODS.get(info.compress_type, f"unknown ({info.compress_type})")
+        raise MemberRefused(f"array {key!r} uses the {method} compression method ({format_bytes(info.compress_size)} "
+                            f"declaring {format_bytes(info.file_size)}), which numpy never writes; "
+                            "save it with np.savez or np.savez_compressed")
+    try:
         with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
@@ -88,6 +108,11 @@ def claim(archive: zipfile.ZipFile, key: str, file_size: int) -> Claim:
     if expands_to is not None and info.file_size > expands_to:
         raise MemberRefused(f"declares {found.describe()}, more than its {format_bytes(info.compress_size)} of "
                             "compressed data can hold")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > PLAIN_ALLOWANCE \
+            and info.file_size > info.compress_size * PLAUSIBLE_RATIO:
+        raise MemberRefused(f"declares {found.describe()} in {format_bytes(info.compress_size)} of deflate data, "
+                            f"more than {PLAUSIBLE_RATIO}:1, which no real array compresses to (a zip bomb?); "
+                            "store large arrays uncompressed (np.savez)")
     return found
 
 

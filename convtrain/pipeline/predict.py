@@ -58,17 +58,23 @@ def _read_images(path: Path, network) -> np.ndarray:
     if path.suffix.lower() == ".npz":
         from convtrain.nn.npz_files import read_npz
 
-        arrays = read_npz(path, "input")  # checks the sizes its headers declare before reading
+        # the sizes its headers declare are checked before reading, with the float32 copy and
+        # the concatenated batch predicted on
+        arrays = read_npz(path, "input", working_bytes_per_value=2 * np.dtype(np.float32).itemsize)
         key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
         if key is None:
             raise DataError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")
         x = arrays[key]
-        if x.dtype.kind not in "fiub" or (x.dtype.kind == "f" and not np.isfinite(x).all()):
+        if x.dtype.kind not in "fiub":
             raise DataError(f"{path}: array {key!r} must hold finite numbers, got {x.dtype}")
         if x.ndim == len(network.input_shape):
             x = x[None]
         if x.ndim == 3 and network.input_shape[0] == 1:
             x = x[:, None]
+        if x.dtype.kind == "f":
+            from convtrain.data.npz import as_finite_float32
+
+            return as_finite_float32(x, lambda problem: DataError(f"{path}: array {key!r} has {problem}"))
         return x.astype(np.float32)
     if (network.meta or {}).get("data") == "folder":
         return _folder_image(path, network)[None]

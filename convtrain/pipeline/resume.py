@@ -67,5 +67,14 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None) -> Path:
                           "or an MLflow run id (32 hex digits)")
 
 def checkpoint_config(path: Path) -> FitConfig:
-    """The resolved config a checkpoint was written with."""
-    return TrainingCheckpoint.load(path).config()
+    """The resolved config a checkpoint was written with; its arrays checked on the way (the
+    first read of a checkpoint being resumed: a hand-edited one is one line here)."""
+    from convtrain.training.checkpoint_checks import check_checkpoint_arrays
+
+    checkpoint = TrainingCheckpoint.load(path)
+    check_checkpoint_arrays(checkpoint.arrays, path)
+    try:
+        return checkpoint.config()
+    except RecursionError:  # tomllib's parser recurses once per nested array or table
+        raise CheckpointError(f"checkpoint file {str(path)!r}: stored config nests arrays or tables "
+                              "too deeply to be a config") from None

@@ -23,14 +23,18 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
-from convtrain.errors import ConfigError, ConvtrainError, TrainingInterrupted, one_line, out_of_memory
+from convtrain.errors import (ConfigError, ConvtrainError, TrainingInterrupted, one_line, out_of_memory, plural,
+                             printable)
 from convtrain.sweep import plots as sweep_plots
 from convtrain.sweep import report as sweep_report
 from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
+from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.spec import SweepSpec, load_sweep
-from convtrain.sweep.worker import SweepFailed, WorkerPlan, default_threads, reclaim, run_worker
+from convtrain.sweep.worker import (SweepFailed, WorkerPlan, default_threads, launcher_gone, reclaim, run_worker,
+                                    watch_launcher)
 from convtrain.tracking import store as tracking_store
+from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
 STORAGE_FILE = "optuna.db"
 # More workers than cores only share the cores (and each holds a fit's memory); --force-workers
@@ -67,7 +71,7 @@ def run_sweep(sweep_file: str | Path, *, workers: int = 1, storage: str | None =
               quiet: bool = False, console: Console | None = None, fit: Callable | None = None,
               force_workers: bool = False) -> SweepOutcome:
     """Run (or resume, or join) the sweep in `sweep_file`; see the module docstring."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or SweepConsole()
     check_workers(workers, force=force_workers)
     spec = load_sweep(sweep_file, n_trials=n_trials, study_name=study_name)
     track = spec.base.track
@@ -153,8 +157,8 @@ def _announce(console, spec, handle, storage_url, workers, parent_run_id, quiet)
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     verb = "created" if handle.created else "joined"
-    console.print(f"sweep {spec.name} ({verb}): {spec.method}, {len(spec.space)} parameters, "
-                  f"{done} trials done, {waiting} to run, {workers} worker{'s' if workers > 1 else ''}; "
+    console.print(f"sweep {printable(spec.name)} ({verb}): {spec.method}, {plural(len(spec.space), 'parameter')}, "
+                  f"{plural(done, 'trial')} done, {waiting} to run, {plural(workers, 'worker')}; "
                   f"storage {sweep_study.redact(storage_url)}", markup=False)
     if parent_run_id:
         console.print(f"mlflow parent run {parent_run_id} (experiment {spec.base.experiment!r})", markup=False)
@@ -212,11 +216,19 @@ def _describe_exit(number: int, code: int) -> str:
 
 
 def _worker_main(plan: WorkerPlan, stop) -> None:
-    """Entry point of a spawned worker: one-line errors, exit codes like the CLI's."""
+    """Entry point of a spawned worker: one-line errors, exit codes like the CLI's. SIGTERM (from
+    the launcher, or sent when the launcher dies) stops a running fit at its next batch with a
+    checkpoint, and a worker between fits at once."""
     import sys
+    if plan.launcher_pid is not None:
+        watch_launcher(plan.launcher_pid)
     try:
-        run_worker(plan, stop)
+        with sigterm_as_keyboard_interrupt():
+            run_worker(plan, stop)
     except (KeyboardInterrupt, TrainingInterrupted):
+        if plan.launcher_pid is not None and launcher_gone(plan.launcher_pid):
+            print(f"{plan.label}error: the sweep launcher (pid {plan.launcher_pid}) is gone, so this worker stopped "
+                  "(a running trial checkpointed); re-run the sweep command to finish it", file=sys.stderr, flush=True)
         sys.exit(130)
     except ConvtrainError as exc:
         print(f"{plan.label}error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)

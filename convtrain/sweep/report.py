@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
+from convtrain.errors import printable
 from convtrain.sweep.spec import SweepSpec
 from convtrain.sweep.study import FIXED_PARAMS_ATTR, NOTE_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, SECONDS_ATTR
 
@@ -68,7 +70,7 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
 
 
 def trials_table(rows: list[TrialRow], spec: SweepSpec, *, max_rows: int = 40) -> Table:
-    table = Table(title=f"sweep {spec.name}: {len(rows)} trials, best first", title_justify="left",
+    table = Table(title=Text(f"sweep {printable(spec.name)}: {len(rows)} trials, best first"), title_justify="left",
                   show_edge=False, pad_edge=False)
     table.add_column("trial", justify="right")
     for name in spec.space:

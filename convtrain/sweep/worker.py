@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from convtrain.errors import (
 )
 from convtrain.sweep import runs as sweep_runs
 from convtrain.sweep import study as sweep_study
+from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.runs import SWEEP_TAG, TRIAL_TAG
 from convtrain.sweep.spec import Choices, SweepSpec, load_sweep
 from convtrain.training.callbacks import Callback
@@ -86,6 +88,42 @@ def launcher_gone(launcher_pid: int) -> bool:
     return os.name == "posix" and os.getppid() != launcher_pid
 
 
+def watch_launcher(launcher_pid: int, poll_seconds: float = 1.0) -> None:
+    """Have this worker sent SIGTERM as soon as its launcher dies (kill -9, the OOM killer), so a
+    running fit checkpoints at its next batch and stops, as it does for `kill`: on Linux the
+    kernel sends it (PR_SET_PDEATHSIG); elsewhere a daemon thread looks every `poll_seconds`."""
+    import signal
+    import threading
+
+    def terminate() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if _set_parent_death_signal(signal.SIGTERM):
+        if launcher_gone(launcher_pid):  # it died before the kernel was told to tell us
+            terminate()
+        return
+
+    def poll() -> None:
+        while not launcher_gone(launcher_pid):
+            time.sleep(poll_seconds)
+        terminate()
+
+    threading.Thread(target=poll, name="launcher-watch", daemon=True).start()
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, signum) on Linux; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, signum, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 class PruningCallback(Callback):
     """Reports the objective after every epoch and stops the fit when the pruner says so."""
 
@@ -110,7 +148,7 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     reclaimed: list = []
     storage = sweep_study.open_storage(plan.storage_url, reclaimed=reclaimed)
     handle = sweep_study.load(spec, storage)
-    console = Console(highlight=False, soft_wrap=True)
+    console = SweepConsole()
     if plan.fit is None:
         from convtrain.pipeline.fit import fit
     else:

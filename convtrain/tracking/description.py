@@ -10,10 +10,12 @@ builds text only; the callers set the tags.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
+from convtrain.errors import plural, printable
 from convtrain.training.run_folder import RunFolder
 
 NOTE_TAG = "mlflow.note.content"  # shown by the MLflow UI as the run's (or experiment's) description
@@ -57,11 +59,11 @@ def optimizer_text(config) -> str:
 
 def schedule_text(config) -> str:
     if config.schedule == "step":
-        return f"step: lr x{config.gamma:g} every {config.step_epochs} epochs"
+        return f"step: lr x{config.gamma:g} every {plural(config.step_epochs, 'epoch')}"
     if config.schedule == "cosine":
         return f"cosine: from lr {config.lr:g} down to {config.eta_min:g} over the fit"
     if config.schedule == "cyclic":
-        cycles = f", {config.cycles} cycles" if config.cycles else ""
+        cycles = f", {plural(config.cycles, 'cycle')}" if config.cycles else ""
         return f"cyclic: {config.eta_min:g} to {config.eta_max:g}, {config.n_s} updates per half cycle{cycles}"
     return f"constant lr {config.lr:g}"
 
@@ -77,7 +79,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     best_epoch = metrics.get("best_epoch", getattr(history, "best_epoch", None))
     # The Overview shows the first lines and folds the rest: the outcome comes first.
     lines = [_headline(config, metrics, best_epoch, stopped_epoch, len(epochs)), ""]
-    lines.append(f"**Data**: `{config.data}`" + (f" ({config.data_path})" if config.data_path else "")
+    lines.append(f"**Data**: `{config.data}`" + (f" ({_text(config.data_path)})" if config.data_path else "")
                  + f", {network.num_classes} classes, input {_shape(network.input_shape)}; "
                  f"split {split_text} examples" + (f" (limit {config.limit})" if config.limit else "") + ".")
     lines.append("")
@@ -88,7 +90,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines += [f"| {name} | {kind} | {shape} | {count:,} |" for name, kind, shape, count in architecture_rows(network)]
     lines.append("")
     lines.append(f"**Optimizer**: {optimizer_text(config)}.  ")
-    lines.append(f"**Schedule**: {schedule_text(config)}; {config.epochs} epochs planned, "
+    lines.append(f"**Schedule**: {schedule_text(config)}; {plural(config.epochs, 'epoch')} planned, "
                  f"{len(epochs)} run, seed {config.seed}.  ")
     if config.patience:
         stopping = f"**Early stopping** on `{config.monitor}`, patience {config.patience}: "
@@ -104,16 +106,16 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines.append("")
     lines += _speed_lines(epochs, wall_seconds)
     if model_name:
-        lines.append(f"**Model**: logged as `{model_name}`"
-                     + (f", registered as `{registered}`" if registered else "")
-                     + (f"; load it with `mlflow.pyfunc.load_model(\"runs:/{run_id}/{model_name}\")`" if run_id else "")
+        load = f'mlflow.pyfunc.load_model("runs:/{run_id}/{model_name}")'
+        lines.append(f"**Model**: logged as {_code(model_name)}"
+                     + (f", registered as {_code(registered)}" if registered else "")
+                     + (f"; load it with {_code(load)}" if run_id else "")
                      + ".  ")
-    lines += ["", "**Reproduce** (a new run with the same settings):", "", "```",
-              f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
-              f"{shlex.quote(str(out_dir))}-again", "```"]
+    lines += ["", "**Reproduce** (a new run with the same settings):", "",
+              *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
+                       f"{shlex.quote(str(out_dir))}-again")]
     if run_id:
-        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", "```",
-                  f"convtrain fit --resume {run_id}", "```"]
+        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", *_fenced(f"convtrain fit --resume {run_id}")]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +125,7 @@ def _headline(config, metrics: dict, best_epoch, stopped_epoch, epochs_run: int)
     values = ", ".join(f"{label} **{metrics[key]:.4f}**" for key, label in shown if metrics.get(key) is not None)
     if config.patience and best_epoch is not None:
         how = (f"early stopping on `{config.monitor}` stopped at epoch {stopped_epoch}" if stopped_epoch
-               else f"best `{config.monitor}` of {epochs_run} epochs")
+               else f"best `{config.monitor}` of {plural(epochs_run, 'epoch')}")
         where = f"the saved model is epoch {best_epoch}'s ({how})"
     else:
         where = f"the saved model is the last epoch's ({epochs_run})"
@@ -148,7 +150,7 @@ def _speed_lines(epochs: list[dict], wall_seconds: float | None) -> list[str]:
               if e.get("images_per_second") is not None and e.get("epoch_seconds") is not None]
     parts = []
     if seconds and sum(seconds) > 0:
-        parts.append(f"**Training**: {_duration(sum(seconds))} over {len(seconds)} epochs"
+        parts.append(f"**Training**: {_duration(sum(seconds))} over {plural(len(seconds), 'epoch')}"
                      + (f", {sum(images) / sum(seconds):,.0f} images/s" if images else ""))
     if wall_seconds is not None:
         parts.append(f"**wall time** of this invocation {_duration(wall_seconds)}")
@@ -167,7 +169,7 @@ def sweep_description(*, spec, rows: list, counts: dict, best, best_link: str | 
         lines += [f"**Best**: {trial}, `{spec.objective}` **{best.value:.6g}** ({params}).", ""]
     lines += [f"**Search**: {spec.method}, {spec.direction} `{spec.objective}`, {spec.n_trials} trials, "
               f"pruner {spec.pruner}, seed {spec.seed}; base config `{spec.base.data}` data, "
-              f"{spec.base.epochs} epochs.", "",
+              f"{plural(spec.base.epochs, 'epoch')}.", "",
               "| parameter | searched over |", "|---|---|"]
     lines += [f"| {name} | {_escape(p.describe())} |" for name, p in spec.space.items()]
     lines += ["", "**Trials**: " + ", ".join(f"{count} {state.lower()}" for state, count in counts.items() if count)
@@ -180,15 +182,15 @@ def sweep_description(*, spec, rows: list, counts: dict, best, best_link: str | 
                   + f" | {r.value:.6g} |" for r in top]
         lines.append("")
     if best_config is not None:
-        lines += ["**Retrain the best** (the run becomes a child of this sweep):", "", "```",
-                  f"convtrain fit --config {shlex.quote(str(Path(best_config).resolve()))}", "```", ""]
-    lines += ["**Continue or extend** the sweep (finished trials are kept):", "", "```",
-              f"convtrain sweep {shlex.quote(str(Path(spec.path).resolve()))}", "```"]
+        lines += ["**Retrain the best** (the run becomes a child of this sweep):", "",
+                  *_fenced(f"convtrain fit --config {shlex.quote(str(Path(best_config).resolve()))}"), ""]
+    lines += ["**Continue or extend** the sweep (finished trials are kept):", "",
+              *_fenced(f"convtrain sweep {shlex.quote(str(Path(spec.path).resolve()))}")]
     return "\n".join(lines) + "\n"
 
 
 def experiment_description(name: str) -> str:
-    return (f"convtrain experiment `{name}`: one run per `convtrain fit` (its description says what was trained "
+    return (f"convtrain experiment {_code(name)}: one run per `convtrain fit` (its description says what was trained "
             "and how to reproduce it), and one parent run per `convtrain sweep` with its trials as children. "
             "Sort the runs by a metric column to compare them; a run's Artifacts hold its learning curves, "
             "confusion matrix, config and checkpoint, and its Models tab the pyfunc model.\n")
@@ -234,3 +236,25 @@ def _duration(seconds: float) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _code(text: Any) -> str:
+    """`text` as one Markdown code span whatever it holds: delimited by one backtick more than
+    its longest run of backticks (padded with a space where it starts or ends with one), control
+    characters and line breaks shown as escapes. Not for table cells (a '|' would end the cell)."""
+    text = printable(str(text))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _fenced(command: str) -> list[str]:
+    """A one-line command as a fenced code block that nothing in it can close."""
+    command = printable(command)
+    fence = "`" * max(3, max((len(run) for run in re.findall("`+", command)), default=0) + 1)
+    return [fence, command, fence]
+
+
+def _text(text: Any) -> str:
+    """Free text (a path, a name) with Markdown's punctuation backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~])", r"\\\1", printable(str(text)))

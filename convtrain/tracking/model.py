@@ -94,8 +94,10 @@ def encode_names_for(network, names: list[str]) -> np.ndarray:
 
 
 def model_name(run_name: str | None) -> str:
-    """The logged model's name: the run's, in the characters a `runs:/<run id>/<name>` URI keeps."""
-    return safe_name(run_name, fallback="model")
+    """The logged model's name: the run's, in the characters both a `runs:/<run id>/<name>` URI
+    and MLflow's model names accept (MLflow refuses '/', ':', '.', '%' and quotes): a decimal
+    point becomes '_' (`lr0.05` -> `lr0_05`), any other run of characters '-'."""
+    return safe_name(str(run_name or "").replace(".", "_"), fallback="model")
 
 
 def log_model(client, run_id: str, experiment_id: str, network_path: str | Path, input_example: np.ndarray, *,

@@ -5,9 +5,11 @@ mlflow is imported inside the functions so `import convtrain` (and `convtrain --
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,9 +38,30 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
+# Less room than this under a SQLite store cannot hold a run's first rows, let alone its metrics.
+MIN_FREE_BYTES = 1024 * 1024
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged process may still write to the file system holding `folder`."""
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return MIN_FREE_BYTES  # cannot be told: let the store itself answer
+    return stats.f_bavail * stats.f_frsize
+
+
+# SQLAlchemy's database URIs: MLflow opens them with the dialect's Python driver
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError (one line) if the tracking store at `uri` cannot be used."""
     if is_http(uri):
+        try:
+            urllib.parse.urlsplit(uri).port  # a malformed host (an unclosed [IPv6) or port
+        except ValueError as exc:
+            raise TrackingError(f"tracking URI {uri!r} is not a valid URL ({exc})") from None
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 if response.status >= 400:
@@ -56,9 +79,39 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} is not writable")
+        if free_bytes(folder) < MIN_FREE_BYTES:
+            raise TrackingError(f"tracking store {uri}: the disk is full ({free_bytes(folder):,} bytes free "
+                                f"in {folder}); free some space and run again")
         store = sqlite_path(uri)
         if store is not None:
             check_existing_store(store)  # a broken store is named now, before any work
+    elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_SCHEMES:
+        check_database_driver(uri)
+
+
+def check_database_driver(uri: str) -> None:
+    """A database URI whose SQLAlchemy dialect cannot import its Python driver is refused in one
+    line (MLflow would raise ModuleNotFoundError from deep inside SQLAlchemy)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+        shown = url.render_as_string(hide_password=True)
+        dialect = url.get_dialect()
+    except Exception as exc:  # an unparsable URI, an unknown dialect: SQLAlchemy's own words
+        raise TrackingError(f"tracking URI {uri.split('@')[-1]!r} is not a database URL SQLAlchemy can use "
+                            f"({type(exc).__name__}: {exc})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        package = {"psycopg": "'psycopg[binary]'"}.get(missing, missing)
+        hint = ""
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() != "psycopg2" \
+                and importlib.util.find_spec("psycopg2") is not None:
+            hint = f", or use the installed psycopg2 with postgresql+psycopg2://{shown.split('://', 1)[1]}"
+        raise TrackingError(f"tracking store {shown}: its database driver {missing!r} is not installed; "
+                            f"install it (pip install {package}){hint}") from None
 
 def open_store(uri: str) -> None:
     """Make a local SQLite store ready to open (built atomically if new; see sqlite_store.py);

@@ -35,6 +35,8 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     """
     import subprocess
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port: got {port}, expected a port number from 1 to 65535")
     uri = resolve_tracking_uri(tracking_uri)
     if is_http(uri):
         check_reachable(uri)
@@ -47,6 +49,9 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
     # one worker process is plenty for a dashboard on your own machine (MLflow's default is 4)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port), "--workers", "1"]
+    # run by server_group.py, which leads the server's process group and stops all of it when
+    # this process ends, even by kill -9 (the kernel tells it on Linux)
+    group_command = [sys.executable, "-m", "convtrain.tracking.server_group", *command]
     # Made ready before the server starts: a new SQLite store is built whole here (the server
     # would create its tables step by step, racing a fit started meanwhile); a broken one is
     # one line now rather than a server that dies with a traceback.
@@ -58,7 +63,7 @@ def serve_ui(*, tracking_uri: str | None = None, host: str = "127.0.0.1", port: 
         try:
             # Its own process group: `mlflow server` starts uvicorn as a child, and both must
             # stop. Its log goes to stderr, so stdout holds just the lines printed below.
-            server = subprocess.Popen(command, start_new_session=True, env=server_environment(),
+            server = subprocess.Popen(group_command, start_new_session=True, env=server_environment(),
                                       stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
             base = f"http://{host}:{port}"
             _wait_until_answering(server, base, startup_seconds, command)

@@ -35,6 +35,21 @@ def check_checkpoint_entries(entries: dict[str, Any], path: str | Path) -> None:
         _check_callbacks(entries["callbacks"], where)
 
 
+def check_checkpoint_arrays(arrays: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError unless the plain arrays a trainer restores have the kinds it writes:
+    `epoch_order` (sample indices) a 1-D array of whole numbers >= 0."""
+    order = arrays.get("epoch_order")
+    if order is None:
+        return
+    where = f"checkpoint file {str(path)!r}"
+    if getattr(order, "ndim", None) != 1 or order.dtype.kind not in "iu":
+        raise CheckpointError(f"{where}: entry 'epoch_order' is {order.dtype} of shape {order.shape}, "
+                              "expected a 1-D array of sample indices")
+    if order.size and int(order.min()) < 0:
+        raise CheckpointError(f"{where}: entry 'epoch_order' holds the sample index {int(order.min())}, "
+                              "expected indices >= 0")
+
+
 def _check_trainer(state: Any, where: str) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: entry 'trainer' is {_kind(state)}, expected an object with "

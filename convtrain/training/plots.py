@@ -93,7 +93,12 @@ def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path, *, ti
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     names = [str(c) for c in class_names] if len(class_names) == n else [str(i) for i in range(n)]
-    ax.set_xticks(range(n), names, rotation=90 if n > 10 else 0, fontsize=8)
+    if n > 10:
+        ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    elif max(len(name) for name in names) > 3:  # CIFAR's "automobile": slanted, ending under its column
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    else:
+        ax.set_xticks(range(n), names, fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -251,7 +251,7 @@ def test_cifar_labels_nested_past_numpys_64_dimensions(tmp_path):
     for _ in range(70):
         labels = [labels]
     directory = write_cifar(tmp_path, {b"data": np.zeros((1, 3072), np.uint8), b"labels": labels})
-    refused("'labels' must be a list of whole numbers", load_dataset, "cifar10", directory, val_fraction=0)
+    refused("nests lists or dicts deeper", load_dataset, "cifar10", directory, val_fraction=0)
 
 
 # ---- names ----------------------------------------------------------------------------------

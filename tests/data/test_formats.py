@@ -193,7 +193,7 @@ def test_any_other_global_is_refused_and_named(tmp_path, obj, protocol, global_n
 
 
 @pytest.mark.parametrize("batch, fragment", [
-    ({b"data": np.array([None] * 3072, dtype=object).reshape(1, 3072), b"labels": [0]}, "expected uint8"),
+    ({b"data": np.array([None] * 3072, dtype=object).reshape(1, 3072), b"labels": [0]}, "uint8 arrays only"),
     ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "expected uint8 (N, 3072)"),
     ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "1 labels for 2 images"),
     ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "label 10 out of range"),

@@ -192,6 +192,37 @@ class Declares:
         return _reconstruct, (np.ndarray, self.shape, self.dtype)
 
 
+class ArrayState:
+    """Pickles as numpy does an array: _reconstruct(ndarray, (0,), b'b'), then BUILD with
+    (version, shape, dtype, fortran, data), here with any shape, dtype and data."""
+
+    def __init__(self, shape, dtype, data):
+        self.state = (1, shape, dtype, False, data)
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+class Calls:
+    """Pickles as callable(*args), whatever the args are (another call, for one)."""
+
+    def __init__(self, callable_, *args):
+        self.callable, self.args = callable_, args
+
+    def __reduce__(self):
+        return self.callable, self.args
+
+
+def cifar_of(data, labels=(0,)) -> Callable[[Path], list]:
+    return cifar(lambda tmp: pickle.dumps({b"data": data, b"labels": list(labels)}, protocol=3))
+
+
+def _nested_reconstruct():
+    from numpy._core.multiarray import _reconstruct
+    return Calls(_reconstruct, np.ndarray, Calls(_reconstruct, np.ndarray, (0,), b"b"), b"b")
+
+
 def _npz_declaring_terabytes(_tmp) -> bytes:
     """About 300 bytes whose x.npy header declares (1600000, 1, 1000, 1000) float32: 5.8 TiB."""
     import io
@@ -260,6 +291,40 @@ def tamper_model(key: str, value):
 
 def evaluate_tampered(key: str, value):
     return with_model(lambda tmp: ["evaluate", "out/model.npz"], tamper_model(key, value))
+
+
+def set_entry(name: str, key: str, value):
+    """Replace entry `key` of out/`name` by `value` (an array, or a str stored as a 0-d text entry,
+    the way JSON and TOML entries are)."""
+    def damage(out: Path):
+        with np.load(out / name) as archive:
+            arrays = {entry: archive[entry] for entry in archive.files}
+        arrays[key] = np.array(value) if isinstance(value, str) else value
+        np.savez(out / name, **arrays)
+    return damage
+
+
+def deep_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def deep_toml_array(key: str, depth: int) -> str:
+    return f"{key} = " + "[" * depth + "1" + "]" * depth + "\n"
+
+
+def deep_inline_table(depth: int) -> str:
+    return "[optim]\nlr = " + "{a = " * depth + "1" + "}" * depth + "\n"
+
+
+def float64_beyond_float32():
+    x = images().astype(np.float64)
+    x[3, 0, 2, 2] = 1e300  # finite in float64, infinite once cast to the float32 a fit trains in
+    return x
+
+
+def _psycopg_missing() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("psycopg") is None
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -418,7 +483,20 @@ CASES = {
     "dd2424 holding out every name": Case(dd2424("Abadi 1\nBai 2\n", "1 2\n"), "holds out all 2 names"),
     "cifar labels nested past 64 dimensions": Case(
         cifar(lambda tmp: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": nested(70)}, protocol=4)),
-        "'labels' must be a list of whole numbers"),
+        "nests lists or dicts deeper"),
+    # crafted CIFAR batches: numpy is handed only checked uint8 arrays
+    "cifar object array declaring 250,000,000 entries": Case(
+        cifar_of(ArrayState((250_000_000,), np.dtype(object), [1, 2, 3])), "numpy.dtype('O8')"),
+    "cifar uint8 array of a shape larger than its bytes": Case(
+        cifar_of(ArrayState((10, 3072), np.dtype(np.uint8), bytes(100))), "needs 30,720 bytes, the file gives 100"),
+    "cifar big-endian structured dtype": Case(
+        cifar_of(ArrayState((1, 3072), np.dtype([("a", ">i4")]), bytes(4 * 3072))), "uint8 arrays only"),
+    "cifar reconstruct nested in a reconstruct": Case(cifar_of(_nested_reconstruct()), "_reconstruct declares shape"),
+    "cifar labels list of 100,000 entries": Case(
+        cifar_of(np.zeros((1, 3072), np.uint8), [0] * 100_000), "a list of more than 10,000 entries"),
+    "cifar batch holding a set": Case(
+        cifar(lambda tmp: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": {0}}, protocol=4)),
+        "opcode"),
     # a hand-edited model.npz (section 5)
     "model normalization of the wrong length": Case(
         evaluate_tampered("normalization", lambda n: {**n, "mean": n["mean"] * 2}), "normalization mean must be 1"),
@@ -428,6 +506,49 @@ CASES = {
         evaluate_tampered("normalization", lambda n: {**n, "std": [0.0]}), "std must be positive"),
     "model class_names of 5": Case(evaluate_tampered("class_names", 5), "'class_names' must be null or a list"),
     "model meta of a string": Case(evaluate_tampered("meta", "x"), "'meta' must be an object"),
+    # inputs that used to end in a traceback
+    "config with filters nested 50,000 deep": Case(
+        write("fit.toml", deep_toml_array("filters", 50_000), "fit", "--config", "fit.toml"), "nested too deeply"),
+    "config with filters nested 20 deep": Case(
+        write("fit.toml", deep_toml_array("filters", 20), "fit", "--config", "fit.toml"), "nested more than 8 deep"),
+    "config with inline tables nested 50,000 deep": Case(
+        write("fit.toml", deep_inline_table(50_000), "fit", "--config", "fit.toml"), "nested too deeply"),
+    "sweep with a [space] nested 50,000 deep": Case(
+        write("sweep.toml", "[space]\n" + deep_toml_array("lr", 50_000), "sweep", "sweep.toml"), "nested too deeply"),
+    "config of /dev/zero": Case(flags("fit", "--config", "/dev/zero"), "too large for a config file"),
+    "sweep based on /dev/zero": Case(write("sweep.toml", 'base = "/dev/zero"\n[space]\nlr = [0.1, 0.2]\n',
+                                           "sweep", "sweep.toml"), "too large for a config file"),
+    "model architecture JSON nested 100,000 deep": Case(
+        with_model(lambda tmp: ["evaluate", "out/model.npz"],
+                   set_entry("model.npz", "architecture", deep_json(100_000))),
+        "entry 'architecture' nests JSON"),
+    "checkpoint callbacks JSON nested 100,000 deep": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "callbacks", deep_json(100_000))),
+        "entry 'callbacks' nests JSON"),
+    "checkpoint config TOML nested 50,000 deep": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "config", deep_toml_array("filters", 50_000))),
+        "stored config nests arrays or tables too deeply"),
+    "checkpoint epoch_order of strings": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out"],
+                   set_entry("checkpoint.npz", "epoch_order", np.array(["a", "b"]))),
+        "entry 'epoch_order' is <U1 of shape (2,)"),
+    "tracking URI with an unclosed IPv6 host": Case(flags("fit", *TINY, "--tracking-uri", "http://[::1"),
+                                                    "not a valid URL (Invalid IPv6 URL)"),
+    "postgresql tracking URI without its driver": Case(
+        flags("fit", *TINY, "--tracking-uri", "postgresql://user:secret@127.0.0.1:1/db"),
+        "postgresql://user:***@127.0.0.1:1/db: its database driver 'psycopg' is not installed"),
+    "ui on port -1": Case(flags("ui", "--port", "-1"), "port: got -1, expected a port number from 1 to 65535"),
+    "ui on port 99999": Case(flags("ui", "--port", "99999"), "port: got 99999"),
+    "sweep experiment name of 5,000 characters": Case(
+        write("sweep.toml", f'[fit]\nexperiment = "{"e" * 5000}"\n[space]\nlr = [0.1, 0.2]\n', "sweep", "sweep.toml"),
+        "experiment: got 5000 characters, expected at most 500"),
+    "npz float64 beyond float32's range": Case(npz(x=float64_beyond_float32, y=np.arange(20) % 10),
+                                               "1 value(s) beyond float32's range (largest 1e+300"),
+    "predict on float64 beyond float32's range": Case(
+        with_model(lambda tmp: (np.savez(tmp / "x.npz", x=float64_beyond_float32()[:, 0]),
+                                ["predict", "out/model.npz", "x.npz"])[-1]), "beyond float32's range"),
     "sweep with an empty space": Case(write("sweep.toml", "[sweep]\nmethod = \"grid\"\n[space]\n",
                                             "sweep", "sweep.toml"), "[space] is empty"),
 }
@@ -438,6 +559,8 @@ def test_hostile_input_gives_one_line_and_writes_nothing(name, tmp_path, monkeyp
     case = CASES[name]
     if name == "out where no file can be created" and not Path("/sys/kernel").is_dir():
         pytest.skip("needs Linux's /sys")
+    if name == "postgresql tracking URI without its driver" and not _psycopg_missing():
+        pytest.skip("psycopg is installed here")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     if getattr(case.setup, "needs_model", False):
@@ -554,3 +677,89 @@ def test_predict_on_an_image_past_pillows_pixel_limit(tmp_path, monkeypatch, tra
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert_one_line_error(invoke("predict", trained / "model.npz", "big.png"), "image too large")
+
+
+# ---- a full disk under the tracking store when the fit starts ------------------------------------
+
+DISK_FULL_FROM_THE_START = """
+import sqlite3, sys
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+real_execute = SQLiteDialect_pysqlite.do_execute
+
+def do_execute(self, cursor, statement, parameters, context=None):
+    # what SQLite answers when the disk under the store has no room left for a page
+    if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+        raise sqlite3.OperationalError("database or disk is full")
+    return real_execute(self, cursor, statement, parameters, context)
+
+SQLiteDialect_pysqlite.do_execute = do_execute
+from convtrain.cli import main
+sys.argv = ["convtrain", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_store_whose_disk_is_full_when_the_fit_starts_is_one_line(tmp_path):
+    """SQLite's own error, through SQLAlchemy and MLflow as it really arrives, when the run is
+    created: one line saying the disk is full, not MLflow's logged tracebacks."""
+    import subprocess
+    import sys
+
+    from convtrain.tracking.sqlite_store import ensure_sqlite_store
+
+    ensure_sqlite_store(tmp_path / "mlflow.db")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_FROM_THE_START, "fit", *TINY, "--out", "out"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: tracking store ") and "database or disk is full" in lines[0], lines[0]
+
+
+def test_a_store_on_a_disk_with_no_room_left_is_refused_before_any_work(tmp_path, monkeypatch):
+    from convtrain.tracking import store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(invoke("fit", *TINY), "the disk is full (4,096 bytes free")
+    assert "free some space" in line
+    assert snapshot(tmp_path) == before
+
+
+# ---- names shown on the terminal and in run descriptions -----------------------------------------
+
+def test_control_characters_in_a_sweep_name_are_shown_escaped():
+    from rich.console import Console
+
+    from convtrain.errors import printable
+    from convtrain.sweep.report import trials_table
+
+    name = "clear\x1b[2J\rbell\x07\u202eright-to-left"
+    assert printable(name) == "clear\\x1b[2J\\rbell\\x07\\u202eright-to-left"
+    assert printable("digits, 32 filters [v1.2]") == "digits, 32 filters [v1.2]"
+
+    class Spec:  # what trials_table reads of a SweepSpec
+        space, objective = {}, "val_accuracy"
+
+    Spec.name = name
+    console = Console(width=120, record=True, force_terminal=False)
+    console.print(trials_table([], Spec))
+    shown = console.export_text()
+    assert "\x1b" not in shown and "\r" not in shown and "\\x1b[2J" in shown
+
+
+def test_backticks_and_control_characters_in_names_keep_the_markdown_intact():
+    from convtrain.tracking.description import _code, _fenced, _text, experiment_description
+
+    assert _code("plain") == "`plain`"
+    assert _code("lr`0.05") == "``lr`0.05``"  # the span outlasts the backtick inside
+    assert _code("`edge`") == "`` `edge` ``"
+    assert _code("a\nb") == "`a\\nb`"  # a line break cannot end the paragraph
+    assert _fenced("convtrain fit --out 'a```b'") == ["````", "convtrain fit --out 'a```b'", "````"]
+    assert _text("my_data [v1].npz") == "my\\_data \\[v1\\]\\.npz"
+    line = experiment_description("team`s runs")
+    assert line.startswith("convtrain experiment ``team`s runs``: one run per `convtrain fit`")

@@ -97,3 +97,36 @@ def test_learning_curves_show_balanced_accuracy_when_that_is_the_monitor(tmp_pat
     plots.learning_curves(rows, tmp_path / "digits.png", best_epoch=4, monitor="val_loss")
     panel = next(ax for ax in captured["axes"] if "accuracy" in ax.get_title())
     assert panel.get_title() == "accuracy"
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.mark.parametrize("names", [CIFAR_CLASSES, [str(i) for i in range(10)], [f"class {i}" for i in range(14)]])
+def test_confusion_matrix_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
+    """Horizontal labels whose boxes do not overlap, or slanted ones whose lines sit further
+    apart than a line of text is high."""
+    import math
+
+    seen = []
+    real_save = plots._save
+
+    def save(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        labels = [label for label in fig.axes[0].get_xticklabels() if label.get_text()]
+        seen.append([(label.get_rotation(), label.get_window_extent(renderer), label.get_fontsize() * fig.dpi / 72,
+                      fig.axes[0].transData.transform((tick, 0))[0])
+                     for tick, label in zip(fig.axes[0].get_xticks(), labels)])
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    counts = np.arange(len(names) ** 2).reshape(len(names), len(names))
+    plots.confusion_matrix(counts, names, tmp_path / "cm.png")
+    [labels] = seen
+    assert len(labels) == len(names)
+    for (angle, box, height, x), (_, next_box, _, next_x) in zip(labels, labels[1:]):
+        if angle == 0:
+            assert box.x1 <= next_box.x0, (box, next_box)
+        else:
+            assert (next_x - x) * math.sin(math.radians(angle)) > height
