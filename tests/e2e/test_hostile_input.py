@@ -529,7 +529,7 @@ CASES = {
     "checkpoint config TOML nested 50,000 deep": Case(
         with_model(lambda tmp: ["fit", "--resume", "out"],
                    set_entry("checkpoint.npz", "config", deep_toml_array("filters", 50_000))),
-        "stored config nests arrays or tables too deeply"),
+        "stored config: arrays or tables nested too deeply"),
     "checkpoint epoch_order of strings": Case(
         with_model(lambda tmp: ["fit", "--resume", "out"],
                    set_entry("checkpoint.npz", "epoch_order", np.array(["a", "b"]))),
