@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convtrain.errors import ArchitectureError
+from convtrain.errors import ArchitectureError, ConfigError
 from convtrain.nn.choices import GLOBAL_POOLS, POOL_TYPES
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layer_specs import CLASSIFIER, expand_template, layer_names, normalize_layers
@@ -70,22 +70,42 @@ def _template_layers(*, filters, kernel_sizes, strides, padding, pool, hidden, b
                            global_pool=global_pool, pool_type=pool_type)
 
 
-def layer_architecture(arch: dict) -> dict[str, Any]:
+class Architecture(dict):
+    """A description in the layer-list form that compares equal to any description of the same
+    network: a checkpoint written before the layer list (a template description) is still the
+    network a config builds now, and resumes."""
+
+    __hash__ = None
+
+    def __eq__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        try:
+            return dict.__eq__(self, layer_architecture(other))
+        except (ConfigError, KeyError, TypeError, ValueError):
+            return False
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+
+def layer_architecture(arch: dict) -> Architecture:
     """`arch` in the layer-list form; a template description (from files written before the
     layer list: "blocks", "hidden", ...) becomes the list it always meant."""
     if not isinstance(arch, dict):
         raise ArchitectureError(f"architecture: expected an object, got {arch!r:.80}")
     if "layers" in arch:
-        return {"input_shape": list(arch["input_shape"]), "num_classes": int(arch["num_classes"]),
-                "dtype": str(arch["dtype"]), "layers": normalize_layers(arch["layers"])}
+        return Architecture(input_shape=list(arch["input_shape"]), num_classes=int(arch["num_classes"]),
+                            dtype=str(arch["dtype"]), layers=normalize_layers(arch["layers"]))
     blocks = arch["blocks"]
-    return describe_architecture(
+    return layer_architecture(describe_architecture(
         input_shape=arch["input_shape"], num_classes=arch["num_classes"], dtype=arch["dtype"],
         filters=[b["filters"] for b in blocks], kernel_sizes=[b["kernel_size"] for b in blocks],
         strides=[b["stride"] for b in blocks], padding=[b["padding"] for b in blocks],
         pool=[b["pool"] for b in blocks], hidden=arch["hidden"], batch_norm=arch.get("batch_norm", False),
         dropout=arch.get("dropout") or 0.0, global_pool=arch.get("global_pool", "none"),
-        pool_type=arch.get("pool_type", "max"))
+        pool_type=arch.get("pool_type", "max")))
 
 
 def config_build_options(config) -> dict[str, Any]:
