@@ -168,9 +168,19 @@ class FitConfig:
     def with_overrides(self, overrides: dict[str, Any]) -> "FitConfig":
         """A copy with the non-None entries of `overrides` applied (flags over file)."""
         given = {k: v for k, v in overrides.items() if v is not None}
+        layer_settings = {k: given.pop(k) for k in list(given) if is_layer_setting(k)}
         _check_known_keys(given, "overrides")
         merged = {**self.to_dict(), **{k: _coerce(k, v) for k, v in given.items()}}
         config = FitConfig(**merged)
+        if layer_settings:  # "layers.res2.filters" (a sweep's): on the layer list, the shorthand expanded
+            from convtrain.nn.layer_specs import set_layer_setting
+
+            specs = config.network_layers()
+            for setting, value in layer_settings.items():
+                name, key = setting[len(LAYER_SETTING_PREFIX):].rsplit(".", 1)
+                specs = set_layer_setting(specs, name, key, value)
+            config = FitConfig(**{**config.to_dict(), **{t: _copy(DEFAULTS[t]) for t in TEMPLATE_OPTIONS},
+                                  "layers": specs})
         config.validate()
         return config
 
@@ -459,6 +469,37 @@ OPTIMIZER_SETTINGS = {"momentum": ("sgd",), "nesterov": ("sgd",), "beta1": ("ada
 # run and its folder (a different network is refused when the checkpoint is read)
 FIXED_ON_RESUME = ("data", "val_fraction", "limit", "seed", "balanced", "experiment", "run_name", "out",
                    "optimizer")
+
+
+# A setting of one layer of the list, named "layers.<layer name>.<setting>" (a sweep's space):
+# "layers.res2.filters" (a residual block's: every conv in it), "layers.fc1_dropout.p".
+LAYER_SETTING_PREFIX = "layers."
+LAYER_SETTING_TYPES = {"filters": "int", "units": "int", "kernel": "int", "stride": "int", "size": "int",
+                       "padding": "int", "p": "float", "bias": "bool", "shortcut": "str"}
+
+
+def is_layer_setting(name: str) -> bool:
+    return name.startswith(LAYER_SETTING_PREFIX) and name.count(".") >= 2
+
+
+def setting_type(name: str) -> str:
+    """The type of a FitConfig field, or of a layer setting ("layers.res2.filters": int)."""
+    if is_layer_setting(name):
+        return LAYER_SETTING_TYPES.get(name.rsplit(".", 1)[1], "str")
+    return FIELD_TYPES[name]
+
+
+def setting_value(config: FitConfig, name: str) -> Any:
+    """A field's value, or a layer setting's (a residual block's filters: its first conv's)."""
+    if not is_layer_setting(name):
+        return getattr(config, name)
+    from convtrain.nn.layer_specs import KINDS, walk_specs
+
+    layer, key = name[len(LAYER_SETTING_PREFIX):].rsplit(".", 1)
+    spec = dict(walk_specs(config.network_layers()))[layer]
+    if spec["type"] == "residual" and key not in KINDS["residual"]:
+        spec = next(s for _, s in walk_specs(spec["layers"]) if s["type"] == "conv")
+    return spec.get(key, KINDS[spec["type"]].get(key))
 
 
 def flag_name(name: str) -> str:
