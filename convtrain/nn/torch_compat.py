@@ -81,12 +81,17 @@ def _residual_class(nn):
                 for name, module in inner.items():
                     self.add_module(name, module)
                 self.shortcut = nn.Sequential(shortcut)
+                # as torchvision's BasicBlock: `out += identity; relu_(out)` in place, where the
+                # inner output is fresh and no backward keeps it (after a conv, a norm, a linear)
+                self.add_in_place = isinstance(list(inner.values())[-1], (nn.Conv2d, nn.Linear, nn.BatchNorm1d,
+                                                                          nn.BatchNorm2d))
 
             def forward(self, x):
                 h = x
                 for name in self.inner_names:
                     h = getattr(self, name)(h)
-                return nn.functional.relu(h + self.shortcut(x))
+                h = h.add_(self.shortcut(x)) if self.add_in_place else h + self.shortcut(x)
+                return nn.functional.relu(h, inplace=True)
 
         _RESIDUAL["class"] = ResidualBlock
     return _RESIDUAL["class"]
