@@ -678,7 +678,7 @@ def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
                   if value is not None and key not in tables]
         for key, rows in tables.items():  # a layer list: one [[section.key]] table per layer
             for row in rows:
-                lines.append(f"[[{section}.{key}]]")
+                lines += ["", f"[[{section}.{key}]]"]
                 lines += [f"{k} = {_toml_literal(v, nested=True)}" for k, v in row.items()]
     return "\n".join(lines) + "\n"
 
