@@ -69,7 +69,9 @@ def test_fit_flags_keep_their_spellings():
     # the npz file does not exist: --print-config still prints, saying the length it could count
     assert result.exit_code == 0, result.output
     printed = FitConfig.from_dict(tomllib.loads(result.stdout))
-    assert printed.filters == [8, 16] and printed.kernel_sizes == [[5, 3]] and printed.padding == ["same"]
+    # the template flags, printed as the layer list they expand to
+    expected = FitConfig(filters=[8, 16], kernel_sizes=[[5, 3]], padding=["same"]).network_layers()
+    assert printed.layers == expected and printed.layers[0]["kernel"] == [5, 3]
     assert (printed.track, printed.nesterov, printed.balanced) == (False, True, True)
     assert (printed.n_s, printed.schedule, printed.cycles, printed.val_fraction) == (40, "cyclic", 2, 0.2)
     assert printed.conv_algo == "im2col"
