@@ -192,13 +192,13 @@ class FitConfig:
 
     def network_layers(self) -> list[dict]:
         """The network's layer list: `layers`, or the template options expanded into one."""
-        from convtrain.nn.architecture import _template_layers
+        from convtrain.nn.architecture import template_layers
         from convtrain.nn.layer_specs import normalize_layers
 
         try:
             if self.layers:
                 return normalize_layers(self.layers)
-            return _template_layers(filters=self.filters, kernel_sizes=self.per_block("kernel_sizes"),
+            return template_layers(filters=self.filters, kernel_sizes=self.per_block("kernel_sizes"),
                                     strides=self.per_block("strides"), padding=self.per_block("padding"),
                                     pool=self.per_block("pool"), hidden=self.hidden, batch_norm=self.batch_norm,
                                     dropout=self.dropout, global_pool=self.global_pool, pool_type=self.pool_type)

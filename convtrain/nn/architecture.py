@@ -39,15 +39,17 @@ def describe_architecture(*, input_shape: Sequence[int], num_classes: int, filte
     if layers:
         specs = normalize_layers(layers)
     else:
-        specs = _template_layers(filters=filters, kernel_sizes=kernel_sizes, strides=strides, padding=padding,
+        specs = template_layers(filters=filters, kernel_sizes=kernel_sizes, strides=strides, padding=padding,
                                  pool=pool, hidden=hidden, batch_norm=batch_norm, dropout=dropout,
                                  global_pool=global_pool, pool_type=pool_type)
     return {"input_shape": [int(v) for v in input_shape], "num_classes": int(num_classes),
             "dtype": str(np.dtype(dtype)), "layers": specs}
 
 
-def _template_layers(*, filters, kernel_sizes, strides, padding, pool, hidden, batch_norm, dropout,
-                     global_pool, pool_type) -> list[dict]:
+def template_layers(*, filters, kernel_sizes, strides, padding, pool, hidden, batch_norm, dropout,
+                    global_pool, pool_type) -> list[dict]:
+    """The layer list of the template options, checked as Network.build checks them (one value
+    for every block or one per block; dropout one rate, or one per hidden layer)."""
     filters = [int(f) for f in ([filters] if isinstance(filters, (int, np.integer)) else filters)]
     if not filters:
         raise ArchitectureError("filters: expected at least one conv block")

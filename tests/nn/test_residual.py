@@ -128,13 +128,14 @@ def test_a_resnet_with_dropout_matches_pytorch_step_for_step(dtype):
         assert rel_err(net.forward(x), model(torch.from_numpy(x.copy())).numpy()) < TORCH_TOLERANCE[dtype]
 
 
-def test_the_same_bits_for_1_and_2_threads(threads):
+@pytest.mark.parametrize("algo", ["im2col", "winograd"])
+def test_the_same_bits_for_1_and_2_threads(threads, algo):
     results = []
     x, y = batch("float32", n=8)
     for count in (1, 2):
         convtrain.set_num_threads(count)
         net = make_net("float32")
-        net.set_conv_algo("auto")
+        net.set_conv_algo(algo)
         net.set_dropout_generator(np.random.default_rng(2))
         optimizer = SGD(net.parameters(), lr=0.05, momentum=0.9)
         for _ in range(2):
@@ -177,3 +178,27 @@ def test_a_block_does_not_overwrite_its_input_or_a_kept_output():
     minus = net.loss(x, y)[0]
     weight[4] = keep
     assert abs((plus - minus) / (2 * h) - grads["res1.conv1.weight"].reshape(-1)[4]) < 1e-7
+
+
+def test_a_cifar_sized_resnet_gives_the_same_bits_for_1_and_2_threads(threads):
+    """Large enough that the kernels split the batch (and pick Winograd where it helps)."""
+    def block(filters, stride=1):
+        return Residual([Conv2D(filters, 3, stride, 1, bias=False), BatchNorm(), ReLU(), Dropout(0.1),
+                         Conv2D(filters, 3, 1, 1, bias=False), BatchNorm()])
+
+    layers = [Conv2D(16, 3, 1, 1, bias=False), BatchNorm(), ReLU(), block(16), block(32, 2), GlobalAvgPool()]
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 3, 32, 32), dtype=np.float32), rng.integers(0, 10, 16)
+    results = []
+    for count in (1, 2):
+        convtrain.set_num_threads(count)
+        net = Network(layers, input_shape=(3, 32, 32), num_classes=10)
+        assert "winograd" in net.set_conv_algo("auto").values()
+        net.set_dropout_generator(np.random.default_rng(4))
+        optimizer = SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(2):
+            net.loss_and_grads(x, y)
+            optimizer.step(net.gradients(), 0.05)
+        results.append({**net.parameters(), **net.buffers()})
+    for name, value in results[0].items():
+        assert np.array_equal(value, results[1][name]), name
