@@ -46,6 +46,7 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 SHORTCUTS = ("auto", "identity", "conv", "conv_bn")
 CLASSIFIER = "fc"  # the name of the dense layer the network adds after the list
+RESERVED_NAMES = (CLASSIFIER, "shortcut")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -61,6 +62,9 @@ def normalize_layers(specs: Sequence, where: str = "layers") -> list[dict[str, A
         raise ArchitectureError(f"{where}: expected at least one layer")
     dicts = [_as_dict(spec, f"{where}[{i}]") for i, spec in enumerate(specs)]
     names = _names_of(dicts)
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ArchitectureError(f"{where}[{i}]: name {name!r} is taken by {where}[{names.index(name)}]")
     out = []
     for i, (spec, name) in enumerate(zip(dicts, names)):
         out.append(_normalize_one(spec, f"{where}[{i}] ({name})"))
@@ -89,9 +93,10 @@ def _normalize_one(spec: dict, where: str) -> dict:
     out: dict[str, Any] = {"type": kind}
     if "name" in spec:
         name = spec["name"]
-        if not isinstance(name, str) or not _NAME.match(name) or name == CLASSIFIER:
-            raise ArchitectureError(f"{where}: name {name!r} must be letters, digits and _ (not {CLASSIFIER!r}, "
-                                    "the classifier's)")
+        if not isinstance(name, str) or not _NAME.match(name) or name in RESERVED_NAMES:
+            raise ArchitectureError(f"{where}: name {name!r} must be letters, digits and _ (not "
+                                    f"{' or '.join(map(repr, RESERVED_NAMES))}: the classifier's and a residual "
+                                    "block's shortcut's)")
         out["name"] = name
     for key, default in settings.items():
         if key not in spec:

@@ -91,6 +91,8 @@ def test_a_blocks_width_or_a_dropout_rate_is_set_by_the_layers_name():
     ([{"type": "residual", "layers": [{"type": "nope"}]}], r"layers\[0\].layers\[0\]: unknown layer type 'nope'"),
     ([{"type": "residual", "shortcut": "projection", "layers": [{"type": "relu"}]}], r"shortcut got 'projection'"),
     ([{"type": "dense", "units": 4, "name": "fc"}], r"name 'fc'"),
+    ([{"type": "flatten", "name": "x"}, {"type": "dense", "units": 4, "name": "x"}],
+     r"layers\[1\]: name 'x' is taken by layers\[0\]"),
     ([{"type": "flatten"}, {"type": "batch_norm", "momentum": 0.1}], r"unknown setting 'momentum'"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_layer(specs, message):
