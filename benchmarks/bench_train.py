@@ -4,7 +4,8 @@ One "step" is a full training update on a batch: forward, softmax cross-entropy,
 L2 gradient, SGD momentum update (Trainer.train_step for convtrain), on the three reference
 nets of benchmarks/nets.py (DIGITS, MNIST, CIFAR: two valid convolutions with ReLU, FC10,
 float32, batch 100; CIFAR-BN: the CIFAR net with batch norm after each conv, before its ReLU;
-torch: nn.BatchNorm2d). CIFAR-BN's rounds each run right beside a round of CIFAR, in every
+torch: nn.BatchNorm2d; RESNET8: three basic blocks of 16/32/64 filters on CIFAR, torch: the
+module to_torch_module makes, whose blocks add and ReLU in place as torchvision's BasicBlock). CIFAR-BN's rounds each run right beside a round of CIFAR, in every
 implementation, and the cost of batch norm is the median of those rounds' step-time ratios:
 this machine has slower and faster spells seconds long, in which memory-bound passes such as
 batch norm's slow down most, and a ratio of two medians taken minutes apart mixes them.
@@ -300,8 +301,8 @@ def format_row(net, threads, rates, medians):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", default="digits,mnist,cifar,cifar-bn",
-                        help="comma-separated: digits, mnist, cifar, cifar-bn")
+    parser.add_argument("--nets", default="digits,mnist,cifar,cifar-bn,resnet8",
+                        help="comma-separated: digits, mnist, cifar, cifar-bn, resnet8")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")

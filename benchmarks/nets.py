@@ -6,14 +6,18 @@ their figures describe the same step.
     MNIST  1x28x28: 5x5x20, 5x5x50, FC10
     CIFAR  3x32x32: 5x5x32, 3x3x64, FC10
     CIFAR-BN        the CIFAR net with batch norm after each conv (before its ReLU)
+    RESNET8 3x32x32: 3x3x16 + BN + ReLU, three basic blocks of 16, 32, 64 filters (the last two
+                    stride 2, with a 1x1 conv + BN shortcut), global average pool, FC10
 
-(valid convolutions, stride 1, no pooling, ReLU after each conv, float32, batch 100.)
+(valid convolutions, stride 1, no pooling, ReLU after each conv, float32, batch 100; RESNET8:
+padding 1, convs without bias before their batch norm, as torchvision's ResNets.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD, make_schedule
 from convtrain.training.trainer import Trainer
@@ -26,12 +30,25 @@ NETS = {
 }
 # bench_train.py times a batch-norm net in the same rounds as the net without it
 NETS["cifar-bn"] = {**NETS["cifar"], "batch_norm": True, "without_batch_norm": "cifar"}
+
+
+def basic_block(filters: int, stride: int = 1) -> Residual:
+    """ResNet's basic block: two 3x3 convs with batch norm, the sum, ReLU."""
+    return Residual([Conv2D(filters, 3, stride, 1, bias=False), BatchNorm(), ReLU(),
+                     Conv2D(filters, 3, 1, 1, bias=False), BatchNorm()])
+
+
+RESNET8 = [Conv2D(16, 3, 1, 1, bias=False), BatchNorm(), ReLU(),
+           basic_block(16), basic_block(32, 2), basic_block(64, 2), GlobalAvgPool()]
+NETS["resnet8"] = {"input_shape": (3, 32, 32), "layers": RESNET8, "steps": 5}
 BATCH = 100
 LR, MOMENTUM, L2 = 0.01, 0.9, 1e-4
 
 
 def build_network(spec):
     """The net of NETS[name] with float32 He-initialized weights, the same for every run (seed 0)."""
+    if "layers" in spec:
+        return Network(spec["layers"], seed=0, input_shape=spec["input_shape"], num_classes=10, dtype="float32")
     return Network.build(input_shape=spec["input_shape"], num_classes=10, filters=spec["filters"],
                          kernel_sizes=spec["kernel_sizes"], dtype="float32", seed=0,
                          batch_norm=spec.get("batch_norm", False))

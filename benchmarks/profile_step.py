@@ -84,7 +84,8 @@ def profile(net, threads, steps, clock, conv_algo="auto"):
     with threadpool_limits(threads, user_api="blas"):
         for i in range(3):  # warm-up, unwrapped
             trainer.train_step(xs[i % 4], ys[i % 4], LR)
-        for layer in network.layers:
+        # a residual block's layers (its add and ReLU fall under python/other)
+        for layer in network.leaf_layers():
             for direction in ("forward", "backward"):
                 timer.wrap(layer, direction, phase_label(layer, direction))
         loss_function = train_module.softmax_cross_entropy
@@ -100,6 +101,8 @@ def profile(net, threads, steps, clock, conv_algo="auto"):
         x = xs[0]
         conv_parts = {}
         for layer in network.layers:
+            if not isinstance(layer, (layers.Conv2D, layers.MaxPool2D, layers.ReLU)):
+                break  # the convs of the plain stack only (not inside residual blocks)
             if isinstance(layer, layers.Conv2D):
                 out_shape = kernels.conv2d_output_shape(x.shape, layer.params["weight"].shape)
                 cols = kernels.im2col(x, layer.kernel_size)
@@ -107,7 +110,7 @@ def profile(net, threads, steps, clock, conv_algo="auto"):
                 col2im_s = _median_time(lambda: kernels.col2im(cols, x.shape, layer.kernel_size), timer.clock)
                 if layer.algo == "im2col":
                     conv_parts[layer.name] = (im2col_s, col2im_s, layer.needs_input_grad)
-                x = np.maximum(kernels.conv2d_forward(x, layer.params["weight"], layer.params["bias"]), 0)
+                x = np.maximum(kernels.conv2d_forward(x, layer.params["weight"], layer._bias), 0)
                 assert x.shape == out_shape
             elif isinstance(layer, (layers.MaxPool2D,)):
                 x = layer.forward(x)

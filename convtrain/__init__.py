@@ -27,6 +27,10 @@ _EXPORTS = {
     "fit": "convtrain.pipeline.fit",
     "FitResult": "convtrain.pipeline.fit",
     "load_dataset": "convtrain.data",
+    # the layer list in Python (specs, not the engine's layer objects): Network([...], ...)
+    **{name: "convtrain.nn.layer_specs" for name in (
+        "Conv2D", "BatchNorm", "ReLU", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "Flatten", "Dense", "Dropout",
+        "Residual")},
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -176,7 +176,7 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
     quiet_by_default((ctx.obj or {}).get("debug", False))
     resolved, checkpoint = resolve_fit_config(config_path=config, overrides=settings, resume=resume)
     if print_config:
-        typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.to_toml(), nl=False)
+        typer.echo(f"# length: {_planned_length(resolved)}\n" + resolved.expanded().to_toml(), nl=False)
         return
     console = _console()
     notices = [] if quiet else [_length_notice(resolved, console)]

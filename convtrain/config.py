@@ -5,13 +5,18 @@ A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sw
 parameter all use the same name) but is written to TOML in sections for reading:
 
     [data]   data, data_path, val_fraction, limit, balanced, augment
-    [model]  filters, kernel_sizes, strides, padding, pool, hidden, dtype,
-             batch_norm, dropout, global_pool, pool_type
+    [model]  layers (the network as a layer list), or its shorthand: filters, kernel_sizes,
+             strides, padding, pool, hidden, batch_norm, dropout, global_pool, pool_type; dtype
     [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
              eps, weight_decay, label_smoothing, clip_norm, schedule and its parameters
     [run]    seed, threads, conv_algo, patience, monitor, experiment, run_name, out, track, ...
 
 A TOML file may use the sections or plain top-level keys; both load the same.
+
+The network is `layers`, a list of layer specs (convtrain.nn.layer_specs), written as
+`[[model.layers]]` tables (a residual block holds its own `layers = [...]` of inline tables).
+Left empty, the template options expand into that list (`network_layers`); with a list, they
+must stay at their defaults. `--print-config` shows the expanded list (`expanded`).
 
 Each field is declared with `option(section, default, help)`, and `convtrain fit`'s flags are
 generated from these (convtrain.cli): a new setting is one line here, e.g.
@@ -27,6 +32,7 @@ another (like `n_s` by the cyclic schedule) is declared in SCHEDULE_SETTINGS or 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -89,6 +95,9 @@ class FitConfig:
     global_pool: str = option("model", "none", "avg: global average pooling after the last block (the dense "
                               "layers see one value per channel), or none.")
     pool_type: str = option("model", "max", "Pooling in the blocks that pool: max or avg.")
+    layers: list[dict] = option("model", [], "The network as a layer list (replaces the template options "
+                                "above), as a TOML array: '[{type=\"conv\", filters=16}, {type=\"relu\"}, "
+                                "{type=\"flatten\"}]'; the classifier follows it.", shown="none: the template")
     # [optim]
     epochs: int = option("optim", 12, "Epochs to train.")
     batch_size: int = option("optim", 64, "Mini-batch size.")
@@ -168,9 +177,19 @@ class FitConfig:
     def with_overrides(self, overrides: dict[str, Any]) -> "FitConfig":
         """A copy with the non-None entries of `overrides` applied (flags over file)."""
         given = {k: v for k, v in overrides.items() if v is not None}
+        layer_settings = {k: given.pop(k) for k in list(given) if is_layer_setting(k)}
         _check_known_keys(given, "overrides")
         merged = {**self.to_dict(), **{k: _coerce(k, v) for k, v in given.items()}}
         config = FitConfig(**merged)
+        if layer_settings:  # "layers.res2.filters" (a sweep's): on the layer list, the shorthand expanded
+            from convtrain.nn.layer_specs import set_layer_setting
+
+            specs = config.network_layers()
+            for setting, value in layer_settings.items():
+                name, key = setting[len(LAYER_SETTING_PREFIX):].rsplit(".", 1)
+                specs = set_layer_setting(specs, name, key, value)
+            config = FitConfig(**{**config.to_dict(), **{t: _copy(DEFAULTS[t]) for t in TEMPLATE_OPTIONS},
+                                  "layers": specs})
         config.validate()
         return config
 
@@ -179,6 +198,27 @@ class FitConfig:
     @property
     def num_blocks(self) -> int:
         return len(self.filters)
+
+    def network_layers(self) -> list[dict]:
+        """The network's layer list: `layers`, or the template options expanded into one."""
+        from convtrain.nn.architecture import template_layers
+        from convtrain.nn.layer_specs import normalize_layers
+
+        try:
+            if self.layers:
+                return normalize_layers(self.layers)
+            return template_layers(filters=self.filters, kernel_sizes=self.per_block("kernel_sizes"),
+                                    strides=self.per_block("strides"), padding=self.per_block("padding"),
+                                    pool=self.per_block("pool"), hidden=self.hidden, batch_norm=self.batch_norm,
+                                    dropout=self.dropout, global_pool=self.global_pool, pool_type=self.pool_type)
+        except ConfigError as exc:
+            raise ConfigError(str(exc) if str(exc).startswith("layers") else f"layers: {exc}") from None
+
+    def expanded(self) -> "FitConfig":
+        """This config with the template options written out as the layer list they make."""
+        values = {**self.to_dict(), **{name: _copy(DEFAULTS[name]) for name in TEMPLATE_OPTIONS}}
+        values["layers"] = self.network_layers()
+        return FitConfig(**values)
 
     def per_block(self, name: str) -> list[Any]:
         """The per-block list `name` broadcast to one entry per conv block."""
@@ -191,6 +231,8 @@ class FitConfig:
     def to_sections(self) -> dict[str, dict[str, Any]]:
         sections: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
+            if self.layers and f.name in TEMPLATE_OPTIONS or f.name == "layers" and not self.layers:
+                continue  # one way of writing the network: the list, or its shorthand
             sections.setdefault(f.metadata["section"], {})[f.name] = getattr(self, f.name)
         return sections
 
@@ -206,7 +248,9 @@ class FitConfig:
         """Every field as a string, for MLflow params (lists comma-joined, None as '')."""
         params = {}
         for name, value in self.to_dict().items():
-            if isinstance(value, list):
+            if name == "layers":
+                value = json.dumps(value, separators=(",", ":")) if value else ""
+            elif isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             params[name] = "" if value is None else str(value)
         return params
@@ -339,6 +383,12 @@ def validate_config(config: FitConfig) -> None:
         _expect(isinstance(p, int) and p >= 0, "pool", config.pool, "pool sizes >= 0 (0 = no pooling)")
     _expect(config.dtype in DTYPES, "dtype", config.dtype, " or ".join(DTYPES))
     _validate_layer_options(config)
+    if config.layers:
+        for name in TEMPLATE_OPTIONS:
+            if getattr(config, name) != DEFAULTS[name]:
+                raise ConfigError(f"{name}: got {show_value(getattr(config, name))}, but the network is the "
+                                  f"layer list (layers); {name} is a template option, leave it out or drop layers")
+    config.network_layers()  # kinds, keys and values of every layer (shapes: when the data is known)
 
     _expect(config.epochs > 0, "epochs", config.epochs, "a positive count")
     _expect(config.batch_size > 0, "batch_size", config.batch_size, "a positive count")
@@ -377,10 +427,12 @@ def validate_config(config: FitConfig) -> None:
 def _validate_conv_algo(config: FitConfig) -> None:
     _expect(config.conv_algo in CONV_ALGOS, "conv_algo", config.conv_algo, " or ".join(CONV_ALGOS))
     if config.conv_algo == "winograd":
-        kernels = config.per_block("kernel_sizes")
-        strides = config.per_block("strides")
-        if not any(_as_pair(k) == [3, 3] and s == 1 for k, s in zip(kernels, strides)):
-            raise ConfigError("conv_algo: got 'winograd', but no conv block has a 3x3 kernel with "
+        from convtrain.nn.layer_specs import walk_specs
+
+        convs = [spec for _, spec in walk_specs(config.network_layers()) if spec["type"] == "conv"]
+        if not any(_as_pair(spec.get("kernel", 3)) == [3, 3] and _as_pair(spec.get("stride", 1)) == [1, 1]
+                   for spec in convs):
+            raise ConfigError("conv_algo: got 'winograd', but no conv layer has a 3x3 kernel with "
                               "stride 1 (Winograd F(2x2,3x3) computes those only); use auto or im2col")
 
 def _validate_layer_options(config: FitConfig) -> None:
@@ -417,6 +469,9 @@ FLAG = "flag"  # where a setting typed on the command line came from (else: a co
 DEFAULTS = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
             for f in dataclasses.fields(FitConfig)}
 
+# the options of the template network (conv blocks, hidden dense layers): a shorthand for `layers`
+TEMPLATE_OPTIONS = ("filters", "kernel_sizes", "strides", "padding", "pool", "hidden", "batch_norm", "dropout",
+                    "global_pool", "pool_type")
 # the schedules that use each schedule setting: a flag for another schedule would be ignored
 SCHEDULE_SETTINGS = {"lr": ("constant", "step", "cosine"), "step_epochs": ("step",), "gamma": ("step",),
                      "eta_min": ("cosine", "cyclic"), "eta_max": ("cyclic",), "n_s": ("cyclic",),
@@ -428,6 +483,37 @@ OPTIMIZER_SETTINGS = {"momentum": ("sgd",), "nesterov": ("sgd",), "beta1": ("ada
 # run and its folder (a different network is refused when the checkpoint is read)
 FIXED_ON_RESUME = ("data", "val_fraction", "limit", "seed", "balanced", "experiment", "run_name", "out",
                    "optimizer")
+
+
+# A setting of one layer of the list, named "layers.<layer name>.<setting>" (a sweep's space):
+# "layers.res2.filters" (a residual block's: every conv in it), "layers.fc1_dropout.p".
+LAYER_SETTING_PREFIX = "layers."
+LAYER_SETTING_TYPES = {"filters": "int", "units": "int", "kernel": "int", "stride": "int", "size": "int",
+                       "padding": "int", "p": "float", "bias": "bool", "shortcut": "str"}
+
+
+def is_layer_setting(name: str) -> bool:
+    return name.startswith(LAYER_SETTING_PREFIX) and name.count(".") >= 2
+
+
+def setting_type(name: str) -> str:
+    """The type of a FitConfig field, or of a layer setting ("layers.res2.filters": int)."""
+    if is_layer_setting(name):
+        return LAYER_SETTING_TYPES.get(name.rsplit(".", 1)[1], "str")
+    return FIELD_TYPES[name]
+
+
+def setting_value(config: FitConfig, name: str) -> Any:
+    """A field's value, or a layer setting's (a residual block's filters: its first conv's)."""
+    if not is_layer_setting(name):
+        return getattr(config, name)
+    from convtrain.nn.layer_specs import KINDS, walk_specs
+
+    layer, key = name[len(LAYER_SETTING_PREFIX):].rsplit(".", 1)
+    spec = dict(walk_specs(config.network_layers()))[layer]
+    if spec["type"] == "residual" and key not in KINDS["residual"]:
+        spec = next(s for _, s in walk_specs(spec["layers"]) if s["type"] == "conv")
+    return spec.get(key, KINDS[spec["type"]].get(key))
 
 
 def flag_name(name: str) -> str:
@@ -500,6 +586,8 @@ _LIST_EXPECTATIONS = {
 def _coerce(name: str, value: Any) -> Any:
     """Accept the spellings a TOML file or a flag naturally gives: '16,32' or 16 for a list."""
     kind = FIELD_TYPES[name]
+    if name == "layers":
+        return _layer_list(value)
     try:
         if kind.startswith("list"):
             if isinstance(value, str):
@@ -535,6 +623,18 @@ def _coerce(name: str, value: Any) -> Any:
         expected = _LIST_EXPECTATIONS.get(name, f"a value of type {kind}")
         raise ConfigError(f"{name}: got {value!r}, expected {expected}") from None
     return value
+
+
+def _layer_list(value: Any) -> list:
+    """`layers` from TOML (a list of tables) or a flag (the same list as TOML text)."""
+    if isinstance(value, str):
+        value = parse_toml(f"layers = {value}", "layers").get("layers") if value.strip() else []
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"layers: got {value!r:.80}, expected a list of layer tables, e.g. "
+                          "[{type = \"conv\", filters = 16}, {type = \"relu\"}, {type = \"flatten\"}]")
+    return [v.to_spec() if hasattr(v, "to_spec") else v for v in value]
 
 
 def _list_item(name: str, v: Any) -> Any:
@@ -624,13 +724,29 @@ def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
         if lines:
             lines.append("")
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_literal(value)}" for key, value in values.items() if value is not None]
+        tables = {key: value for key, value in values.items() if _is_table_list(value)}
+        lines += [f"{key} = {_toml_literal(value)}" for key, value in values.items()
+                  if value is not None and key not in tables]
+        for key, rows in tables.items():  # a layer list: one [[section.key]] table per layer
+            for row in rows:
+                lines += ["", f"[[{section}.{key}]]"]
+                lines += [f"{k} = {_toml_literal(v, nested=True)}" for k, v in row.items()]
     return "\n".join(lines) + "\n"
 
 
-def _toml_literal(value: Any) -> str:
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _toml_literal(value: Any, nested: bool = False) -> str:
+    """One value on one line; in a table of a layer list, a list of tables (a residual block's
+    layers) is an array of inline tables, one per line."""
     import tomli_w
 
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+    if nested and _is_table_list(value):
+        return "[\n" + "".join(f"    {_toml_literal(v)},\n" for v in value) + "]"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
     return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")

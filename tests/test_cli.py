@@ -69,7 +69,9 @@ def test_fit_flags_keep_their_spellings():
     # the npz file does not exist: --print-config still prints, saying the length it could count
     assert result.exit_code == 0, result.output
     printed = FitConfig.from_dict(tomllib.loads(result.stdout))
-    assert printed.filters == [8, 16] and printed.kernel_sizes == [[5, 3]] and printed.padding == ["same"]
+    # the template flags, printed as the layer list they expand to
+    expected = FitConfig(filters=[8, 16], kernel_sizes=[[5, 3]], padding=["same"]).network_layers()
+    assert printed.layers == expected and printed.layers[0]["kernel"] == [5, 3]
     assert (printed.track, printed.nesterov, printed.balanced) == (False, True, True)
     assert (printed.n_s, printed.schedule, printed.cycles, printed.val_fraction) == (40, "cyclic", 2, 0.2)
     assert printed.conv_algo == "im2col"
@@ -112,7 +114,10 @@ def test_print_config_resolves_file_then_flags(tmp_path):
     result = invoke("fit", "--config", "fit.toml", "--lr", "0.2", "--kernel-sizes", "5x3", "--print-config")
     assert result.exit_code == 0, result.output
     printed = FitConfig.from_dict(tomllib.loads(result.stdout))
-    assert (printed.epochs, printed.lr, printed.filters, printed.kernel_sizes) == (7, 0.2, [8], [[5, 3]])
+    assert (printed.epochs, printed.lr) == (7, 0.2)
+    # the network as the layer list the template options expand to
+    assert printed.layers[0] == {"type": "conv", "filters": 8, "kernel": [5, 3]}
+    assert printed.network_layers() == FitConfig(filters=[8], kernel_sizes=[[5, 3]]).network_layers()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -317,3 +322,87 @@ def test_ui_without_an_experiment_opens_convtrain_or_the_list(tmp_path):
     made = client.create_experiment("convtrain")
     assert experiment_to_open(uri, None) == made
     assert experiment_to_open(uri, "digits") == client.get_experiment_by_name("digits").experiment_id
+
+
+# ---- layer lists ------------------------------------------------------------------------------------
+
+RESNET_TOML = """
+[model]
+[[model.layers]]
+type = "conv"
+filters = 8
+padding = "same"
+bias = false
+[[model.layers]]
+type = "batch_norm"
+[[model.layers]]
+type = "relu"
+[[model.layers]]
+type = "residual"
+layers = [
+    {type = "conv", filters = 8, padding = "same", bias = false},
+    {type = "batch_norm"},
+    {type = "relu"},
+    {type = "conv", filters = 8, padding = "same", bias = false},
+    {type = "batch_norm"},
+]
+[[model.layers]]
+type = "global_avg_pool"
+[[model.layers]]
+type = "dropout"
+p = 0.2
+"""
+
+
+def test_a_toml_layer_list_trains_and_its_model_keeps_the_list(tmp_path):
+    (tmp_path / "resnet.toml").write_text(RESNET_TOML)
+    result = invoke("fit", "--config", "resnet.toml", *[a for a in TINY if a not in ("--filters", "4")],
+                    "--out", "resnet", "--quiet")
+    assert result.exit_code == 0, result.output
+    from convtrain.nn.network import Network
+
+    network = Network.load(tmp_path / "resnet" / "model.npz")
+    assert network.architecture["layers"][3]["type"] == "residual"
+    assert "res1.bn2.running_var" in network.buffers()
+    assert invoke("evaluate", tmp_path / "resnet" / "model.npz").exit_code == 0
+
+
+@pytest.mark.parametrize("layers, fragments", [
+    ('[{type = "convolution", filters = 8}]', ["layers[0]", "unknown layer type 'convolution'", "residual"]),
+    ('[{type = "conv", filter = 8}]', ["conv1", "unknown setting 'filter'", "filters"]),
+    ('[{type = "dropout"}]', ["dropout", "needs 'p'"]),
+    ('[{type = "conv", filters = 4, kernel = 11}, {type = "flatten"}]', ["conv1", "11x11", "does not fit"]),
+    ('[{type = "flatten"}, {type = "conv", filters = 4}]', ["conv1", "needs a CxHxW input"]),
+    ('[{type = "conv", filters = 4}]', ["conv1", "ends with a 4x6x6 output", "flatten"]),
+    ('[{type = "residual", shortcut = "identity", layers = [{type = "conv", filters = 4, padding = 1}]}, '
+     '{type = "flatten"}]', ["res1", "4x8x8", "1x8x8", "can't be added"]),
+    ('[{type = "residual", layers = [{type = "conv", filters = 4, stride = 3, padding = 5}]}, '
+     '{type = "flatten"}]', ["res1", "can't be added"]),
+])
+def test_a_bad_layer_spec_gives_one_line_naming_the_layer(layers, fragments, tmp_path):
+    result = invoke("fit", "--layers", layers, "--limit", "100", "--epochs", "1", "--no-track")
+    assert_one_line_error(result, *fragments, exit_code=2)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_template_options_beside_a_layer_list_are_refused():
+    result = invoke("fit", "--layers", '[{type = "flatten"}]', "--filters", "8", "--print-config")
+    assert_one_line_error(result, "filters", "layer list", exit_code=2)
+
+
+def test_a_model_file_with_the_template_description_still_evaluates(digits_model, tmp_path):
+    """Model files written before the layer list describe the template ("blocks", "hidden")."""
+    from convtrain.nn.npz_files import json_entry, read_npz
+
+    arrays = read_npz(digits_model / "model.npz", "model")
+    layers = json.loads(str(arrays["architecture"]))["layers"]
+    convs = [spec for spec in layers if spec["type"] == "conv"]
+    old = {"input_shape": [1, 8, 8], "num_classes": 10, "dtype": "float32", "hidden": [],
+           "blocks": [{"filters": spec["filters"], "kernel_size": [3, 3], "stride": [1, 1], "padding": 0, "pool": 0}
+                      for spec in convs]}
+    arrays["architecture"] = json_entry(old)
+    np.savez(tmp_path / "old-model.npz", **arrays)
+    new = invoke("evaluate", digits_model / "model.npz", "--json")
+    result = invoke("evaluate", tmp_path / "old-model.npz", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == json.loads(new.stdout)["accuracy"]

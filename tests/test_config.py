@@ -247,3 +247,55 @@ def test_a_flag_the_chosen_optimizer_does_not_use_is_refused():
     with pytest.raises(ConfigError, match="--momentum 0.5 is not used by --optimizer adamw"):
         FitConfig(optimizer="adamw", momentum=0.5).check_settings({"momentum": FLAG, "optimizer": FLAG})
     FitConfig(optimizer="adamw", beta1=0.8).check_settings({"beta1": FLAG, "optimizer": FLAG})
+
+
+# ---- the network as a layer list ------------------------------------------------------------------
+
+def test_a_toml_layer_list_reads_as_the_python_one(tmp_path):
+    from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
+
+    (tmp_path / "net.toml").write_text(
+        '[model]\n[[model.layers]]\ntype = "conv"\nfilters = 8\nkernel = [3, 3]\npadding = "same"\n'
+        '[[model.layers]]\ntype = "relu"\n'
+        '[[model.layers]]\ntype = "residual"\nlayers = [\n  {type = "conv", filters = 16, stride = 2, padding = 1},\n'
+        '  {type = "batch_norm"},\n]\n[[model.layers]]\ntype = "global_avg_pool"\n')
+    config = FitConfig.from_toml(tmp_path / "net.toml")
+    python = [Conv2D(8, 3, padding="same"), ReLU(), Residual([Conv2D(16, 3, stride=2, padding=1), BatchNorm()]),
+              GlobalAvgPool()]
+    assert config.network_layers() == FitConfig(layers=python).network_layers()
+    assert config.network_layers()[0] == {"type": "conv", "filters": 8, "padding": "same"}
+
+
+def test_the_shorthand_and_its_expanded_list_are_the_same_network():
+    shorthand = FitConfig(filters=[4, 8], kernel_sizes=[[3, 5], 3], padding=["same", 1], pool=[2, 0], hidden=[16],
+                          batch_norm=True, dropout=[0.3], global_pool="none", seed=3)
+    expanded = shorthand.expanded()
+    assert expanded.layers and expanded.filters == FitConfig().filters
+    assert FitConfig.from_dict(tomllib.loads(expanded.to_toml())) == expanded  # the printed config reads back
+    a = Network.from_config(shorthand, (1, 12, 12), 5)
+    b = Network.from_config(expanded, (1, 12, 12), 5)
+    assert a.architecture == b.architecture
+    assert list(a.parameters()) == list(b.parameters()) and "fc1_bn.weight" in a.parameters()
+    for name, value in a.parameters().items():
+        assert np.array_equal(value, b.parameters()[name])
+
+
+def test_the_layers_flag_takes_a_toml_array_and_refuses_template_options_beside_it():
+    config = FitConfig().with_overrides({"layers": '[{type = "flatten"}, {type = "dense", units = 32}]'})
+    assert config.layers == [{"type": "flatten"}, {"type": "dense", "units": 32}]
+    assert "filters" not in config.to_toml() and "[[model.layers]]" in config.to_toml()
+    with pytest.raises(ConfigError, match=r"hidden: got 32, but the network is the layer list"):
+        config.with_overrides({"hidden": [32]})
+    with pytest.raises(ConfigError, match=r"layers: invalid TOML"):
+        FitConfig().with_overrides({"layers": "[{type = conv}]"})
+    with pytest.raises(ConfigError, match=r"layers\[1\] \(dropout\): p got 1.5"):
+        FitConfig(layers=[{"type": "flatten"}, {"type": "dropout", "p": 1.5}]).validate()
+
+
+def test_winograd_needs_a_3x3_stride_1_conv_somewhere_in_the_list():
+    inner = {"type": "residual", "layers": [{"type": "conv", "filters": 4, "padding": 1}]}
+    FitConfig(conv_algo="winograd", layers=[{"type": "conv", "filters": 4, "kernel": 5}, inner,
+                                            {"type": "flatten"}]).validate()
+    with pytest.raises(ConfigError, match="conv_algo"):
+        FitConfig(conv_algo="winograd", layers=[{"type": "conv", "filters": 4, "kernel": 5},
+                                                {"type": "flatten"}]).validate()

@@ -1,12 +1,14 @@
 """A network's architecture: the plain description (a JSON-able dict) and the layers it makes.
 
-    {"input_shape": [C, H, W], "num_classes": K, "dtype": "float32",
-     "blocks": [{"filters", "kernel_size", "stride", "padding", "pool"}, ...], "hidden": [...],
-     and, only when not at their defaults: "batch_norm", "dropout", "global_pool", "pool_type"}
+    {"input_shape": [C, H, W], "num_classes": K, "dtype": "float32", "layers": [...specs...]}
 
-`describe_architecture` makes the description from the build options (one value for every
-block, or one per block), `build_layers` makes the layers from it. The description is what a
-model file and a checkpoint store, so a saved network is rebuilt by `build_layers` alone.
+"layers" is the canonical layer list (convtrain.nn.layer_specs); the network adds the
+classifier, dense(K) named "fc", after it. `describe_architecture` makes the description from
+the template options (one value for every block, or one per block) by expanding them into
+that list, so a template network and the same list written out are the same description.
+`build_layers` makes the layers. The description is what a model file and a checkpoint
+store, so a saved network is rebuilt by `build_layers` alone; `layer_architecture` reads the
+template description files written before the layer list (with "blocks" and "hidden").
 """
 
 from __future__ import annotations
@@ -15,97 +17,184 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convtrain.errors import ArchitectureError
+from convtrain.errors import ArchitectureError, ConfigError
 from convtrain.nn.choices import GLOBAL_POOLS, POOL_TYPES
 from convtrain.nn.dropout import Dropout
+from convtrain.nn.layer_specs import CLASSIFIER, expand_template, layer_names, normalize_layers
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
+from convtrain.nn.residual import Residual, branch_shape, leaf_layers
 
 
-def describe_architecture(*, input_shape: Sequence[int], num_classes: int, filters: Sequence[int],
+def describe_architecture(*, input_shape: Sequence[int], num_classes: int, filters: Sequence[int] = (),
                           kernel_sizes=3, strides=1, padding=0, pool=0, hidden: Sequence[int] = (),
                           dtype: str = "float32", batch_norm: bool = False, dropout=0.0,
-                          global_pool: str = "none", pool_type: str = "max") -> dict[str, Any]:
-    """The architecture Network.build makes (see its docstring for the options)."""
+                          global_pool: str = "none", pool_type: str = "max",
+                          layers: Sequence | None = None) -> dict[str, Any]:
+    """The architecture Network.build makes: from `layers` (a layer list) when given, else from
+    the template options (see Network.build's docstring)."""
+    if len(input_shape) != 3:
+        raise ArchitectureError(f"input_shape: got {tuple(input_shape)}, expected (channels, height, width)")
+    if layers:
+        specs = normalize_layers(layers)
+    else:
+        specs = template_layers(filters=filters, kernel_sizes=kernel_sizes, strides=strides, padding=padding,
+                                 pool=pool, hidden=hidden, batch_norm=batch_norm, dropout=dropout,
+                                 global_pool=global_pool, pool_type=pool_type)
+    return {"input_shape": [int(v) for v in input_shape], "num_classes": int(num_classes),
+            "dtype": str(np.dtype(dtype)), "layers": specs}
+
+
+def template_layers(*, filters, kernel_sizes, strides, padding, pool, hidden, batch_norm, dropout,
+                    global_pool, pool_type) -> list[dict]:
+    """The layer list of the template options, checked as Network.build checks them (one value
+    for every block or one per block; dropout one rate, or one per hidden layer)."""
     filters = [int(f) for f in ([filters] if isinstance(filters, (int, np.integer)) else filters)]
     if not filters:
         raise ArchitectureError("filters: expected at least one conv block")
     n = len(filters)
-    kernel_sizes = _per_block("kernel_sizes", kernel_sizes, n)
-    strides = _per_block("strides", strides, n)
-    padding = _per_block("padding", padding, n)
-    pool = _per_block("pool", pool, n)
-    if len(input_shape) != 3:
-        raise ArchitectureError(f"input_shape: got {tuple(input_shape)}, expected (channels, height, width)")
-    blocks = [
-        {"filters": f, "kernel_size": list(as_pair(k, f"conv{i + 1} kernel_size")),
-         "stride": list(as_pair(s, f"conv{i + 1} stride")), "padding": _json_value(p), "pool": int(q)}
-        for i, (f, k, s, p, q) in enumerate(zip(filters, kernel_sizes, strides, padding, pool))
-    ]
-    architecture = {
-        "input_shape": [int(v) for v in input_shape],
-        "num_classes": int(num_classes),
-        "blocks": blocks,
-        "hidden": [int(h) for h in hidden],
-        "dtype": str(np.dtype(dtype)),
-    }
-    architecture.update(_layer_options(batch_norm, dropout, len(architecture["hidden"]), global_pool, pool_type))
-    return architecture
+    for i, f in enumerate(filters, start=1):
+        if f < 1:
+            raise ArchitectureError(f"conv{i}: got {f} filters, expected at least 1")
+    for j, width in enumerate(hidden, start=1):
+        if int(width) < 1:
+            raise ArchitectureError(f"fc{j}: got {width} units, expected at least 1")
+    kernels = [list(as_pair(k, f"conv{i + 1} kernel_size", 1)) for i, k in
+               enumerate(_per_block("kernel_sizes", kernel_sizes, n))]
+    stride_pairs = [list(as_pair(s, f"conv{i + 1} stride", 1)) for i, s in
+                    enumerate(_per_block("strides", strides, n))]
+    options = _layer_options(batch_norm, dropout, len(hidden), global_pool, pool_type)
+    return expand_template(filters=filters, kernel_sizes=kernels, strides=stride_pairs,
+                           padding=[_json_value(p) for p in _per_block("padding", padding, n)],
+                           pool=[int(q) for q in _per_block("pool", pool, n)], hidden=[int(h) for h in hidden],
+                           batch_norm=bool(batch_norm), dropout=options.get("dropout", []),
+                           global_pool=global_pool, pool_type=pool_type)
+
+
+class Architecture(dict):
+    """A description in the layer-list form that compares equal to any description of the same
+    network: a checkpoint written before the layer list (a template description) is still the
+    network a config builds now, and resumes."""
+
+    __hash__ = None
+
+    def __eq__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        try:
+            return dict.__eq__(self, layer_architecture(other))
+        except (ConfigError, KeyError, TypeError, ValueError):
+            return False
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+
+def layer_architecture(arch: dict) -> Architecture:
+    """`arch` in the layer-list form; a template description (from files written before the
+    layer list: "blocks", "hidden", ...) becomes the list it always meant."""
+    if not isinstance(arch, dict):
+        raise ArchitectureError(f"architecture: expected an object, got {arch!r:.80}")
+    if "layers" in arch:
+        return Architecture(input_shape=list(arch["input_shape"]), num_classes=int(arch["num_classes"]),
+                            dtype=str(arch["dtype"]), layers=normalize_layers(arch["layers"]))
+    blocks = arch["blocks"]
+    return layer_architecture(describe_architecture(
+        input_shape=arch["input_shape"], num_classes=arch["num_classes"], dtype=arch["dtype"],
+        filters=[b["filters"] for b in blocks], kernel_sizes=[b["kernel_size"] for b in blocks],
+        strides=[b["stride"] for b in blocks], padding=[b["padding"] for b in blocks],
+        pool=[b["pool"] for b in blocks], hidden=arch["hidden"], batch_norm=arch.get("batch_norm", False),
+        dropout=arch.get("dropout") or 0.0, global_pool=arch.get("global_pool", "none"),
+        pool_type=arch.get("pool_type", "max")))
 
 
 def config_build_options(config) -> dict[str, Any]:
-    """Network.build's options from a FitConfig (per-block lists broadcast to every block)."""
-    return dict(filters=config.filters, kernel_sizes=config.per_block("kernel_sizes"),
-                strides=config.per_block("strides"), padding=config.per_block("padding"),
-                pool=config.per_block("pool"), hidden=config.hidden, dtype=config.dtype, seed=config.seed,
-                batch_norm=getattr(config, "batch_norm", False), dropout=getattr(config, "dropout", 0.0),
-                global_pool=getattr(config, "global_pool", "none"), pool_type=getattr(config, "pool_type", "max"))
+    """Network.build's options from a FitConfig: its layer list (the template options expanded)."""
+    return dict(layers=config.network_layers(), dtype=config.dtype, seed=config.seed)
 
 
 def build_layers(arch: dict, input_shape: tuple, num_classes: int, dtype: np.dtype) -> list[Layer]:
-    """The layers of `arch`, in order, with conv+ReLU and norm+ReLU fused where they follow."""
+    """The layers of `arch` (layer-list form), in order, then the classifier; conv+ReLU and
+    norm+ReLU fused where they follow each other in one list."""
     if arch["num_classes"] < 1:
         raise ArchitectureError(f"num_classes: got {arch['num_classes']}, expected at least 1")
     if min(input_shape) < 1:
         raise ArchitectureError(f"input_shape: got {input_shape}, expected positive sizes")
-    layers: list[Layer] = []
-    shape = input_shape
+    layers, shape = _build_list(arch["layers"], tuple(input_shape), dtype, "")
+    if len(shape) != 1:
+        raise ArchitectureError(f"{layers[-1].name}: the layer list ends with a {'x'.join(map(str, shape))} "
+                                "output; end it with flatten or global_avg_pool (the classifier is dense)")
+    layers.append(Dense(shape[0], num_classes, dtype=dtype, name=CLASSIFIER))
+    layers[0].needs_input_grad = False
+    return layers
 
-    def add(layer: Layer):
-        nonlocal shape
+
+def _build_list(specs: list[dict], shape: tuple, dtype, prefix: str) -> tuple[list[Layer], tuple]:
+    layers: list[Layer] = []
+    for index, (name, spec) in enumerate(zip(layer_names(specs, prefix), specs)):
+        layer = _make_layer(spec, name, shape, dtype, first=index == 0)
         shape = layer.output_shape(shape)
         layers.append(layer)
-
-    # Keys absent from architectures written before these layers existed: their defaults.
-    batch_norm = bool(arch.get("batch_norm", False))
-    dropout = arch.get("dropout") or [0.0] * len(arch["hidden"])
-    pool_class = {"max": MaxPool2D, "avg": AvgPool2D}[arch.get("pool_type", "max")]
-    for i, block in enumerate(arch["blocks"], start=1):
-        if int(block["filters"]) < 1:
-            raise ArchitectureError(f"conv{i}: got {block['filters']} filters, expected at least 1")
-        add(Conv2D(shape[0], block["filters"], block["kernel_size"], block["stride"], block["padding"],
-                   dtype=dtype, name=f"conv{i}"))
-        if batch_norm:
-            add(BatchNorm2D(shape[0], dtype=dtype, name=f"bn{i}"))
-        add(ReLU(f"conv{i}_relu", inplace=True))
-        if block["pool"]:
-            add(pool_class(block["pool"], name=f"pool{i}"))
-    add(GlobalAvgPool("gap") if arch.get("global_pool", "none") == "avg" else Flatten("flatten"))
-    for j, (width, p) in enumerate(zip(arch["hidden"], dropout), start=1):
-        if width < 1:
-            raise ArchitectureError(f"fc{j}: got {width} units, expected at least 1")
-        add(Dense(shape[0], width, dtype=dtype, name=f"fc{j}"))
-        if batch_norm:
-            add(BatchNorm1D(shape[0], dtype=dtype, name=f"fc{j}_bn"))
-        add(ReLU(f"fc{j}_relu", inplace=True))
-        if p:
-            add(Dropout(p, name=f"fc{j}_dropout"))
-    add(Dense(shape[0], num_classes, dtype=dtype, name="fc"))
-    layers[0].needs_input_grad = False
     fuse_conv_relu(layers)
     fuse_norm_relu(layers)
-    return layers
+    return layers, shape
+
+
+def _make_layer(spec: dict, name: str, shape: tuple, dtype, first: bool) -> Layer:
+    kind = spec["type"]
+    if kind in ("conv", "max_pool", "avg_pool", "global_avg_pool", "batch_norm") and len(shape) != 3 \
+            and not (kind == "batch_norm" and len(shape) == 1):
+        raise ArchitectureError(f"{name}: a {kind} layer needs a CxHxW input, got {'x'.join(map(str, shape))}")
+    if kind == "conv":
+        return Conv2D(shape[0], spec["filters"], spec.get("kernel", 3), spec.get("stride", 1), spec.get("padding", 0),
+                      dtype=dtype, name=name, bias=spec.get("bias", True))
+    if kind == "batch_norm":
+        return (BatchNorm2D if len(shape) == 3 else BatchNorm1D)(shape[0], dtype=dtype, name=name)
+    if kind == "relu":
+        # in place, except on a list's input: the data, or a block's input its shortcut reads
+        return ReLU(name, inplace=not first)
+    if kind in ("max_pool", "avg_pool"):
+        pool_class = MaxPool2D if kind == "max_pool" else AvgPool2D
+        return pool_class(spec.get("size", 2), spec.get("stride"), name=name)
+    if kind == "global_avg_pool":
+        return GlobalAvgPool(name)
+    if kind == "flatten":
+        return Flatten(name)
+    if kind == "dense":
+        if len(shape) != 1:
+            raise ArchitectureError(f"{name}: a dense layer needs one value per feature, got a "
+                                    f"{'x'.join(map(str, shape))} input; put flatten or global_avg_pool before it")
+        return Dense(shape[0], spec["units"], dtype=dtype, name=name)
+    if kind == "dropout":
+        return Dropout(spec["p"], name=name)
+    if kind == "residual":
+        return _make_residual(spec, name, shape, dtype)
+    raise ArchitectureError(f"{name}: unknown layer type {kind!r}")
+
+
+def _make_residual(spec: dict, name: str, shape: tuple, dtype) -> Residual:
+    inner, out = _build_list(spec["layers"], shape, dtype, name + ".")
+    kind = spec.get("shortcut", "auto")
+    if kind == "auto":
+        has_norm = any(isinstance(layer, (BatchNorm1D, BatchNorm2D)) for layer in leaf_layers(inner))
+        kind = "identity" if out == shape else ("conv_bn" if has_norm else "conv")
+    shortcut: list[Layer] = []
+    if kind != "identity":
+        if len(shape) != 3 or len(out) != 3:
+            raise ArchitectureError(f"{name}: a conv shortcut needs CxHxW input and output, got "
+                                    f"{'x'.join(map(str, shape))} and {'x'.join(map(str, out))}")
+        # the stride that brings the input's height and width to the output's (ceil division)
+        stride = [-(-shape[1] // out[1]), -(-shape[2] // out[2])]
+        shortcut.append(Conv2D(shape[0], out[0], 1, stride, 0, dtype=dtype, name=f"{name}.shortcut.conv",
+                               bias=kind == "conv"))
+        if kind == "conv_bn":
+            shortcut.append(BatchNorm2D(out[0], dtype=dtype, name=f"{name}.shortcut.bn"))
+        branch_shape(shortcut, shape)
+    block = Residual(inner, shortcut, name=name)
+    block.shortcut_kind = kind
+    return block
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:

@@ -2,9 +2,10 @@
 
 A config asks for `filters = [1000000000]` or `padding = [100000]` as easily as for 16 filters;
 building such a network would try to allocate terabytes (a MemoryError at best, the machine
-swapping to a halt at worst). `estimate` walks the architecture with plain integer arithmetic
+swapping to a halt at worst). `estimate_layers` walks the layer list with plain integer arithmetic
 (no numpy arrays, no overflow) and `check_fits` refuses, in one line, a network whose estimate
-exceeds the memory available, before Network.build allocates its weights.
+exceeds the memory available, before Network.build allocates its weights. A residual block
+counts its layers, its shortcut and its sum; batch norm and dropout their outputs and masks.
 
 The estimate is deliberately simple and a little generous; it is meant to catch requests that
 are off by orders of magnitude, not to predict the resident size to the megabyte:
@@ -54,71 +55,132 @@ class Footprint:
 def estimate(*, input_shape, num_classes: int, filters, kernel_sizes, strides, padding, pool,
              hidden, dtype: str = "float32", batch_size: int = 1, threads: int = 1,
              global_pool: str = "none") -> Footprint:
-    """The footprint of the network Network.build would make from these (per-block lists, one
-    entry per conv block). Shapes that do not fit stop the walk: Network.build reports those."""
-    # the filter gradient sums a batch into at most this many partial results, F x (C*kh*kw + 1)
-    # each (imported here: the kernels module loads the compiled build, which this module must not)
-    from convtrain.nn.kernels import FILTER_GRAD_CHUNKS
+    """The footprint of the template network Network.build would make from these (per-block
+    lists, one entry per conv block): estimate_layers on the list they expand to."""
+    from convtrain.nn.layer_specs import expand_template
 
+    layers = expand_template(filters=[int(f) for f in filters], kernel_sizes=list(kernel_sizes),
+                             strides=list(strides), padding=list(padding), pool=[int(q) for q in pool],
+                             hidden=[int(h) for h in hidden], global_pool=global_pool)
+    return estimate_layers(layers, input_shape=input_shape, num_classes=num_classes, dtype=dtype,
+                           batch_size=batch_size, threads=threads)
+
+
+class _Tally:
+    """The counts the walk adds up (numbers of values, not bytes)."""
+
+    def __init__(self):
+        self.params = self.activations = self.index_values = self.scratch = self.accumulators = 0
+
+
+def estimate_layers(layers, *, input_shape, num_classes: int, dtype: str = "float32", batch_size: int = 1,
+                    threads: int = 1) -> Footprint:
+    """The footprint of the network a layer list (canonical, convtrain.nn.layer_specs) makes,
+    its classifier included. Shapes that do not fit stop the walk: building reports those."""
     itemsize = 8 if str(dtype) == "float64" else 4
-    channels, height, width = (int(v) for v in input_shape)
-    params = 0
-    activations = channels * height * width  # the input batch
-    index_values = 0
-    scratch = 0
-    accumulators = 0
-    fits = True
-    for f, k, s, p, q in zip(filters, kernel_sizes, strides, padding, pool):
-        (kh, kw), (sh, sw) = _pair(k), _pair(s)
-        ph, pw = _padding(p, kh, kw)
-        if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
-            fits = False
-            break
-        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
-        if out_h < 1 or out_w < 1:
-            fits = False
-            break
-        f = int(f)
-        params += f * channels * kh * kw + f
-        activations += f * out_h * out_w
-        scratch = max(scratch, (channels * kh * kw + 1) * out_h * out_w)
-        taps = 16 if (kh, kw) == (3, 3) and (sh, sw) == (1, 1) else kh * kw  # Winograd's 4x4 per 3x3
-        accumulators = max(accumulators, FILTER_GRAD_CHUNKS * f * (channels * taps + 1))
-        channels, height, width = f, out_h, out_w
-        q = int(q)
-        if q:
-            height, width = (height - q) // q + 1, (width - q) // q + 1
-            if height < 1 or width < 1:
-                fits = False
-                break
-            activations += channels * height * width
-            index_values += channels * height * width
-    # global average pooling hands the dense layers one value per channel
-    features = channels if global_pool == "avg" else channels * height * width
-    if fits:
-        for units in [*(int(h) for h in hidden), int(num_classes)]:
-            params += features * units + units
-            activations += units
-            features = units
+    tally = _Tally()
+    shape = tuple(int(v) for v in input_shape)
+    tally.activations = _size(shape)  # the input batch
+    shape = _walk(layers, shape, tally)
+    if shape is not None and len(shape) == 1:
+        tally.params += shape[0] * int(num_classes) + int(num_classes)
+        tally.activations += int(num_classes)
     batch = max(int(batch_size), 1)
     rows = max(_ACTIVATION_COPIES * batch, EVAL_BATCH)  # training (forward + backward) or evaluation
     return Footprint(
-        parameters=params,
-        parameter_bytes=_PARAMETER_COPIES * params * itemsize,
-        activation_bytes=(rows * activations * itemsize + max(batch, EVAL_BATCH) * index_values * _INDEX_BYTES
-                          + (max(int(threads), 1) * scratch + accumulators) * itemsize),
+        parameters=tally.params,
+        parameter_bytes=_PARAMETER_COPIES * tally.params * itemsize,
+        activation_bytes=(rows * tally.activations * itemsize
+                          + max(batch, EVAL_BATCH) * tally.index_values * _INDEX_BYTES
+                          + (max(int(threads), 1) * tally.scratch + tally.accumulators) * itemsize),
         batch_size=batch,
     )
 
 
+def _walk(layers, shape, tally: _Tally):
+    """Add up `layers` from an input of `shape` (per sample); the output shape, or None where a
+    shape stops fitting."""
+    # the filter gradient sums a batch into at most this many partial results, F x (C*kh*kw + 1)
+    # each (imported here: the kernels module loads the compiled build, which this module must not)
+    from convtrain.nn.kernels import FILTER_GRAD_CHUNKS
+
+    for spec in layers:
+        kind = spec["type"]
+        if kind in ("conv", "max_pool", "avg_pool", "global_avg_pool") and len(shape) != 3:
+            return None
+        if kind == "conv":
+            channels, height, width = shape
+            f = int(spec["filters"])
+            (kh, kw), (sh, sw) = _pair(spec.get("kernel", 3)), _pair(spec.get("stride", 1))
+            ph, pw = _padding(spec.get("padding", 0), kh, kw)
+            out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+            if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or out_h < 1 or out_w < 1:
+                return None
+            tally.params += f * channels * kh * kw + (f if spec.get("bias", True) else 0)
+            tally.activations += f * out_h * out_w
+            tally.scratch = max(tally.scratch, (channels * kh * kw + 1) * out_h * out_w)
+            taps = 16 if (kh, kw) == (3, 3) and (sh, sw) == (1, 1) else kh * kw  # Winograd's 4x4 per 3x3
+            tally.accumulators = max(tally.accumulators, FILTER_GRAD_CHUNKS * f * (channels * taps + 1))
+            shape = (f, out_h, out_w)
+        elif kind in ("max_pool", "avg_pool"):
+            (kh, kw) = _pair(spec.get("size", 2))
+            sh, sw = _pair(spec.get("stride") or spec.get("size", 2))
+            channels, height, width = shape
+            height, width = (height - kh) // sh + 1, (width - kw) // sw + 1
+            if height < 1 or width < 1:
+                return None
+            shape = (channels, height, width)
+            tally.activations += _size(shape)
+            if kind == "max_pool":
+                tally.index_values += _size(shape)
+        elif kind == "batch_norm":
+            tally.params += 2 * shape[0]
+            tally.activations += _size(shape)
+        elif kind == "dropout":
+            tally.activations += _size(shape)  # the mask
+        elif kind == "global_avg_pool":
+            shape = (shape[0],)
+            tally.activations += shape[0]
+        elif kind == "flatten":
+            shape = (_size(shape),)
+        elif kind == "dense":
+            if len(shape) != 1:
+                return None
+            units = int(spec["units"])
+            tally.params += shape[0] * units + units
+            tally.activations += units
+            shape = (units,)
+        elif kind == "residual":
+            out = _walk(spec["layers"], shape, tally)
+            if out is None:
+                return None
+            shortcut = spec.get("shortcut", "auto")
+            if shortcut == "auto":
+                from convtrain.nn.layer_specs import walk_specs
+
+                has_norm = any(s["type"] == "batch_norm" for _, s in walk_specs(spec["layers"]))
+                shortcut = "identity" if out == shape else ("conv_bn" if has_norm else "conv")
+            if shortcut != "identity" and len(out) == 3 and len(shape) == 3:
+                # a 1x1 conv and its bias, or without bias and a batch norm
+                tally.params += shape[0] * out[0] + out[0] * (2 if shortcut == "conv_bn" else 1)
+                tally.activations += 2 * _size(out)
+            tally.activations += _size(out)  # the sum, and its copy in the backward
+            shape = out
+    return shape
+
+
+def _size(shape) -> int:
+    total = 1
+    for v in shape:
+        total *= int(v)
+    return total
+
+
 def estimate_for_config(config, input_shape, num_classes: int) -> Footprint:
-    """estimate() for a FitConfig's network on data of this shape and class count."""
-    return estimate(input_shape=input_shape, num_classes=num_classes, filters=config.filters,
-                    kernel_sizes=config.per_block("kernel_sizes"), strides=config.per_block("strides"),
-                    padding=config.per_block("padding"), pool=config.per_block("pool"),
-                    hidden=config.hidden, dtype=config.dtype, batch_size=config.batch_size,
-                    threads=config.threads or os.cpu_count() or 1,
-                    global_pool=getattr(config, "global_pool", "none"))
+    """estimate_layers() for a FitConfig's network (its layer list) on data of this shape and class count."""
+    return estimate_layers(config.network_layers(), input_shape=input_shape, num_classes=num_classes,
+                           dtype=config.dtype, batch_size=config.batch_size,
+                           threads=config.threads or os.cpu_count() or 1)
 
 
 def estimate_for_architecture(architecture: dict) -> Footprint:

@@ -61,7 +61,7 @@ class Conv2D(Layer):
     """S = X * F + b for `filters` filters of size (in_channels, kh, kw)."""
 
     def __init__(self, in_channels: int, filters: int, kernel_size, stride=1, padding=0,
-                 *, dtype="float32", name: str = "conv"):
+                 *, dtype="float32", name: str = "conv", bias: bool = True):
         super().__init__(name)
         self.in_channels = int(in_channels)
         self.filters = int(filters)
@@ -70,10 +70,13 @@ class Conv2D(Layer):
         self.padding = resolve_padding(padding, self.kernel_size, name)
         self.dtype = np.dtype(dtype)
         kh, kw = self.kernel_size
-        self.params = {
-            "weight": np.zeros((self.filters, self.in_channels, kh, kw), dtype=self.dtype),
-            "bias": np.zeros(self.filters, dtype=self.dtype),
-        }
+        self.params = {"weight": np.zeros((self.filters, self.in_channels, kh, kw), dtype=self.dtype)}
+        # bias False (a conv before batch norm, whose beta is the bias): the kernels add zeros
+        # and the bias gradient they compute is dropped
+        self.has_bias = bool(bias)
+        self._bias = np.zeros(self.filters, dtype=self.dtype)
+        if self.has_bias:
+            self.params["bias"] = self._bias
         self._x = None
         # Set by fuse_conv_relu: this layer applies the ReLU that follows it (forward: in the
         # kernel's epilogue; backward: the ReLU's mask on dout, inside the backward kernel).
@@ -101,7 +104,7 @@ class Conv2D(Layer):
                 f"its {c}x{h}x{w} input: the output would be {'x'.join(map(str, error.output))}") from None
 
     def forward(self, x, train=False):
-        out = kernels.conv2d_forward(x, self.params["weight"], self.params["bias"],
+        out = kernels.conv2d_forward(x, self.params["weight"], self._bias,
                                      stride=self.stride, padding=self.padding, relu=self.fused_relu,
                                      algo=self.algo)
         if train:
@@ -117,7 +120,7 @@ class Conv2D(Layer):
                                              stride=self.stride, padding=self.padding,
                                              relu_out=self._out, input_grad=self.needs_input_grad,
                                              algo=self.algo)
-        self.grads = {"weight": dw, "bias": db}
+        self.grads = {"weight": dw, "bias": db} if self.has_bias else {"weight": dw}
         self._x = self._out = None
         return dx
 

@@ -1,12 +1,17 @@
-"""Network: a stack of conv blocks and dense layers built from a plain description.
+"""Network: a list of layers (convtrain.nn.layer_specs) and the classifier after it.
 
-    [conv -> (batch norm) -> ReLU -> (max/avg pool)] x blocks -> flatten | global avg pool
-        -> [dense -> (batch norm) -> ReLU -> (dropout)] x hidden -> dense -> scores
+    layers (conv, batch norm, ReLU, pools, dropout, dense, residual blocks) -> dense -> scores
+
+Network.build's template, [conv -> (batch norm) -> ReLU -> (max/avg pool)] x blocks ->
+flatten | global avg pool -> [dense -> (batch norm) -> ReLU -> (dropout)] x hidden, is a
+shorthand that expands to such a list.
 
 Cost J = mean cross-entropy + l2 * sum ||W||^2 over conv and dense weights (not biases,
 not batch norm's gamma/beta). Batch norm's running statistics are buffers (state, not
 parameters), saved with the model as PyTorch keeps them.
-Parameters are named like PyTorch's state_dict ("conv1.weight", "fc1.bias", "fc.weight").
+Parameters are named like PyTorch's state_dict ("conv1.weight", "res1.bn2.bias", "fc.weight";
+the naming rule is layer_specs.layer_names), and a residual block's are its inner layers' then
+its shortcut's: that is the order of every walk (parameters, He initialization, export).
 The class computes; the description and the layers it makes are convtrain.nn.architecture's,
 and the one pickle-free .npz a network saves to is convtrain.nn.model_file's.
 """
@@ -21,11 +26,12 @@ import numpy as np
 
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
 from convtrain.nn import model_file, torch_compat
-from convtrain.nn.architecture import build_layers, config_build_options, describe_architecture
+from convtrain.nn.architecture import build_layers, config_build_options, describe_architecture, layer_architecture
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Layer
 from convtrain.nn.losses import softmax, softmax_cross_entropy
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D
+from convtrain.nn.residual import leaf_layers, leaf_layers_with_input
 from convtrain.nn.standardization import standardize
 
 # Images per forward pass when scoring or predicting a whole data set (the trainer's per-epoch
@@ -38,10 +44,22 @@ EVAL_BATCH_SIZE = 100
 
 
 class Network:
-    """A ConvNet for images (C, H, W) and `num_classes` classes; see the module docstring."""
+    """A ConvNet for images (C, H, W) and `num_classes` classes; see the module docstring.
 
-    def __init__(self, architecture: dict[str, Any], seed: int | None = 0):
-        self.architecture = architecture
+    `architecture` is a description (convtrain.nn.architecture) or a layer list, e.g.
+    Network([Conv2D(16, 3, padding="same"), ReLU(), Residual([...]), GlobalAvgPool()],
+    input_shape=(3, 32, 32), num_classes=10) with the classes of convtrain.nn.layer_specs."""
+
+    def __init__(self, architecture: dict[str, Any] | Sequence, seed: int | None = 0, *,
+                 input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+                 dtype: str = "float32"):
+        if not isinstance(architecture, dict):
+            if input_shape is None or num_classes is None:
+                raise ArchitectureError("a layer list needs input_shape and num_classes")
+            architecture = describe_architecture(input_shape=input_shape, num_classes=num_classes, dtype=dtype,
+                                                 layers=architecture)
+        self.architecture = layer_architecture(architecture)
+        architecture = self.architecture
         self.input_shape = tuple(int(v) for v in architecture["input_shape"])
         self.num_classes = int(architecture["num_classes"])
         self.dtype = np.dtype(architecture["dtype"])
@@ -73,20 +91,21 @@ class Network:
     # ---- construction -------------------------------------------------------------
 
     @classmethod
-    def build(cls, *, input_shape: Sequence[int], num_classes: int, filters: Sequence[int],
+    def build(cls, *, input_shape: Sequence[int], num_classes: int, filters: Sequence[int] = (),
               kernel_sizes=3, strides=1, padding=0, pool=0, hidden: Sequence[int] = (),
               dtype: str = "float32", seed: int = 0, batch_norm: bool = False, dropout=0.0,
-              global_pool: str = "none", pool_type: str = "max") -> "Network":
+              global_pool: str = "none", pool_type: str = "max", layers: Sequence | None = None) -> "Network":
         """Per-block options take one value for all blocks or one entry per block
         (a kernel entry is an int or [kh, kw]; padding an int, [ph, pw], 'same' or 'valid').
         batch_norm: after every conv and hidden dense layer (before its ReLU); dropout: after
         every hidden dense layer's ReLU (a probability, or one per hidden layer);
         global_pool "avg": the channel means feed the dense layers instead of the flattened
-        maps; pool_type: max or average pooling in the blocks that pool."""
+        maps; pool_type: max or average pooling in the blocks that pool. `layers`, a layer list,
+        replaces all of these."""
         architecture = describe_architecture(
             input_shape=input_shape, num_classes=num_classes, filters=filters, kernel_sizes=kernel_sizes,
             strides=strides, padding=padding, pool=pool, hidden=hidden, dtype=dtype, batch_norm=batch_norm,
-            dropout=dropout, global_pool=global_pool, pool_type=pool_type)
+            dropout=dropout, global_pool=global_pool, pool_type=pool_type, layers=layers)
         return cls(architecture, seed=seed)
 
     @classmethod
@@ -97,36 +116,41 @@ class Network:
         """He initialization W ~ N(0, 2 / fan_in), biases 0. Drawn in float64 and cast, so a
         float32 and a float64 network with the same seed start from the same weights."""
         rng = np.random.default_rng([int(seed), 0])
-        for layer in self.layers:
+        for layer in self.leaf_layers():
             if isinstance(layer, (BatchNorm1D, BatchNorm2D)):
                 layer.reset_parameters()  # gamma 1, beta 0, fresh running statistics: no draw
             elif "weight" in layer.params:
                 weight = layer.params["weight"]
                 draw = rng.standard_normal(weight.shape) * np.sqrt(2.0 / layer.fan_in)
                 weight[...] = draw
-                layer.params["bias"][...] = 0
+                if "bias" in layer.params:
+                    layer.params["bias"][...] = 0
+
+    def leaf_layers(self) -> list[Layer]:
+        """Every layer that computes, in order (a residual block's inner layers, then its shortcut's)."""
+        return list(leaf_layers(self.layers))
 
     # ---- parameters ---------------------------------------------------------------
 
     def parameters(self) -> dict[str, np.ndarray]:
         """The live parameter arrays (updated in place by the optimizer), by stable name."""
-        return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.params.items()}
+        return {f"{layer.name}.{key}": value for layer in self.leaf_layers() for key, value in layer.params.items()}
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Gradients of the last backward pass, same names as parameters()."""
-        return {f"{layer.name}.{key}": value for layer in self.layers for key, value in layer.grads.items()}
+        return {f"{layer.name}.{key}": value for layer in self.leaf_layers() for key, value in layer.grads.items()}
 
     def weight_names(self) -> list[str]:
         """The parameters under L2: conv and dense weights, not biases nor batch norm's gamma."""
         return [f"{layer.name}.weight" for layer in self._regularized_layers()]
 
     def _regularized_layers(self) -> list[Layer]:
-        return [layer for layer in self.layers
+        return [layer for layer in self.leaf_layers()
                 if "weight" in layer.params and getattr(layer, "regularized", True)]
 
     def buffers(self) -> dict[str, np.ndarray]:
         """The live state arrays that are not parameters (batch norm's running statistics)."""
-        return {f"{layer.name}.{key}": value for layer in self.layers
+        return {f"{layer.name}.{key}": value for layer in self.leaf_layers()
                 for key, value in getattr(layer, "buffers", {}).items()}
 
     def set_buffers(self, values: dict[str, np.ndarray], *, source: str = "buffers") -> None:
@@ -135,11 +159,11 @@ class Network:
 
     @property
     def has_dropout(self) -> bool:
-        return any(isinstance(layer, Dropout) for layer in self.layers)
+        return any(isinstance(layer, Dropout) for layer in self.leaf_layers())
 
     def set_dropout_generator(self, rng: np.random.Generator) -> None:
         """The generator every Dropout layer draws its masks from (the Trainer's, checkpointed)."""
-        for layer in self.layers:
+        for layer in self.leaf_layers():
             if isinstance(layer, Dropout):
                 layer.rng = rng
 
@@ -169,19 +193,17 @@ class Network:
         from convtrain.nn import kernels
 
         chosen = {}
-        shape = self.input_shape
-        for layer in self.layers:
+        for layer, shape in leaf_layers_with_input(self.layers, self.input_shape):
             if isinstance(layer, Conv2D):
                 out = layer.output_shape(shape)
                 layer.algo = kernels.choose_conv_algo(algo, layer.in_channels, layer.filters,
                                                       layer.kernel_size, layer.stride, out[1:])
                 chosen[layer.name] = layer.algo
-            shape = layer.output_shape(shape)
         return chosen
 
     def conv_algos(self) -> dict[str, str]:
         """{conv layer name: the algorithm it computes with}."""
-        return {layer.name: layer.algo for layer in self.layers if isinstance(layer, Conv2D)}
+        return {layer.name: layer.algo for layer in self.leaf_layers() if isinstance(layer, Conv2D)}
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """Scores (N, num_classes) for a normalized batch x (N, C, H, W) of this network's dtype."""

@@ -14,6 +14,9 @@
     [space]                           # any FitConfig field
     filters = [[8, 16], [16, 32]]     # choices
     lr = {low = 0.01, high = 0.1, log = true}   # a range (int if the field is int)
+    "layers.res2.filters" = [32, 64]  # a setting of one layer of the list, by the layer's name
+                                      # (a residual block's filters: every conv in it)
+    layers.head_dropout.p = {low = 0.1, high = 0.5}   # the same, as TOML dotted keys
 
 Bounds (a file, or a flag, must not be able to hang the sweep or fill the memory): at most
 MAX_TRIALS trials, a grid of at most MAX_GRID_POINTS points (counted arithmetically before
@@ -35,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convtrain.config import FIELD_TYPES, FitConfig, read_toml
+from convtrain.config import (FIELD_TYPES, LAYER_SETTING_PREFIX, FitConfig, is_layer_setting, read_toml,
+                              setting_type, setting_value)
 from convtrain.errors import ConfigError, did_you_mean
 from convtrain.tracking.safe_names import safe_name
 
@@ -205,7 +209,7 @@ def load_sweep(path: str | Path, *, n_trials: int | None = None, study_name: str
     _expect_table(space_table, where, "[space]")
     if not space_table:
         raise ConfigError(f"{where}: [space] is empty; name at least one fit parameter to sweep, e.g. l2 = [1e-4, 1e-3]")
-    space = {name: _parameter(name, spec, base, where) for name, spec in space_table.items()}
+    space = {name: _parameter(name, spec, base, where) for name, spec in _layer_keys(space_table).items()}
 
     method = _one_of(sweep.get("method", "tpe"), METHODS, where, "method")
     objective = _one_of(sweep.get("objective", "val_accuracy"), tuple(OBJECTIVES), where, "objective")
@@ -292,8 +296,40 @@ def _base_config(raw: dict, path: Path) -> FitConfig:
         raise ConfigError(f"{path} [fit]: {exc}") from None
 
 
+def _layer_keys(space: dict) -> dict:
+    """[space] with the TOML dotted keys under `layers` (layers.res2.filters = ...) flattened
+    to the names a quoted key gives ("layers.res2.filters")."""
+    table = space.get("layers")
+    if not isinstance(table, dict) or "choices" in table or "low" in table:
+        return space
+    flat = {}
+    for key, value in space.items():
+        if key != "layers":
+            flat[key] = value
+            continue
+        stack = [(LAYER_SETTING_PREFIX.rstrip("."), value)]
+        while stack:
+            prefix, node = stack.pop(0)
+            for inner, spec in node.items():
+                leaf = not isinstance(spec, dict) or "choices" in spec or "low" in spec or "high" in spec
+                if leaf:
+                    flat[f"{prefix}.{inner}"] = spec
+                else:
+                    stack.append((f"{prefix}.{inner}", spec))
+    return flat
+
+
 def _parameter(name: str, spec: Any, base: FitConfig, where: str) -> Parameter:
-    if name not in FIELD_TYPES:
+    if is_layer_setting(name):
+        try:
+            setting_value(base, name)
+        except (KeyError, StopIteration):
+            from convtrain.nn.layer_specs import walk_specs
+
+            names = ", ".join(n for n, _ in walk_specs(base.network_layers()))
+            raise ConfigError(f"{where}: [space] {name}: the base network has no such layer setting (its layers: "
+                              f"{names})") from None
+    elif name not in FIELD_TYPES:
         raise ConfigError(f"{where}: [space] unknown fit parameter {name!r}{did_you_mean(name, FIELD_TYPES)}")
     if name in NOT_SWEEPABLE:
         raise ConfigError(f"{where}: [space] {name!r} cannot be swept: the sweep sets it for each trial")
@@ -314,7 +350,7 @@ def _choices(name: str, values: list, base: FitConfig, where: str) -> Choices:
     checked = []
     for value in values:
         config = _try_value(name, value, base, where)
-        checked.append(getattr(config, name))
+        checked.append(setting_value(config, name))
     labels = tuple(_label(v) for v in checked)
     if len(set(labels)) != len(labels):
         repeated = next(label for label in labels if labels.count(label) > 1)
@@ -333,7 +369,7 @@ def _label(value: Any):
 
 def _range(name: str, spec: dict, base: FitConfig, where: str) -> Range:
     _refuse_unknown(spec, _RANGE_KEYS, where, f"[space] {name} key")
-    kind = FIELD_TYPES[name]
+    kind = setting_type(name)
     integer = kind.startswith("int")
     if not (integer or kind.startswith("float")):
         raise ConfigError(f"{where}: [space] {name}: a range needs a number parameter; {name} is "

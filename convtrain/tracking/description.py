@@ -25,25 +25,43 @@ RESULT_METRICS = ("loss", "accuracy", "balanced_accuracy", "cost")
 
 
 def architecture_rows(network) -> list[tuple[str, str, str, int]]:
-    """(layer name, kind, output shape 'CxHxW', parameter count) for each layer, input first."""
+    """(layer name, kind, output shape 'CxHxW', parameter count) for each layer, input first; a
+    residual block's layers and shortcut follow its own row (their names start with the block's)."""
     shape = tuple(network.input_shape)
-    rows = [("input", "", _shape(shape), 0)]
-    for layer in network.layers:
-        shape = layer.output_shape(shape)
+    return [("input", "", _shape(shape), 0), *_layer_rows(network.layers, shape)]
+
+
+def _layer_rows(layers, shape) -> list[tuple[str, str, str, int]]:
+    rows = []
+    for layer in layers:
+        out = layer.output_shape(shape)
         kind = type(layer).__name__
+        inner = getattr(layer, "inner", None)
+        if inner is not None:  # a residual block: what it adds up, then its sum (its parameters are theirs)
+            shortcut = {"identity": "identity", "conv": "1x1 conv", "conv_bn": "1x1 conv + BN"}.get(
+                getattr(layer, "shortcut_kind", ""), "1x1 conv")
+            rows += _layer_rows(inner, shape) + _layer_rows(layer.shortcut, shape)
+            rows.append((layer.name, f"Residual: ReLU(layers + {shortcut} shortcut)", _shape(out), 0))
+            shape = out
+            continue
         if kind == "Conv2D":
             kind += f", {layer.filters} filters {_shape(layer.kernel_size)}"
             if tuple(layer.stride) != (1, 1):
                 kind += f", stride {_pair(layer.stride)}"
             if any(layer.padding):
                 kind += f", pad {_pair(layer.padding)}"
+            if not getattr(layer, "has_bias", True):
+                kind += ", no bias"
             if getattr(layer, "algo", "im2col") != "im2col":  # what conv_algo (auto) chose for it
                 kind += f", {layer.algo}"
         elif kind == "MaxPool2D":
             kind += f" {_shape(layer.size)}"
             if tuple(layer.stride) != tuple(layer.size):
                 kind += f", stride {_pair(layer.stride)}"
-        rows.append((layer.name, kind, _shape(shape), sum(int(v.size) for v in layer.params.values())))
+        elif kind == "Dropout":
+            kind += f" {layer.p:g}"
+        rows.append((layer.name, kind, _shape(out), sum(int(v.size) for v in layer.params.values())))
+        shape = out
     return rows
 
 

@@ -101,3 +101,19 @@ def test_format_bytes():
     assert format_bytes(100) == "100 bytes"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(6.4e12) == "5.8 TiB"
+
+
+def test_a_layer_list_with_residual_blocks_counts_the_built_networks_parameters():
+    from convtrain.nn.footprint import estimate_layers
+    from convtrain.nn.layer_specs import BatchNorm, Conv2D, Dense, Dropout, GlobalAvgPool, ReLU, Residual
+
+    layers = [Conv2D(8, 3, padding=1, bias=False), BatchNorm(), ReLU(),
+              Residual([Conv2D(8, 3, padding=1, bias=False), BatchNorm(), ReLU(), Conv2D(8, 3, padding=1)]),
+              Residual([Conv2D(16, 3, stride=2, padding=1, bias=False), BatchNorm(), ReLU(), Dropout(0.1),
+                        Conv2D(16, 3, padding=1, bias=False), BatchNorm()]),
+              Residual([Conv2D(12, 1), ReLU()], shortcut="conv"), GlobalAvgPool(), Dropout(0.2), Dense(20)]
+    network = Network(layers, input_shape=(3, 16, 16), num_classes=10)
+    footprint = estimate_layers(network.architecture["layers"], input_shape=(3, 16, 16), num_classes=10,
+                                batch_size=32)
+    assert footprint.parameters == sum(p.size for p in network.parameters().values())
+    assert footprint.activation_bytes > 32 * 2 * 4 * (8 + 8 + 8 + 16) * 16 * 16 // 4

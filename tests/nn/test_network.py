@@ -94,7 +94,8 @@ def test_he_initialization_is_seeded_and_scaled():
 def test_from_config_broadcasts_per_block_options():
     config = FitConfig(filters=[4, 8], kernel_sizes=[[3, 5]], padding=["same"], pool=[2, 0], hidden=[16])
     net = Network.from_config(config, (1, 12, 12), 5)
-    assert [b["kernel_size"] for b in net.architecture["blocks"]] == [[3, 5], [3, 5]]
+    convs = [spec for spec in net.architecture["layers"] if spec["type"] == "conv"]
+    assert [spec["kernel"] for spec in convs] == [[3, 5], [3, 5]]
     assert net.parameters()["fc1.weight"].shape == (16, 8 * 6 * 6)
 
 

@@ -188,3 +188,42 @@ l2 = [1e-3, 1e-4, 0.0]
     big = load_sweep(write(tmp_path, "[sweep]\nmethod = \"grid\"\nn_trials = 3\n[space]\n"
                                      "epochs = {low = 1, high = 1000}\nbatch_size = {low = 1, high = 1000}\n", "big.toml"))
     assert big.grid_size() == 1_000_000 and len(big.grid_points()) == 3
+
+
+def test_a_sweep_searches_a_blocks_width_and_a_dropout_rate_of_the_layer_list(tmp_path):
+    write(tmp_path, """
+[[model.layers]]
+type = "conv"
+filters = 8
+padding = 1
+[[model.layers]]
+type = "residual"
+layers = [{type = "conv", filters = 8, padding = 1}, {type = "relu"}, {type = "conv", filters = 8, padding = 1}]
+[[model.layers]]
+type = "global_avg_pool"
+[[model.layers]]
+type = "dropout"
+name = "head"
+p = 0.1
+""", "fit-resnet.toml")
+    spec = load_sweep(write(tmp_path, """
+base = "fit-resnet.toml"
+[space]
+"layers.res1.filters" = [8, 16]
+layers.head.p = {low = 0.1, high = 0.5}
+"""))
+    assert spec.space["layers.res1.filters"] == Choices("layers.res1.filters", (8, 16), (8, 16))
+    assert spec.space["layers.head.p"] == Range("layers.head.p", 0.1, 0.5, integer=False, log=False)
+    config = spec.trial_config({"layers.res1.filters": 16, "layers.head.p": 0.3})
+    block = config.layers[1]["layers"]
+    assert [block[0]["filters"], block[2]["filters"], config.layers[3]["p"]] == [16, 16, 0.3]
+    assert config.layers[0]["filters"] == 8 and spec.base.layers[1]["layers"][0]["filters"] == 8
+
+
+def test_a_sweep_of_a_layer_of_the_template_expands_it_and_names_the_layers_when_unknown(tmp_path):
+    spec = load_sweep(write(tmp_path, '[fit]\nfilters = [4, 8]\nhidden = [16]\ndropout = 0.2\n'
+                                      '[space]\n"layers.fc1_dropout.p" = [0.2, 0.4]\n'))
+    config = spec.trial_config({"layers.fc1_dropout.p": 0.4})
+    assert config.layers[-1] == {"type": "dropout", "p": 0.4} and config.filters == [16, 32]  # the default
+    with pytest.raises(ConfigError, match=r"layers.res9.filters: the base network has no such .*conv1_relu"):
+        load_sweep(write(tmp_path, '[space]\n"layers.res9.filters" = [8, 16]\n'))

@@ -172,3 +172,41 @@ def test_the_architecture_rows_name_the_layers_that_run_winograd():
     assert kinds["conv2"] == "Conv2D, 64 filters 3x3, winograd" and kinds["conv1"] == "Conv2D, 32 filters 5x5"
     network.set_conv_algo("im2col")
     assert "winograd" not in " ".join(kind for _, kind, _, _ in architecture_rows(network))
+
+
+def test_the_architecture_rows_show_a_residual_blocks_layers_then_its_sum():
+    from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
+    from convtrain.nn.network import Network
+    from convtrain.tracking.description import architecture_rows
+
+    network = Network([Conv2D(4, 3, padding=1), ReLU(),
+                       Residual([Conv2D(8, 3, stride=2, padding=1, bias=False), BatchNorm(), ReLU(),
+                                 Conv2D(8, 3, padding=1, bias=False), BatchNorm()]), GlobalAvgPool()],
+                      input_shape=(3, 8, 8), num_classes=5)
+    rows = architecture_rows(network)
+    names = [name for name, *_ in rows]
+    assert names == ["input", "conv1", "conv1_relu", "res1.conv1", "res1.bn1", "res1.conv1_relu", "res1.conv2",
+                     "res1.bn2", "res1.shortcut.conv", "res1.shortcut.bn", "res1", "gap", "fc"]
+    assert rows[names.index("res1")][1:] == ("Residual: ReLU(layers + 1x1 conv + BN shortcut)", "8x4x4", 0)
+    assert sum(count for *_, count in rows) == sum(p.size for p in network.parameters().values())
+
+
+def test_the_pyfunc_model_of_a_residual_network_predicts_its_probabilities(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from convtrain.nn.layer_specs import BatchNorm, Conv2D, Dropout, GlobalAvgPool, ReLU, Residual
+    from convtrain.nn.network import Network
+    from convtrain.tracking.model import NETWORK_ARTIFACT, ConvtrainModel
+
+    network = Network([Conv2D(4, 3, padding=1), ReLU(), Residual([Conv2D(8, 3, stride=2, padding=1), BatchNorm()]),
+                       GlobalAvgPool(), Dropout(0.5)], input_shape=(1, 8, 8), num_classes=3)
+    network.class_names = ["a", "b", "c"]
+    network.save(tmp_path / "model.npz")
+    model = ConvtrainModel()
+    model.load_context(SimpleNamespace(artifacts={NETWORK_ARTIFACT: str(tmp_path / "model.npz")}))
+    images = np.random.default_rng(0).integers(0, 255, (5, 1, 8, 8)).astype(np.uint8)
+    frame = model.predict(None, images)
+    assert list(frame.columns) == ["a", "b", "c"]
+    assert np.array_equal(frame.to_numpy(), network.predict_proba(images))

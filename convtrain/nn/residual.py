@@ -1,0 +1,121 @@
+"""The residual block: out = ReLU(inner(x) + shortcut(x)), as ResNet's basic block.
+
+`inner` and `shortcut` are plain lists of layers (the shortcut empty for the identity), so
+whoever walks a network (parameters, init order, export) reads a block as its inner layers
+then its shortcut's; `leaf_layers` does that walk. The block owns no parameters itself.
+
+Memory: the add and the ReLU run in place on the inner output (one add, one threaded ReLU
+pass, as PyTorch's `out += identity; relu_(out)`), and the backward masks the gradient once,
+in place. Both branches' backward passes overwrite the gradient they are given (batch norm's
+and a fused conv's do), so the inner branch gets a copy of the masked gradient and the
+shortcut the original: the one copy stands where PyTorch allocates batch norm's input
+gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from convtrain.errors import ArchitectureError
+from convtrain.nn import kernels
+from convtrain.nn.layers import Layer, ReLU
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+class Residual(Layer):
+    def __init__(self, inner: list[Layer], shortcut: list[Layer], *, name: str = "res"):
+        super().__init__(name)
+        if not inner:
+            raise ArchitectureError(f"{name}: a residual block needs at least one layer")
+        self.inner = list(inner)
+        self.shortcut = list(shortcut)
+        self._out = None
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self._needs_input_grad
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, value: bool) -> None:
+        self._needs_input_grad = bool(value)
+        for branch in (getattr(self, "inner", ()), getattr(self, "shortcut", ())):
+            if branch:
+                branch[0].needs_input_grad = bool(value)
+
+    def output_shape(self, input_shape):
+        inner = branch_shape(self.inner, input_shape)
+        short = branch_shape(self.shortcut, input_shape)
+        if inner != short:
+            what = "its shortcut gives" if self.shortcut else "the identity shortcut gives"
+            raise ArchitectureError(
+                f"{self.name}: its layers give {_shape_text(inner)} from its {_shape_text(input_shape)} input and "
+                f"{what} {_shape_text(short)}: the shapes can't be added")
+        return inner
+
+    def forward(self, x, train=False):
+        h = x
+        for layer in self.inner:
+            h = layer.forward(h, train)
+        s = x
+        for layer in self.shortcut:
+            s = layer.forward(s, train)
+        # h becomes the output in place; not where it is also x, a view, or kept by the layer
+        # that made it (a ReLU's or a nested block's output, which their backward reads)
+        if (isinstance(self.inner[-1], (ReLU, Residual)) or not h.flags.c_contiguous or not h.flags.writeable
+                or np.may_share_memory(h, x)):
+            h = np.array(h, order="C")
+        np.add(h, s, out=h)
+        out = kernels.relu_(h)
+        if train:
+            self._out = out
+        return out
+
+    def backward(self, dout):
+        out, self._out = self._out, None
+        if dout.flags.c_contiguous and dout.flags.writeable and dout.dtype == out.dtype:
+            grad = kernels.relu_backward_(dout, out)  # the ReLU's mask, once, in place
+        else:
+            grad = np.multiply(dout, out > 0)
+        dx = np.array(grad)  # the inner branch's own copy (see the module docstring)
+        for layer in reversed(self.inner):
+            dx = layer.backward(dx)
+        shortcut_dx = grad
+        for layer in reversed(self.shortcut):
+            shortcut_dx = layer.backward(shortcut_dx)
+        if not self.needs_input_grad:
+            return None
+        return np.add(dx, shortcut_dx, out=dx if dx.flags.writeable and dx.flags.c_contiguous else None)
+
+
+def branch_shape(layers: list[Layer], input_shape) -> tuple:
+    shape = tuple(input_shape)
+    for layer in layers:
+        shape = layer.output_shape(shape)
+    return shape
+
+
+def leaf_layers(layers: list[Layer]) -> Iterator[Layer]:
+    """Every layer that computes, in order: a residual block's inner layers, then its shortcut's."""
+    for layer in layers:
+        if isinstance(layer, Residual):
+            yield from leaf_layers(layer.inner)
+            yield from leaf_layers(layer.shortcut)
+        else:
+            yield layer
+
+
+def leaf_layers_with_input(layers: list[Layer], input_shape) -> Iterator[tuple[Layer, tuple]]:
+    """(layer, its input shape per sample) for every leaf layer, as leaf_layers orders them."""
+    shape = tuple(input_shape)
+    for layer in layers:
+        if isinstance(layer, Residual):
+            yield from leaf_layers_with_input(layer.inner, shape)
+            yield from leaf_layers_with_input(layer.shortcut, shape)
+        else:
+            yield layer, shape
+        shape = layer.output_shape(shape)
