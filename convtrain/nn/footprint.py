@@ -184,20 +184,14 @@ def estimate_for_config(config, input_shape, num_classes: int) -> Footprint:
 
 
 def estimate_for_architecture(architecture: dict) -> Footprint:
-    """estimate() for a saved network's architecture (a model's or checkpoint's JSON entry),
-    for one image at a time. TypeError, KeyError or ValueError for entries of the wrong kind."""
-    blocks = architecture["blocks"]
-    if not isinstance(blocks, list) or not all(isinstance(block, dict) for block in blocks):
-        raise TypeError("blocks: expected a list of objects")
-    return estimate(input_shape=architecture["input_shape"], num_classes=int(architecture["num_classes"]),
-                    filters=[int(block["filters"]) for block in blocks],
-                    kernel_sizes=[block["kernel_size"] for block in blocks],
-                    strides=[block["stride"] for block in blocks],
-                    padding=[block["padding"] for block in blocks],
-                    pool=[block["pool"] for block in blocks],
-                    hidden=[int(units) for units in architecture["hidden"]],
-                    dtype=str(architecture.get("dtype", "float32")),
-                    global_pool=str(architecture.get("global_pool", "none")))
+    """estimate_layers() for a saved network's architecture (a model's or checkpoint's JSON
+    entry, layer list or older template form), for one image at a time. ArchitectureError,
+    TypeError, KeyError or ValueError for entries of the wrong kind."""
+    from convtrain.nn.architecture import layer_architecture
+
+    arch = layer_architecture(architecture)
+    return estimate_layers(arch["layers"], input_shape=arch["input_shape"], num_classes=arch["num_classes"],
+                           dtype=arch["dtype"])
 
 
 def check_saved_architecture(architecture: dict, stored_parameters: int, available: int | None = None) -> Footprint:

@@ -201,8 +201,10 @@ def test_evaluate_a_small_model_claiming_300_million_filters_with_batch_norm(tmp
     with np.load(tmp_path / "out" / "model.npz") as archive:
         arrays = {name: archive[name] for name in archive.files}
     architecture = json.loads(str(arrays["architecture"][()]))
-    architecture["blocks"][0]["filters"] = 300_000_000
-    architecture["batch_norm"] = True
+    layers = architecture["layers"]
+    first_conv = next(i for i, layer in enumerate(layers) if layer["type"] == "conv")
+    layers[first_conv]["filters"] = 300_000_000
+    layers.insert(first_conv + 1, {"type": "batch_norm"})
     arrays["architecture"] = np.array(json.dumps(architecture))
     np.savez(tmp_path / "out" / "model.npz", **arrays)
     assert (tmp_path / "out" / "model.npz").stat().st_size < 100_000
