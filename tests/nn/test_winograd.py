@@ -259,9 +259,9 @@ def test_conv_algo_config_is_checked():
     FitConfig(conv_algo="winograd", filters=[8, 8], kernel_sizes=[5, 3]).validate()
     with pytest.raises(ConfigError, match="conv_algo: got 'fft', expected auto or im2col or winograd"):
         FitConfig(conv_algo="fft").validate()
-    with pytest.raises(ConfigError, match="no conv block has a 3x3 kernel with stride 1"):
+    with pytest.raises(ConfigError, match="no conv layer has a 3x3 kernel with stride 1"):
         FitConfig(conv_algo="winograd", filters=[8, 8], kernel_sizes=[5], strides=[1]).validate()
-    with pytest.raises(ConfigError, match="no conv block has a 3x3 kernel with stride 1"):
+    with pytest.raises(ConfigError, match="no conv layer has a 3x3 kernel with stride 1"):
         FitConfig(conv_algo="winograd", kernel_sizes=[3], strides=[2]).validate()
 
 

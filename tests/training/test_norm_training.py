@@ -63,7 +63,8 @@ def test_layers_are_where_the_options_put_them_and_only_weights_are_regularized(
     plain = Network.build(input_shape=(1, 8, 8), num_classes=10, filters=[8, 16], padding=1, pool=[2, 0],
                           hidden=[32], seed=0)
     # the optional layers leave an architecture without them as it was, and draw no weights
-    assert set(plain.architecture) == {"input_shape", "num_classes", "blocks", "hidden", "dtype"}
+    assert [layer["type"] for layer in plain.architecture["layers"]] == \
+        ["conv", "relu", "max_pool", "conv", "relu", "flatten", "dense", "relu"]
     assert np.array_equal(plain.parameters()["conv1.weight"], network.parameters()["conv1.weight"])
     l2_before = network.l2_penalty()
     network.layers[1].params["weight"][...] = 5
