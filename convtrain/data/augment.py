@@ -1,42 +1,198 @@
-"""Training-time augmentation for images: random horizontal flips and small translations."""
+"""Training-time augmentation of image batches: the pipeline of the config's [augment] table.
+
+Transforms, applied in this order to a standardized batch (N, C, H, W), each drawn per image
+from one generator:
+
+    flip     mirror left-right, each image with probability 1/2
+    crop     pad each side by `crop` pixels (zero: the channel mean; or reflect), then take a
+             random H x W window: a translation by up to `crop` pixels each way
+    cutout   set one random `cutout` x `cutout` square to 0 (the channel mean); its centre may
+             lie anywhere in the image, so near an edge part of it falls outside
+    mixup    blend the batch with a shuffled copy of itself by lam ~ Beta(mixup, mixup), one
+             lam per batch; the loss then mixes the two label sets by the same lam
+
+Flip and crop commute in distribution (the crop's offsets are symmetric); flipping first keeps
+the draws of the pipeline `--augment` always meant. Every step is vectorized over the batch: one
+fancy-index assignment for the flips, one np.pad and one gather for the crop, one masked write
+for cutout. The randomness comes from the
+generator the caller passes (the trainer's augmentation generator, seeded from the fit's seed),
+so the same seed gives the same batches for any thread count.
+
+`augment = true` is a shorthand for the data set's default pipeline (DEFAULTS): 2-pixel
+translations (1 for the 8x8 digits) for every image set, plus flips for CIFAR-10 and image
+folders. Digits and MNIST are not flipped (a mirrored 2 or 7 is no digit), and the names data
+is not images at all (its width axis is a letter's position): image transforms are refused there.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from convtrain.errors import ConfigError
+
+PADDINGS = ("zero", "reflect")
+NOT_IMAGES = ("names",)  # data sets whose arrays are not pictures
+
+
+@dataclass(frozen=True)
+class AugmentPlan:
+    """The transforms one fit applies to its training batches."""
+
+    crop: int = 0                # padding in pixels before the random crop; 0 = no crop
+    crop_padding: str = "zero"   # zero or reflect
+    flip: bool = False
+    cutout: int = 0              # side of the erased square; 0 = none
+    mixup: float = 0.0           # Beta(mixup, mixup) for the blend weight; 0 = no mixup
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is drawn: a plan that does nothing leaves the batches (and the
+        generator) untouched."""
+        return bool(self.crop or self.flip or self.cutout or self.mixup)
+
+    def check(self, input_shape) -> None:
+        """ConfigError unless the transforms fit images of shape (C, H, W)."""
+        _, height, width = input_shape
+        if self.crop and self.crop_padding == "reflect" and self.crop >= min(height, width):
+            raise ConfigError(f"crop: got {self.crop} with crop_padding = 'reflect', expected fewer pixels than "
+                              f"the images' smaller side ({height}x{width}); reflection mirrors the image "
+                              "without its edge row")
+        if self.crop > max(height, width):
+            raise ConfigError(f"crop: got {self.crop}, expected at most the images' size ({height}x{width})")
+        if self.cutout > max(height, width):
+            raise ConfigError(f"cutout: got {self.cutout}, expected at most the images' size ({height}x{width})")
+
+    def describe(self) -> str:
+        """The plan in a few words, e.g. 'crop 4 (reflect), flip, cutout 8'; 'none'."""
+        parts = []
+        if self.crop:
+            parts.append(f"crop {self.crop} ({self.crop_padding})")
+        if self.flip:
+            parts.append("flip")
+        if self.cutout:
+            parts.append(f"cutout {self.cutout}")
+        if self.mixup:
+            parts.append(f"mixup {self.mixup:g}")
+        return ", ".join(parts) or "none"
+
+
+# What `augment = true` means per data set; a data set not listed gets DEFAULT_PLAN.
+DEFAULT_PLAN = AugmentPlan(crop=2)
+DEFAULTS: dict[str, AugmentPlan] = {
+    "digits": AugmentPlan(crop=1),          # 8x8 images: 2 pixels would move a quarter off
+    "mnist": AugmentPlan(crop=2),
+    "cifar10": AugmentPlan(crop=2, flip=True),
+    "folder": AugmentPlan(crop=2, flip=True),
+    "npz": AugmentPlan(crop=2),             # unknown pictures: not mirrored unless asked
+    "names": AugmentPlan(),
+}
+# the FitConfig fields of the [augment] table, besides the `augment` shorthand
+TRANSFORM_FIELDS = ("crop", "crop_padding", "flip", "cutout", "mixup")
+
+
+def default_plan(data: str) -> AugmentPlan:
+    """The pipeline `augment = true` stands for on data set `data`."""
+    return DEFAULTS.get(data, DEFAULT_PLAN)
+
+
+def plan_for(config) -> AugmentPlan:
+    """The pipeline a FitConfig asks for: its data set's default when `augment` is on (else
+    nothing), with every transform the config sets (crop, flip: not None) in place of the
+    default's. ConfigError for image transforms on data that is not images."""
+    base = default_plan(config.data) if config.augment else AugmentPlan()
+    plan = AugmentPlan(
+        crop=base.crop if config.crop is None else int(config.crop),
+        crop_padding=config.crop_padding,
+        flip=base.flip if config.flip is None else bool(config.flip),
+        cutout=int(config.cutout),
+        mixup=float(config.mixup),
+    )
+    if config.data in NOT_IMAGES:
+        asked = [name for name in ("crop", "flip", "cutout", "mixup") if getattr(plan, name)]
+        if config.augment or asked:
+            what = ", ".join(asked) if asked else "augment"
+            raise ConfigError(f"{what}: the {config.data} data set is not images (its width axis is a letter's "
+                              "position); leave out augment, crop, flip, cutout and mixup")
+    return plan
+
+
+def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -> np.ndarray:
+    """A new batch (N, C, H, W) with `plan`'s image transforms (flip, crop, cutout, in that
+    order); mixup, which also changes the labels, is `mix`.
+
+    The draws come first, in a fixed order (flips, then shifts, then cutout centres), each only
+    for a transform the plan has: flips and 2-pixel shifts draw exactly what `--augment` drew
+    before plans existed, so older fits and their checkpoints continue bit for bit."""
+    if x.ndim != 4:
+        raise ValueError(f"augment_images expects a batch (N, C, H, W), got shape {x.shape}")
+    n = x.shape[0]
+    flipped = np.flatnonzero(rng.random(n) < 0.5) if plan.flip else None
+    shifts = rng.integers(-plan.crop, plan.crop + 1, size=(n, 2)) if plan.crop else None
+    centres = _cutout_centres(x.shape, rng) if plan.cutout else None
+    out = x.copy()
+    if flipped is not None:
+        out[flipped] = out[flipped, :, :, ::-1]
+    if shifts is not None:
+        out = shift(out, shifts, plan.crop, plan.crop_padding)
+    if centres is not None:
+        erase(out, centres, plan.cutout)
+    return out
+
+
+def shift(x: np.ndarray, shifts: np.ndarray, padding: int, mode: str = "zero") -> np.ndarray:
+    """Image i moved down by shifts[i, 0] and right by shifts[i, 1] pixels (each in
+    [-padding, padding]), the uncovered border filled by `mode`: the random crop of the batch
+    padded by `padding`, at offset padding - shift. One pad of the batch, one gather."""
+    if mode not in PADDINGS:
+        raise ValueError(f"padding mode: got {mode!r}, expected one of {', '.join(PADDINGS)}")
+    n, channels, height, width = x.shape
+    widths = ((0, 0), (0, 0), (padding, padding), (padding, padding))
+    padded = np.pad(x, widths, mode="reflect" if mode == "reflect" else "constant")
+    offsets = padding - np.asarray(shifts)                       # (N, 2), in [0, 2 * padding]
+    rows = offsets[:, 0, None] + np.arange(height)               # (N, H): padded rows read
+    cols = offsets[:, 1, None] + np.arange(width)                # (N, W)
+    return padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def erase(x: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+    """Set a size x size square around centres[:, i] (rows; cols) of image i to 0, in place (a
+    square cut by an edge erases what is inside); returns x."""
+    _, _, height, width = x.shape
+    top, left = np.asarray(centres) - size // 2
+    rows, cols = np.arange(height), np.arange(width)
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)    # (N, H)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # (N, W)
+    erased = inside_rows[:, :, None] & inside_cols[:, None, :]            # (N, H, W)
+    np.copyto(x, 0, where=erased[:, None, :, :])
+    return x
+
+
+def _cutout_centres(shape, rng: np.random.Generator) -> np.ndarray:
+    """(2, N) centres, uniform over the image's rows and columns."""
+    n, _, height, width = shape
+    return rng.integers(0, [[height], [width]], size=(2, n))
+
+
+def mix(x: np.ndarray, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mixup: (lam * x + (1 - lam) * x[partner], partner, lam) with lam ~ Beta(alpha, alpha) and
+    `partner` a permutation of the batch; the loss mixes the labels y and y[partner] by lam."""
+    lam = float(rng.beta(alpha, alpha))
+    partner = rng.permutation(x.shape[0])
+    mixed = x * x.dtype.type(lam)
+    mixed += x[partner] * x.dtype.type(1.0 - lam)
+    return mixed, partner, lam
 
 
 def augment_batch(x: np.ndarray, rng: np.random.Generator, flip: bool = True,
                   max_shift: int = 2) -> np.ndarray:
-    """A new batch (N, C, H, W): each image flipped left-right with probability 1/2 and
-    shifted by up to max_shift pixels in each direction, the uncovered border filled with 0.
-
-    Meant for standardized batches, where 0 is the channel mean. Not for the names data, whose
-    width axis is the position of a letter.
-    """
+    """A new batch (N, C, H, W): shifted by up to max_shift pixels each way (the uncovered
+    border 0) and, with `flip`, each image mirrored with probability 1/2; `augment_images` with a
+    zero-padded crop of max_shift and flips."""
     if x.ndim != 4:
         raise ValueError(f"augment_batch expects (N, C, H, W), got shape {x.shape}")
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    n, _, height, width = x.shape
-    out = x.copy()
-    if flip:
-        flipped = rng.random(n) < 0.5
-        out[flipped] = out[flipped][:, :, :, ::-1]
-    if max_shift == 0:
-        return out
-    shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
-    shifted = np.zeros_like(out)
-    for i, (dy, dx) in enumerate(shifts):
-        # Image row r moves to r + dy; rows falling off the edge are dropped.
-        dst_rows, src_rows = _overlap(dy, height)
-        dst_cols, src_cols = _overlap(dx, width)
-        shifted[i, :, dst_rows, dst_cols] = out[i, :, src_rows, src_cols]
-    return shifted
-
-
-def _overlap(shift: int, size: int) -> tuple[slice, slice]:
-    """(destination, source) slices along one axis for a shift by `shift` pixels."""
-    shift = max(-size, min(size, int(shift)))  # a shift past the edge leaves nothing
-    if shift >= 0:
-        return slice(shift, size), slice(0, size - shift)
-    return slice(0, size + shift), slice(-shift, size)
+    return augment_images(x, AugmentPlan(crop=max_shift, flip=flip), rng)
