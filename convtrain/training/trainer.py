@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from convtrain.data.augment import AugmentPlan, augment_images, plan_for
+from convtrain.data.augment import AugmentPlan, augment_images, mix, plan_for
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
 from convtrain.nn.network import EVAL_BATCH_SIZE
@@ -159,10 +159,14 @@ class Trainer:
                 break
             rows = order[batch * bs:(batch + 1) * bs]
             xb, yb = x_train[rows], y_train[rows]
+            mixed = None
             if self.augment.active:
                 xb = augment_images(xb, self.augment, self.rng)
+                if self.augment.mixup:
+                    xb, partner, lam = mix(xb, self.augment.mixup, self.rng)
+                    mixed = (yb[partner], lam)
             lr = self.schedule.lr(self.step, epoch)
-            loss, cost, accuracy = self.train_step(xb, yb, lr)
+            loss, cost, accuracy = self.train_step(xb, yb, lr, mixed=mixed)
             if loss is None:
                 self._diverged(f"the training loss became {cost}", epoch, batch + 1, num_batches)
             self.step += 1
@@ -192,10 +196,10 @@ class Trainer:
         if self._stop_requested:
             self._interrupt(epoch, num_batches)
 
-    def train_step(self, xb, yb, lr: float) -> tuple[float | None, float, float]:
+    def train_step(self, xb, yb, lr: float, mixed=None) -> tuple[float | None, float, float]:
         """One update on a batch: (loss, cost, accuracy) before it; see step.train_step."""
         return train_step(self.network, self.optimizer, xb, yb, lr, l2=self.l2,
-                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm)
+                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm, mixed=mixed)
 
     def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
         """loss, cost, accuracy and balanced accuracy of normalized x (raw images with

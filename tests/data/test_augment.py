@@ -169,3 +169,29 @@ def test_transforms_larger_than_the_images_are_refused():
     with pytest.raises(ConfigError, match="cutout: got 9"):
         AugmentPlan(cutout=9).check((1, 8, 8))
     AugmentPlan(crop=4, crop_padding="reflect", cutout=8).check((3, 32, 32))
+
+
+# ---- through the CLI ---------------------------------------------------------------------
+
+def test_the_flags_print_the_augment_table(tmp_path):
+    from tests.support.cli import invoke
+
+    result = invoke("fit", "--data", "cifar10", "--data-path", tmp_path, "--crop", 4, "--crop-padding", "reflect",
+                    "--flip", "--cutout", 8, "--print-config")
+    assert result.exit_code == 0, result.output
+    table = result.stdout.split("[augment]")[1].split("\n[")[0]
+    for line in ("crop = 4", 'crop_padding = "reflect"', "flip = true", "cutout = 8", "mixup = 0.0"):
+        assert line in table
+
+
+def test_the_cli_refuses_augmenting_names_with_one_line(tmp_path):
+    from tests.support.cli import error_line, invoke
+
+    (tmp_path / "names").mkdir()
+    (tmp_path / "names" / "English.txt").write_text("Smith\nJones\n", encoding="utf-8")
+    for flags in (["--augment"], ["--flip"], ["--crop", 2]):
+        result = invoke("fit", "--data", "names", "--data-path", tmp_path / "names", "--no-track",
+                        "--out", tmp_path / "run", *flags)
+        assert result.exit_code == 2, result.output
+        assert "not images" in error_line(result)
+    assert not (tmp_path / "run").exists()
