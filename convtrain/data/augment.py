@@ -13,8 +13,8 @@ from one generator:
 
 Flip and crop commute in distribution (the crop's offsets are symmetric); flipping first keeps
 the draws of the pipeline `--augment` always meant. Every step is vectorized over the batch: one
-fancy-index assignment for the flips, one np.pad and one gather for the crop, one masked write
-for cutout. The randomness comes from the
+fancy-index assignment for the flips, one padded copy and one gather for the crop, one masked
+write for cutout. The randomness comes from the
 generator the caller passes (the trainer's augmentation generator, seeded from the fit's seed),
 so the same seed gives the same batches for any thread count.
 
@@ -144,17 +144,40 @@ def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -
 def shift(x: np.ndarray, shifts: np.ndarray, padding: int, mode: str = "zero") -> np.ndarray:
     """Image i moved down by shifts[i, 0] and right by shifts[i, 1] pixels (each in
     [-padding, padding]), the uncovered border filled by `mode`: the random crop of the batch
-    padded by `padding`, at offset padding - shift. One pad of the batch, one gather."""
+    padded by `padding`, at offset padding - shift. One padded copy of the batch, then one
+    gather of the H x W windows (a strided view of it, indexed by image and offset)."""
+    _, _, height, width = x.shape
+    padded = pad(x, padding, mode)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(2, 3))  # (N, C, 2p+1, 2p+1, H, W)
+    offsets = padding - np.asarray(shifts)  # (N, 2), in [0, 2 * padding]
+    return windows[np.arange(x.shape[0]), :, offsets[:, 0], offsets[:, 1]]
+
+
+def pad(x: np.ndarray, padding: int, mode: str = "zero") -> np.ndarray:
+    """x (N, C, H, W) padded by `padding` pixels on each side of H and W: zeros, or the image
+    reflected about its edge row and column (numpy's "reflect"; padding < H and W). Written
+    into one new array (a few times faster than np.pad)."""
     if mode not in PADDINGS:
         raise ValueError(f"padding mode: got {mode!r}, expected one of {', '.join(PADDINGS)}")
     n, channels, height, width = x.shape
-    widths = ((0, 0), (0, 0), (padding, padding), (padding, padding))
-    padded = np.pad(x, widths, mode="reflect" if mode == "reflect" else "constant")
-    offsets = padding - np.asarray(shifts)                       # (N, 2), in [0, 2 * padding]
-    rows = offsets[:, 0, None] + np.arange(height)               # (N, H): padded rows read
-    cols = offsets[:, 1, None] + np.arange(width)                # (N, W)
-    return padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    p = padding
+    out = np.empty((n, channels, height + 2 * p, width + 2 * p), dtype=x.dtype)
+    out[:, :, p:p + height, p:p + width] = x
+    if mode == "zero":
+        out[:, :, :p] = 0
+        out[:, :, p + height:] = 0
+        out[:, :, p:p + height, :p] = 0
+        out[:, :, p:p + height, p + width:] = 0
+        return out
+    if p >= height or p >= width:
+        raise ValueError(f"reflect padding of {p} needs images larger than {p} pixels, got {height}x{width}")
+    before, after = np.arange(p, 0, -1), np.arange(width - 2, width - 2 - p, -1)   # mirrored columns
+    out[:, :, p:p + height, :p] = x[:, :, :, before]
+    out[:, :, p:p + height, p + width:] = x[:, :, :, after]
+    above, below = np.arange(2 * p, p, -1), np.arange(p + height - 2, height - 2, -1)  # mirrored padded rows
+    out[:, :, :p] = out[:, :, above]
+    out[:, :, p + height:] = out[:, :, below]
+    return out
 
 
 def erase(x: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:

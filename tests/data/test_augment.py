@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.data.augment import AugmentPlan, augment_batch, augment_images, erase, plan_for, shift
+from convtrain.data.augment import AugmentPlan, augment_batch, augment_images, erase, pad, plan_for, shift
 from convtrain.errors import ConfigError
 
 # one 1-channel 3x4 image: 1..12
@@ -37,6 +37,15 @@ def test_reflect_padding_mirrors_the_image_without_its_edge():
     np.testing.assert_array_equal(up_left, [[7, 8, 7, 6],
                                             [11, 12, 11, 10],
                                             [7, 8, 7, 6]])
+
+
+@pytest.mark.parametrize("mode", ["zero", "reflect"])
+@pytest.mark.parametrize("padding", [1, 2, 4, 6])
+def test_padding_is_numpys(mode, padding):
+    x = batch(n=3, channels=2, height=7, width=8)
+    expected = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)),
+                      mode="reflect" if mode == "reflect" else "constant")
+    np.testing.assert_array_equal(pad(x, padding, mode), expected)
 
 
 def test_no_shift_is_the_image():
