@@ -347,6 +347,12 @@ def check_chosen_settings(config: FitConfig, sources: dict[str, str], *,
         if chosen.get(name) == FLAG and config.optimizer not in users:
             raise ConfigError(f"{said(name)} is not used by {said('optimizer')} (it is a setting of "
                               f"{users[0]}); pass --optimizer {users[0]}, or leave {flag_name(name)} out")
+    if chosen.get("crop_padding") == FLAG and config.crop_padding != "zero":
+        from convtrain.data.augment import plan_for
+
+        if not plan_for(config).crop:
+            raise ConfigError(f"{said('crop_padding')} is not used without a crop (it is what --crop pads "
+                              "with); pass --crop 4 (pixels), or leave --crop-padding out")
     if (config.schedule == "step" and config.step_epochs >= config.epochs
             and {"schedule", "step_epochs", "epochs"} & set(chosen)):
         raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "

@@ -204,3 +204,12 @@ def test_the_cli_refuses_augmenting_names_with_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         assert "not images" in error_line(result)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_crop_padding_flag_without_a_crop_is_refused(tmp_path):
+    from tests.support.cli import error_line, invoke
+
+    result = invoke("fit", "--crop-padding", "reflect", "--no-track", "--out", tmp_path / "run")
+    assert "--crop-padding reflect is not used without a crop" in error_line(result)
+    printed = invoke("fit", "--augment", "--crop-padding", "reflect", "--print-config")  # digits' crop 1
+    assert printed.exit_code == 0, printed.output
