@@ -323,7 +323,7 @@ def parse_plan(text: str):
 def augmentation_share(net, threads, rounds, plan, clock="wall") -> list[float]:
     """Per round: the time augmenting batches took / the time of the steps including it, for
     convtrain's step on `net` (in this process, like the profile)."""
-    from convtrain.data.augment import augment_images, mix
+    from convtrain.data.augment import augment_images, blend
 
     spec = NETS[net]
     set_threads(threads)
@@ -337,8 +337,8 @@ def augmentation_share(net, threads, rounds, plan, clock="wall") -> list[float]:
             x, y, mixed = xs[i % len(xs)], ys[i % len(ys)], None
             started = timer()
             x = augment_images(x, plan, rng)
-            if plan.mixup:
-                x, partner, lam = mix(x, plan.mixup, rng)
+            if plan.mixes:
+                x, partner, lam = blend(x, plan, rng)
                 mixed = (y[partner], lam)
             spent = timer() - started
             trainer.train_step(x, y, LR, mixed=mixed)

@@ -4,7 +4,7 @@ like-for-like accuracy beside convtrain's (e.g. experiments/fit-cifar10-bn.toml'
 What is shared with `convtrain fit`: the split and standardization (convtrain.data), the
 initial weights (the convtrain Network exported with convtrain.nn.torch_compat), the batch
 order and augmentation (the Trainer's generator default_rng([seed, 1]) and the config's plan from
-convtrain.data.augment, mixup's soft targets included), the
+convtrain.data.augment, mixup's and cutmix's soft targets included), the
 learning-rate schedule (convtrain.nn.optim.make_schedule), label smoothing, gradient clipping,
 and which parameters decay (conv and dense weights: AdamW's weight_decay, or SGD's L2 as
 weight_decay = 2 * l2). What differs: torch's own kernels and float rounding, and its dropout
@@ -28,7 +28,7 @@ def run(config, threads: int) -> dict:
     import torch
 
     from convtrain.data import Standardizer, load_dataset
-    from convtrain.data.augment import augment_images, mix, plan_for
+    from convtrain.data.augment import augment_images, blend, plan_for
     from convtrain.nn.network import Network
     from convtrain.nn.optim import make_schedule
     from convtrain.nn.torch_compat import to_torch_module
@@ -77,8 +77,8 @@ def run(config, threads: int) -> dict:
             target = yb
             if plan.active:
                 xb = augment_images(xb, plan, rng)
-                if plan.mixup:  # soft targets: CrossEntropyLoss smooths them as it smooths labels
-                    xb, partner, lam = mix(xb, plan.mixup, rng)
+                if plan.mixes:  # mixup, cutmix: soft targets; CrossEntropyLoss smooths them as it smooths labels
+                    xb, partner, lam = blend(xb, plan, rng)
                     classes = splits.num_classes
                     target = (lam * torch.nn.functional.one_hot(yb, classes).double()
                               + (1 - lam) * torch.nn.functional.one_hot(yb[partner], classes).double()).float()

@@ -5,7 +5,7 @@ A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sw
 parameter all use the same name) but is written to TOML in sections for reading:
 
     [data]   data, data_path, val_fraction, limit, balanced
-    [augment] augment (the data set's default pipeline), crop, crop_padding, flip, cutout, mixup
+    [augment] augment (the data set's default pipeline), crop, crop_padding, flip, cutout, mixup, cutmix
     [model]  layers (the network as a layer list), or its shorthand: filters, kernel_sizes,
              strides, padding, pool, hidden, batch_norm, dropout, global_pool, pool_type; dtype
     [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
@@ -92,6 +92,8 @@ class FitConfig:
                          "0 = none.")
     mixup: float = option("augment", 0.0, "Mixup: blend each batch with a shuffled copy by lam ~ Beta(a, a) and "
                           "mix the labels alike; a = this value, 0 = none.")
+    cutmix: float = option("augment", 0.0, "CutMix: paste a random box of a shuffled copy into each batch (area "
+                           "1 - lam, lam ~ Beta(a, a)) and mix the labels by area; a = this value, 0 = none.")
     # [model]: one entry per conv block; a single entry applies to every block
     filters: list[int] = option("model", [16, 32], "Filters per conv block, e.g. 16,32.")
     kernel_sizes: list[Any] = option("model", [3], "Kernel size per block: 3,3 or 5x3 for height x width.")
@@ -461,6 +463,10 @@ def _validate_augment_options(config: FitConfig) -> None:
     _expect(config.crop_padding in PADDINGS, "crop_padding", config.crop_padding, " or ".join(PADDINGS))
     _expect(config.cutout >= 0, "cutout", config.cutout, "pixels >= 0")
     _expect(_finite(config.mixup) and config.mixup >= 0, "mixup", config.mixup, "a Beta parameter >= 0 (0 = none)")
+    _expect(_finite(config.cutmix) and config.cutmix >= 0, "cutmix", config.cutmix,
+            "a Beta parameter >= 0 (0 = none)")
+    _expect(not (config.mixup and config.cutmix), "cutmix", config.cutmix,
+            f"0 with mixup = {config.mixup:g} (a batch is mixed one way: choose mixup or cutmix)")
     plan_for(config)  # image transforms on data that is not images
 
 

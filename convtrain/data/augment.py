@@ -10,6 +10,9 @@ from one generator:
              lie anywhere in the image, so near an edge part of it falls outside
     mixup    blend the batch with a shuffled copy of itself by lam ~ Beta(mixup, mixup), one
              lam per batch; the loss then mixes the two label sets by the same lam
+    cutmix   or paste one random box of the shuffled copy into every image, the box's area
+             1 - lam with lam ~ Beta(cutmix, cutmix) (clipped at the edges, lam then recounted
+             from the box), the labels mixed by lam as for mixup
 
 Flip and crop commute in distribution (the crop's offsets are symmetric); flipping first keeps
 the draws of the pipeline `--augment` always meant. Every step is vectorized over the batch: one
@@ -45,12 +48,18 @@ class AugmentPlan:
     flip: bool = False
     cutout: int = 0              # side of the erased square; 0 = none
     mixup: float = 0.0           # Beta(mixup, mixup) for the blend weight; 0 = no mixup
+    cutmix: float = 0.0          # Beta(cutmix, cutmix) for the kept area; 0 = no cutmix
 
     @property
     def active(self) -> bool:
         """Whether anything is drawn: a plan that does nothing leaves the batches (and the
         generator) untouched."""
-        return bool(self.crop or self.flip or self.cutout or self.mixup)
+        return bool(self.crop or self.flip or self.cutout or self.mixes)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether each batch is mixed with a shuffled copy (mixup or cutmix): labels mix too."""
+        return bool(self.mixup or self.cutmix)
 
     def check(self, input_shape) -> None:
         """ConfigError unless the transforms fit images of shape (C, H, W)."""
@@ -75,6 +84,8 @@ class AugmentPlan:
             parts.append(f"cutout {self.cutout}")
         if self.mixup:
             parts.append(f"mixup {self.mixup:g}")
+        if self.cutmix:
+            parts.append(f"cutmix {self.cutmix:g}")
         return ", ".join(parts) or "none"
 
 
@@ -89,7 +100,7 @@ DEFAULTS: dict[str, AugmentPlan] = {
     "names": AugmentPlan(),
 }
 # the FitConfig fields of the [augment] table, besides the `augment` shorthand
-TRANSFORM_FIELDS = ("crop", "crop_padding", "flip", "cutout", "mixup")
+TRANSFORM_FIELDS = ("crop", "crop_padding", "flip", "cutout", "mixup", "cutmix")
 
 
 def default_plan(data: str) -> AugmentPlan:
@@ -108,19 +119,20 @@ def plan_for(config) -> AugmentPlan:
         flip=base.flip if config.flip is None else bool(config.flip),
         cutout=int(config.cutout),
         mixup=float(config.mixup),
+        cutmix=float(config.cutmix),
     )
     if config.data in NOT_IMAGES:
-        asked = [name for name in ("crop", "flip", "cutout", "mixup") if getattr(plan, name)]
+        asked = [name for name in ("crop", "flip", "cutout", "mixup", "cutmix") if getattr(plan, name)]
         if config.augment or asked:
             what = ", ".join(asked) if asked else "augment"
             raise ConfigError(f"{what}: the {config.data} data set is not images (its width axis is a letter's "
-                              "position); leave out augment, crop, flip, cutout and mixup")
+                              "position); leave out augment, crop, flip, cutout, mixup and cutmix")
     return plan
 
 
 def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -> np.ndarray:
     """A new batch (N, C, H, W) with `plan`'s image transforms (flip, crop, cutout, in that
-    order); mixup, which also changes the labels, is `mix`.
+    order); mixup and cutmix, which also change the labels, are `blend`.
 
     The draws come first, in a fixed order (flips, then shifts, then cutout centres), each only
     for a transform the plan has: flips and 2-pixel shifts draw exactly what `--augment` drew
@@ -207,6 +219,30 @@ def mix(x: np.ndarray, alpha: float, rng: np.random.Generator) -> tuple[np.ndarr
     mixed = x * x.dtype.type(lam)
     mixed += x[partner] * x.dtype.type(1.0 - lam)
     return mixed, partner, lam
+
+
+def blend(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """The plan's mixup or cutmix of the batch: (mixed batch, partner, lam); the loss mixes the
+    labels y and y[partner] by lam."""
+    return mix(x, plan.mixup, rng) if plan.mixup else cut_mix(x, plan.cutmix, rng)
+
+
+def cut_mix(x: np.ndarray, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """CutMix: every image gets the same box cut from its partner (a permutation of the batch)
+    pasted in; the box covers about 1 - lam of the image for lam ~ Beta(alpha, alpha), is
+    centred uniformly and clipped at the edges. Returns (batch, partner, lam), lam being the
+    area each image keeps of its own."""
+    n, _, height, width = x.shape
+    lam = float(rng.beta(alpha, alpha))
+    partner = rng.permutation(n)
+    side = np.sqrt(1.0 - lam)
+    box_height, box_width = int(height * side), int(width * side)
+    centre_row, centre_col = (int(v) for v in rng.integers(0, [height, width]))
+    top, bottom = max(centre_row - box_height // 2, 0), min(centre_row + box_height - box_height // 2, height)
+    left, right = max(centre_col - box_width // 2, 0), min(centre_col + box_width - box_width // 2, width)
+    out = x.copy()
+    out[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+    return out, partner, 1.0 - (bottom - top) * (right - left) / (height * width)
 
 
 def augment_batch(x: np.ndarray, rng: np.random.Generator, flip: bool = True,

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from convtrain.data.augment import AugmentPlan, augment_images, mix, plan_for
+from convtrain.data.augment import AugmentPlan, augment_images, blend, plan_for
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
 from convtrain.nn.network import EVAL_BATCH_SIZE
@@ -162,8 +162,8 @@ class Trainer:
             mixed = None
             if self.augment.active:
                 xb = augment_images(xb, self.augment, self.rng)
-                if self.augment.mixup:
-                    xb, partner, lam = mix(xb, self.augment.mixup, self.rng)
+                if self.augment.mixes:
+                    xb, partner, lam = blend(xb, self.augment, self.rng)
                     mixed = (yb[partner], lam)
             lr = self.schedule.lr(self.step, epoch)
             loss, cost, accuracy = self.train_step(xb, yb, lr, mixed=mixed)

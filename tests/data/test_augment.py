@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
-from convtrain.data.augment import AugmentPlan, augment_batch, augment_images, erase, pad, plan_for, shift
+from convtrain.data.augment import (AugmentPlan, augment_batch, augment_images, blend, cut_mix, erase, mix, pad,
+                                    plan_for, shift)
 from convtrain.errors import ConfigError
 
 # one 1-channel 3x4 image: 1..12
@@ -123,6 +124,42 @@ def test_an_inactive_plan_draws_nothing():
     assert rng.bit_generator.state == state and not AugmentPlan().active
 
 
+def test_mixup_blends_each_image_with_its_partner_by_one_lam():
+    x = batch(n=10)
+    mixed, partner, lam = mix(x, 0.4, np.random.default_rng(0))
+    assert mixed.dtype == x.dtype and sorted(partner) == list(range(10)) and 0 <= lam <= 1
+    np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[partner], rtol=1e-6, atol=1e-6)
+    again = mix(x, 0.4, np.random.default_rng(0))
+    assert np.array_equal(again[0], mixed) and np.array_equal(again[1], partner) and again[2] == lam
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_kept_area():
+    x = batch(n=12, height=10, width=9)
+    for seed in range(20):
+        out, partner, lam = cut_mix(x, 1.0, np.random.default_rng(seed))
+        from_partner = (out == x[partner]) & (out != x)
+        box = from_partner.any(axis=(0, 1))  # (H, W): where any image took its partner's pixel
+        rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+        if rows.size:
+            assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one box
+            area = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+            assert lam == pytest.approx(1 - area / 90)
+            inside = np.zeros((10, 9), bool)
+            inside[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+            np.testing.assert_array_equal(out[:, :, inside], x[partner][:, :, inside])
+            np.testing.assert_array_equal(out[:, :, ~inside], x[:, :, ~inside])
+        else:
+            assert lam == 1.0 or np.array_equal(out, x)
+
+
+def test_blend_is_the_plans_mixup_or_cutmix():
+    x = batch()
+    for plan, function, alpha in ((AugmentPlan(mixup=0.3), mix, 0.3), (AugmentPlan(cutmix=1.0), cut_mix, 1.0)):
+        got, want = blend(x, plan, np.random.default_rng(4)), function(x, alpha, np.random.default_rng(4))
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+        assert plan.mixes and plan.active
+
+
 # ---- the config: [augment], the shorthand and the defaults per data set ----------------
 
 def test_augment_shorthand_is_the_data_sets_default_pipeline():
@@ -156,7 +193,7 @@ def test_the_augment_table_reads_and_round_trips(tmp_path):
 
 
 def test_names_data_refuses_image_transforms():
-    for settings in ({"augment": True}, {"flip": True}, {"crop": 2}, {"cutout": 3}):
+    for settings in ({"augment": True}, {"flip": True}, {"crop": 2}, {"cutout": 3}, {"cutmix": 1.0}):
         with pytest.raises(ConfigError, match="not images") as info:
             FitConfig(data="names", data_path="n", **settings).validate()
         assert "\n" not in str(info.value)
@@ -166,7 +203,8 @@ def test_names_data_refuses_image_transforms():
 @pytest.mark.parametrize("settings, message", [
     ({"crop": -1}, "crop: got -1"), ({"cutout": -2}, "cutout: got -2"),
     ({"crop_padding": "wrap"}, "crop_padding: got 'wrap', expected zero or reflect"),
-    ({"mixup": -0.5}, "mixup: got -0.5")])
+    ({"mixup": -0.5}, "mixup: got -0.5"), ({"cutmix": -1.0}, "cutmix: got -1.0"),
+    ({"mixup": 0.2, "cutmix": 1.0}, "choose mixup or cutmix")])
 def test_bad_settings_are_refused_naming_the_value(settings, message):
     with pytest.raises(ConfigError, match=message):
         FitConfig(**settings).validate()

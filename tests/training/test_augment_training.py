@@ -94,6 +94,19 @@ def test_resume_with_augmentation_equals_the_uninterrupted_run_bit_for_bit(small
     assert_same(weights(resumed), weights(reference))
 
 
+def test_cutmix_resumes_bit_for_bit_too(small, tmp_path):
+    config = FitConfig(epochs=2, crop=1, cutmix=1.0)
+    reference = make_trainer(config)
+    reference.fit(*small)
+    interrupted = make_trainer(config, callbacks=[StopAt(6)], checkpoint_dir=tmp_path / "run")
+    with pytest.raises(TrainingInterrupted) as info:
+        interrupted.fit(*small)
+    resumed = make_trainer(config, checkpoint_dir=tmp_path / "run")
+    resumed.resume(info.value.checkpoint)
+    resumed.fit(*small)
+    assert_same(weights(resumed), weights(reference))
+
+
 def test_the_augment_shorthand_on_digits_does_not_flip(small):
     trainer = make_trainer(FitConfig(epochs=1, augment=True))
     assert not trainer.augment.flip and trainer.augment.crop == 1
