@@ -5,7 +5,8 @@ A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sw
 parameter all use the same name) but is written to TOML in sections for reading:
 
     [data]   data, data_path, val_fraction, limit, balanced
-    [augment] augment (the data set's default pipeline), crop, crop_padding, flip, cutout, mixup, cutmix
+    [augment] augment (the data set's default pipeline), crop, crop_padding, flip, rotate, cutout,
+              mixup, cutmix
     [model]  layers (the network as a layer list), or its shorthand: filters, kernel_sizes,
              strides, padding, pool, hidden, batch_norm, dropout, global_pool, pool_type; dtype
     [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
@@ -88,6 +89,8 @@ class FitConfig:
     crop_padding: str = option("augment", "zero", "What --crop pads with: zero (the channel mean) or reflect.")
     flip: bool | None = option("augment", None, "Mirror half the training images left-right.",
                                shown="off, or with --augment on for cifar10 and folder")
+    rotate: float = option("augment", 0.0, "Rotate each image by a random angle up to this many degrees either "
+                           "way (nearest pixel), 0 = none.")
     cutout: int = option("augment", 0, "Erase one random square of this side per image (to the channel mean), "
                          "0 = none.")
     mixup: float = option("augment", 0.0, "Mixup: blend each batch with a shuffled copy by lam ~ Beta(a, a) and "
@@ -462,6 +465,7 @@ def _validate_augment_options(config: FitConfig) -> None:
     _expect(config.crop is None or config.crop >= 0, "crop", config.crop, "pixels >= 0")
     _expect(config.crop_padding in PADDINGS, "crop_padding", config.crop_padding, " or ".join(PADDINGS))
     _expect(config.cutout >= 0, "cutout", config.cutout, "pixels >= 0")
+    _expect(_finite(config.rotate) and 0 <= config.rotate <= 180, "rotate", config.rotate, "degrees in [0, 180]")
     _expect(_finite(config.mixup) and config.mixup >= 0, "mixup", config.mixup, "a Beta parameter >= 0 (0 = none)")
     _expect(_finite(config.cutmix) and config.cutmix >= 0, "cutmix", config.cutmix,
             "a Beta parameter >= 0 (0 = none)")

@@ -4,6 +4,9 @@ Transforms, applied in this order to a standardized batch (N, C, H, W), each dra
 from one generator:
 
     flip     mirror left-right, each image with probability 1/2
+    rotate   turn each image about its centre by an angle uniform in [-rotate, rotate] degrees
+             (counterclockwise positive; nearest pixel, as torchvision's RandomRotation; the
+             corners it uncovers 0)
     crop     pad each side by `crop` pixels (zero: the channel mean; or reflect), then take a
              random H x W window: a translation by up to `crop` pixels each way
     cutout   set one random `cutout` x `cutout` square to 0 (the channel mean); its centre may
@@ -46,6 +49,7 @@ class AugmentPlan:
     crop: int = 0                # padding in pixels before the random crop; 0 = no crop
     crop_padding: str = "zero"   # zero or reflect
     flip: bool = False
+    rotate: float = 0.0          # largest angle in degrees; 0 = none
     cutout: int = 0              # side of the erased square; 0 = none
     mixup: float = 0.0           # Beta(mixup, mixup) for the blend weight; 0 = no mixup
     cutmix: float = 0.0          # Beta(cutmix, cutmix) for the kept area; 0 = no cutmix
@@ -54,7 +58,7 @@ class AugmentPlan:
     def active(self) -> bool:
         """Whether anything is drawn: a plan that does nothing leaves the batches (and the
         generator) untouched."""
-        return bool(self.crop or self.flip or self.cutout or self.mixes)
+        return bool(self.crop or self.flip or self.rotate or self.cutout or self.mixes)
 
     @property
     def mixes(self) -> bool:
@@ -80,6 +84,8 @@ class AugmentPlan:
             parts.append(f"crop {self.crop} ({self.crop_padding})")
         if self.flip:
             parts.append("flip")
+        if self.rotate:
+            parts.append(f"rotate {self.rotate:g}")
         if self.cutout:
             parts.append(f"cutout {self.cutout}")
         if self.mixup:
@@ -100,7 +106,7 @@ DEFAULTS: dict[str, AugmentPlan] = {
     "names": AugmentPlan(),
 }
 # the FitConfig fields of the [augment] table, besides the `augment` shorthand
-TRANSFORM_FIELDS = ("crop", "crop_padding", "flip", "cutout", "mixup", "cutmix")
+TRANSFORM_FIELDS = ("crop", "crop_padding", "flip", "rotate", "cutout", "mixup", "cutmix")
 
 
 def default_plan(data: str) -> AugmentPlan:
@@ -117,24 +123,25 @@ def plan_for(config) -> AugmentPlan:
         crop=base.crop if config.crop is None else int(config.crop),
         crop_padding=config.crop_padding,
         flip=base.flip if config.flip is None else bool(config.flip),
+        rotate=float(config.rotate),
         cutout=int(config.cutout),
         mixup=float(config.mixup),
         cutmix=float(config.cutmix),
     )
     if config.data in NOT_IMAGES:
-        asked = [name for name in ("crop", "flip", "cutout", "mixup", "cutmix") if getattr(plan, name)]
+        asked = [name for name in ("crop", "flip", "rotate", "cutout", "mixup", "cutmix") if getattr(plan, name)]
         if config.augment or asked:
             what = ", ".join(asked) if asked else "augment"
             raise ConfigError(f"{what}: the {config.data} data set is not images (its width axis is a letter's "
-                              "position); leave out augment, crop, flip, cutout, mixup and cutmix")
+                              "position); leave out augment and the [augment] transforms")
     return plan
 
 
 def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -> np.ndarray:
-    """A new batch (N, C, H, W) with `plan`'s image transforms (flip, crop, cutout, in that
-    order); mixup and cutmix, which also change the labels, are `blend`.
+    """A new batch (N, C, H, W) with `plan`'s image transforms (flip, rotate, crop, cutout, in
+    that order); mixup and cutmix, which also change the labels, are `blend`.
 
-    The draws come first, in a fixed order (flips, then shifts, then cutout centres), each only
+    The draws come first, in a fixed order (flips, shifts, cutout centres, angles), each only
     for a transform the plan has: flips and 2-pixel shifts draw exactly what `--augment` drew
     before plans existed, so older fits and their checkpoints continue bit for bit."""
     if x.ndim != 4:
@@ -143,9 +150,12 @@ def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -
     flipped = np.flatnonzero(rng.random(n) < 0.5) if plan.flip else None
     shifts = rng.integers(-plan.crop, plan.crop + 1, size=(n, 2)) if plan.crop else None
     centres = _cutout_centres(x.shape, rng) if plan.cutout else None
+    angles = rng.uniform(-plan.rotate, plan.rotate, size=n) if plan.rotate else None
     out = x.copy()
     if flipped is not None:
         out[flipped] = out[flipped, :, :, ::-1]
+    if angles is not None:
+        out = rotate(out, angles)
     if shifts is not None:
         out = shift(out, shifts, plan.crop, plan.crop_padding)
     if centres is not None:
@@ -163,6 +173,26 @@ def shift(x: np.ndarray, shifts: np.ndarray, padding: int, mode: str = "zero") -
     windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(2, 3))  # (N, C, 2p+1, 2p+1, H, W)
     offsets = padding - np.asarray(shifts)  # (N, 2), in [0, 2 * padding]
     return windows[np.arange(x.shape[0]), :, offsets[:, 0], offsets[:, 1]]
+
+
+def rotate(x: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+    """Image i turned counterclockwise (as displayed, row 0 on top) by degrees[i] about its
+    centre, each output pixel the nearest source pixel, 0 where that falls outside: one gather
+    of the batch by precomputed flat indices."""
+    n, channels, height, width = x.shape
+    theta = np.deg2rad(np.asarray(degrees, dtype=np.float64))[:, None, None]
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    rows -= (height - 1) / 2
+    cols -= (width - 1) / 2
+    cos, sin = np.cos(theta), np.sin(theta)
+    # the output pixel at (row, col) from the centre shows the source pixel turned back by theta
+    source_rows = np.rint(cos * rows + sin * cols + (height - 1) / 2).astype(np.intp)  # (N, H, W)
+    source_cols = np.rint(cos * cols - sin * rows + (width - 1) / 2).astype(np.intp)
+    inside = (source_rows >= 0) & (source_rows < height) & (source_cols >= 0) & (source_cols < width)
+    flat = np.where(inside, source_rows * width + source_cols, 0).reshape(n, 1, height * width)
+    out = np.take_along_axis(x.reshape(n, channels, height * width), flat, axis=2).reshape(x.shape)
+    np.copyto(out, 0, where=~inside[:, None])
+    return out
 
 
 def pad(x: np.ndarray, padding: int, mode: str = "zero") -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 
 from convtrain.config import FitConfig
 from convtrain.data.augment import (AugmentPlan, augment_batch, augment_images, blend, cut_mix, erase, mix, pad,
-                                    plan_for, shift)
+                                    plan_for, rotate, shift)
 from convtrain.errors import ConfigError
 
 # one 1-channel 3x4 image: 1..12
@@ -54,6 +54,21 @@ def test_no_shift_is_the_image():
         np.testing.assert_array_equal(shift(TINY, np.array([[0, 0]]), padding=2, mode=mode), TINY)
 
 
+def test_rotations_turn_counterclockwise_about_the_centre():
+    square = np.arange(2 * 16, dtype=np.float32).reshape(1, 2, 4, 4)
+    np.testing.assert_array_equal(rotate(square, [90]), np.rot90(square, 1, axes=(2, 3)))
+    np.testing.assert_array_equal(rotate(square, [-90]), np.rot90(square, -1, axes=(2, 3)))
+    np.testing.assert_array_equal(rotate(np.concatenate([TINY, TINY]), [0, 180]),
+                                  np.concatenate([TINY, TINY[:, :, ::-1, ::-1]]))
+
+
+def test_a_small_rotation_moves_the_corners_and_fills_what_it_uncovers_with_zero():
+    x = np.ones((1, 1, 9, 9), dtype=np.float64)
+    out = rotate(x, [30])
+    assert out[0, 0, 4, 4] == 1 and out[0, 0, 0, 0] == 0 and out[0, 0, 8, 8] == 0
+    assert set(np.unique(out)) == {0.0, 1.0}
+
+
 def test_cutout_erases_a_square_cut_by_the_edge():
     x = np.ones((2, 2, 5, 5), dtype=np.float64)
     erase(x, np.array([[2, 0], [2, 4]]), size=3)  # centres (2, 2) and (0, 4)
@@ -67,7 +82,7 @@ def test_cutout_erases_a_square_cut_by_the_edge():
 
 
 @pytest.mark.parametrize("plan", [AugmentPlan(crop=2), AugmentPlan(crop=3, crop_padding="reflect"),
-                                  AugmentPlan(flip=True), AugmentPlan(cutout=4),
+                                  AugmentPlan(flip=True), AugmentPlan(cutout=4), AugmentPlan(rotate=15),
                                   AugmentPlan(crop=4, crop_padding="reflect", flip=True, cutout=3)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_transform_keeps_shape_and_dtype_and_is_seeded(plan, dtype):
@@ -193,7 +208,8 @@ def test_the_augment_table_reads_and_round_trips(tmp_path):
 
 
 def test_names_data_refuses_image_transforms():
-    for settings in ({"augment": True}, {"flip": True}, {"crop": 2}, {"cutout": 3}, {"cutmix": 1.0}):
+    for settings in ({"augment": True}, {"flip": True}, {"crop": 2}, {"cutout": 3}, {"rotate": 5.0},
+                     {"cutmix": 1.0}):
         with pytest.raises(ConfigError, match="not images") as info:
             FitConfig(data="names", data_path="n", **settings).validate()
         assert "\n" not in str(info.value)
@@ -204,7 +220,7 @@ def test_names_data_refuses_image_transforms():
     ({"crop": -1}, "crop: got -1"), ({"cutout": -2}, "cutout: got -2"),
     ({"crop_padding": "wrap"}, "crop_padding: got 'wrap', expected zero or reflect"),
     ({"mixup": -0.5}, "mixup: got -0.5"), ({"cutmix": -1.0}, "cutmix: got -1.0"),
-    ({"mixup": 0.2, "cutmix": 1.0}, "choose mixup or cutmix")])
+    ({"mixup": 0.2, "cutmix": 1.0}, "choose mixup or cutmix"), ({"rotate": 200.0}, "rotate: got 200.0")])
 def test_bad_settings_are_refused_naming_the_value(settings, message):
     with pytest.raises(ConfigError, match=message):
         FitConfig(**settings).validate()

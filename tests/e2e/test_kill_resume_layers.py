@@ -31,8 +31,8 @@ RESIDUAL_FLAGS = ["--layers", '[{type = "conv", filters = 8, padding = 1, bias =
                   '{type = "dropout", p = 0.3}]', *TRAINING_FLAGS]
 
 # every transform of the augmentation pipeline, mixup included (its lam and partners too)
-AUGMENT_FLAGS = [*LAYER_FLAGS[:-1], "--crop", 2, "--crop-padding", "reflect", "--flip", "--cutout", 3,
-                 "--mixup", 0.4]
+AUGMENT_FLAGS = [*LAYER_FLAGS[:-1], "--crop", 2, "--crop-padding", "reflect", "--flip", "--rotate", 10,
+                 "--cutout", 3, "--mixup", 0.4]
 
 
 def fit_args(npz: Path, out: str, flags=LAYER_FLAGS) -> list[str]:

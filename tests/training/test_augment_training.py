@@ -12,7 +12,7 @@ from convtrain.training.trainer import Trainer
 from tests.support.stops import StopAt
 
 # every transform; digits are 8x8
-PIPELINE = dict(crop=2, crop_padding="reflect", flip=True, cutout=3, mixup=0.4)
+PIPELINE = dict(crop=2, crop_padding="reflect", flip=True, rotate=10.0, cutout=3, mixup=0.4)
 
 
 class BatchRecorder(Trainer):
