@@ -27,6 +27,12 @@ ratios of medians.
 
 After the throughput table: peak RSS per implementation (each in a fresh process), then
 convtrain's per-phase profile (benchmarks/profile_step.py).
+
+    python benchmarks/bench_train.py --nets cifar,resnet8 --threads 2 --augment crop=4,crop_padding=reflect,flip=1
+
+adds augmentation's share of convtrain's step: the trainer's step with the batch augmented as
+the plan says (convtrain.data.augment, the same calls the Trainer makes), the augmentation
+timed inside each step; per round, augmentation time / step time including it.
 """
 
 from __future__ import annotations
@@ -299,6 +305,54 @@ def format_row(net, threads, rates, medians):
             f"{ratio('pytorch')} {ratio('numpy')}")
 
 
+def parse_plan(text: str):
+    """An AugmentPlan from 'crop=4,crop_padding=reflect,flip=1,cutout=8,mixup=0.2'."""
+    from dataclasses import fields
+
+    from convtrain.data.augment import AugmentPlan
+
+    kinds = {f.name: type(f.default) for f in fields(AugmentPlan)}
+    values = dict(item.split("=", 1) for item in text.split(",") if item)
+    unknown = set(values) - set(kinds)
+    if unknown:
+        raise SystemExit(f"error: --augment: unknown setting {sorted(unknown)[0]!r}, expected {', '.join(kinds)}")
+    return AugmentPlan(**{k: kinds[k](v) if kinds[k] is not bool else v.lower() in ("1", "true", "yes")
+                          for k, v in values.items()})
+
+
+def augmentation_share(net, threads, rounds, plan, clock="wall") -> list[float]:
+    """Per round: the time augmenting batches took / the time of the steps including it, for
+    convtrain's step on `net` (in this process, like the profile)."""
+    from convtrain.data.augment import augment_images, blend
+
+    spec = NETS[net]
+    set_threads(threads)
+    timer = CLOCKS[clock]
+    with threadpool_limits(threads, user_api="blas"):
+        trainer = trainer_for(build_network(spec))
+        xs, ys = batches(spec)
+        rng = np.random.default_rng(0)
+
+        def step(i) -> float:
+            x, y, mixed = xs[i % len(xs)], ys[i % len(ys)], None
+            started = timer()
+            x = augment_images(x, plan, rng)
+            if plan.mixes:
+                x, partner, lam = blend(x, plan, rng)
+                mixed = (y[partner], lam)
+            spent = timer() - started
+            trainer.train_step(x, y, LR, mixed=mixed)
+            return spent
+
+        step(0), step(1)  # warm-up
+        shares = []
+        for _ in range(rounds):
+            started = timer()
+            augmenting = sum(step(i) for i in range(spec["steps"]))
+            shares.append(augmenting / (timer() - started))
+    return shares
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default="digits,mnist,cifar,cifar-bn,resnet8",
@@ -316,6 +370,8 @@ def main(argv=None):
                         "beside the one this CPU runs (baseline, x86-64-v3, x86-64-v4)")
     parser.add_argument("--conv-algo", default="", help="comma-separated conv_algo values (im2col, winograd) "
                         "to time beside convtrain's default, auto")
+    parser.add_argument("--augment", default="", metavar="PLAN", help="also measure augmentation's share of "
+                        "convtrain's step with this plan, e.g. crop=4,crop_padding=reflect,flip=1,cutout=8")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
     parser.add_argument("--rss-child", nargs=3, metavar=("IMPL", "NET", "THREADS"),
@@ -390,6 +446,18 @@ def main(argv=None):
             for result in results:
                 if result["net"] == net:
                     result["rss_mib"] = rss
+    if args.augment:
+        plan = parse_plan(args.augment)
+        print(f"\naugmentation's share of convtrain's step ({plan.describe()}), {args.clock} clock: "
+              f"median (min-max) of {args.rounds} rounds")
+        for net in args.nets.split(","):
+            for threads in thread_counts:
+                shares = sorted(augmentation_share(net, threads, args.rounds, plan, args.clock))
+                print(f"{net:<7} {threads:>3} {statistics.median(shares):7.1%} ({shares[0]:.1%}-{shares[-1]:.1%})",
+                      flush=True)
+                for result in results:
+                    if result["net"] == net and result["threads"] == threads:
+                        result["augmentation_share"] = shares
     if not args.no_profile:
         print("\nper-phase profile of convtrain's step (benchmarks/profile_step.py)")
         for net in args.nets.split(","):

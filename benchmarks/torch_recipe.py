@@ -3,7 +3,8 @@ like-for-like accuracy beside convtrain's (e.g. experiments/fit-cifar10-bn.toml'
 
 What is shared with `convtrain fit`: the split and standardization (convtrain.data), the
 initial weights (the convtrain Network exported with convtrain.nn.torch_compat), the batch
-order and augmentation (the Trainer's generator default_rng([seed, 1]) and augment_batch), the
+order and augmentation (the Trainer's generator default_rng([seed, 1]) and the config's plan from
+convtrain.data.augment, mixup's and cutmix's soft targets included), the
 learning-rate schedule (convtrain.nn.optim.make_schedule), label smoothing, gradient clipping,
 and which parameters decay (conv and dense weights: AdamW's weight_decay, or SGD's L2 as
 weight_decay = 2 * l2). What differs: torch's own kernels and float rounding, and its dropout
@@ -26,7 +27,8 @@ import numpy as np
 def run(config, threads: int) -> dict:
     import torch
 
-    from convtrain.data import Standardizer, augment_batch, load_dataset
+    from convtrain.data import Standardizer, load_dataset
+    from convtrain.data.augment import augment_images, blend, plan_for
     from convtrain.nn.network import Network
     from convtrain.nn.optim import make_schedule
     from convtrain.nn.torch_compat import to_torch_module
@@ -61,6 +63,7 @@ def run(config, threads: int) -> dict:
     max_steps = planned if planned is not None else config.epochs * steps_per_epoch
     schedule.total_steps = max_steps
     rng = np.random.default_rng([config.seed, 1])  # the Trainer's batch-order/augmentation stream
+    plan = plan_for(config)
 
     step, epoch, started = 0, 0, time.perf_counter()
     while step < max_steps:
@@ -70,14 +73,20 @@ def run(config, threads: int) -> dict:
             if step >= max_steps:
                 break
             rows = order[start:start + config.batch_size]
-            xb = x_train[rows]
-            if config.augment:
-                xb = augment_batch(xb, rng)
+            xb, yb = x_train[rows], torch.from_numpy(y_train[rows])
+            target = yb
+            if plan.active:
+                xb = augment_images(xb, plan, rng)
+                if plan.mixes:  # mixup, cutmix: soft targets; CrossEntropyLoss smooths them as it smooths labels
+                    xb, partner, lam = blend(xb, plan, rng)
+                    classes = splits.num_classes
+                    target = (lam * torch.nn.functional.one_hot(yb, classes).double()
+                              + (1 - lam) * torch.nn.functional.one_hot(yb[partner], classes).double()).float()
             lr = schedule.lr(step, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(torch.from_numpy(np.ascontiguousarray(xb))), torch.from_numpy(y_train[rows]))
+            loss = loss_fn(model(torch.from_numpy(np.ascontiguousarray(xb))), target)
             loss.backward()
             if config.clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)

@@ -119,7 +119,7 @@ def _console(**kwargs):
 
 CONFIG = "Config"
 RUN = "Run and tracking"
-PANELS = {"data": "Data", "model": "Model", "optim": "Optimizer", "run": RUN}
+PANELS = {"data": "Data", "augment": "Augmentation", "model": "Model", "optim": "Optimizer", "run": RUN}
 _FLAG_ALIASES = {"log_onnx": ["--onnx/--no-onnx"]}  # a shorter spelling beside the generated flag
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": str}  # a list flag takes 16,32
 

@@ -4,7 +4,9 @@ a config, refuse settings that contradict each other, and read and write it as T
 A config is flat (one namespace, so a flag, a TOML key, an MLflow param and a sweep
 parameter all use the same name) but is written to TOML in sections for reading:
 
-    [data]   data, data_path, val_fraction, limit, balanced, augment
+    [data]   data, data_path, val_fraction, limit, balanced
+    [augment] augment (the data set's default pipeline), crop, crop_padding, flip, rotate, cutout,
+              mixup, cutmix
     [model]  layers (the network as a layer list), or its shorthand: filters, kernel_sizes,
              strides, padding, pool, hidden, batch_norm, dropout, global_pool, pool_type; dtype
     [optim]  epochs, batch_size, optimizer, lr, momentum, nesterov, l2, AdamW's beta1, beta2,
@@ -79,7 +81,22 @@ class FitConfig:
     val_fraction: float = option("data", 0.1, "Validation split: a fraction of train, or a count.")
     limit: int | None = option("data", None, "Use at most this many training examples.", shown="all")
     balanced: bool = option("data", False, "Class-balanced mini-batches.")
-    augment: bool = option("data", False, "Random flips and shifts of training images.")
+    # [augment]: transforms of the training images, in this order (convtrain.data.augment)
+    augment: bool = option("augment", False, "The data set's default augmentation: 2-pixel translations (1 for "
+                           "digits), plus flips for cifar10 and folder; the settings below replace its parts.")
+    crop: int | None = option("augment", None, "Random crop after padding each side by this many pixels (a "
+                              "translation by up to that many).", shown="0, or the --augment default")
+    crop_padding: str = option("augment", "zero", "What --crop pads with: zero (the channel mean) or reflect.")
+    flip: bool | None = option("augment", None, "Mirror half the training images left-right.",
+                               shown="off, or with --augment on for cifar10 and folder")
+    rotate: float = option("augment", 0.0, "Rotate each image by a random angle up to this many degrees either "
+                           "way (nearest pixel), 0 = none.")
+    cutout: int = option("augment", 0, "Erase one random square of this side per image (to the channel mean), "
+                         "0 = none.")
+    mixup: float = option("augment", 0.0, "Mixup: blend each batch with a shuffled copy by lam ~ Beta(a, a) and "
+                          "mix the labels alike; a = this value, 0 = none.")
+    cutmix: float = option("augment", 0.0, "CutMix: paste a random box of a shuffled copy into each batch (area "
+                           "1 - lam, lam ~ Beta(a, a)) and mix the labels by area; a = this value, 0 = none.")
     # [model]: one entry per conv block; a single entry applies to every block
     filters: list[int] = option("model", [16, 32], "Filters per conv block, e.g. 16,32.")
     kernel_sizes: list[Any] = option("model", [3], "Kernel size per block: 3,3 or 5x3 for height x width.")
@@ -335,6 +352,12 @@ def check_chosen_settings(config: FitConfig, sources: dict[str, str], *,
         if chosen.get(name) == FLAG and config.optimizer not in users:
             raise ConfigError(f"{said(name)} is not used by {said('optimizer')} (it is a setting of "
                               f"{users[0]}); pass --optimizer {users[0]}, or leave {flag_name(name)} out")
+    if chosen.get("crop_padding") == FLAG and config.crop_padding != "zero":
+        from convtrain.data.augment import plan_for
+
+        if not plan_for(config).crop:
+            raise ConfigError(f"{said('crop_padding')} is not used without a crop (it is what --crop pads "
+                              "with); pass --crop 4 (pixels), or leave --crop-padding out")
     if (config.schedule == "step" and config.step_epochs >= config.epochs
             and {"schedule", "step_epochs", "epochs"} & set(chosen)):
         raise ConfigError(f"{said('step_epochs')} with {said('epochs')}: the step schedule never lowers the "
@@ -382,6 +405,7 @@ def validate_config(config: FitConfig) -> None:
     for p in config.pool:
         _expect(isinstance(p, int) and p >= 0, "pool", config.pool, "pool sizes >= 0 (0 = no pooling)")
     _expect(config.dtype in DTYPES, "dtype", config.dtype, " or ".join(DTYPES))
+    _validate_augment_options(config)
     _validate_layer_options(config)
     if config.layers:
         for name in TEMPLATE_OPTIONS:
@@ -434,6 +458,21 @@ def _validate_conv_algo(config: FitConfig) -> None:
                    for spec in convs):
             raise ConfigError("conv_algo: got 'winograd', but no conv layer has a 3x3 kernel with "
                               "stride 1 (Winograd F(2x2,3x3) computes those only); use auto or im2col")
+
+def _validate_augment_options(config: FitConfig) -> None:
+    from convtrain.data.augment import PADDINGS, plan_for
+
+    _expect(config.crop is None or config.crop >= 0, "crop", config.crop, "pixels >= 0")
+    _expect(config.crop_padding in PADDINGS, "crop_padding", config.crop_padding, " or ".join(PADDINGS))
+    _expect(config.cutout >= 0, "cutout", config.cutout, "pixels >= 0")
+    _expect(_finite(config.rotate) and 0 <= config.rotate <= 180, "rotate", config.rotate, "degrees in [0, 180]")
+    _expect(_finite(config.mixup) and config.mixup >= 0, "mixup", config.mixup, "a Beta parameter >= 0 (0 = none)")
+    _expect(_finite(config.cutmix) and config.cutmix >= 0, "cutmix", config.cutmix,
+            "a Beta parameter >= 0 (0 = none)")
+    _expect(not (config.mixup and config.cutmix), "cutmix", config.cutmix,
+            f"0 with mixup = {config.mixup:g} (a batch is mixed one way: choose mixup or cutmix)")
+    plan_for(config)  # image transforms on data that is not images
+
 
 def _validate_layer_options(config: FitConfig) -> None:
     for p in config.dropout:

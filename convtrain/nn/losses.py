@@ -42,6 +42,27 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
     return loss, dscores
 
 
+def mixed_cross_entropy(scores: np.ndarray, y: np.ndarray, partner_y: np.ndarray, lam: float,
+                        label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+    """The cross-entropy of a mixup batch: against the soft targets lam * q(y) + (1 - lam) *
+    q(partner_y), with q the (label-smoothed) target of softmax_cross_entropy; (loss, dscores).
+
+    The loss is linear in the target, so it is lam * L(y) + (1 - lam) * L(partner_y), and the
+    two differ only in the labels' scores:
+        loss    = L(y) + (1 - lam) (1 - e) / N * sum_i( s_i[y_i] - s_i[partner_i] )
+        dscores = dL(y) + (1 - lam) (1 - e) / N * (onehot(y) - onehot(partner))
+    """
+    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
+    n = scores.shape[0]
+    rows = np.arange(n)
+    weight = (1.0 - float(lam)) * (1.0 - float(label_smoothing)) / n
+    gap = scores[rows, y].astype(np.float64) - scores[rows, partner_y]
+    loss += weight * float(gap.sum(dtype=np.float64))
+    np.add.at(dscores, (rows, y), weight)
+    np.add.at(dscores, (rows, partner_y), -weight)
+    return loss, dscores
+
+
 def cross_entropy_sum(scores: np.ndarray, y: np.ndarray) -> float:
     """The summed loss alone, for evaluating a data set batch by batch (no gradient kept)."""
     shifted = scores - scores.max(axis=1, keepdims=True)

@@ -11,6 +11,8 @@ so the model takes what `convtrain predict` takes. One node (or none) per layer:
     ReLU            Relu          MaxPool2D / AvgPool2D   MaxPool / AveragePool (no padding)
     GlobalAvgPool   GlobalAveragePool + Flatten           Flatten   Flatten (NCHW order, axis 1)
     Dense           Gemm (transB: weights are (out, in))  Dropout   nothing (identity at inference)
+    Residual        its inner layers and its shortcut's (none for the identity: the block's
+                    input), each as above (batch norm folded alike), then Add and Relu
 
 Weights are float32 whatever the network's dtype. The class names, the normalization and, for a
 names model, the alphabet and name length (to one-hot encode the input) are metadata_props.
@@ -31,6 +33,7 @@ from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
+from convtrain.nn.residual import Residual
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -53,14 +56,33 @@ def to_onnx(network, *, input_type: str = "float32", fold_batch_norm: bool = Tru
         shape = (1, -1, 1, 1)
         x = graph.node("Sub", [x, graph.constant("norm_mean", np.reshape(network.normalization["mean"], shape))])
         x = graph.node("Div", [x, graph.constant("norm_std", np.reshape(network.normalization["std"], shape))])
-    layers = list(network.layers)
+    x = _layers(graph, list(network.layers), x, fold_batch_norm)
+    graph.node("Softmax", [x], output=OUTPUT_NAME, axis=1)
+
+    elem_type = TensorProto.FLOAT if input_type == "float32" else TensorProto.UINT8
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem_type, ["N", *network.input_shape])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", network.num_classes])]
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "convtrain", inputs, outputs, initializer=graph.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="convtrain")
+    model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime releases of the last years
+    helper.set_model_props(model, _metadata(network))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _layers(graph: "_GraphBuilder", layers: list, x: str, fold_batch_norm: bool) -> str:
+    """The nodes of a layer list (a residual block's branches too) after the tensor `x`; the
+    name of its output."""
     i = 0
     while i < len(layers):
         layer = layers[i]
         following = layers[i + 1] if i + 1 < len(layers) else None
         fold = fold_batch_norm and isinstance(following, (BatchNorm1D, BatchNorm2D))
         if isinstance(layer, (Conv2D, Dense)):
-            weight, bias = _float(layer.params["weight"]), _float(layer.params["bias"])
+            weight = _float(layer.params["weight"])
+            # a layer without a bias (bias = false, before a batch norm) exports a zero one
+            bias = _float(layer.params["bias"]) if "bias" in layer.params else np.zeros(weight.shape[0], np.float32)
             if fold:
                 weight, bias = _folded(weight, bias, following)
                 i += 1  # the batch norm is in the weights now
@@ -90,21 +112,14 @@ def to_onnx(network, *, input_type: str = "float32", fold_batch_norm: bool = Tru
             x = graph.node("Flatten", [x], name=layer.name, axis=1)
         elif isinstance(layer, Dropout):
             pass  # identity at inference
+        elif isinstance(layer, Residual):
+            inner = _layers(graph, layer.inner, x, fold_batch_norm)
+            shortcut = _layers(graph, layer.shortcut, x, fold_batch_norm)  # x itself for the identity
+            x = graph.node("Relu", [graph.node("Add", [inner, shortcut], name=layer.name)], name=layer.name)
         else:
             raise ArchitectureError(f"{layer.name}: no ONNX export for a {type(layer).__name__} layer")
         i += 1
-    graph.node("Softmax", [x], output=OUTPUT_NAME, axis=1)
-
-    elem_type = TensorProto.FLOAT if input_type == "float32" else TensorProto.UINT8
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem_type, ["N", *network.input_shape])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", network.num_classes])]
-    model = helper.make_model(
-        helper.make_graph(graph.nodes, "convtrain", inputs, outputs, initializer=graph.initializers),
-        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="convtrain")
-    model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime releases of the last years
-    helper.set_model_props(model, _metadata(network))
-    onnx.checker.check_model(model)
-    return model
+    return x
 
 
 def export_onnx(network, path: str | Path, **options) -> Path:

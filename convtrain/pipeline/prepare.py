@@ -48,6 +48,7 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
     """Check everything, load the data, build the network, open the MLflow run and the run
     folder (locked by `lock`); see the module docstring for the order."""
     from convtrain.data import load_dataset
+    from convtrain.data.augment import plan_for
     from convtrain.pipeline.image_folder import decode_progress, options_from_config
 
     started = time.monotonic()
@@ -69,6 +70,7 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
         raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
                           "training examples")
     check_validation_split(config, splits)
+    plan_for(config).check(splits.input_shape)  # a crop or cutout larger than the images
     network = _build_network(config, splits)
     out_dir = writable_out_folder(config, checkpoint)
     if saved is not None:

@@ -70,8 +70,11 @@ def optimizer_text(config) -> str:
            f"L2 {config.l2:g}, batch {config.batch_size}"
     if config.balanced:
         text += ", class-balanced batches"
-    if config.augment:
-        text += ", augmented"
+    from convtrain.data.augment import plan_for
+
+    plan = plan_for(config)
+    if plan.active:
+        text += f", augmented ({plan.describe()})"
     return text
 
 

@@ -7,19 +7,24 @@ import math
 
 import numpy as np
 
-from convtrain.nn.losses import softmax_cross_entropy
+from convtrain.nn.losses import mixed_cross_entropy, softmax_cross_entropy
 from convtrain.nn.optim import clip_grad_norm_
 
 
 def train_step(network, optimizer, xb, yb, lr: float, *, l2: float, label_smoothing: float = 0.0,
-               clip_norm: float | None = None) -> tuple[float | None, float, float]:
+               clip_norm: float | None = None, mixed: tuple[np.ndarray, float] | None = None
+               ) -> tuple[float | None, float, float]:
     """(loss, cost, accuracy) of the batch before the update. A non-finite loss leaves the
-    weights untouched and returns (None, loss, nan)."""
+    weights untouched and returns (None, loss, nan). `mixed` = (partner labels, lam) for a
+    mixup batch: the loss is against lam * yb + (1 - lam) * partner labels (accuracy against yb)."""
     # Overflow on the way to a non-finite loss is reported as divergence (by the caller, or
     # at the next batch), not as numpy RuntimeWarnings around that one-line error.
     with np.errstate(over="ignore", invalid="ignore"):
         scores = network.forward(xb, train=True)
-        loss, dscores = softmax_cross_entropy(scores, yb, label_smoothing)
+        if mixed is None:
+            loss, dscores = softmax_cross_entropy(scores, yb, label_smoothing)
+        else:
+            loss, dscores = mixed_cross_entropy(scores, yb, mixed[0], mixed[1], label_smoothing)
         if not math.isfinite(loss):
             return None, loss, float("nan")
         network.backward(dscores)

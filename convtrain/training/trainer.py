@@ -7,8 +7,8 @@ learning rate. After each epoch the training set (all of it up to
 are evaluated in eval mode: loss, cost, accuracy, balanced accuracy.
 
 Random streams, all derived from `seed`: the shuffling/augmentation generator
-(default_rng([seed, 1])) and the dropout generator (default_rng([seed, 3])) are the only
-random state that evolves; the training-evaluation subset
+(default_rng([seed, 1]); data.augment draws from it after each batch's rows are known) and
+the dropout generator (default_rng([seed, 3])) are the only random state that evolves; the training-evaluation subset
 (default_rng([seed, 2])) is recomputed from the seed. Network initialization uses
 default_rng([seed, 0]) (see Network.initialize).
 
@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from convtrain.data.augment import AugmentPlan, augment_images, blend, plan_for
 from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from convtrain.nn import backend
 from convtrain.nn.network import EVAL_BATCH_SIZE
@@ -48,7 +49,7 @@ class Trainer:
     def __init__(self, network, optimizer: SGD, schedule: Schedule, *, epochs: int, batch_size: int,
                  l2: float, seed: int = 0, callbacks: Iterable[Callback] = (),
                  checkpoint_dir: str | Path | None = None, patience: int | None = None,
-                 monitor: str = "val_loss", balanced: bool = False, augment: bool = False,
+                 monitor: str = "val_loss", balanced: bool = False, augment: "AugmentPlan | bool" = False,
                  config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = EVAL_BATCH_SIZE,
                  label_smoothing: float = 0.0, clip_norm: float | None = None):
         if epochs < 1 or batch_size < 1:
@@ -67,7 +68,7 @@ class Trainer:
         self.seed = int(seed)
         self.monitor = monitor
         self.balanced = bool(balanced)
-        self.augment = bool(augment)
+        self.augment = _augment_plan(augment)
         self.config = config
         self.train_eval_limit = train_eval_limit
         self.eval_batch_size = int(eval_batch_size)
@@ -100,7 +101,7 @@ class Trainer:
         return cls(network, make_optimizer(network, config), make_schedule(config), epochs=config.epochs,
                    batch_size=config.batch_size, l2=config.l2, seed=config.seed, callbacks=callbacks,
                    checkpoint_dir=checkpoint_dir, patience=config.patience, monitor=config.monitor,
-                   balanced=config.balanced, augment=config.augment, config=config,
+                   balanced=config.balanced, augment=plan_for(config), config=config,
                    label_smoothing=getattr(config, "label_smoothing", 0.0),
                    clip_norm=getattr(config, "clip_norm", None))
 
@@ -158,11 +159,14 @@ class Trainer:
                 break
             rows = order[batch * bs:(batch + 1) * bs]
             xb, yb = x_train[rows], y_train[rows]
-            if self.augment:
-                from convtrain.data import augment_batch
-                xb = augment_batch(xb, self.rng)
+            mixed = None
+            if self.augment.active:
+                xb = augment_images(xb, self.augment, self.rng)
+                if self.augment.mixes:
+                    xb, partner, lam = blend(xb, self.augment, self.rng)
+                    mixed = (yb[partner], lam)
             lr = self.schedule.lr(self.step, epoch)
-            loss, cost, accuracy = self.train_step(xb, yb, lr)
+            loss, cost, accuracy = self.train_step(xb, yb, lr, mixed=mixed)
             if loss is None:
                 self._diverged(f"the training loss became {cost}", epoch, batch + 1, num_batches)
             self.step += 1
@@ -192,10 +196,10 @@ class Trainer:
         if self._stop_requested:
             self._interrupt(epoch, num_batches)
 
-    def train_step(self, xb, yb, lr: float) -> tuple[float | None, float, float]:
+    def train_step(self, xb, yb, lr: float, mixed=None) -> tuple[float | None, float, float]:
         """One update on a batch: (loss, cost, accuracy) before it; see step.train_step."""
         return train_step(self.network, self.optimizer, xb, yb, lr, l2=self.l2,
-                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm)
+                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm, mixed=mixed)
 
     def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
         """loss, cost, accuracy and balanced accuracy of normalized x (raw images with
@@ -291,6 +295,13 @@ class Trainer:
         checkpoint.restore(self)
         self.checkpoint_path = self.resumed_from = checkpoint.path
         self._checkpoint_epoch = self.epoch
+
+
+def _augment_plan(augment) -> AugmentPlan:
+    """A plan, or for True the pipeline `--augment` meant before plans: flips and 2-pixel shifts."""
+    if isinstance(augment, AugmentPlan):
+        return augment
+    return AugmentPlan(crop=2, flip=True) if augment else AugmentPlan()
 
 
 def _load_generator(generator: np.random.Generator, state: dict | None, what: str) -> None:

@@ -1,5 +1,6 @@
 """SIGKILL a fit with batch norm, dropout, AdamW, gradient clipping and label smoothing (and one
-with residual blocks and dropout inside them, written as a layer list), then resume it: the
+with residual blocks and dropout inside them, written as a layer list, and one with every
+augmentation transform), then resume it: the
 weights, the running statistics and AdamW's moments end as an uninterrupted run's, bit for bit (tests/e2e/test_kill_resume.py does the same for the plain SGD net, at
 fifteen moments and with MLflow; this one covers what these layers add to the checkpoint)."""
 
@@ -29,6 +30,10 @@ RESIDUAL_FLAGS = ["--layers", '[{type = "conv", filters = 8, padding = 1, bias =
                   'padding = 1, bias = false}, {type = "batch_norm"}]}, {type = "global_avg_pool"}, '
                   '{type = "dropout", p = 0.3}]', *TRAINING_FLAGS]
 
+# every transform of the augmentation pipeline, mixup included (its lam and partners too)
+AUGMENT_FLAGS = [*LAYER_FLAGS[:-1], "--crop", 2, "--crop-padding", "reflect", "--flip", "--rotate", 10,
+                 "--cutout", 3, "--mixup", 0.4]
+
 
 def fit_args(npz: Path, out: str, flags=LAYER_FLAGS) -> list[str]:
     return ["fit", "--data", "npz", "--data-path", npz, "--epochs", 3, "--seed", 7, "--threads", 1,
@@ -54,10 +59,11 @@ def final_state(folder: Path) -> dict[str, np.ndarray]:
     return state
 
 
-@pytest.mark.parametrize("flags", [LAYER_FLAGS, RESIDUAL_FLAGS], ids=["template", "residual"])
+@pytest.mark.parametrize("flags", [LAYER_FLAGS, RESIDUAL_FLAGS, AUGMENT_FLAGS], ids=["template", "residual",
+                                                                                  "augmented"])
 def test_sigkill_mid_batch_and_mid_checkpoint_then_resume_equals_the_uninterrupted_run(workdir, flags):
     npz = workdir / "digits.npz"
-    workdir = workdir / ("residual" if flags is RESIDUAL_FLAGS else "template")
+    workdir = workdir / {id(LAYER_FLAGS): "template", id(RESIDUAL_FLAGS): "residual"}.get(id(flags), "augmented")
     workdir.mkdir()
     with Harness(workdir, fork=False) as harness:
         command = [sys.executable, "-m", "convtrain.cli", *map(str, fit_args(npz, "reference", flags))]

@@ -74,6 +74,34 @@ def test_every_layer_kind_matches_predict_proba(kind, fold, cifar_images):
     np.testing.assert_allclose(run_onnx(uint8_model, cifar_images), expected, rtol=0, atol=TOLERANCE)
 
 
+RESIDUAL_NET = [
+    {"type": "conv", "filters": 8, "padding": 1, "bias": False}, {"type": "batch_norm"}, {"type": "relu"},
+    {"type": "residual", "layers": [  # identity shortcut, dropout inside
+        {"type": "conv", "filters": 8, "padding": 1, "bias": False}, {"type": "batch_norm"}, {"type": "relu"},
+        {"type": "dropout", "p": 0.2}, {"type": "conv", "filters": 8, "padding": 1, "bias": False},
+        {"type": "batch_norm"}]},
+    {"type": "residual", "layers": [  # 1x1 conv + batch norm shortcut
+        {"type": "conv", "filters": 12, "stride": 2, "padding": 1, "bias": False}, {"type": "batch_norm"},
+        {"type": "relu"}, {"type": "conv", "filters": 12, "padding": 1, "bias": False}, {"type": "batch_norm"}]},
+    {"type": "residual", "shortcut": "conv", "layers": [  # 1x1 conv shortcut, no batch norm, a nested block
+        {"type": "conv", "filters": 10, "padding": 1}, {"type": "relu"},
+        {"type": "residual", "layers": [{"type": "conv", "filters": 10, "kernel": [1, 3], "padding": [0, 1]}]}]},
+    {"type": "max_pool", "size": 2}, {"type": "global_avg_pool"}, {"type": "dropout", "p": 0.3},
+]
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_residual_blocks_match_predict_proba(fold, cifar_images):
+    network = trained_like(Network.build(input_shape=(3, 32, 32), num_classes=10, seed=4, layers=RESIDUAL_NET))
+    expected = network.predict_proba(cifar_images)
+    for input_type, x in (("float32", cifar_images.astype(np.float32)), ("uint8", cifar_images)):
+        model = to_onnx(network, input_type=input_type, fold_batch_norm=fold)
+        np.testing.assert_allclose(run_onnx(model, x), expected, rtol=0, atol=TOLERANCE)
+    ops = [node.op_type for node in to_onnx(network, fold_batch_norm=fold).graph.node]
+    assert ops.count("Add") == 4 and ops.count("Conv") == 9  # the stem, 6 in the blocks, 2 shortcuts
+    assert ops.count("BatchNormalization") == (0 if fold else 6)
+
+
 def test_the_graph_says_what_it_is(cifar_images):
     network = trained_like(Network.build(input_shape=(3, 32, 32), num_classes=10, filters=[4], batch_norm=True,
                                          hidden=[8], dropout=0.2))
@@ -93,7 +121,8 @@ def test_the_graph_says_what_it_is(cifar_images):
 # ---- the shipped experiments, trained for one short epoch -------------------------------------
 
 def experiment_data(name: str, data_dir: Path) -> tuple[list[str], str]:
-    data = {"fit-cifar10.toml": "cifar10", "fit-cifar10-bn.toml": "cifar10", "fit-mnist.toml": "mnist",
+    data = {"fit-cifar10.toml": "cifar10", "fit-cifar10-bn.toml": "cifar10", "fit-cifar10-resnet.toml": "cifar10",
+            "fit-mnist.toml": "mnist",
             "fit-names.toml": "names/dd2424", "fit-digits.toml": None}[name]
     return (["--data-path", str(data_dir / data)] if data else []), data
 

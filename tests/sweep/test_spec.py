@@ -227,3 +227,27 @@ def test_a_sweep_of_a_layer_of_the_template_expands_it_and_names_the_layers_when
     assert config.layers[-1] == {"type": "dropout", "p": 0.4} and config.filters == [16, 32]  # the default
     with pytest.raises(ConfigError, match=r"layers.res9.filters: the base network has no such .*conv1_relu"):
         load_sweep(write(tmp_path, '[space]\n"layers.res9.filters" = [8, 16]\n'))
+
+
+def test_the_augmentation_settings_can_be_swept(tmp_path):
+    write(tmp_path, '[data]\ndata = "cifar10"\ndata_path = "c"\n', "fit-base.toml")
+    spec = load_sweep(write(tmp_path, """
+base = "fit-base.toml"
+[sweep]
+method = "grid"
+[space]
+crop = [0, 4]
+crop_padding = ["zero", "reflect"]
+flip = [true, false]
+cutout = {low = 0, high = 8, step = 8}
+mixup = [0.0, 0.2]
+"""))
+    assert spec.grid_size() == 32
+    configs = [spec.trial_config(point) for point in spec.grid_points()]
+    assert {(c.crop, c.crop_padding, c.flip, c.cutout, c.mixup) for c in configs} == {
+        (crop, padding, flip, cutout, mixup) for crop in (0, 4) for padding in ("zero", "reflect")
+        for flip in (True, False) for cutout in (0, 8) for mixup in (0.0, 0.2)}
+    with pytest.raises(ConfigError, match="crop_padding"):
+        load_sweep(write(tmp_path, '[space]\ncrop_padding = ["zero", "wrap"]\n'))
+    with pytest.raises(ConfigError, match="not images"):  # the names data refuses them before any trial
+        load_sweep(write(tmp_path, '[fit]\ndata = "names"\ndata_path = "n"\n[space]\nflip = [true, false]\n'))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from convtrain.config import FitConfig
+from convtrain.data.augment import AugmentPlan
 from convtrain.errors import CheckpointError, TrainingInterrupted
 from convtrain.nn.architecture import layer_architecture
 from convtrain.nn.network import Network
@@ -41,8 +42,11 @@ def same_entry(key, ours, legacy) -> bool:
 def legacy_trainer(callbacks=(), checkpoint_dir=None, config=LEGACY_CONFIG):
     network = Network.from_config(config, (1, 8, 8), 10)
     network.class_names = [str(c) for c in range(10)]
-    return Trainer.from_config(network, config, callbacks=[BatchLossRecorder(2), *callbacks],
-                               checkpoint_dir=checkpoint_dir)
+    trainer = Trainer.from_config(network, config, callbacks=[BatchLossRecorder(2), *callbacks],
+                                  checkpoint_dir=checkpoint_dir)
+    # augment = true then flipped digits too (today's digits default does not): the same draws
+    trainer.augment = AugmentPlan(crop=2, flip=True)
+    return trainer
 
 
 def test_a_checkpoint_written_before_the_format_had_one_owner_resumes_unchanged(small, tmp_path):
