@@ -132,9 +132,22 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines += ["", "**Reproduce** (a new run with the same settings):", "",
               *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
                        f"{shlex.quote(str(out_dir))}-again")]
-    if run_id:
+    last_epoch = epochs[-1].get("epoch", len(epochs)) if epochs else None
+    if run_id and _can_train_on(config, stopped_epoch, best_epoch, last_epoch):
         lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", *_fenced(f"convtrain fit --resume {run_id}")]
+    elif run_id:  # `--resume --epochs N` is refused: it would train nothing, or log a step twice
+        lines += ["", "**Train longer** (a new run from its config; resuming this one trains no further epoch):",
+                  "", *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --epochs N "
+                               f"--out {shlex.quote(str(out_dir))}-longer")]
     return "\n".join(lines) + "\n"
+
+
+def _can_train_on(config, stopped_epoch, best_epoch, last_epoch) -> bool:
+    """Whether `--resume --epochs N` trains this run on: not after early stopping ended it, nor
+    after its end put an earlier epoch's weights back (run_opening._check_step_free)."""
+    if stopped_epoch:
+        return False
+    return not (config.patience and best_epoch is not None and last_epoch is not None and best_epoch != last_epoch)
 
 
 def _headline(config, metrics: dict, best_epoch, stopped_epoch, epochs_run: int) -> str:
