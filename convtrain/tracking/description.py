@@ -89,7 +89,7 @@ def schedule_text(config) -> str:
 def fit_description(*, config, network, splits, history, metrics: dict, run_id: str | None,
                     out_dir, stopped_epoch: int | None = None,
                     wall_seconds: float | None = None, model_name: str | None = None,
-                    registered: str | None = None) -> str:
+                    registered: str | None = None, model_refused: str | None = None) -> str:
     """The fit run's description; `metrics` are the final model's (FitResult.metrics)."""
     sizes = [("train", splits.x_train), ("validation", splits.x_val), ("test", splits.x_test)]
     split_text = ", ".join(f"{name} {len(x):,}" for name, x in sizes if x is not None and len(x))
@@ -129,6 +129,9 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                      + (f", registered as {_code(registered)}" if registered else "")
                      + (f"; load it with {_code(load)}" if run_id else "")
                      + ".  ")
+    elif model_refused:
+        lines.append(f"**Model**: not logged to MLflow (the store refused it: {_text(model_refused)}); "
+                     f"the model file is {_code(RunFolder(out_dir).model)}.  ")
     lines += ["", "**Reproduce** (a new run with the same settings):", "",
               *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
                        f"{shlex.quote(str(out_dir))}-again")]
