@@ -66,7 +66,10 @@ def _layer_rows(layers, shape) -> list[tuple[str, str, str, int]]:
 
 
 def optimizer_text(config) -> str:
-    text = f"SGD{' (Nesterov)' if config.nesterov else ''}, lr {config.lr:g}, momentum {config.momentum:g}, " \
+    # a cyclic schedule's rates are eta_min to eta_max: --lr is not used
+    rates = f"lr {config.eta_min:g} to {config.eta_max:g} (cyclic)" if config.schedule == "cyclic" \
+        else f"lr {config.lr:g}"
+    text = f"SGD{' (Nesterov)' if config.nesterov else ''}, {rates}, momentum {config.momentum:g}, " \
            f"L2 {config.l2:g}, batch {config.batch_size}"
     if config.balanced:
         text += ", class-balanced batches"
@@ -108,7 +111,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines += [f"| {name} | {kind} | {shape} | {count:,} |" for name, kind, shape, count in architecture_rows(network)]
     lines.append("")
     lines.append(f"**Optimizer**: {optimizer_text(config)}.  ")
-    lines.append(f"**Schedule**: {schedule_text(config)}; {plural(config.epochs, 'epoch')} planned, "
+    lines.append(f"**Schedule**: {schedule_text(config)}; {_planned(config, splits)} planned, "
                  f"{len(epochs)} run, seed {config.seed}.  ")
     if config.patience:
         stopping = f"**Early stopping** on `{config.monitor}`, patience {config.patience}: "
@@ -143,6 +146,16 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                   "", *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --epochs N "
                                f"--out {shlex.quote(str(out_dir))}-longer")]
     return "\n".join(lines) + "\n"
+
+
+def _planned(config, splits) -> str:
+    """The length the fit was set to train: --epochs, or the schedule's (cyclic with cycles)."""
+    if not config.schedule_sets_length:
+        return plural(config.epochs, "epoch")
+    from convtrain.training.sampling import steps_per_epoch
+
+    epochs, updates = config.trained_length(steps_per_epoch(splits.y_train, config.balanced, config.batch_size))
+    return f"{plural(epochs, 'epoch')} ({plural(updates, 'update')})"
 
 
 def _can_train_on(config, stopped_epoch, best_epoch, last_epoch) -> bool:

@@ -99,7 +99,10 @@ class TrackedRun:
     def begin_fit(self, config, splits, out_dir: Path, *, resumed: bool) -> None:
         """What is logged once the run folder exists: params, metrics an outage kept back (sent
         before the model), the folder's tag and, unless the run links them already, the datasets."""
-        self.log_config(config, resumed=resumed)
+        from convtrain.training.sampling import steps_per_epoch
+
+        self.log_config(config, resumed=resumed,
+                        steps_per_epoch=steps_per_epoch(splits.y_train, config.balanced, config.batch_size))
         if resumed:
             self.metrics.restore_unlogged(RunFolder(out_dir).unlogged)
         self.set_tags({OUT_DIR_TAG: str(Path(out_dir).resolve())})
@@ -107,11 +110,12 @@ class TrackedRun:
         if not resumed or not has_datasets(self.client, self.run_id):
             log_datasets(self.client, self.run_id, splits, config.data_path)
 
-    def log_config(self, config, resumed: bool = False) -> None:
-        """The flattened config as params; on resume, params that now differ become tags."""
+    def log_config(self, config, resumed: bool = False, steps_per_epoch: int | None = None) -> None:
+        """The flattened config as params (with the length trained, when the schedule sets it:
+        FitConfig.run_params); on resume, params that now differ become tags."""
         from mlflow.entities import Param
 
-        params = config.flat_params()
+        params = config.flat_params() if steps_per_epoch is None else config.run_params(steps_per_epoch)
         if resumed:
             logged = self.client.get_run(self.run_id).data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
