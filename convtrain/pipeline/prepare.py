@@ -55,8 +55,9 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
     progress_callback = _progress_callback(progress)
     checkpoint = resolve_checkpoint(str(resume)) if resume is not None else None
     saved = TrainingCheckpoint.load(checkpoint) if checkpoint is not None else None
-    if saved is not None:
-        saved.check_extension(config.epochs)  # before the store is contacted
+    if saved is not None:  # before the store is contacted
+        saved.check_entries()
+        saved.check_extension(config.epochs)
     saved_tracking = saved.callback_state("mlflow") if saved is not None else {}
     tracking_uri = _reachable_store(config, resumed=saved is not None, saved_tracking=saved_tracking)
     if config.threads:

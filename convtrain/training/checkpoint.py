@@ -106,6 +106,13 @@ class TrainingCheckpoint:
             check_checkpoint_entries({key: value}, self.path)
         return value
 
+    def check_entries(self) -> None:
+        """Read every shape-checked entry now: a hand-edited one is refused in one line before
+        a resume contacts any store or writes anything."""
+        for key in _SHAPE_CHECKED:
+            if key in self.arrays:
+                self._json(key)
+
     @property
     def name(self) -> str:
         return f"checkpoint file {str(self.path)!r}"
