@@ -100,8 +100,9 @@ def _outage(exc: BaseException, tracking_uri: str) -> bool:
     from convtrain.errors import TrackingError
     from convtrain.tracking.store import check_reachable
 
-    seen = exc
-    while seen is not None:
+    seen, visited = exc, set()
+    while seen is not None and id(seen) not in visited:  # the chain of causes, each once
+        visited.add(id(seen))
         if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
                 "ConnectionError", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError"):
             return True
