@@ -101,5 +101,4 @@ def test_resuming_a_finished_run_registers_its_model_once(tmp_path):
     assert longer.exit_code == 0, longer.output
     versions = client.search_model_versions("name = 'digits-net'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
-    assert str(client.get_latest_versions("digits-net")[0].version) == "2"
     assert {v.run_id for v in versions} == {run.info.run_id}
