@@ -140,7 +140,8 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                        f"{shlex.quote(str(out_dir))}-again")]
     last_epoch = epochs[-1].get("epoch", len(epochs)) if epochs else None
     if run_id and _can_train_on(config, stopped_epoch, best_epoch, last_epoch):
-        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", *_fenced(f"convtrain fit --resume {run_id}")]
+        longer = "more cycles: add `--cycles N`" if config.schedule_sets_length else "more epochs: add `--epochs N`"
+        lines += ["", f"**Continue** ({longer}):", "", *_fenced(f"convtrain fit --resume {run_id}")]
     elif run_id:  # `--resume --epochs N` is refused: it would train nothing, or log a step twice
         lines += ["", "**Train longer** (a new run from its config; resuming this one trains no further epoch):",
                   "", *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --epochs N "

@@ -37,6 +37,7 @@ def test_a_cyclic_run_logs_the_epochs_updates_and_rates_it_trained(tmp_path):
     assert "lr 0.001 to 0.1 (cyclic)" in note and "lr 0.05" not in note
     assert f"{trained} epochs (40 updates) planned, {trained} run" in note
     assert batches >= 1
+    assert "more cycles: add `--cycles N`" in note and "--epochs N" not in note  # --epochs conflicts with cycles
 
 
 def test_a_constant_run_logs_its_lr_and_epochs():
