@@ -184,7 +184,7 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
         result = run_fit(resolved, resume=checkpoint, progress="quiet" if quiet else "auto", callbacks=notices)
     except TrainingInterrupted as exc:
         folder = Path(exc.checkpoint).parent if exc.checkpoint else None
-        hint = f"; continue with: convtrain fit --resume {folder}" if folder else "; nothing to resume"
+        hint = f"; continue with: {_resume_command(folder, resolved)}" if folder else "; nothing to resume"
         _error_line(f"interrupted: {one_line(exc)}{hint}")
         raise typer.Exit(exc.exit_code)
     _print_fit_result(console, result)
@@ -192,6 +192,15 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
 
 fit.__signature__ = inspect.Signature(_fit_command_options())
 app.command(no_args_is_help=False)(fit)
+
+
+def _resume_command(folder: Path, config: FitConfig) -> str:
+    """`convtrain fit --resume FOLDER`, with the --tracking-uri a resume must be given again."""
+    if not config.track or config.tracking_uri is None:
+        return f"convtrain fit --resume {folder}"
+    from convtrain.tracking.store import resume_command
+
+    return resume_command(folder, config.tracking_uri)
 
 
 def _planned_length(config: FitConfig) -> str:

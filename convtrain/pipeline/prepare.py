@@ -56,6 +56,9 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
     progress_callback = _progress_callback(progress)
     checkpoint = resolve_checkpoint(str(resume)) if resume is not None else None
     saved = TrainingCheckpoint.load(checkpoint) if checkpoint is not None else None
+    if saved is not None:  # before the store is contacted
+        saved.check_entries()
+        saved.check_extension(config.epochs)
     saved_tracking = saved.callback_state("mlflow") if saved is not None else {}
     tracking_uri = _reachable_store(config, resumed=saved is not None, saved_tracking=saved_tracking)
     if config.threads:
@@ -94,12 +97,16 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
 
 def _reachable_store(config: FitConfig, *, resumed: bool, saved_tracking: dict) -> str | None:
     """The tracking URI a fit logs to, checked now, before any work or write; None untracked (a
-    resumed fit that was untracked stays so unless given a --tracking-uri)."""
+    resumed fit that was untracked stays so unless given a --tracking-uri). A resumed fit logs
+    to its checkpoint's store only if that is the current one (store.check_stored_uri)."""
     if not config.track or (resumed and not saved_tracking and config.tracking_uri is None):
         return None
-    from convtrain.tracking.store import check_reachable, resolve_tracking_uri
+    from convtrain.tracking.store import check_reachable, check_stored_uri, resolve_tracking_uri
 
-    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_tracking.get("tracking_uri"))
+    tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    if resumed and saved_tracking:
+        check_stored_uri(saved_tracking.get("tracking_uri"), tracking_uri,
+                         f"--resume: the checkpoint's MLflow run {saved_tracking.get('run_id')}")
     check_reachable(tracking_uri)
     return tracking_uri
 

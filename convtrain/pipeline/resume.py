@@ -4,6 +4,7 @@ to answer."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def resolve_fit_config(*, config_path: str | Path | None = None, overrides: dict
     checkpoint = resumed = None
     if resume:
         checkpoint = resolve_checkpoint(resume, overrides.get("tracking_uri"))
-        config = resumed = checkpoint_config(checkpoint)
+        config = resumed = _without_foreign_store(checkpoint_config(checkpoint))
     else:
         config = FitConfig()
     if config_path is not None:
@@ -38,6 +39,17 @@ def resolve_fit_config(*, config_path: str | Path | None = None, overrides: dict
     config = config.with_overrides(overrides)
     config.check_settings(sources, resumed=resumed)
     return config, checkpoint
+
+def _without_foreign_store(config: FitConfig) -> FitConfig:
+    """The checkpoint's config, its tracking URI dropped unless it names the store a fit uses
+    here anyway (MLFLOW_TRACKING_URI or ./mlflow.db): a stored URI is data, not configuration,
+    so the fit logs to the store chosen now (flag, file, environment or default), and prepare
+    refuses a checkpoint whose run is in another one."""
+    from convtrain.tracking.store import resolve_tracking_uri, same_store
+
+    if config.tracking_uri is None or same_store(config.tracking_uri, resolve_tracking_uri()):
+        return config
+    return dataclasses.replace(config, tracking_uri=None)
 
 def _file_keys(path) -> dict:
     values = FitConfig.from_toml(path).to_dict()

@@ -66,7 +66,10 @@ def _layer_rows(layers, shape) -> list[tuple[str, str, str, int]]:
 
 
 def optimizer_text(config) -> str:
-    text = f"SGD{' (Nesterov)' if config.nesterov else ''}, lr {config.lr:g}, momentum {config.momentum:g}, " \
+    # a cyclic schedule's rates are eta_min to eta_max: --lr is not used
+    rates = f"lr {config.eta_min:g} to {config.eta_max:g} (cyclic)" if config.schedule == "cyclic" \
+        else f"lr {config.lr:g}"
+    text = f"SGD{' (Nesterov)' if config.nesterov else ''}, {rates}, momentum {config.momentum:g}, " \
            f"L2 {config.l2:g}, batch {config.batch_size}"
     if config.balanced:
         text += ", class-balanced batches"
@@ -92,7 +95,7 @@ def schedule_text(config) -> str:
 def fit_description(*, config, network, splits, history, metrics: dict, run_id: str | None,
                     out_dir, stopped_epoch: int | None = None,
                     wall_seconds: float | None = None, model_name: str | None = None,
-                    registered: str | None = None) -> str:
+                    registered: str | None = None, model_refused: str | None = None) -> str:
     """The fit run's description; `metrics` are the final model's (FitResult.metrics)."""
     sizes = [("train", splits.x_train), ("validation", splits.x_val), ("test", splits.x_test)]
     split_text = ", ".join(f"{name} {len(x):,}" for name, x in sizes if x is not None and len(x))
@@ -111,7 +114,7 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
     lines += [f"| {name} | {kind} | {shape} | {count:,} |" for name, kind, shape, count in architecture_rows(network)]
     lines.append("")
     lines.append(f"**Optimizer**: {optimizer_text(config)}.  ")
-    lines.append(f"**Schedule**: {schedule_text(config)}; {plural(config.epochs, 'epoch')} planned, "
+    lines.append(f"**Schedule**: {schedule_text(config)}; {_planned(config, splits)} planned, "
                  f"{len(epochs)} run, seed {config.seed}.  ")
     if config.patience:
         stopping = f"**Early stopping** on `{config.monitor}`, patience {config.patience}: "
@@ -132,12 +135,39 @@ def fit_description(*, config, network, splits, history, metrics: dict, run_id: 
                      + (f", registered as {_code(registered)}" if registered else "")
                      + (f"; load it with {_code(load)}" if run_id else "")
                      + ".  ")
+    elif model_refused:
+        lines.append(f"**Model**: not logged to MLflow (the store refused it: {_text(model_refused)}); "
+                     f"the model file is {_code(RunFolder(out_dir).model)}.  ")
     lines += ["", "**Reproduce** (a new run with the same settings):", "",
               *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --out "
                        f"{shlex.quote(str(out_dir))}-again")]
-    if run_id:
-        lines += ["", "**Continue** (more epochs: add `--epochs N`):", "", *_fenced(f"convtrain fit --resume {run_id}")]
+    last_epoch = epochs[-1].get("epoch", len(epochs)) if epochs else None
+    if run_id and _can_train_on(config, stopped_epoch, best_epoch, last_epoch):
+        longer = "more cycles: add `--cycles N`" if config.schedule_sets_length else "more epochs: add `--epochs N`"
+        lines += ["", f"**Continue** ({longer}):", "", *_fenced(f"convtrain fit --resume {run_id}")]
+    elif run_id:  # `--resume --epochs N` is refused: it would train nothing, or log a step twice
+        lines += ["", "**Train longer** (a new run from its config; resuming this one trains no further epoch):",
+                  "", *_fenced(f"convtrain fit --config {shlex.quote(str(RunFolder(out_dir).config))} --epochs N "
+                               f"--out {shlex.quote(str(out_dir))}-longer")]
     return "\n".join(lines) + "\n"
+
+
+def _planned(config, splits) -> str:
+    """The length the fit was set to train: --epochs, or the schedule's (cyclic with cycles)."""
+    if not config.schedule_sets_length:
+        return plural(config.epochs, "epoch")
+    from convtrain.training.sampling import steps_per_epoch
+
+    epochs, updates = config.trained_length(steps_per_epoch(splits.y_train, config.balanced, config.batch_size))
+    return f"{plural(epochs, 'epoch')} ({plural(updates, 'update')})"
+
+
+def _can_train_on(config, stopped_epoch, best_epoch, last_epoch) -> bool:
+    """Whether `--resume --epochs N` trains this run on: not after early stopping ended it, nor
+    after its end put an earlier epoch's weights back (run_opening._check_step_free)."""
+    if stopped_epoch:
+        return False
+    return not (config.patience and best_epoch is not None and last_epoch is not None and best_epoch != last_epoch)
 
 
 def _headline(config, metrics: dict, best_epoch, stopped_epoch, epochs_run: int) -> str:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from convtrain.errors import TrackingError, one_line
 from convtrain.tracking.sqlite_store import is_disk_full
-from convtrain.tracking.store import check_reachable
+from convtrain.tracking.store import check_reachable, same_store
 
 EPOCH_METRICS = (
     "train_loss", "train_cost", "train_accuracy", "train_balanced_accuracy",
@@ -194,10 +194,16 @@ class MetricBuffer:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             rows = saved["metrics"] if saved.get("run_id") == self.run_id else []
+            stored = saved.get("tracking_uri")
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.notify(f"warning: {path} cannot be read ({one_line(exc)}); its metrics are not sent")
+            return 0
+        if rows and stored is not None and not same_store(str(stored), self.tracking_uri):
+            # the file's URI is data: metrics kept for another store are not sent to this one
+            self.notify(f"warning: {path} holds metrics for another tracking store, not "
+                        f"{self.tracking_uri}; they are not sent")
             return 0
         self._unlogged_file = path
         return self.take_back(rows, str(path))

@@ -158,6 +158,9 @@ def _register(client, model_id: str, name: str, *, run_id: str, description: str
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+    registered = registered_version(client, model_id, name, run_id=run_id)
+    if registered is not None:  # a resume of a finished run: its model is registered once
+        return registered
     try:
         client.create_registered_model(name, description="convtrain ConvNet classifiers (pyfunc: raw "
                                        "images in, one probability column per class out)")
@@ -178,6 +181,19 @@ def _register(client, model_id: str, name: str, *, run_id: str, description: str
         entries.append({"name": version.name, "version": str(version.version)})
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
     return version
+
+
+def registered_version(client, model_id: str, name: str, *, run_id: str):
+    """The version of `name` that holds logged model `model_id` already, or None.
+
+    A run's model is registered once per logged model: resuming a finished run keeps its
+    model (log_model finds the same weights), so it is not registered again; a resume that
+    trains on logs new weights, a new model, which may become a new version."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        if version.name == name and (getattr(version, "model_id", None) == model_id
+                                     or version.source == f"models:/{model_id}"):
+            return version
+    return None
 
 
 def weights_digest(network) -> str:

@@ -11,6 +11,8 @@ from convtrain.tracking.quiet import quiet_mlflow_info
 from convtrain.tracking.sqlite_store import is_disk_full
 
 MODEL_URI_TAG = "convtrain.model_uri"
+# why the store refused the model (a refusal a resume would repeat, not an outage)
+MODEL_REFUSED_TAG = "convtrain.model_not_logged"
 # what the training loop logs about itself, not about the model: not linked to the model
 _LOOP_METRICS = ("learning_rate", "epoch_seconds", "images_per_second")
 
@@ -23,7 +25,8 @@ class RunModel:
         self.model_id: str | None = None
         self.name: str | None = None
         self.registered: str | None = None  # "NAME version N"
-        self.missing = False  # a log was tried and did not get through: the run must stay open
+        self.missing = False  # a log was cut off by an outage: the run stays open for --resume
+        self.refused: str | None = None  # why the store refused it: the run ends, saying so
 
     @quiet_mlflow_info()  # "Validating input example against model signature", once per model
     def log(self, network_path: str | Path, input_example) -> list[str]:
@@ -34,7 +37,7 @@ class RunModel:
         from convtrain.tracking import model
 
         run = self.run
-        self.missing = True
+        self.missing, self.refused = True, None
         if not run.metrics.answers():
             return [f"pyfunc model not logged (tracking store down); the model is at {network_path}"]
         name = model.model_name(run.run_name)
@@ -43,8 +46,17 @@ class RunModel:
                 self.model_id = model.log_model(run.client, run.run_id, run.experiment_id, network_path,
                                                 input_example, name=name)
         except Exception as exc:
-            why = "the disk is full" if is_disk_full(exc) else one_line(exc)
-            return [f"pyfunc model not logged ({why}); the model is at {network_path}"]
+            if is_disk_full(exc):
+                return [f"pyfunc model not logged (the disk is full); the model is at {network_path}"]
+            if _outage(exc, run.tracking_uri):
+                return [f"pyfunc model not logged (tracking store down: {one_line(exc)}); "
+                        f"the model is at {network_path}"]
+            # a refusal (a name, a value, a store limit) that a resume would only repeat: the run
+            # ends without the model, marked and explained (TrackedRun.finish, the description)
+            self.missing, self.refused = False, one_line(exc)[:1000]
+            run.set_tags({MODEL_REFUSED_TAG: f"pyfunc model not logged: {self.refused}"})
+            return [f"pyfunc model not logged ({self.refused}); the model is at {network_path}; "
+                    f"MLflow run {run.run_id} ends without it"]
         self.missing = False
         self.name = name
         run.set_tags({MODEL_URI_TAG: f"runs:/{run.run_id}/{name}"})
@@ -80,3 +92,23 @@ class RunModel:
             return [f"model not registered as {name!r} ({one_line(exc)})"]
         self.registered = f"{version.name} version {version.version}"
         return []
+
+
+def _outage(exc: BaseException, tracking_uri: str) -> bool:
+    """Whether logging failed because the store could not be reached (a resume sends the model
+    once it answers), rather than because it refused the model."""
+    from convtrain.errors import TrackingError
+    from convtrain.tracking.store import check_reachable
+
+    seen, visited = exc, set()
+    while seen is not None and id(seen) not in visited:  # the chain of causes, each once
+        visited.add(id(seen))
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
+                "ConnectionError", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        check_reachable(tracking_uri, timeout=2.0)
+    except TrackingError:
+        return True
+    return False

@@ -35,6 +35,40 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         return uri
     return f"sqlite:///{Path.cwd() / DEFAULT_STORE_FILE}"
 
+def canonical_uri(uri: str) -> str:
+    """`uri` in the form two spellings of one store share: a SQLite file's path made absolute
+    (`sqlite:///mlflow.db` run in /work is `sqlite:////work/mlflow.db`), a server's URL without
+    its trailing slash. Nothing is opened or created."""
+    store = sqlite_path(uri)
+    if store is not None:
+        return f"sqlite:///{os.path.normpath(store)}"
+    return uri.rstrip("/") if is_http(uri) else uri
+
+
+def same_store(first: str, second: str) -> bool:
+    return canonical_uri(first) == canonical_uri(second)
+
+
+def check_stored_uri(stored: str | None, current: str, what: str) -> None:
+    """A tracking URI read from a file (a checkpoint, the unlogged-metrics file) is data, not
+    configuration: it is used only if it names the store this fit uses anyway (`current`: the
+    --tracking-uri flag, else MLFLOW_TRACKING_URI, else the default store), so a file cannot send
+    a fit's params, metrics and artifacts elsewhere. Checked before either store is contacted."""
+    if stored is None or same_store(str(stored), current):
+        return
+    shown = "".join(c if c.isprintable() else "?" for c in str(stored))[:500]
+    raise TrackingError(f"{what} was logged to tracking store {shown}, not to the current one {current}; "
+                        f"to continue it in {shown} on purpose, pass --tracking-uri {shown} "
+                        "(or --no-track to resume without tracking)")
+
+
+def resume_command(target, uri: str) -> str:
+    """The command that resumes `target` into the store at `uri`: --tracking-uri is spelled out
+    unless `uri` is the store a bare `convtrain fit` uses here (check_stored_uri wants it)."""
+    flag = "" if same_store(uri, resolve_tracking_uri()) else f" --tracking-uri {uri}"
+    return f"convtrain fit --resume {target}{flag}"
+
+
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 

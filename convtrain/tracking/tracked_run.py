@@ -8,8 +8,9 @@
 
 Metrics go through the run's MetricBuffer (tracking/metric_buffer.py), which keeps them through
 an outage of the store; tags and artifacts the store does not take become problems the fit
-reports, never a failed fit. A run whose metrics or model did not all get through stays open,
-so `--resume` can send the rest. mlflow is imported inside the functions so `import convtrain`
+reports, never a failed fit. A run whose metrics or model an outage kept back stays open, so
+`--resume` can send the rest; a model the store refused (a resume would only repeat it) ends
+the run FINISHED without it, with the reason in a tag and the description. mlflow is imported inside the functions so `import convtrain`
 stays fast.
 """
 
@@ -25,10 +26,10 @@ from convtrain.errors import TrackingError, TrainingInterrupted, one_line
 from convtrain.tracking.datasets import has_datasets, log_datasets
 from convtrain.tracking.metric_buffer import MODEL_METRICS, MetricBuffer, stderr_line
 from convtrain.tracking.quiet import quiet_mlflow_info
-from convtrain.tracking.run_model import RunModel
+from convtrain.tracking.run_model import MODEL_REFUSED_TAG, RunModel
 from convtrain.tracking.run_opening import create_run, reopen_run
 from convtrain.tracking.runs import CHECKPOINT_TAG, ERROR_TAG, ORPHAN_NOTE_TAG, OUT_DIR_TAG, max_step, run_tags
-from convtrain.tracking.store import check_reachable, client_for
+from convtrain.tracking.store import check_reachable, client_for, resume_command
 from convtrain.training.run_folder import RunFolder
 
 
@@ -98,7 +99,10 @@ class TrackedRun:
     def begin_fit(self, config, splits, out_dir: Path, *, resumed: bool) -> None:
         """What is logged once the run folder exists: params, metrics an outage kept back (sent
         before the model), the folder's tag and, unless the run links them already, the datasets."""
-        self.log_config(config, resumed=resumed)
+        from convtrain.training.sampling import steps_per_epoch
+
+        self.log_config(config, resumed=resumed,
+                        steps_per_epoch=steps_per_epoch(splits.y_train, config.balanced, config.batch_size))
         if resumed:
             self.metrics.restore_unlogged(RunFolder(out_dir).unlogged)
         self.set_tags({OUT_DIR_TAG: str(Path(out_dir).resolve())})
@@ -106,11 +110,12 @@ class TrackedRun:
         if not resumed or not has_datasets(self.client, self.run_id):
             log_datasets(self.client, self.run_id, splits, config.data_path)
 
-    def log_config(self, config, resumed: bool = False) -> None:
-        """The flattened config as params; on resume, params that now differ become tags."""
+    def log_config(self, config, resumed: bool = False, steps_per_epoch: int | None = None) -> None:
+        """The flattened config as params (with the length trained, when the schedule sets it:
+        FitConfig.run_params); on resume, params that now differ become tags."""
         from mlflow.entities import Param
 
-        params = config.flat_params()
+        params = config.flat_params() if steps_per_epoch is None else config.run_params(steps_per_epoch)
         if resumed:
             logged = self.client.get_run(self.run_id).data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
@@ -161,7 +166,8 @@ class TrackedRun:
         self.set_tags({NOTE_TAG: fit_description(
             config=config, network=record.network, splits=record.splits, history=record.history, metrics=metrics,
             run_id=self.run_id, out_dir=record.out_dir, stopped_epoch=record.stopped_epoch,
-            wall_seconds=record.wall_seconds, model_name=self.model.name, registered=self.model.registered)})
+            wall_seconds=record.wall_seconds, model_name=self.model.name, registered=self.model.registered,
+            model_refused=self.model.refused)})
         return problems + self.finish("FINISHED", out_dir=record.out_dir)
 
     def log_final_metrics(self, values: dict, step: int) -> bool:
@@ -236,7 +242,7 @@ class TrackedRun:
             # FINISHED means the run holds everything; it stays open until a resume sends the rest
             if out_dir is not None:
                 problems.append(f"MLflow run {self.run_id} stays open until the rest is sent: "
-                                f"convtrain fit --resume {out_dir} sends it once the store answers")
+                                f"{resume_command(out_dir, self.tracking_uri)} sends it once the store answers")
             return problems
         if status == "FINISHED" and not error:
             self._clear_stale_notes()
@@ -249,7 +255,8 @@ class TrackedRun:
         that said so: they described an earlier attempt, not this run."""
         def clear():
             tags = self.client.get_run(self.run_id).data.tags
-            for key in (ERROR_TAG, ORPHAN_NOTE_TAG):
+            stale = (ERROR_TAG, ORPHAN_NOTE_TAG) + (() if self.model.refused else (MODEL_REFUSED_TAG,))
+            for key in stale:
                 if key in tags:
                     self.client.delete_tag(self.run_id, key)
         self.metrics.attempt(clear)

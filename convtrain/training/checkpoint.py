@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convtrain.errors import CheckpointError
+from convtrain.errors import CheckpointError, ConfigError
 from convtrain.nn.npz_files import json_entry, read_json, read_npz, text_entry, write_npz_atomic
 from convtrain.training.checkpoint_checks import check_checkpoint_entries
+from convtrain.training.run_folder import RunFolder
 
 _SHAPE_CHECKED = ("trainer", "history", "callbacks")  # see checkpoint_checks.py
 CHECKPOINT_FORMAT = "convtrain-checkpoint-1"
@@ -105,6 +106,13 @@ class TrainingCheckpoint:
             check_checkpoint_entries({key: value}, self.path)
         return value
 
+    def check_entries(self) -> None:
+        """Read every shape-checked entry now: a hand-edited one is refused in one line before
+        a resume contacts any store or writes anything."""
+        for key in _SHAPE_CHECKED:
+            if key in self.arrays:
+                self._json(key)
+
     @property
     def name(self) -> str:
         return f"checkpoint file {str(self.path)!r}"
@@ -131,6 +139,21 @@ class TrainingCheckpoint:
             return None
         epoch = int(state["epoch"])
         return epoch + 1 if state["mid_epoch"] or epoch < epochs else None
+
+    def check_extension(self, epochs: int) -> None:
+        """Refuse `epochs` past the length of a fit early stopping ended: resuming it trains no
+        further epoch (next_epoch is None), so a longer fit would silently train nothing."""
+        state = self.state
+        if not state["stop_training"] or epochs <= int(state["epochs"]):
+            return
+        stopping = self.callback_state("EarlyStopping")
+        stopped, best = stopping.get("stopped_epoch") or state["epoch"], stopping.get("best_epoch")
+        restored = f"; its model is epoch {best}'s" if best is not None else ""
+        config = RunFolder(self.path.parent).config
+        raise ConfigError(
+            f"epochs: the fit in {self.path.parent} was ended by early stopping at epoch {stopped}{restored}, "
+            f"so resuming it with --epochs {epochs} would train nothing; to train longer, start a new fit "
+            f"from its config (convtrain fit --config {config} --epochs {epochs} --out <new folder>)")
 
     def callback_state(self, key: str) -> dict:
         """The state_dict() the callback with this key saved ({} if it saved none)."""

@@ -6,6 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def steps_per_epoch(y, balanced: bool, batch_size: int) -> int:
+    """Updates an epoch makes (the last batch may be short)."""
+    return -(-epoch_size(y, balanced) // batch_size)
+
+
 def epoch_size(y, balanced: bool) -> int:
     """Examples an epoch draws: all of them, or with balanced batches the rarest class's count
     from every class."""

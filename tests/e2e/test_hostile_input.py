@@ -149,6 +149,22 @@ def trained(tmp_path_factory) -> Path:
     return folder / "out"
 
 
+def stored_tracking(uri: str) -> Callable[[Path], None]:
+    """A hand-edited checkpoint whose MLflow run is in the store at `uri`."""
+    def damage(folder: Path) -> None:
+        import json
+
+        from convtrain.nn.npz_files import json_entry
+        from convtrain.training.checkpoint import TrainingCheckpoint
+
+        checkpoint = TrainingCheckpoint.load(folder / "checkpoint.npz")
+        callbacks = json.loads(str(checkpoint.arrays["callbacks"][()]))
+        callbacks["mlflow"] = {"run_id": "0" * 32, "experiment_id": "1", "tracking_uri": uri}
+        checkpoint.arrays["callbacks"] = json_entry(callbacks)
+        checkpoint.save(folder / "checkpoint.npz")
+    return damage
+
+
 def with_model(make_args: Callable[[Path], list], damage: Callable[[Path], None] | None = None):
     """Copy the trained fit's folder into the case folder (damaged if asked) before the command."""
     def setup(tmp: Path, trained: Path) -> list:
@@ -549,6 +565,13 @@ CASES = {
     "predict on float64 beyond float32's range": Case(
         with_model(lambda tmp: (np.savez(tmp / "x.npz", x=float64_beyond_float32()[:, 0]),
                                 ["predict", "out/model.npz", "x.npz"])[-1]), "beyond float32's range"),
+    # a checkpoint's tracking URI is data: another store than the current one is refused
+    "resume a checkpoint naming another sqlite store": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out", "--track"], stored_tracking("sqlite:////elsewhere/evil.db")),
+        "was logged to tracking store sqlite:////elsewhere/evil.db, not to the current one"),
+    "resume a checkpoint naming a server": Case(
+        with_model(lambda tmp: ["fit", "--resume", "out", "--track"], stored_tracking("http://127.0.0.1:9")),
+        "to continue it in http://127.0.0.1:9 on purpose, pass --tracking-uri http://127.0.0.1:9"),
     "sweep with an empty space": Case(write("sweep.toml", "[sweep]\nmethod = \"grid\"\n[space]\n",
                                             "sweep", "sweep.toml"), "[space] is empty"),
 }

@@ -77,3 +77,34 @@ def test_a_run_whose_latest_values_are_its_last_epoch_trains_on_once_per_step(tm
     client = mlflow.MlflowClient(uri)
     assert steps_with_several_values(client, first.run_id) == {}
     assert [step for step, _ in histories(client, first.run_id)["val_loss"]] == [1, 2, 3, 4]
+
+
+def test_extending_a_fit_early_stopping_ended_is_refused_in_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = fit(FitConfig(limit=400, filters=[4], epochs=40, batch_size=32, patience=1, lr=0.3,
+                            tracking_uri=uri, out="run"), progress=None)
+    last = stopped.metrics["stopped_epoch"]
+    assert last < 40  # the case this test is about
+    client = mlflow.MlflowClient(uri)
+    held = histories(client, stopped.run_id)
+    note = client.get_run(stopped.run_id).data.tags["mlflow.note.content"]
+    assert "**Continue**" not in note and "**Train longer**" in note and "--epochs N" in note
+
+    for spec in ("run", stopped.run_id):
+        result = invoke("fit", "--resume", spec, "--epochs", "700")
+        line = error_line(result)
+        assert result.exit_code == 2 and f"early stopping at epoch {last}" in line and "--epochs 700" in line
+        assert "convtrain fit --config" in line
+    run = client.get_run(stopped.run_id)
+    assert run.info.status == "FINISHED" and histories(client, stopped.run_id) == held
+    # resuming it at its own length still just finishes it
+    again = invoke("fit", "--resume", "run", "--quiet")
+    assert again.exit_code == 0, again.output
+
+
+def test_a_run_that_can_train_on_offers_to_continue(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = fit(FitConfig(limit=300, filters=[4], batch_size=32, epochs=2, tracking_uri=uri, out="run"),
+                 progress=None)
+    note = mlflow.MlflowClient(uri).get_run(result.run_id).data.tags["mlflow.note.content"]
+    assert "**Continue**" in note and "**Train longer**" not in note

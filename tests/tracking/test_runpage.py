@@ -83,7 +83,9 @@ def test_the_run_holds_the_restored_model_and_describes_itself(tmp_path, digits_
            f"{result.metrics['test_accuracy']:.4f} |" in text
     assert "images/s" in text and "wall time" in text
     assert f"convtrain fit --config {result.out_dir}/config.toml --out {result.out_dir}-again" in text
-    assert f"convtrain fit --resume {result.run_id}" in text
+    # early stopping ended it: resuming trains no further epoch, so a new fit is offered instead
+    assert f"convtrain fit --resume {result.run_id}" not in text
+    assert f"convtrain fit --config {result.out_dir}/config.toml --epochs N --out {result.out_dir}-longer" in text
     experiment = client.get_experiment(run.info.experiment_id)
     assert "convtrain experiment `convtrain`" in experiment.tags[NOTE_TAG]
 

@@ -265,7 +265,7 @@ def test_server_killed_mid_run_loses_no_training_work(tmp_path, monkeypatch, mlf
 
     client = mlflow.MlflowClient(server.url)
     assert client.get_run(result.run_id).info.status == "RUNNING"
-    resumed = invoke("fit", "--resume", result.out_dir)
+    resumed = invoke("fit", "--resume", result.out_dir, "--tracking-uri", server.url)
     assert resumed.exit_code == 0, resumed.output
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -321,7 +321,7 @@ def test_metrics_kept_back_by_an_outage_survive_kill_9_and_resume_sends_each_onc
     run_id = TrainingCheckpoint.load(tmp_path / "out" / "checkpoint.npz").callback_state("mlflow")["run_id"]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1]  # all the store got
     monkeypatch.chdir(tmp_path)
-    resumed = invoke("fit", "--resume", "out")
+    resumed = invoke("fit", "--resume", "out", "--tracking-uri", server.url)
     assert resumed.exit_code == 0, resumed.output
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
