@@ -69,8 +69,14 @@ def optimizer_text(config) -> str:
     # a cyclic schedule's rates are eta_min to eta_max: --lr is not used
     rates = f"lr {config.eta_min:g} to {config.eta_max:g} (cyclic)" if config.schedule == "cyclic" \
         else f"lr {config.lr:g}"
-    text = f"SGD{' (Nesterov)' if config.nesterov else ''}, {rates}, momentum {config.momentum:g}, " \
-           f"L2 {config.l2:g}, batch {config.batch_size}"
+    if config.optimizer == "adamw":
+        text = f"AdamW, {rates}, betas ({config.beta1:g}, {config.beta2:g}), weight decay {config.weight_decay:g}, " \
+               f"L2 {config.l2:g}, batch {config.batch_size}"
+    else:
+        text = f"SGD{' (Nesterov)' if config.nesterov else ''}, {rates}, momentum {config.momentum:g}, " \
+               f"L2 {config.l2:g}, batch {config.batch_size}"
+    if config.label_smoothing:
+        text += f", label smoothing {config.label_smoothing:g}"
     if config.balanced:
         text += ", class-balanced batches"
     from convtrain.data.augment import plan_for

@@ -212,3 +212,12 @@ def test_the_pyfunc_model_of_a_residual_network_predicts_its_probabilities(tmp_p
     frame = model.predict(None, images)
     assert list(frame.columns) == ["a", "b", "c"]
     assert np.array_equal(frame.to_numpy(), network.predict_proba(images))
+
+
+def test_the_description_names_the_optimizer_that_trained():
+    from convtrain.tracking.description import optimizer_text
+
+    adamw = optimizer_text(FitConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, label_smoothing=0.1))
+    assert adamw.startswith("AdamW, lr 0.001, betas (0.9, 0.999), weight decay 0.05")
+    assert "label smoothing 0.1" in adamw and "SGD" not in adamw and "momentum" not in adamw
+    assert optimizer_text(FitConfig()).startswith("SGD, lr 0.05, momentum 0.9")
