@@ -24,7 +24,7 @@ from convtrain.nn.layer_specs import CLASSIFIER, expand_template, layer_names, n
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
-from convtrain.nn.residual import Residual, branch_shape, leaf_layers
+from convtrain.nn.residual import Residual, branch_shape, leaf_layers, leaf_layers_with_input
 
 
 def describe_architecture(*, input_shape: Sequence[int], num_classes: int, filters: Sequence[int] = (),
@@ -90,6 +90,32 @@ class Architecture(dict):
     def __ne__(self, other):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
+
+
+def network_architecture(architecture, *, input_shape=None, num_classes=None, dtype="float32") -> Architecture:
+    """A Network's description from a description (any form) or a layer list, which needs the
+    input shape and class count beside it."""
+    if not isinstance(architecture, dict):
+        if input_shape is None or num_classes is None:
+            raise ArchitectureError("a layer list needs input_shape and num_classes")
+        architecture = describe_architecture(input_shape=input_shape, num_classes=num_classes, dtype=dtype,
+                                             layers=architecture)
+    return layer_architecture(architecture)
+
+
+def assign_conv_algos(layers: list[Layer], input_shape: tuple, algo: str) -> dict[str, str]:
+    """Set each conv layer's algorithm for `algo` (kernels.choose_conv_algo decides per layer,
+    from its shapes) and return {layer name: algorithm}."""
+    from convtrain.nn import kernels
+
+    chosen = {}
+    for layer, shape in leaf_layers_with_input(layers, input_shape):
+        if isinstance(layer, Conv2D):
+            out = layer.output_shape(shape)
+            layer.algo = kernels.choose_conv_algo(algo, layer.in_channels, layer.filters,
+                                                  layer.kernel_size, layer.stride, out[1:])
+            chosen[layer.name] = layer.algo
+    return chosen
 
 
 def layer_architecture(arch: dict) -> Architecture:

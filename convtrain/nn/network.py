@@ -26,12 +26,13 @@ import numpy as np
 
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
 from convtrain.nn import model_file, torch_compat
-from convtrain.nn.architecture import build_layers, config_build_options, describe_architecture, layer_architecture
+from convtrain.nn.architecture import (
+    assign_conv_algos, build_layers, config_build_options, describe_architecture, network_architecture)
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Layer
 from convtrain.nn.losses import softmax, softmax_cross_entropy
 from convtrain.nn.norm import BatchNorm1D, BatchNorm2D
-from convtrain.nn.residual import leaf_layers, leaf_layers_with_input
+from convtrain.nn.residual import leaf_layers
 from convtrain.nn.standardization import standardize
 
 # Images per forward pass when scoring or predicting a whole data set (the trainer's per-epoch
@@ -53,13 +54,8 @@ class Network:
     def __init__(self, architecture: dict[str, Any] | Sequence, seed: int | None = 0, *,
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None,
                  dtype: str = "float32"):
-        if not isinstance(architecture, dict):
-            if input_shape is None or num_classes is None:
-                raise ArchitectureError("a layer list needs input_shape and num_classes")
-            architecture = describe_architecture(input_shape=input_shape, num_classes=num_classes, dtype=dtype,
-                                                 layers=architecture)
-        self.architecture = layer_architecture(architecture)
-        architecture = self.architecture
+        self.architecture = architecture = network_architecture(architecture, input_shape=input_shape,
+                                                                num_classes=num_classes, dtype=dtype)
         self.input_shape = tuple(int(v) for v in architecture["input_shape"])
         self.num_classes = int(architecture["num_classes"])
         self.dtype = np.dtype(architecture["dtype"])
@@ -190,16 +186,7 @@ class Network:
         kernels.choose_conv_algo: "winograd" runs on the 3x3 stride-1 layers, the others keep
         im2col) and return {layer name: algorithm}. A run setting, not saved with the model:
         every algorithm computes the same layer, so a model trained with one runs with any."""
-        from convtrain.nn import kernels
-
-        chosen = {}
-        for layer, shape in leaf_layers_with_input(self.layers, self.input_shape):
-            if isinstance(layer, Conv2D):
-                out = layer.output_shape(shape)
-                layer.algo = kernels.choose_conv_algo(algo, layer.in_channels, layer.filters,
-                                                      layer.kernel_size, layer.stride, out[1:])
-                chosen[layer.name] = layer.algo
-        return chosen
+        return assign_conv_algos(self.layers, self.input_shape, algo)
 
     def conv_algos(self) -> dict[str, str]:
         """{conv layer name: the algorithm it computes with}."""
