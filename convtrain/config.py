@@ -145,6 +145,8 @@ class FitConfig:
     tracking_uri: str | None = option("run", None, "MLflow store.",
                                       shown="$MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     log_every: int = option("run", 10, "Log the batch loss every this many updates.")
+    timings: bool = option("run", False, "At the end, print where the fit's wall time went: start-up, data, "
+                           "store, training, evaluation, plots, model logging.")
     register_model: str | None = option("run", None, "Add the fit's model to the MLflow model registry as the next "
                                         "version of this name.", shown="not registered")
     parent_run: str | None = option("run", None, "An MLflow run id this fit's run becomes a child of (a sweep's "

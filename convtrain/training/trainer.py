@@ -101,6 +101,7 @@ class Trainer:
         self.epoch_order: np.ndarray | None = None  # sample order of the epoch in progress
         self.batches_done = 0                        # batches of that epoch already applied
         self.running: RunningMetrics | None = None   # its training metrics so far ("running")
+        self.evaluation_seconds = 0.0  # spent scoring after epochs, in this process
         self._stop_requested = False
         self._checkpoint_epoch: int | str | None = None
 
@@ -187,6 +188,7 @@ class Trainer:
         train_seconds = time.perf_counter() - started
 
         logs: dict[str, Any] = {}
+        evaluation_started = time.perf_counter()
         if self.running is not None and self.running.images:
             train_values = self.running.values()
         else:  # "full", or a mid-epoch checkpoint written before running sums were kept
@@ -195,6 +197,7 @@ class Trainer:
         logs.update({f"train_{k}": v for k, v in train_values.items()})
         if x_val is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(x_val, y_val).items()})
+        self.evaluation_seconds += time.perf_counter() - evaluation_started
         logs["learning_rate"] = float(self.schedule.lr(max(self.step - 1, 0), epoch))
         logs["epoch_seconds"] = time.perf_counter() - started
         logs["images_per_second"] = images / train_seconds if train_seconds > 0 else float("nan")
