@@ -66,31 +66,21 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
 
         set_num_threads(config.threads)
 
-    warming = None
-    if tracking_uri is not None:
-        from convtrain.tracking.store import warm_up
-
-        warming = warm_up(tracking_uri)  # MLflow's import and the store, while the data loads
-    try:
-        data_started = time.monotonic()
-        with decode_progress(progress == "auto") as decoding:  # an image folder's first read decodes it
-            splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction,
-                                  seed=config.seed, limit=config.limit, folder=options_from_config(config, decoding))
-        if config.batch_size > len(splits.y_train):
-            raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
-                              "training examples")
-        check_validation_split(config, splits)
-        network = _build_network(config, splits)
-        out_dir = writable_out_folder(config, checkpoint)
-        if saved is not None:
-            # what resuming would refuse, before the MLflow run is reopened and config.toml rewritten
-            saved.check_resumable(network, config.batch_size, network.class_names)
-        claim_out_folder(out_dir, config, resumed=saved is not None, lock=lock)
-        timings.add("data", time.monotonic() - data_started)
-    finally:
-        if warming is not None:  # before this thread uses MLflow, or an error ends the process
-            with timings.phase("store"):
-                warming.join()
+    data_started = time.monotonic()
+    with decode_progress(progress == "auto") as decoding:  # an image folder's first read decodes it
+        splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
+                              limit=config.limit, folder=options_from_config(config, decoding))
+    if config.batch_size > len(splits.y_train):
+        raise ConfigError(f"batch_size: got {config.batch_size}, larger than the {len(splits.y_train)} "
+                          "training examples")
+    check_validation_split(config, splits)
+    network = _build_network(config, splits)
+    out_dir = writable_out_folder(config, checkpoint)
+    if saved is not None:
+        # what resuming would refuse, before the MLflow run is reopened and config.toml rewritten
+        saved.check_resumable(network, config.batch_size, network.class_names)
+    claim_out_folder(out_dir, config, resumed=saved is not None, lock=lock)
+    timings.add("data", time.monotonic() - data_started)
 
     run = None
     if tracking_uri is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -129,31 +128,6 @@ def client_for(uri: str):
     open_store(uri)
     _quiet_reraised_database_errors()
     return mlflow.MlflowClient(tracking_uri=uri)
-
-def warm_up(uri: str) -> threading.Thread:
-    """Import MLflow and open an existing SQLite store in a background thread, while the fit
-    loads its data: about 1.5 s of a tracked fit's start that then overlaps the data. MLflow
-    caches a store per URI, so the run's client (client_for) reuses the one opened here. A new
-    store is not built here (nothing is written before the fit's checks pass), only imported
-    for. Errors are left to the fit, which opens the store itself and reports them; join the
-    thread before using MLflow."""
-    def work():
-        try:
-            from convtrain.tracking.quiet import quiet_mlflow_info
-
-            with quiet_mlflow_info():
-                path = sqlite_path(uri)
-                if path is not None and check_existing_store(path):
-                    client_for(uri)
-                elif path is not None:
-                    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-        except Exception:  # noqa: BLE001 -- the fit's own call reports it in one line
-            pass
-
-    thread = threading.Thread(target=work, name="convtrain-mlflow-warm-up", daemon=True)
-    thread.start()
-    return thread
-
 
 class _DropReraisedDatabaseErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
