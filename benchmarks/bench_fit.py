@@ -72,8 +72,9 @@ def commands(npz: Path, out: Path, epochs: int, threads: int, torch_passive: boo
     cmds = {
         "convtrain --help": [sys.executable, "-m", "convtrain", "--help"],
         "import torch": [sys.executable, "-c", "import torch"],
-        "convtrain fit": [sys.executable, "-m", "convtrain", "fit", "--no-track", "--data", "npz", "--data-path",
-                          str(npz), "--out", str(out / "convtrain-fit"), *common],
+        # --train-metrics full: the script re-scores the training set each epoch, as this did
+        "convtrain fit": [sys.executable, "-m", "convtrain", "fit", "--no-track", "--train-metrics", "full",
+                          "--data", "npz", "--data-path", str(npz), "--out", str(out / "convtrain-fit"), *common],
         "pytorch script": [sys.executable, str(HERE / "fit_torch.py"), str(npz), "--out", str(out / "pytorch-script"),
                            *common],
     }

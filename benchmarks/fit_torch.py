@@ -10,7 +10,7 @@ output folder; a checkpoint (weights, optimizer state, batch-order generator, hi
 atomically and fsync'ed before the first epoch and after every epoch; per epoch, the training
 set's and the validation set's loss, cost, accuracy and balanced accuracy in eval mode,
 batches of 100; a line per epoch; the model saved; the final evaluation of the validation set
-(predictions, scikit-learn's confusion matrix); the three plots (convtrain.training.plots, the same code
+(predictions, the confusion matrix); the three plots (convtrain.training.plots, the same code
 convtrain runs); the history table.
 
     python benchmarks/fit_torch.py data.npz --out runs/torch --filters 32,64 --kernel-sizes 5,3 \
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     save_atomic({"model": model.state_dict(), "normalization": standardizer.to_dict(),
                  "class_names": class_names}, out / "model.pt")
     values, predictions = evaluate(model, x_val, y_val, args.l2, weights, num_classes)
-    confusion = confusion_matrix(y_val, predictions, num_classes)  # scikit-learn's, as the fit's
+    confusion = confusion_matrix(y_val, predictions, num_classes)  # convtrain's, as the fit's
     plots.learning_curves(history, out / "plots" / "learning_curves.png", batch_losses=batch_losses,
                           best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"], monitor="val_loss")
     plots.confusion_matrix(confusion, class_names or list(range(num_classes)), out / "plots" / "confusion_matrix.png",

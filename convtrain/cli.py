@@ -188,6 +188,11 @@ def fit(ctx, *, config, print_config, resume, quiet, **settings):
         _error_line(f"interrupted: {one_line(exc)}{hint}")
         raise typer.Exit(exc.exit_code)
     _print_fit_result(console, result)
+    if resolved.timings:
+        from convtrain.pipeline.timings import timings_lines
+
+        console.print("\n".join(["where the time went (wall clock)", *timings_lines(result.timings)]),
+                      markup=False, highlight=False)
 
 
 fit.__signature__ = inspect.Signature(_fit_command_options())

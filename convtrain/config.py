@@ -55,6 +55,7 @@ DTYPES = ("float32", "float64")
 MAX_RUN_NAME = 250  # MLflow's limit on run names
 MAX_EXPERIMENT_NAME = 500
 OPTIMIZERS = ("sgd", "adamw")
+TRAIN_METRICS = ("running", "full")
 CONV_ALGOS = ("auto", *ENGINE_CONV_ALGOS)  # auto: the engine chooses per conv block
 PADDING_WORDS = ("same", "valid")
 
@@ -149,6 +150,9 @@ class FitConfig:
     patience: int | None = option("run", None, "Early stopping after this many epochs without improvement.",
                                   shown="no early stopping")
     monitor: str = option("run", "val_loss", "Metric for early stopping and the best epoch.")
+    train_metrics: str = option("run", "running", "Training metrics per epoch: running (the mean over the "
+                                "epoch's own batches, as they trained: free) or full (the training set "
+                                "re-scored in eval mode after the epoch, the lecture's cost curves).")
     experiment: str = option("run", "convtrain", "MLflow experiment.")
     run_name: str | None = option("run", None, "MLflow run name (also names the --out folder).",
                                   shown="MLflow's generated name")
@@ -158,6 +162,8 @@ class FitConfig:
     tracking_uri: str | None = option("run", None, "MLflow store.",
                                       shown="$MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     log_every: int = option("run", 10, "Log the batch loss every this many updates.")
+    timings: bool = option("run", False, "At the end, print where the fit's wall time went: start-up, data, "
+                           "store, training, evaluation, plots, model logging.")
     register_model: str | None = option("run", None, "Add the fit's model to the MLflow model registry as the next "
                                         "version of this name.", shown="not registered")
     parent_run: str | None = option("run", None, "An MLflow run id this fit's run becomes a child of (a sweep's "
@@ -450,6 +456,8 @@ def validate_config(config: FitConfig) -> None:
     _validate_conv_algo(config)
     _expect(config.patience is None or config.patience > 0, "patience", config.patience, "a positive count")
     _expect(config.monitor in MONITORS, "monitor", config.monitor, f"one of {', '.join(MONITORS)}")
+    _expect(config.train_metrics in TRAIN_METRICS, "train_metrics", config.train_metrics,
+            " or ".join(TRAIN_METRICS))
     _expect(bool(config.experiment), "experiment", config.experiment, "a non-empty name")
     if len(config.experiment) > MAX_EXPERIMENT_NAME:
         raise ConfigError(f"experiment: got {len(config.experiment)} characters, expected at most "

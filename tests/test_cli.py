@@ -192,6 +192,18 @@ def test_fit_output_is_plain_in_a_non_terminal(tmp_path):
     assert "training history" in result.stdout
 
 
+def test_timings_print_where_the_wall_time_went(tmp_path):
+    result = invoke("fit", *TINY, "--quiet", "--timings", "--out", "timed")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("where the time went (wall clock)\n", 1)[1].splitlines()
+    seconds = {line.split()[0] if not line.startswith("model") else "model logging":
+               float(line.split(" s")[0].split()[-1]) for line in lines if " s" in line}
+    phases = ["start-up", "data", "store", "training", "evaluation", "plots", "model logging", "other", "total"]
+    assert list(seconds) == phases, lines
+    assert seconds["total"] == pytest.approx(sum(seconds[p] for p in phases[:-1]), abs=0.06)
+    assert "where the time went" not in invoke("fit", *TINY, "--quiet", "--out", "untimed").stdout
+
+
 def test_quiet_prints_only_the_summary():
     result = invoke("fit", *TINY, "--quiet", "--out", "quiet")
     assert result.exit_code == 0, result.output

@@ -29,14 +29,16 @@ class FitResult:
     experiment_id: str | None = None
     problems: list[str] = field(default_factory=list)  # e.g. metrics the tracking store did not take
     registered_model: str | None = None  # "NAME version N" with --register-model
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (pipeline/timings.py)
 
 
 def finish(plan, outcome) -> FitResult:
     """Save the model, evaluate it, draw the plots and log it all; `plan.stage` says which."""
     config, network, splits, run = plan.config, plan.network, plan.splits, plan.run
-    trainer, history = outcome.trainer, outcome.history
+    trainer, history, timings = outcome.trainer, outcome.history, plan.timings
     plan.stage = "saving the model"
-    model_path = plan.model_path = network.save(RunFolder(plan.out_dir).model)
+    with timings.phase("model logging"):
+        model_path = plan.model_path = network.save(RunFolder(plan.out_dir).model)
     metrics = dict(history.best if config.patience else history.last)
     metrics.pop("epoch", None)
     metrics["best_epoch"] = history.best_epoch
@@ -45,25 +47,31 @@ def finish(plan, outcome) -> FitResult:
         _say(plan.progress, f"stopped at epoch {outcome.stopped_epoch}: {config.monitor} has not improved for "
                             f"{config.patience} epochs; restored epoch {history.best_epoch}")
     plan.stage = "evaluating the final model"
-    evaluation = _final_evaluation(trainer, network, splits)
+    with timings.phase("evaluation"):
+        evaluation = _final_evaluation(trainer, network, splits)
     metrics.update(evaluation.metrics)
     plan.stage = "writing the plots"
-    plots = _write_plots(RunFolder(plan.out_dir).plots, history, outcome.batch_losses, trainer, network, evaluation)
+    with timings.phase("plots"):
+        plots = _write_plots(RunFolder(plan.out_dir).plots, history, outcome.batch_losses, trainer, network,
+                             evaluation)
 
     plan.stage = "logging the results to MLflow"
     problems = []
     if run is not None:
         from convtrain.tracking.tracked_run import FitRecord
 
+        logging_started = time.monotonic()
         problems = run.end_fit(FitRecord(
             config=config, network=network, splits=splits, history=history, metrics=metrics,
             test_metrics=evaluation.metrics, last_epoch=trainer.epoch, stopped_epoch=outcome.stopped_epoch,
             out_dir=plan.out_dir, plots=plots, checkpoint_path=trainer.checkpoint_path, model_path=model_path,
             input_example=np.ascontiguousarray(splits.x_train[:2]), wall_seconds=time.monotonic() - plan.started))
+        timings.add("model logging", time.monotonic() - logging_started)
     return FitResult(run_id=run.run_id if run else None, history=history, metrics=metrics, model_path=model_path,
                      checkpoint_path=trainer.checkpoint_path, out_dir=plan.out_dir, network=network, config=config,
                      tracking_uri=plan.tracking_uri, experiment_id=run.experiment_id if run else None,
-                     problems=problems, registered_model=run.registered if run else None)
+                     problems=problems, registered_model=run.registered if run else None,
+                     timings=timings.split())
 
 
 def _say(progress_callback, line: str) -> None:

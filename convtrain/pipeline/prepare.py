@@ -18,6 +18,7 @@ from convtrain.errors import ConfigError
 from convtrain.pipeline.failures import ends_run_on_failure
 from convtrain.pipeline.out_folder import claim_out_folder, new_run_folder, writable_out_folder
 from convtrain.pipeline.resume import resolve_checkpoint
+from convtrain.pipeline.timings import FitTimings
 from convtrain.training.callbacks import Callback
 from convtrain.training.checkpoint import TrainingCheckpoint
 from convtrain.training.run_folder import RunFolder, RunFolderLock
@@ -38,6 +39,7 @@ class FitPlan:
     started: float = field(default_factory=time.monotonic)
     # what the fit has got to, for the message of an interrupt outside the training loop
     stage: str = "setting up the fit"
+    timings: FitTimings = field(default_factory=FitTimings)  # seconds per phase, for --timings
     trainer: Any = None
     model_path: Path | None = None
 
@@ -51,6 +53,7 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
     from convtrain.data.augment import plan_for
     from convtrain.pipeline.image_folder import decode_progress, options_from_config
 
+    timings = FitTimings()
     started = time.monotonic()
     config.validate()
     progress_callback = _progress_callback(progress)
@@ -60,12 +63,14 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
         saved.check_entries()
         saved.check_extension(config.epochs)
     saved_tracking = saved.callback_state("mlflow") if saved is not None else {}
-    tracking_uri = _reachable_store(config, resumed=saved is not None, saved_tracking=saved_tracking)
+    with timings.phase("store"):
+        tracking_uri = _reachable_store(config, resumed=saved is not None, saved_tracking=saved_tracking)
     if config.threads:
         from convtrain.nn.backend import set_num_threads
 
         set_num_threads(config.threads)
 
+    data_started = time.monotonic()
     with decode_progress(progress == "auto") as decoding:  # an image folder's first read decodes it
         splits = load_dataset(config.data, config.data_path, val_fraction=config.val_fraction, seed=config.seed,
                               limit=config.limit, folder=options_from_config(config, decoding))
@@ -80,17 +85,20 @@ def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None
         # what resuming would refuse, before the MLflow run is reopened and config.toml rewritten
         saved.check_resumable(network, config.batch_size, network.class_names)
     claim_out_folder(out_dir, config, resumed=saved is not None, lock=lock)
+    timings.add("data", time.monotonic() - data_started)
 
     run = None
     if tracking_uri is not None:
+        store_started = time.monotonic()
         from convtrain.tracking.tracked_run import TrackedRun
 
         run = TrackedRun.start(config, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags,
                                resume_run_id=saved_tracking.get("run_id"),
                                next_epoch=saved.next_epoch(config.epochs) if saved is not None else None)
+        timings.add("store", time.monotonic() - store_started)
     plan = FitPlan(config, splits, network, out_dir, saved, run, tracking_uri, callbacks=list(callbacks),
-                   progress=progress_callback, started=started)
-    with ends_run_on_failure(plan):
+                   progress=progress_callback, started=started, timings=timings)
+    with ends_run_on_failure(plan), timings.phase("data"):
         _open_run_folder(plan, lock)
     return plan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ def train(plan) -> TrainOutcome:
         tracking.append(MLflowCallback(plan.run, log_every=config.log_every))
     callbacks = [*([plan.progress] if plan.progress else []), recorder, *tracking, *plan.callbacks]
     trainer = plan.trainer = Trainer.from_config(network, config, callbacks=callbacks, checkpoint_dir=plan.out_dir)
+    timings = plan.timings
+    training_started = time.monotonic()
     if plan.resume_from is not None:
         trainer.resume(plan.resume_from)
         config.save_toml(RunFolder(plan.out_dir).config)  # only once the resume is known to work
@@ -43,13 +46,18 @@ def train(plan) -> TrainOutcome:
         # first epoch ends -- resumes into this run instead of leaving it RUNNING forever.
         trainer.save_checkpoint()
     if plan.run is not None:
+        store_started = time.monotonic()
         plan.run.begin_fit(config, splits, plan.out_dir, resumed=plan.resume_from is not None)
+        timings.add("store", time.monotonic() - store_started)
+        training_started += time.monotonic() - store_started
 
     x_train = network.normalize(splits.x_train)
     x_val = network.normalize(splits.x_val) if splits.x_val is not None and len(splits.x_val) else None
     plan.stage = "training"
     with stop_on_signals(trainer):
         history = trainer.fit(x_train, splits.y_train, x_val, splits.y_val if x_val is not None else None)
+    timings.add("training", time.monotonic() - training_started)
+    timings.move("training", "evaluation", trainer.evaluation_seconds)
     return TrainOutcome(trainer, history, recorder, _early_stopped_epoch(trainer))
 
 

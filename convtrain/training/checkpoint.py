@@ -20,7 +20,8 @@ Entries (plain arrays and JSON documents, no pickles; see nn/npz_files.py):
     rng              the shuffling generator's state
     schedule         the learning-rate schedule and its plan (a cosine's segments)
     history          the History callback's state
-    callbacks        {key: state_dict()} of the other callbacks
+    callbacks        {key: state_dict()} of the other callbacks, and mid-epoch with running
+                     training metrics the trainer's sums so far under "running_metrics"
     callback/<key>/<name>  their state arrays (EarlyStopping's best weights)
     config           the resolved FitConfig as TOML (absent for a Trainer built without one)
 

@@ -2,9 +2,12 @@
 
 One update (step.py): forward -> softmax cross-entropy (optionally label-smoothed) -> backward ->
 + 2*l2*W -> (clip the gradients to a global norm) -> SGD or AdamW step at the schedule's
-learning rate. After each epoch the training set (all of it up to
-`train_eval_limit` images, else a fixed seeded subset of that size) and the validation set
-are evaluated in eval mode: loss, cost, accuracy, balanced accuracy.
+learning rate. After each epoch the validation set is evaluated in eval mode: loss, cost,
+accuracy, balanced accuracy. The same metrics of the training set are, with
+`train_metrics="running"`, the mean over the epoch's own batches (metrics.RunningMetrics: no
+second pass, but each batch scored in training mode by the weights before its update), or with
+"full" the training set re-scored in eval mode after the epoch (all of it up to
+`train_eval_limit` images, else a fixed seeded subset of that size).
 
 Random streams, all derived from `seed`: the shuffling/augmentation generator
 (default_rng([seed, 1]); data.augment draws from it after each batch's rows are known) and
@@ -16,7 +19,7 @@ Resuming is exact. A checkpoint (training/checkpoint.py, the format's one owner)
 weights, batch norm's running statistics, the optimizer's state (SGD's velocities or AdamW's
 moments), update count, epoch, the shuffling and dropout generators' states, history and
 callbacks' state (the network's arrays plus the trainer's state_dict()); a checkpoint written mid-epoch (request_stop) also holds that epoch's sample
-order and the number of batches done. Since
+order, the number of batches done and the running sums of its training metrics. Since
 those are all the inputs of the remaining computation, a resumed fit makes the same
 floating-point operations in the same order as an uninterrupted one and ends with the same
 weights bit for bit (given the same thread count: reductions split by thread).
@@ -39,10 +42,13 @@ from convtrain.nn.optim import SGD, Schedule, make_optimizer, make_schedule, tra
 from convtrain.training.callbacks import Callback, CallbackList, Checkpoint, EarlyStopping, History
 from convtrain.training.checkpoint import TrainingCheckpoint
 from convtrain.training.inputs import checked_inputs
-from convtrain.training.metrics import evaluate_network
+from convtrain.training.metrics import RunningMetrics, evaluate_network
 from convtrain.training.run_folder import RunFolder
 from convtrain.training.sampling import epoch_order, epoch_size, train_eval_rows
 from convtrain.training.step import train_step
+
+
+RUNNING_KEY = "running_metrics"  # in the checkpoint's callbacks entry: no callback has this key
 
 
 class Trainer:
@@ -51,7 +57,7 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, patience: int | None = None,
                  monitor: str = "val_loss", balanced: bool = False, augment: "AugmentPlan | bool" = False,
                  config=None, train_eval_limit: int | None = 10_000, eval_batch_size: int = EVAL_BATCH_SIZE,
-                 label_smoothing: float = 0.0, clip_norm: float | None = None):
+                 label_smoothing: float = 0.0, clip_norm: float | None = None, train_metrics: str = "full"):
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f"epochs and batch_size: got {epochs} and {batch_size}, expected positive counts")
         self.network = network
@@ -65,6 +71,9 @@ class Trainer:
         if not 0 <= self.label_smoothing < 1 or (self.clip_norm is not None and self.clip_norm < 0):
             raise ConfigError(f"label_smoothing and clip_norm: got {label_smoothing} and {clip_norm}, "
                               f"expected a value in [0, 1) and a norm > 0")
+        if train_metrics not in ("running", "full"):
+            raise ConfigError(f"train_metrics: got {train_metrics!r}, expected running or full")
+        self.train_metrics = train_metrics
         self.seed = int(seed)
         self.monitor = monitor
         self.balanced = bool(balanced)
@@ -92,6 +101,8 @@ class Trainer:
         self.steps_per_epoch: int | None = None    # updates in a full epoch, set by fit()
         self.epoch_order: np.ndarray | None = None  # sample order of the epoch in progress
         self.batches_done = 0                        # batches of that epoch already applied
+        self.running: RunningMetrics | None = None   # its training metrics so far ("running")
+        self.evaluation_seconds = 0.0  # spent scoring after epochs, in this process
         self._stop_requested = False
         self._checkpoint_epoch: int | str | None = None
 
@@ -103,7 +114,8 @@ class Trainer:
                    checkpoint_dir=checkpoint_dir, patience=config.patience, monitor=config.monitor,
                    balanced=config.balanced, augment=plan_for(config), config=config,
                    label_smoothing=getattr(config, "label_smoothing", 0.0),
-                   clip_norm=getattr(config, "clip_norm", None))
+                   clip_norm=getattr(config, "clip_norm", None),
+                   train_metrics=getattr(config, "train_metrics", "full"))
 
     # ---- control --------------------------------------------------------------------
 
@@ -151,6 +163,7 @@ class Trainer:
         if self.epoch_order is None:  # not resuming mid-epoch
             self.epoch_order = epoch_order(y_train, self.rng, self.balanced)
             self.batches_done = 0
+            self.running = RunningMetrics(self.network.num_classes) if self.train_metrics == "running" else None
         order = self.epoch_order
         num_batches = math.ceil(len(order) / bs)
         images = 0
@@ -179,10 +192,16 @@ class Trainer:
         train_seconds = time.perf_counter() - started
 
         logs: dict[str, Any] = {}
-        x_eval, y_eval = (x_train, y_train) if eval_rows is None else (x_train[eval_rows], y_train[eval_rows])
-        logs.update({f"train_{k}": v for k, v in self.evaluate(x_eval, y_eval).items()})
+        evaluation_started = time.perf_counter()
+        if self.running is not None and self.running.images:
+            train_values = self.running.values()
+        else:  # "full", or a mid-epoch checkpoint written before running sums were kept
+            x_eval, y_eval = (x_train, y_train) if eval_rows is None else (x_train[eval_rows], y_train[eval_rows])
+            train_values = self.evaluate(x_eval, y_eval)
+        logs.update({f"train_{k}": v for k, v in train_values.items()})
         if x_val is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(x_val, y_val).items()})
+        self.evaluation_seconds += time.perf_counter() - evaluation_started
         logs["learning_rate"] = float(self.schedule.lr(max(self.step - 1, 0), epoch))
         logs["epoch_seconds"] = time.perf_counter() - started
         logs["images_per_second"] = images / train_seconds if train_seconds > 0 else float("nan")
@@ -192,6 +211,7 @@ class Trainer:
         self.epoch = epoch
         self.epoch_order = None
         self.batches_done = 0
+        self.running = None
         self.callbacks.on_epoch_end(self, epoch, logs)  # History first: it records the epoch
         if self._stop_requested:
             self._interrupt(epoch, num_batches)
@@ -199,7 +219,8 @@ class Trainer:
     def train_step(self, xb, yb, lr: float, mixed=None) -> tuple[float | None, float, float]:
         """One update on a batch: (loss, cost, accuracy) before it; see step.train_step."""
         return train_step(self.network, self.optimizer, xb, yb, lr, l2=self.l2,
-                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm, mixed=mixed)
+                          label_smoothing=self.label_smoothing, clip_norm=self.clip_norm, mixed=mixed,
+                          tally=self.running)
 
     def evaluate(self, x, y, *, normalize: bool = False, return_predictions: bool = False):
         """loss, cost, accuracy and balanced accuracy of normalized x (raw images with
@@ -245,7 +266,13 @@ class Trainer:
                 "rng": self.rng.bit_generator.state,
                 "dropout_rng": self.dropout_rng.bit_generator.state if self.network.has_dropout else None,
                 "schedule": self.schedule.to_dict(), "optimizer": self.optimizer.state_dict(),
-                "callbacks": self.callbacks.state_dict(), "callback_arrays": self.callbacks.state_arrays()}
+                "callbacks": {**self.callbacks.state_dict(), **self._running_state(mid_epoch)},
+                "callback_arrays": self.callbacks.state_arrays()}
+
+    def _running_state(self, mid_epoch: bool) -> dict:
+        """The running training metrics of the epoch in progress, kept beside the callbacks'
+        states (under a key no callback takes) so the counters entry stays as it always was."""
+        return {RUNNING_KEY: self.running.state_dict()} if mid_epoch and self.running is not None else {}
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Continue from a state_dict(); keys an older checkpoint lacks (None) start fresh.
@@ -256,12 +283,20 @@ class Trainer:
         mid_epoch = bool(counters["mid_epoch"])
         self.epoch_order = np.asarray(state["epoch_order"], dtype=np.int64) if mid_epoch else None
         self.batches_done = int(counters["batches_done"]) if mid_epoch else 0
+        # the epoch in progress goes on adding to its saved sums; a checkpoint without them
+        # (or a "full" fit) has that epoch's training set re-scored at its end
+        callback_states = dict(state["callbacks"])
+        running = callback_states.pop(RUNNING_KEY, None)
+        if not (mid_epoch and self.train_metrics == "running"):
+            running = None
+        self.running = (RunningMetrics.from_state(running, self.network.num_classes, source)
+                        if running is not None else None)
         self.optimizer.load_state_dict(state["optimizer"])
         _load_generator(self.dropout_rng, state.get("dropout_rng"), f"{source}: unusable dropout generator state")
         _load_generator(self.rng, state["rng"], f"{source}: unusable generator state")
         if state.get("schedule") is not None:  # the cosine plan the fit followed so far
             self.schedule.load_plan(state["schedule"])
-        self.callbacks.load_state_dict(state["callbacks"])
+        self.callbacks.load_state_dict(callback_states)
         self.callbacks.load_state_arrays(state.get("callback_arrays") or {})
 
     # ---- checkpoints ----------------------------------------------------------------

@@ -67,3 +67,13 @@ def test_balanced_accuracy_by_hand():
     assert balanced_accuracy(y_true, y_pred, 4) == pytest.approx((0.75 + 0.5 + 0.0) / 3)
     assert balanced_accuracy(y_true, y_true, 4) == 1.0
     assert np.isnan(balanced_accuracy(np.array([], int), np.array([], int), 3))
+
+
+def test_confusion_matrix_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from convtrain.training.metrics import confusion_matrix; "
+            "confusion_matrix([0, 1, 2], [0, 2, 2], 3); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -54,9 +54,9 @@ def _drawn_figure(monkeypatch, **kwargs):
     captured = {}
     real_save = plots._save
 
-    def keep(fig, path):
+    def keep(fig, path, **kwargs):
         captured["axes"] = fig.axes
-        return real_save(fig, path)
+        return real_save(fig, path, **kwargs)
 
     monkeypatch.setattr(plots, "_save", keep)
     return captured
@@ -111,14 +111,14 @@ def test_confusion_matrix_tick_labels_do_not_overlap(tmp_path, monkeypatch, name
     seen = []
     real_save = plots._save
 
-    def save(fig, path):
+    def save(fig, path, **kwargs):
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         labels = [label for label in fig.axes[0].get_xticklabels() if label.get_text()]
         seen.append([(label.get_rotation(), label.get_window_extent(renderer), label.get_fontsize() * fig.dpi / 72,
                       fig.axes[0].transData.transform((tick, 0))[0])
                      for tick, label in zip(fig.axes[0].get_xticks(), labels)])
-        return real_save(fig, path)
+        return real_save(fig, path, **kwargs)
 
     monkeypatch.setattr(plots, "_save", save)
     counts = np.arange(len(names) ** 2).reshape(len(names), len(names))

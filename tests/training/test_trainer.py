@@ -86,9 +86,11 @@ def test_same_seed_same_weights_other_seed_other_weights(small):
     assert not np.array_equal(weights(a)["conv1.weight"], weights(c)["conv1.weight"])
 
 
+@pytest.mark.parametrize("train_metrics", ["running", "full"])
 @pytest.mark.parametrize("stop_step", [7, 10])  # mid-epoch 2, and the end of epoch 2
-def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(small, tmp_path, stop_step):
-    config = FitConfig(epochs=4, nesterov=True, schedule="cosine", eta_min=0.001, augment=True, patience=10)
+def test_resume_after_interruption_equals_uninterrupted_run_bit_for_bit(small, tmp_path, stop_step, train_metrics):
+    config = FitConfig(epochs=4, nesterov=True, schedule="cosine", eta_min=0.001, augment=True, patience=10,
+                       train_metrics=train_metrics)
     reference = make_trainer(config, checkpoint_dir=tmp_path / "reference")
     reference.fit(*small)
 
@@ -329,3 +331,36 @@ def test_progress_takes_the_epoch_length_from_the_trainer(small):
     smallest = np.bincount(y_train[keep]).min()
     assert progress.steps_per_epoch == trainer.steps_per_epoch == math.ceil(10 * smallest / 16) == trainer.step
     assert progress.epochs == 1
+
+
+class BatchLogs(Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_batch_end(self, trainer, step, logs):
+        self.batches.append(logs)
+
+
+def test_running_training_metrics_are_the_mean_over_the_epochs_batches(small):
+    x_train, y_train, x_val, y_val = small
+    batches = BatchLogs()
+    trainer = make_trainer(FitConfig(epochs=2, batch_size=64, l2=1e-3), callbacks=[batches])
+    history = trainer.fit(x_train, y_train, x_val, y_val)
+    per_epoch = len(batches.batches) // 2
+    for epoch, logs in enumerate(history.epochs):
+        seen = batches.batches[epoch * per_epoch:(epoch + 1) * per_epoch]
+        n = sum(b["batch_size"] for b in seen)
+        for key in ("loss", "cost", "accuracy"):
+            mean = sum(b[key] * b["batch_size"] for b in seen) / n
+            assert logs[f"train_{key}"] == pytest.approx(mean, rel=1e-6), key
+        assert 0 <= logs["train_balanced_accuracy"] <= 1 and "val_loss" in logs
+
+
+def test_full_training_metrics_re_score_the_training_set_in_eval_mode(small):
+    from convtrain.training.metrics import evaluate_network
+
+    x_train, y_train, x_val, y_val = small
+    trainer = make_trainer(FitConfig(epochs=1, train_metrics="full"))
+    history = trainer.fit(x_train, y_train, x_val, y_val)
+    assert history.epochs[0]["train_loss"] == pytest.approx(
+        evaluate_network(trainer.network, x_train, y_train)["loss"], rel=1e-12)
