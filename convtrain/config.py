@@ -278,17 +278,6 @@ class FitConfig:
             params[name] = "" if value is None else str(value)
         return params
 
-    def run_params(self, steps_per_epoch: int) -> dict[str, str]:
-        """flat_params() as a run logs them, saying what was trained: where the schedule sets
-        the length (cyclic with cycles), `epochs` and `updates` are that length, not the unused
-        --epochs; a cyclic run's rates are eta_min to eta_max, so its unused `lr` is left out."""
-        params = self.flat_params()
-        if self.schedule_sets_length:
-            params["epochs"], params["updates"] = (str(n) for n in self.trained_length(steps_per_epoch))
-        if self.schedule == "cyclic":
-            params.pop("lr")
-        return params
-
     # ---- length -------------------------------------------------------------------
 
     def trained_length(self, steps_per_epoch: int) -> tuple[int, int]:

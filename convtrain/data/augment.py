@@ -137,6 +137,18 @@ def plan_for(config) -> AugmentPlan:
     return plan
 
 
+def augmented_batch(xb: np.ndarray, yb: np.ndarray, plan: AugmentPlan, rng: np.random.Generator):
+    """(images, mixed) of a training batch under `plan`: the transformed images, and for mixup or
+    cutmix (partner labels, lam) for the loss (None otherwise)."""
+    if not plan.active:
+        return xb, None
+    xb = augment_images(xb, plan, rng)
+    if not plan.mixes:
+        return xb, None
+    xb, partner, lam = blend(xb, plan, rng)
+    return xb, (yb[partner], lam)
+
+
 def augment_images(x: np.ndarray, plan: AugmentPlan, rng: np.random.Generator) -> np.ndarray:
     """A new batch (N, C, H, W) with `plan`'s image transforms (flip, rotate, crop, cutout, in
     that order); mixup and cutmix, which also change the labels, are `blend`.

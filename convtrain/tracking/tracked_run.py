@@ -112,10 +112,10 @@ class TrackedRun:
 
     def log_config(self, config, resumed: bool = False, steps_per_epoch: int | None = None) -> None:
         """The flattened config as params (with the length trained, when the schedule sets it:
-        FitConfig.run_params); on resume, params that now differ become tags."""
+        run_params); on resume, params that now differ become tags."""
         from mlflow.entities import Param
 
-        params = config.flat_params() if steps_per_epoch is None else config.run_params(steps_per_epoch)
+        params = config.flat_params() if steps_per_epoch is None else run_params(config, steps_per_epoch)
         if resumed:
             logged = self.client.get_run(self.run_id).data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
@@ -266,3 +266,15 @@ class TrackedRun:
         # http stores; the CLI prints its own summary, so they are kept out of the output.
         with contextlib.redirect_stdout(io.StringIO()):
             self.client.set_terminated(self.run_id, status)
+
+
+def run_params(config, steps_per_epoch: int) -> dict[str, str]:
+    """config.flat_params() as a run logs them, saying what was trained: where the schedule sets
+    the length (cyclic with cycles), `epochs` and `updates` are that length, not the unused
+    --epochs; a cyclic run's rates are eta_min to eta_max, so its unused `lr` is left out."""
+    params = config.flat_params()
+    if config.schedule_sets_length:
+        params["epochs"], params["updates"] = (str(n) for n in config.trained_length(steps_per_epoch))
+    if config.schedule == "cyclic":
+        params.pop("lr")
+    return params

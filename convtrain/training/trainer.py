@@ -34,8 +34,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from convtrain.data.augment import AugmentPlan, augment_images, blend, plan_for
-from convtrain.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from convtrain.data.augment import AugmentPlan, augmented_batch, plan_for
+from convtrain.errors import CheckpointError, ConfigError
 from convtrain.nn import backend
 from convtrain.nn.network import EVAL_BATCH_SIZE
 from convtrain.nn.optim import SGD, Schedule, make_optimizer, make_schedule, training_length
@@ -46,6 +46,7 @@ from convtrain.training.metrics import RunningMetrics, evaluate_network
 from convtrain.training.run_folder import RunFolder
 from convtrain.training.sampling import epoch_order, epoch_size, train_eval_rows
 from convtrain.training.step import train_step
+from convtrain.training.stopping import check_finite_parameters, diverged, interrupted
 
 
 RUNNING_KEY = "running_metrics"  # in the checkpoint's callbacks entry: no callback has this key
@@ -68,11 +69,7 @@ class Trainer:
         self.l2 = float(l2)
         self.label_smoothing = float(label_smoothing)
         self.clip_norm = None if not clip_norm else float(clip_norm)
-        if not 0 <= self.label_smoothing < 1 or (self.clip_norm is not None and self.clip_norm < 0):
-            raise ConfigError(f"label_smoothing and clip_norm: got {label_smoothing} and {clip_norm}, "
-                              f"expected a value in [0, 1) and a norm > 0")
-        if train_metrics not in ("running", "full"):
-            raise ConfigError(f"train_metrics: got {train_metrics!r}, expected running or full")
+        _check_loop_options(self.label_smoothing, self.clip_norm, train_metrics)
         self.train_metrics = train_metrics
         self.seed = int(seed)
         self.monitor = monitor
@@ -104,7 +101,7 @@ class Trainer:
         self.running: RunningMetrics | None = None   # its training metrics so far ("running")
         self.evaluation_seconds = 0.0  # spent scoring after epochs, in this process
         self._stop_requested = False
-        self._checkpoint_epoch: int | str | None = None
+        self.checkpoint_epoch: int | str | None = None  # the last good checkpoint's, for messages
 
     @classmethod
     def from_config(cls, network, config, callbacks: Iterable[Callback] = (),
@@ -172,23 +169,19 @@ class Trainer:
                 break
             rows = order[batch * bs:(batch + 1) * bs]
             xb, yb = x_train[rows], y_train[rows]
-            mixed = None
-            if self.augment.active:
-                xb = augment_images(xb, self.augment, self.rng)
-                if self.augment.mixes:
-                    xb, partner, lam = blend(xb, self.augment, self.rng)
-                    mixed = (yb[partner], lam)
+            xb, mixed = augmented_batch(xb, yb, self.augment, self.rng)
             lr = self.schedule.lr(self.step, epoch)
             loss, cost, accuracy = self.train_step(xb, yb, lr, mixed=mixed)
             if loss is None:
-                self._diverged(f"the training loss became {cost}", epoch, batch + 1, num_batches)
+                raise diverged(self, f"the training loss became {cost}", epoch, batch + 1, num_batches)
             self.step += 1
             self.batches_done = batch + 1
             images += len(rows)
             self.callbacks.on_batch_end(
                 self, self.step, {"loss": loss, "cost": cost, "accuracy": accuracy, "lr": lr, "batch_size": len(rows)})
             if self._stop_requested:
-                self._interrupt(epoch, num_batches)
+                self._stop_requested = False
+                raise interrupted(self, epoch, num_batches)
         train_seconds = time.perf_counter() - started
 
         logs: dict[str, Any] = {}
@@ -206,7 +199,8 @@ class Trainer:
         logs["epoch_seconds"] = time.perf_counter() - started
         logs["images_per_second"] = images / train_seconds if train_seconds > 0 else float("nan")
         if not math.isfinite(logs["train_loss"]):
-            self._diverged(f"the training loss evaluated after the epoch is {logs['train_loss']}", epoch, None, num_batches)
+            raise diverged(self, f"the training loss evaluated after the epoch is {logs['train_loss']}", epoch,
+                           None, num_batches)
 
         self.epoch = epoch
         self.epoch_order = None
@@ -214,7 +208,8 @@ class Trainer:
         self.running = None
         self.callbacks.on_epoch_end(self, epoch, logs)  # History first: it records the epoch
         if self._stop_requested:
-            self._interrupt(epoch, num_batches)
+            self._stop_requested = False
+            raise interrupted(self, epoch, num_batches)
 
     def train_step(self, xb, yb, lr: float, mixed=None) -> tuple[float | None, float, float]:
         """One update on a batch: (loss, cost, accuracy) before it; see step.train_step."""
@@ -230,26 +225,6 @@ class Trainer:
                                 normalize=normalize, return_predictions=return_predictions)
 
     # ---- failure paths --------------------------------------------------------------
-
-    def _last_good(self) -> str:
-        if self.checkpoint_path is None:
-            return "no checkpoint was written" + ("" if self.checkpoint_dir else " (no checkpoint directory)")
-        return f"the last good checkpoint is {self.checkpoint_path} (epoch {self._checkpoint_epoch})"
-
-    def _diverged(self, what: str, epoch: int, batch: int | None, num_batches: int):
-        where = f"epoch {epoch}" + (f", batch {batch}/{num_batches}" if batch is not None else "")
-        raise TrainingDiverged(
-            f"{what} at {where} (update {self.step + 1}); {self._last_good()}; "
-            f"try a lower learning rate",
-            epoch=epoch, batch=batch, checkpoint=self.checkpoint_path)
-
-    def _interrupt(self, epoch: int, num_batches: int):
-        self._stop_requested = False
-        where = (f"epoch {epoch}, batch {self.batches_done}/{num_batches}" if self.epoch_order is not None
-                 else f"the end of epoch {epoch}")
-        path = self.save_checkpoint() if self.checkpoint_dir is not None else None
-        saved = f"checkpoint written to {path}" if path else "no checkpoint directory, nothing saved"
-        raise TrainingInterrupted(f"training stopped at {where} (update {self.step}); {saved}", checkpoint=path)
 
     # ---- state ----------------------------------------------------------------------
 
@@ -309,16 +284,11 @@ class Trainer:
             if self.checkpoint_dir is None:
                 raise ConfigError("save_checkpoint: no path given and the trainer has no checkpoint_dir")
             path = RunFolder(self.checkpoint_dir).checkpoint
-        for name, value in self.network.parameters().items():
-            if not np.isfinite(value).all():
-                raise TrainingDiverged(
-                    f"parameter {name} is not finite after update {self.step} (epoch {self.epoch + 1}); "
-                    f"not writing a checkpoint; {self._last_good()}",
-                    epoch=self.epoch + 1, checkpoint=self.checkpoint_path)
+        check_finite_parameters(self)
         mid_epoch = self.epoch_order is not None
         path = TrainingCheckpoint.capture(self).save(path)
         self.checkpoint_path = path
-        self._checkpoint_epoch = self.epoch if not mid_epoch else f"{self.epoch + 1}, mid-epoch"
+        self.checkpoint_epoch = self.epoch if not mid_epoch else f"{self.epoch + 1}, mid-epoch"
         self.callbacks.on_checkpoint(self, path)
         return path
 
@@ -329,7 +299,15 @@ class Trainer:
             checkpoint = TrainingCheckpoint.load(checkpoint)
         checkpoint.restore(self)
         self.checkpoint_path = self.resumed_from = checkpoint.path
-        self._checkpoint_epoch = self.epoch
+        self.checkpoint_epoch = self.epoch
+
+
+def _check_loop_options(label_smoothing: float, clip_norm: float | None, train_metrics: str) -> None:
+    if not 0 <= label_smoothing < 1 or (clip_norm is not None and clip_norm < 0):
+        raise ConfigError(f"label_smoothing and clip_norm: got {label_smoothing} and {clip_norm}, "
+                          f"expected a value in [0, 1) and a norm > 0")
+    if train_metrics not in ("running", "full"):
+        raise ConfigError(f"train_metrics: got {train_metrics!r}, expected running or full")
 
 
 def _augment_plan(augment) -> AugmentPlan:
