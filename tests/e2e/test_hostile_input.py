@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.cli import free_port, invoke
+from tests.support.cli import TINY, free_port, invoke
 
-TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32"]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -133,20 +132,6 @@ def cifar_batch(n_images=10, n_labels=10) -> bytes:
 def numpy_global_pickle(_tmp) -> bytes:
     # protocol-0 opcodes: GLOBAL numpy.load, then call it with a file name
     return b"cnumpy\nload\n(S'/etc/hostname'\ntR."
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished tiny digits fit (untracked): out/ with model.npz, checkpoint.npz, config.toml."""
-    folder = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = invoke("fit", *TINY, "--no-track", "--out", "out", "--quiet")
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    return folder / "out"
 
 
 def stored_tracking(uri: str) -> Callable[[Path], None]:

@@ -17,7 +17,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -25,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.cli import invoke
+from tests.support.cli import TINY, invoke
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32"]
 PEAK_LIMIT = 256 * 1024 * 1024  # a refusing process peaks at about 70 MiB (Python, numpy, convtrain)
 TIMEOUT = 120
 
@@ -143,20 +141,6 @@ def compressed_zeros_npz(path: Path, method: int, images: int) -> Path:
         np.save(labels, np.zeros(images, np.uint8))
         archive.writestr("y.npy", labels.getvalue())
     return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished tiny digits fit (untracked): out/ with model.npz and checkpoint.npz."""
-    folder = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = invoke("fit", *TINY, "--no-track", "--out", "out", "--quiet")
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    return folder / "out"
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,9 @@ from typer.testing import CliRunner
 
 from convtrain.cli import app
 
+# the smallest fit that still trains: a few hundred digits, one small conv block, one epoch
+TINY = ["--limit", "300", "--filters", "4", "--epochs", "1", "--batch-size", "32"]
+
 # a fixed width (rich wraps to it) and none of the user's tracking store or debug setting
 ENV = {"COLUMNS": "120", "MLFLOW_TRACKING_URI": None, "CONVTRAIN_DEBUG": None}
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.support.proc import children_of
 
 ROOT = Path(__file__).resolve().parents[2]
 # trials of 2,000 epochs on 200 digits: minutes each, far longer than the test waits
@@ -29,19 +30,6 @@ method = "grid"
 [space]
 l2 = [1e-4, 1e-3]
 """
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def running(pid: int) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import free_port
+from tests.support.proc import group_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,19 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def port_open(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def group_of(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
 
 
 def start_ui(folder: Path, port: int) -> subprocess.Popen:
