@@ -85,10 +85,8 @@ def evaluate(model, x, y, l2, weights, num_classes):
             "balanced_accuracy": balanced_accuracy(y, predictions, num_classes)}, predictions
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", help="the .npz (arrays x, y, optionally class_names)")
-    parser.add_argument("--out", required=True, help="output folder")
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings both PyTorch fit scripts take, with the reference nets' defaults."""
     parser.add_argument("--filters", default="32,64")
     parser.add_argument("--kernel-sizes", default="5,3")
     parser.add_argument("--epochs", type=int, default=2)
@@ -99,6 +97,13 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="the .npz (arrays x, y, optionally class_names)")
+    parser.add_argument("--out", required=True, help="output folder")
+    add_fit_arguments(parser)
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

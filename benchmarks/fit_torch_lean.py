@@ -22,6 +22,7 @@ import torch
 from convtrain.data.split import split_indices
 from convtrain.data.standardize import Standardizer
 from convtrain.nn.standardization import standardize
+from fit_torch import add_fit_arguments  # run from benchmarks/ or as a script beside it
 
 
 def build_model(input_shape, num_classes, filters, kernel_sizes):
@@ -42,16 +43,7 @@ def build_model(input_shape, num_classes, filters, kernel_sizes):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
-    parser.add_argument("--filters", default="32,64")
-    parser.add_argument("--kernel-sizes", default="5,3")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--l2", type=float, default=1e-4)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    add_fit_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
