@@ -45,9 +45,10 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     """
     # The whole fit holds its output folder (one writer per folder), and SIGTERM ends it like
     # Ctrl-C from the very start, so a signal while the data loads also ends with one line.
-    # The plot workers start now, to import matplotlib while the fit loads, opens its store and
-    # trains; they end with the fit, whatever its outcome (training/plot_worker.py).
-    with sigterm_as_keyboard_interrupt(), RunFolderLock() as lock, PlotWorkers() as plot_workers:
+    # The plot workers are forked first, before the fit has a thread, a lock or a store open, to
+    # import matplotlib while it loads, opens its store and trains; they end with the fit,
+    # whatever its outcome (training/plot_worker.py).
+    with PlotWorkers() as plot_workers, sigterm_as_keyboard_interrupt(), RunFolderLock() as lock:
         try:
             plan = prepare(config, lock, resume=resume, parent_run_id=parent_run_id or config.parent_run,
                            tags=tags, callbacks=callbacks, progress=progress)

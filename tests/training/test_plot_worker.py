@@ -3,9 +3,6 @@ worker reported and its figures drawn in the fit instead, no worker left running
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -41,7 +38,7 @@ def draw(workers, folder):
 def test_workers_draw_the_same_figures_as_the_fit_itself_and_end(tmp_path):
     workers = PlotWorkers(2)
     pids = [p.pid for p in workers.processes]
-    assert len(pids) == 2
+    assert len(pids) == 2 and set(pids) <= set(children_of(os.getpid()))
     paths, problems = draw(workers, tmp_path / "workers")
     here, here_problems = draw(PlotWorkers(0), tmp_path / "here")
     assert problems == here_problems == []
@@ -53,8 +50,7 @@ def test_workers_draw_the_same_figures_as_the_fit_itself_and_end(tmp_path):
 
 def test_a_killed_worker_is_reported_and_its_figures_drawn_in_the_fit(tmp_path):
     workers = PlotWorkers(2)
-    workers.processes[1].send_signal(signal.SIGKILL)
-    workers.processes[1].wait()
+    os.kill(workers.processes[1].pid, signal.SIGKILL)
     paths, problems = draw(workers, tmp_path)
     assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
     assert all(p.is_file() for p in paths)
@@ -70,14 +66,37 @@ def test_a_figure_that_cannot_be_drawn_fails_the_fit_as_it_would_in_process(tmp_
     assert not (tmp_path / "cm.png").exists()
 
 
+def test_one_worker_draws_every_call_in_order(tmp_path):
+    paths, problems = draw(PlotWorkers(1), tmp_path)
+    assert problems == []
+    assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
+    assert all(p.is_file() for p in paths)
+
+
 def test_unused_workers_end_with_the_fit_and_an_orphaned_worker_ends_by_itself(tmp_path):
     workers = PlotWorkers(2)
     pids = [p.pid for p in workers.processes]
     workers.close()
     assert not set(pids) & set(children_of(os.getpid()))
-    # a worker whose fit died (SIGKILL closes its end of stdin) exits without drawing
-    orphan = subprocess.Popen([sys.executable, "-m", "convtrain.training.plot_worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE)
-    orphan.stdin.close()
-    assert orphan.wait(timeout=60) == 0
-    assert orphan.stdout.read() == b""
+    # a worker whose fit died (SIGKILL closes the fit's end of its pipe) exits without drawing
+    workers = PlotWorkers(1)
+    worker = workers.processes[0]
+    os.close(worker.calls_fd)
+    worker.calls_fd = -1
+    _, status = os.waitpid(worker.pid, 0)
+    worker.exit_status = os.waitstatus_to_exitcode(status)
+    assert worker.exit_status == 0
+    assert os.read(worker.answer_fd, 10) == b""
+    workers.close()
+
+
+def test_a_worker_that_never_answers_is_stopped_and_its_figures_drawn_in_the_fit(tmp_path):
+    workers = PlotWorkers(1)
+    worker = workers.processes[0]
+    os.kill(worker.pid, signal.SIGSTOP)  # hung
+    first, second = calls(tmp_path)
+    workers.draw(first + second)
+    worker.done()
+    assert worker.answer(timeout=0.5) is None
+    assert worker.exit_status == -signal.SIGKILL
+    workers.close()
