@@ -14,8 +14,8 @@ Nothing is lost and nothing is left behind:
 - a worker that fails (an exception, a crash, no answer) is reported by `results` in one line,
   and its figures are drawn in the fit's own process instead, where an error raises as before;
 - the fit ends and reaps its workers when it ends (`close`), whatever the outcome;
-- a fit killed with SIGKILL closes its end of the pipes, and a worker that reads end-of-file
-  exits at once without drawing.
+- a fit killed with SIGKILL takes its workers with it (Linux's parent-death signal); elsewhere a
+  worker reads end-of-file on its pipe and exits without drawing.
 
 `CONVTRAIN_PLOT_WORKERS=0` draws in the fit's process (the figures are the same either way).
 """
@@ -26,6 +26,7 @@ import contextlib
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -112,10 +113,12 @@ class _Worker:
     def fork(cls, siblings: list["_Worker"]) -> "_Worker":
         calls_read, calls_write = os.pipe()
         answer_read, answer_write = os.pipe()
+        fit_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the fit's code
             code = 1
             try:
+                _die_with(fit_pid)
                 for fd in (calls_write, answer_read, *[f for s in siblings for f in (s.calls_fd, s.answer_fd)]):
                     os.close(fd)  # so a dead fit's pipes read as end-of-file here and in its siblings
                 code = serve(calls_read, answer_write)
@@ -197,6 +200,19 @@ class _Worker:
                 self.exit_status = os.waitstatus_to_exitcode(status)
                 return
             time.sleep(0.005)
+
+
+def _die_with(fit_pid: int) -> None:
+    """Linux: SIGKILL this worker when the fit's process dies, so a killed fit leaves no worker
+    drawing into its folder while it is resumed (prctl PR_SET_PDEATHSIG). Elsewhere the worker
+    still ends at the end-of-file of its pipe."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != fit_pid:  # the fit died before the request took effect
+        os._exit(0)
 
 
 def draw_here(calls) -> list[Path]:

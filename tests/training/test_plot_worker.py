@@ -100,3 +100,28 @@ def test_a_worker_that_never_answers_is_stopped_and_its_figures_drawn_in_the_fit
     assert worker.answer(timeout=0.5) is None
     assert worker.exit_status == -signal.SIGKILL
     workers.close()
+
+
+def test_a_worker_dies_with_its_fit(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from convtrain.training.plot_worker import PlotWorkers\n"
+              "workers = PlotWorkers(1)\n"
+              "print(workers.processes[0].pid, flush=True)\n"
+              "time.sleep(60)\n")
+    fit = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(fit.stdout.readline())
+    fit.kill()
+    fit.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the worker outlived its killed fit")
