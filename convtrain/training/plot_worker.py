@@ -202,6 +202,16 @@ class _Worker:
             time.sleep(0.005)
 
 
+def preload() -> None:
+    """Import what drawing needs in this process, once: a process that runs many fits (a sweep
+    worker) then forks workers that draw at once, and that import nothing while another thread
+    (Optuna's heartbeat) may hold an import lock."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+    from convtrain.training import plots  # noqa: F401
+
+
 def _die_with(fit_pid: int) -> None:
     """Linux: SIGKILL this worker when the fit's process dies, so a killed fit leaves no worker
     drawing into its folder while it is resumed (prctl PR_SET_PDEATHSIG). Elsewhere the worker
@@ -227,10 +237,7 @@ def serve(calls_fd: int, answer_fd: int) -> int:
     for name in ("SIGINT", "SIGTERM"):  # the fit's own handlers are not the worker's
         signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  -- warm before the job
-        from matplotlib.figure import Figure  # noqa: F401
-
-        from convtrain.training import plots  # noqa: F401
+        preload()  # before the calls come: while the fit trains
     except BaseException:
         pass  # drawing will raise the same, and say it
     calls = []
