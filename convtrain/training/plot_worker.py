@@ -3,7 +3,9 @@
 Drawing the three figures of a fit takes matplotlib's import and then each figure's layout and
 rasterizing, all pure Python under one GIL: a thread would not run beside the fit. So `fit`
 forks `PlotWorkers` as it begins, before it has started a thread, opened a store or loaded
-data. A worker imports matplotlib and plots.py while the fit loads its data, opens its store and
+data. (A process that has imported matplotlib already, a sweep worker, forks them only when the
+first figures are handed out: there is no import to hide, and no copy-on-write of the fit's
+memory while it trains.) A worker imports matplotlib and plots.py while the fit loads its data, opens its store and
 trains, then waits for its figures on a pipe; a fork shares what the fit imported already, so
 the worker adds no work the fit would not do itself. Each `draw` hands its calls to one worker
 (with two: the learning curves and filters before the final evaluation, the confusion matrix
@@ -46,11 +48,20 @@ def worker_count() -> int:
 class PlotWorkers:
     """Up to `count` worker processes, forked now, each drawing the calls it is handed."""
 
-    def __init__(self, count: int | None = None):
+    def __init__(self, count: int | None = None, *, fork_now: bool | None = None):
         self.processes: list[_Worker] = []
         self.jobs: list[tuple[_Worker | None, list]] = []
         self.problems: list[str] = []
-        for _ in range(worker_count() if count is None else count):
+        self.count = worker_count() if count is None else count
+        # With matplotlib imported already (a sweep worker, preload) there is no import to hide
+        # behind the training: the workers are forked when the first figures are handed out,
+        # so no copy-on-write of the fit's memory goes on while it trains.
+        if fork_now if fork_now is not None else "matplotlib.figure" not in sys.modules:
+            self._fork()
+
+    def _fork(self) -> None:
+        count, self.count = self.count, 0
+        for _ in range(count):
             try:
                 self.processes.append(_Worker.fork(self.processes))
             except OSError as exc:  # no process to spare: the fit draws its figures itself
@@ -66,6 +77,8 @@ class PlotWorkers:
     def draw(self, calls: list[tuple[str, tuple, dict]]) -> None:
         """Hand `calls` (plots.py function name, args, kwargs) to the next worker in turn; with
         none they are drawn by `results`, in this process."""
+        if self.count:
+            self._fork()
         worker = self.processes[len(self.jobs) % len(self.processes)] if self.processes else None
         if worker is not None:
             worker.send(calls)
@@ -95,6 +108,7 @@ class PlotWorkers:
 
     def close(self) -> None:
         """End and reap every worker (an idle one reads end-of-file and exits)."""
+        self.count = 0
         for worker in self.processes:
             worker.end()
         self.processes = []

@@ -36,7 +36,7 @@ def draw(workers, folder):
 
 
 def test_workers_draw_the_same_figures_as_the_fit_itself_and_end(tmp_path):
-    workers = PlotWorkers(2)
+    workers = PlotWorkers(2, fork_now=True)
     pids = [p.pid for p in workers.processes]
     assert len(pids) == 2 and set(pids) <= set(children_of(os.getpid()))
     paths, problems = draw(workers, tmp_path / "workers")
@@ -49,7 +49,7 @@ def test_workers_draw_the_same_figures_as_the_fit_itself_and_end(tmp_path):
 
 
 def test_a_killed_worker_is_reported_and_its_figures_drawn_in_the_fit(tmp_path):
-    workers = PlotWorkers(2)
+    workers = PlotWorkers(2, fork_now=True)
     os.kill(workers.processes[1].pid, signal.SIGKILL)
     paths, problems = draw(workers, tmp_path)
     assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
@@ -59,7 +59,7 @@ def test_a_killed_worker_is_reported_and_its_figures_drawn_in_the_fit(tmp_path):
 
 def test_a_figure_that_cannot_be_drawn_fails_the_fit_as_it_would_in_process(tmp_path):
     bad = [("confusion_matrix", (np.ones(3), ["a"], tmp_path / "cm.png"), {})]  # not a matrix
-    with PlotWorkers(1) as workers:
+    with PlotWorkers(1, fork_now=True) as workers:
         workers.draw(bad)
         with pytest.raises(Exception):
             workers.results()
@@ -67,19 +67,19 @@ def test_a_figure_that_cannot_be_drawn_fails_the_fit_as_it_would_in_process(tmp_
 
 
 def test_one_worker_draws_every_call_in_order(tmp_path):
-    paths, problems = draw(PlotWorkers(1), tmp_path)
+    paths, problems = draw(PlotWorkers(1, fork_now=True), tmp_path)
     assert problems == []
     assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
     assert all(p.is_file() for p in paths)
 
 
 def test_unused_workers_end_with_the_fit_and_an_orphaned_worker_ends_by_itself(tmp_path):
-    workers = PlotWorkers(2)
+    workers = PlotWorkers(2, fork_now=True)
     pids = [p.pid for p in workers.processes]
     workers.close()
     assert not set(pids) & set(children_of(os.getpid()))
     # a worker whose fit died (SIGKILL closes the fit's end of its pipe) exits without drawing
-    workers = PlotWorkers(1)
+    workers = PlotWorkers(1, fork_now=True)
     worker = workers.processes[0]
     os.close(worker.calls_fd)
     worker.calls_fd = -1
@@ -91,7 +91,7 @@ def test_unused_workers_end_with_the_fit_and_an_orphaned_worker_ends_by_itself(t
 
 
 def test_a_worker_that_never_answers_is_stopped_and_its_figures_drawn_in_the_fit(tmp_path):
-    workers = PlotWorkers(1)
+    workers = PlotWorkers(1, fork_now=True)
     worker = workers.processes[0]
     os.kill(worker.pid, signal.SIGSTOP)  # hung
     first, second = calls(tmp_path)
@@ -109,7 +109,7 @@ def test_a_worker_dies_with_its_fit(tmp_path):
 
     script = ("import sys, time\n"
               "from convtrain.training.plot_worker import PlotWorkers\n"
-              "workers = PlotWorkers(1)\n"
+              "workers = PlotWorkers(1, fork_now=True)\n"
               "print(workers.processes[0].pid, flush=True)\n"
               "time.sleep(60)\n")
     fit = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -125,3 +125,15 @@ def test_a_worker_dies_with_its_fit(tmp_path):
         time.sleep(0.02)
     else:
         pytest.fail("the worker outlived its killed fit")
+
+
+def test_with_matplotlib_imported_the_workers_are_forked_when_the_figures_are_handed_out(tmp_path):
+    from convtrain.training.plot_worker import preload
+
+    preload()
+    workers = PlotWorkers(1)
+    assert workers.processes == []  # nothing forked while the fit would train
+    paths, problems = draw(workers, tmp_path)
+    assert problems == []
+    assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
+    assert all(p.is_file() for p in paths)
