@@ -116,6 +116,7 @@ def _set_openmp_environment() -> None:
 def available_builds() -> list[str]:
     """The builds this CPU can run and this installation has, newest first, "baseline" last."""
     _set_openmp_environment()
+    load_cython_blas()
     level = importlib.import_module(_BASELINE_MODULE).cpu_x86_64_level()
     names = []
     for name, (suffix, needs) in _ISA_BUILDS.items():
@@ -127,10 +128,69 @@ def available_builds() -> list[str]:
 def load_build(name: str, stem: str = "_conv"):
     """The compiled module ext/<stem>.pyx of build `name` ("baseline", "x86-64-v3",
     "x86-64-v4"); the baseline build if this one was not built for `stem`."""
+    load_cython_blas()
     module = f"convtrain.nn.{stem}"
     if name != "baseline" and importlib.util.find_spec(module + _ISA_BUILDS[name][0]) is not None:
         module += _ISA_BUILDS[name][0]
     return importlib.import_module(module)
+
+
+def load_cython_blas():
+    """scipy.linalg.cython_blas, the BLAS the kernels call, without scipy.linalg's own import.
+
+    The kernels cimport it, so loading them imports it, and a plain import runs the package
+    `scipy.linalg` first: LAPACK wrappers, scipy's array-API layer and numpy.f2py, a quarter of
+    a fit's start-up, none of which a fit uses. It is loaded under a bare stand-in package
+    instead, removed at once; a later `import scipy.linalg` runs the real package, which is
+    then given the loaded module as its `cython_blas` (_CythonBlasAttribute)."""
+    import sys
+
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return sys.modules[name]
+    if "scipy.linalg" in sys.modules:
+        return importlib.import_module(name)
+    import types
+
+    import scipy
+
+    spec = importlib.util.find_spec("scipy.linalg")
+    stand_in = types.ModuleType("scipy.linalg")
+    stand_in.__spec__, stand_in.__path__, stand_in.__package__ = spec, spec.submodule_search_locations, "scipy.linalg"
+    sys.modules["scipy.linalg"] = stand_in
+    try:
+        module = importlib.import_module(name)
+    finally:
+        if sys.modules.get("scipy.linalg") is stand_in:
+            del sys.modules["scipy.linalg"]
+        if vars(scipy).get("linalg") is stand_in:  # not getattr: scipy imports submodules lazily
+            del scipy.linalg
+    sys.meta_path.insert(0, _CythonBlasAttribute())
+    return module
+
+
+class _CythonBlasAttribute:
+    """A finder for one import, the real `scipy.linalg`: it lets the usual finders find it and,
+    once the package has run, sets its `cython_blas` to the module already loaded (the import
+    system sets a submodule's attribute only when it loads the submodule), then removes itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "scipy.linalg":
+            return None
+        import sys
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.cython_blas = sys.modules["scipy.linalg.cython_blas"]
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _choose_build() -> str:
@@ -186,7 +246,7 @@ def _openblas_thread_functions(lib):
 
 def _setup_blas_pinning():
     """Register pthreads OpenBLAS libraries with the kernels; return the rest to pin from Python."""
-    import scipy.linalg.cython_blas  # noqa: F401  (make sure the kernels' BLAS is loaded)
+    load_cython_blas()  # make sure the kernels' BLAS is loaded
     from threadpoolctl import ThreadpoolController
 
     python_pinned = []

@@ -1,5 +1,10 @@
 """The last step of a fit: the model saved, the final evaluation, the plots, then one call that
-hands the results to the MLflow run (TrackedRun.end_fit)."""
+hands the results to the MLflow run (TrackedRun.end_fit).
+
+The plots are drawn by the fit's plot workers (training/plot_worker.py) while it evaluates the
+final model and logs it to MLflow: the learning curves and filters are handed out before the
+final evaluation, the confusion matrix after it, and the run waits for them only when it logs
+them as artifacts, after the model."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import numpy as np
 
 from convtrain.config import FitConfig
 from convtrain.training.metrics import Evaluation, confusion_matrix
+from convtrain.training.plot_worker import PlotWorkers
 from convtrain.training.run_folder import RunFolder
 
 
@@ -46,27 +52,44 @@ def finish(plan, outcome) -> FitResult:
         metrics["stopped_epoch"] = outcome.stopped_epoch
         _say(plan.progress, f"stopped at epoch {outcome.stopped_epoch}: {config.monitor} has not improved for "
                             f"{config.patience} epochs; restored epoch {history.best_epoch}")
+    plan.stage = "writing the plots"
+    workers = plan.plot_workers or PlotWorkers(0)
+    folder = RunFolder(plan.out_dir).plots
+    with timings.phase("plots"):  # handed to a worker, drawn while the fit goes on
+        workers.draw(_model_free_plots(folder, history, outcome.batch_losses, trainer, network))
     plan.stage = "evaluating the final model"
     with timings.phase("evaluation"):
         evaluation = _final_evaluation(trainer, network, splits)
     metrics.update(evaluation.metrics)
     plan.stage = "writing the plots"
     with timings.phase("plots"):
-        plots = _write_plots(RunFolder(plan.out_dir).plots, history, outcome.batch_losses, trainer, network,
-                             evaluation)
-
-    plan.stage = "logging the results to MLflow"
+        workers.draw([_confusion_plot(folder, evaluation)])
     problems = []
+
+    def plots_written() -> list[Path]:
+        """Wait for the figures (drawn here if a worker failed); the wait counts as plots."""
+        waited = time.monotonic()
+        stage, plan.stage = plan.stage, "writing the plots"
+        paths, worker_problems = workers.results()
+        plan.stage = stage
+        problems.extend(worker_problems)
+        timings.add("plots", time.monotonic() - waited)
+        return paths
+
     if run is not None:
         from convtrain.tracking.tracked_run import FitRecord
 
+        plan.stage = "logging the results to MLflow"
         logging_started = time.monotonic()
-        problems = run.end_fit(FitRecord(
+        plots_before = timings.seconds["plots"]
+        problems += run.end_fit(FitRecord(
             config=config, network=network, splits=splits, history=history, metrics=metrics,
             test_metrics=evaluation.metrics, last_epoch=trainer.epoch, stopped_epoch=outcome.stopped_epoch,
-            out_dir=plan.out_dir, plots=plots, checkpoint_path=trainer.checkpoint_path, model_path=model_path,
+            out_dir=plan.out_dir, plots=plots_written, checkpoint_path=trainer.checkpoint_path, model_path=model_path,
             input_example=np.ascontiguousarray(splits.x_train[:2]), wall_seconds=time.monotonic() - plan.started))
-        timings.add("model logging", time.monotonic() - logging_started)
+        timings.add("model logging", time.monotonic() - logging_started - (timings.seconds["plots"] - plots_before))
+    else:
+        plots_written()
     return FitResult(run_id=run.run_id if run else None, history=history, metrics=metrics, model_path=model_path,
                      checkpoint_path=trainer.checkpoint_path, out_dir=plan.out_dir, network=network, config=config,
                      tracking_uri=plan.tracking_uri, experiment_id=run.experiment_id if run else None,
@@ -82,29 +105,37 @@ def _say(progress_callback, line: str) -> None:
 
 
 def _final_evaluation(trainer, network, splits) -> Evaluation:
-    """Test metrics of the final model (validation if the data set has no test split)."""
+    """Test metrics of the final model (validation if the data set has no test split). Without
+    a test split only the confusion matrix is wanted: the validation predictions the trainer made
+    with this very model (Trainer.validation_predictions) are used when it has them."""
     if splits.x_test is not None and len(splits.x_test):
         split, x, y = "test", splits.x_test, splits.y_test
     elif splits.x_val is not None and len(splits.x_val):
         split, x, y = "val", splits.x_val, splits.y_val
     else:
         split, x, y = "train", splits.x_train, splits.y_train
-    values, predictions = trainer.evaluate(x, y, normalize=True, return_predictions=True)  # a batch at a time
-    metrics = {f"test_{k}": float(v) for k, v in values.items()} if split == "test" else {}
+    predictions = trainer.validation_predictions() if split == "val" else None
+    if predictions is not None:  # the saved model scored these already, bit for bit this model
+        metrics = {}
+    else:
+        values, predictions = trainer.evaluate(x, y, normalize=True, return_predictions=True)  # a batch at a time
+        metrics = {f"test_{k}": float(v) for k, v in values.items()} if split == "test" else {}
     return Evaluation(split, metrics, confusion_matrix(y, predictions, network.num_classes),
                       list(network.class_names or range(network.num_classes)))
 
 
-def _write_plots(folder: Path, history, recorder, trainer, network, evaluation) -> list[Path]:
-    from convtrain.training import plots
-
-    paths = [plots.learning_curves(history.epochs, folder / "learning_curves.png",
-                                   batch_losses=recorder.curve(trainer.steps_per_epoch),
-                                   best_epoch=history.best_epoch, monitor=history.monitor)]
-    paths.append(plots.confusion_matrix(evaluation.confusion, evaluation.class_names,
-                                        folder / "confusion_matrix.png",
-                                        title=f"confusion matrix ({evaluation.split} split)"))
+def _model_free_plots(folder: Path, history, recorder, trainer, network) -> list[tuple[str, tuple, dict]]:
+    """The figures that need no final evaluation (plots.py calls for PlotWorkers.draw): the
+    learning curves and the first conv layer's filters."""
+    calls = [("learning_curves", (history.epochs, folder / "learning_curves.png"),
+              {"batch_losses": list(recorder.curve(trainer.steps_per_epoch)), "best_epoch": history.best_epoch,
+               "monitor": history.monitor})]
     first = next((v for k, v in network.parameters().items() if k.endswith(".weight") and v.ndim == 4), None)
     if first is not None:
-        paths.append(plots.filter_montage(first, folder / "filters_conv1.png"))
-    return paths
+        calls.append(("filter_montage", (np.array(first), folder / "filters_conv1.png"), {}))
+    return calls
+
+
+def _confusion_plot(folder: Path, evaluation) -> tuple[str, tuple, dict]:
+    return ("confusion_matrix", (evaluation.confusion, evaluation.class_names, folder / "confusion_matrix.png"),
+            {"title": f"confusion matrix ({evaluation.split} split)"})

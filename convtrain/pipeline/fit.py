@@ -24,6 +24,7 @@ from convtrain.pipeline.finish import FitResult, finish
 from convtrain.pipeline.prepare import prepare
 from convtrain.pipeline.train import train
 from convtrain.training.callbacks import Callback
+from convtrain.training.plot_worker import PlotWorkers
 from convtrain.training.run_folder import RunFolderLock
 from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
@@ -44,12 +45,16 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     """
     # The whole fit holds its output folder (one writer per folder), and SIGTERM ends it like
     # Ctrl-C from the very start, so a signal while the data loads also ends with one line.
-    with sigterm_as_keyboard_interrupt(), RunFolderLock() as lock:
+    # The plot workers are forked first, before the fit has a thread, a lock or a store open, to
+    # import matplotlib while it loads, opens its store and trains; they end with the fit,
+    # whatever its outcome (training/plot_worker.py).
+    with PlotWorkers() as plot_workers, sigterm_as_keyboard_interrupt(), RunFolderLock() as lock:
         try:
             plan = prepare(config, lock, resume=resume, parent_run_id=parent_run_id or config.parent_run,
                            tags=tags, callbacks=callbacks, progress=progress)
         except KeyboardInterrupt:  # before the run and the output folder exist
             raise TrainingInterrupted("stopped by an interrupt while setting up the fit, before anything "
                                       "was written") from None
+        plan.plot_workers = plot_workers
         with ends_run_on_failure(plan):
             return finish(plan, train(plan))

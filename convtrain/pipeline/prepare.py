@@ -42,6 +42,7 @@ class FitPlan:
     timings: FitTimings = field(default_factory=FitTimings)  # seconds per phase, for --timings
     trainer: Any = None
     model_path: Path | None = None
+    plot_workers: Any = None  # convtrain.training.plot_worker.PlotWorkers, started by fit()
 
 
 def prepare(config: FitConfig, lock: RunFolderLock, *, resume: str | Path | None = None,

@@ -151,6 +151,9 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     console = SweepConsole()
     if plan.fit is None:
         from convtrain.pipeline.fit import fit
+        from convtrain.training.plot_worker import preload
+
+        preload()  # once for every trial's plot worker (training/plot_worker.py)
     else:
         fit = plan.fit
     ran = errors_in_a_row = 0

@@ -45,7 +45,7 @@ class FitRecord:
     last_epoch: int
     stopped_epoch: int | None
     out_dir: Path
-    plots: list
+    plots: Any               # the figures' paths, or a function that waits for them and returns them
     checkpoint_path: Path | None
     model_path: Path
     input_example: Any
@@ -151,11 +151,13 @@ class TrackedRun:
         self.log_final_metrics(record.test_metrics, step=record.last_epoch)
         self.log_restored_metrics(metrics, last_epoch=record.last_epoch, best_epoch=metrics.get("best_epoch"),
                                   restored=bool(config.patience), stopped_epoch=record.stopped_epoch)
-        artifacts = [(RunFolder(record.out_dir).config, None), *[(p, "plots") for p in record.plots]]
+        # the model first: the figures are still being drawn (pipeline/finish.py)
+        problems = self.model.log(record.model_path, record.input_example)
+        plots = record.plots() if callable(record.plots) else record.plots
+        artifacts = [(RunFolder(record.out_dir).config, None), *[(p, "plots") for p in plots]]
         if record.checkpoint_path is not None:
             artifacts.append((record.checkpoint_path, "checkpoint"))
-        problems = self.log_artifacts(artifacts)
-        problems += self.model.log(record.model_path, record.input_example)
+        problems += self.log_artifacts(artifacts)
         if config.log_onnx:
             from convtrain.tracking.model import log_onnx
 

@@ -169,3 +169,19 @@ def test_asking_for_a_build_that_is_not_here_warns_and_takes_the_best_one():
     isa, available, stderr = _isa_in_a_child("x86-64-v9")
     assert isa == available[0]
     assert "CONVTRAIN_KERNEL_ISA='x86-64-v9' is not available here" in stderr
+
+
+def test_the_kernels_load_their_blas_without_scipy_linalg_and_a_later_import_still_works():
+    import subprocess
+    import sys
+
+    check = ("import sys\n"
+             "from convtrain.nn import kernels\n"
+             "assert 'scipy.linalg' not in sys.modules, 'the kernels imported scipy.linalg'\n"
+             "blas = sys.modules['scipy.linalg.cython_blas']\n"
+             "import scipy.linalg\n"
+             "import scipy.linalg.cython_blas\n"
+             "assert scipy.linalg.cython_blas is blas\n"
+             "assert abs(scipy.linalg.det([[2.0, 0.0], [0.0, 3.0]]) - 6.0) < 1e-12\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

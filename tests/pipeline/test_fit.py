@@ -314,3 +314,32 @@ def test_run_tags_name_version_build_host_and_the_git_commit(tmp_path):
     assert tags["convtrain.version"] == convtrain.__version__
     assert tags["convtrain.build.openmp"] in ("true", "false")
     assert tags["convtrain.host"] and tags["extra"] == "1"
+
+
+def test_without_a_test_split_the_final_evaluation_reuses_the_scored_validation(tmp_path, monkeypatch):
+    from convtrain.pipeline import finish
+    from convtrain.training.metrics import confusion_matrix
+    from convtrain.training.trainer import Trainer
+
+    final_scorings, seen = [], {}
+    score = Trainer.evaluate
+
+    def counting(self, x, y, **options):
+        if options.get("normalize"):  # only the final evaluation scores raw images
+            final_scorings.append(len(y))
+        return score(self, x, y, **options)
+
+    evaluation = finish._final_evaluation
+
+    def checked(trainer, network, splits):
+        seen["evaluation"] = evaluation(trainer, network, splits)
+        seen["fresh"] = score(trainer, splits.x_val, splits.y_val, normalize=True, return_predictions=True)[1]
+        seen["y"] = splits.y_val
+        return seen["evaluation"]
+
+    monkeypatch.setattr(Trainer, "evaluate", counting)
+    monkeypatch.setattr(finish, "_final_evaluation", checked)
+    fit(FitConfig(**TINY, track=False), progress=None)
+    assert final_scorings == []
+    assert seen["evaluation"].split == "val"
+    assert np.array_equal(seen["evaluation"].confusion, confusion_matrix(seen["y"], seen["fresh"], 10))

@@ -364,3 +364,42 @@ def test_full_training_metrics_re_score_the_training_set_in_eval_mode(small):
     history = trainer.fit(x_train, y_train, x_val, y_val)
     assert history.epochs[0]["train_loss"] == pytest.approx(
         evaluate_network(trainer.network, x_train, y_train)["loss"], rel=1e-12)
+
+
+def test_validation_predictions_are_handed_back_only_for_the_very_model_that_made_them(small):
+    x_train, y_train, x_val, y_val = small
+    trainer = make_trainer(FitConfig(epochs=2))
+    trainer.fit(x_train, y_train, x_val, y_val)
+    kept = trainer.validation_predictions()
+    assert kept is not None
+    assert np.array_equal(kept, trainer.evaluate(x_val, y_val, return_predictions=True)[1])
+    # one bit of one weight changed: not the model that was scored
+    weight = next(iter(trainer.network.parameters().values()))
+    original = weight.flat[0]
+    weight.flat[0] = np.nextafter(original, np.inf, dtype=weight.dtype)
+    assert trainer.validation_predictions() is None
+    weight.flat[0] = original
+    assert trainer.validation_predictions() is not None
+    # nothing scored, nothing handed back
+    assert make_trainer(FitConfig(epochs=1)).validation_predictions() is None
+
+
+def test_restored_best_weights_reuse_the_best_epochs_validation_predictions(small):
+    x_train, y_train, x_val, y_val = small
+    trainer = make_trainer(FitConfig(epochs=30, lr=0.3, patience=1, monitor="val_accuracy"))
+    history = trainer.fit(x_train, y_train, x_val, y_val)
+    assert history.best_epoch != trainer.epoch  # the weights were put back
+    assert len(trainer.scored_validation) <= 2
+    kept = trainer.validation_predictions()
+    assert kept is not None
+    assert np.array_equal(kept, trainer.evaluate(x_val, y_val, return_predictions=True)[1])
+
+
+def test_batch_norm_statistics_are_part_of_the_scored_model(small):
+    x_train, y_train, x_val, y_val = small
+    trainer = make_trainer(FitConfig(epochs=1, batch_norm=True))
+    trainer.fit(x_train, y_train, x_val, y_val)
+    assert trainer.validation_predictions() is not None
+    statistics = next(iter(trainer.network.buffers().values()))
+    statistics += 1.0
+    assert trainer.validation_predictions() is None
