@@ -160,11 +160,15 @@ def load_cython_blas():
     sys.modules["scipy.linalg"] = stand_in
     try:
         module = importlib.import_module(name)
+    except Exception:  # a scipy laid out otherwise: the plain import, which costs only time
+        module = None
     finally:
         if sys.modules.get("scipy.linalg") is stand_in:
             del sys.modules["scipy.linalg"]
         if vars(scipy).get("linalg") is stand_in:  # not getattr: scipy imports submodules lazily
             del scipy.linalg
+    if module is None:
+        return importlib.import_module(name)
     sys.meta_path.insert(0, _CythonBlasAttribute())
     return module
 
