@@ -25,7 +25,7 @@ import numpy as np
 
 import convtrain
 from convtrain.nn import kernels, layers
-from convtrain.training import trainer as train_module
+from convtrain.training import step as train_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import BATCH, LR, NETS, batches, build_network, trainer_for  # noqa: E402
