@@ -407,9 +407,11 @@ WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
 # im2col: the shapes where Winograd was measured to pay (the timings, per shape and pass:
 # docs/performance.md, "The measurements behind the kernels' rules"). With few channels the
 # 16 GEMMs per image are too thin for BLAS to run fast, and with few tiles the per-image
-# overhead dominates; the transforms then cost more than the multiplies they save.
+# overhead dominates; the transforms then cost more than the multiplies they save. From 8x8
+# outputs up Winograd won every shape with >= 16 channels (ResNet-8's 64-channel 8x8 layer
+# 1.4x); DIGITS conv2's 4x4 output is where it lost.
 AUTO_WINOGRAD_MIN_CHANNELS = 16
-AUTO_WINOGRAD_MIN_OUTPUT = 256
+AUTO_WINOGRAD_MIN_OUTPUT = 64
 
 
 def choose_conv_algo(algo, in_channels, filters, kernel_size, stride, output_hw):
