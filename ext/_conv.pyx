@@ -549,6 +549,26 @@ def relu_forward(floating[::1] a):
             relu_inplace(&a[block * RELU_BLOCK], min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+cdef inline void add_relu_inplace(floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
+    """a = max(a + b, 0): np.add then relu_inplace in one pass, the same bits."""
+    cdef Py_ssize_t k
+    cdef floating t
+    for k in range(n):
+        t = a[k] + b[k]
+        a[k] = t if (t > 0 or t != t) else 0
+
+
+def add_relu_forward(floating[::1] a, const floating[::1] b):
+    """a = max(a + b, 0) in place (a residual block's sum and ReLU), OpenMP over blocks."""
+    cdef Py_ssize_t n = a.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
+    if n == 0:
+        return
+    with nogil:
+        for block in prange(blocks, schedule="static", num_threads=team_size(min_threads(blocks))):
+            add_relu_inplace(&a[block * RELU_BLOCK], &b[block * RELU_BLOCK],
+                             min_size(RELU_BLOCK, n - block * RELU_BLOCK))
+
+
 def relu_backward(floating[::1] d, const floating[::1] out):
     """d = where(out > 0, d, 0) in place, OpenMP over blocks."""
     cdef Py_ssize_t n = d.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK

@@ -557,6 +557,17 @@ def relu_(a):
     return a
 
 
+def add_relu_(a, b):
+    """a = max(a + b, 0) in place, one threaded pass (np.add then relu_, the same bits): a
+    residual block's sum and ReLU; returns a."""
+    flat = _writeable_flat("a", a)
+    b = _array("b", b, b.ndim if isinstance(b, np.ndarray) else 1, a.dtype)
+    if b.shape != a.shape:
+        raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
+    _conv.add_relu_forward(flat, np.ascontiguousarray(b).reshape(-1))
+    return a
+
+
 def relu_backward_(dout, out):
     """dout = where(out > 0, dout, 0) in place; returns dout. The same values as
     dout * (out > 0) except that a masked NaN or -0.0 becomes +0.0 (as in PyTorch)."""
