@@ -400,6 +400,13 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
 # the block in L2 (CIFAR conv2's timings per block size: docs/performance.md). The bound only
 # splits large images, to bound the scratch per thread.
 WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
+# Small images are taken several at a time (whole images, their tiles side by side), so that
+# the forward's and the input gradient's 16 GEMMs get at least this many columns where the
+# batch allows (an 8x8 output has 20): no more images than make it, and no fewer than
+# MIN_GROUPS groups (as im2col's). Measured on ResNet-8 (1 thread): 128 took res3.conv2's
+# forward and input gradient 4.1 -> 3.5 ms each (res2.conv2's, in pairs, ~3%); 256 made both
+# forwards slower than one image at a time (res3.conv2 4.5 -> 5.6 ms).
+WINOGRAD_MIN_COLUMNS = 128
 
 
 # conv_algo "auto": Winograd where it applies and both channel counts are at least
@@ -444,14 +451,22 @@ def _checked_algo(algo, kernel, stride):
     return algo
 
 
-def _winograd_scratch(cin, cout, Ho, Wo, N, dtype):
-    """(tile rows per block, per-thread scratch, threads) for one Winograd call."""
+def _winograd_scratch(cin, cout, Ho, Wo, N, dtype, group=True):
+    """(tile rows per block, images per group, per-thread scratch, threads) for one Winograd
+    call: all depend on the shapes and N only, never on the threads. group=False: one image at
+    a time (the filter gradient)."""
     row_bytes = 16 * (cin + cout) * ((Wo + 1) // 2) * np.dtype(dtype).itemsize
+    tile_rows, image_tiles = (Ho + 1) // 2, ((Ho + 1) // 2) * ((Wo + 1) // 2 + 1)
     block_rows = max(1, WINOGRAD_BLOCK_BYTES // row_bytes)
-    threads = max(1, min(_conv.get_num_threads(), N))
-    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows)
+    images = 1
+    if group and block_rows >= tile_rows:   # whole images fit a block: group the small ones
+        images = max(1, min(-(-WINOGRAD_MIN_COLUMNS // image_tiles), -(-N // MIN_GROUPS),
+                            WINOGRAD_BLOCK_BYTES // (row_bytes * tile_rows)))
+    groups = -(-N // images)
+    threads = max(1, min(_conv.get_num_threads(), groups))
+    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows, images)
     _check_blas_dims(cin, cout, size)
-    return block_rows, np.empty((threads, size), dtype=dtype), threads
+    return block_rows, images, np.empty((threads, size), dtype=dtype), threads
 
 
 def _winograd_forward(x, w, b, padding, relu):
@@ -462,11 +477,11 @@ def _winograd_forward(x, w, b, padding, relu):
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
-    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    block_rows, images, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
     filters = np.empty(16 * F * C, dtype=x.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
-                               bool(relu))
+                               bool(relu), images)
     return out
 
 
@@ -477,10 +492,11 @@ def _winograd_backward_input(dout, w, hw, padding):
     dx = np.empty((N, C, *hw), dtype=dout.dtype)
     if N == 0:
         return dx
-    block_rows, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
+    block_rows, images, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
     filters = np.empty(16 * F * C, dtype=dout.dtype)
     with blas_pinned_to_one_thread():
-        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads)
+        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads,
+                                      images)
     return dx
 
 
@@ -641,7 +657,7 @@ def _winograd_backward_filter(x, dout, padding):
     F, Ho, Wo = dout.shape[1:]
     if N == 0:
         return np.zeros((F, C, 3, 3), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
-    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    block_rows, _, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype, group=False)
     chunks = min(N, FILTER_GRAD_CHUNKS)
     sums = np.zeros((chunks, 16 * F * C + F), dtype=x.dtype)   # dL/dU and db per chunk
     dw, db = np.empty((F, C, 3, 3), dtype=x.dtype), np.empty(F, dtype=x.dtype)

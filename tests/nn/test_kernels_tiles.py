@@ -41,7 +41,8 @@ SHAPES = [
     ((2, 9, 17, 35), (13, 9, 3, 3), 2, 1),         # stride 2 direct, odd sizes
     ((2, 8, 20, 33), (9, 8, 4, 3), 2, (1, 0)),     # even kernel height, uneven padding
     ((2, 5, 19, 40), (7, 5, 3, 5), (3, 2), (2, 1)),  # strides 3x2, 5 wide
-    ((2, 70, 9, 17), (5, 70, 1, 1), 2, 0),         # 1x1 stride 2 (shortcut): direct forward
+    ((2, 70, 9, 17), (5, 70, 1, 1), 2, 0),         # 1x1 stride 2, 70 taps: direct
+    ((32, 8, 16, 15), (4, 8, 3, 3), 2, 1),         # 8x8 outputs, 32 images: BLAS, in groups
     ((3, 2, 21, 17), (10, 2, 4, 3), (3, 2), (0, 1)),
     ((40, 4, 7, 9), (11, 4, 2, 3), 1, 0),          # groups of small images: BLAS
 ]
