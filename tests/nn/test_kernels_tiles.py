@@ -42,7 +42,8 @@ SHAPES = [
     ((2, 8, 20, 33), (9, 8, 4, 3), 2, (1, 0)),     # even kernel height, uneven padding
     ((2, 5, 19, 40), (7, 5, 3, 5), (3, 2), (2, 1)),  # strides 3x2, 5 wide
     ((2, 70, 9, 17), (5, 70, 1, 1), 2, 0),         # 1x1 stride 2, 70 taps: direct
-    ((32, 8, 16, 15), (4, 8, 3, 3), 2, 1),         # 8x8 outputs, 32 images: BLAS, in groups
+    ((32, 8, 16, 15), (4, 8, 3, 3), 2, 1),         # stride 2, 8x8 outputs: BLAS, one image a GEMM
+    ((32, 8, 8, 8), (4, 8, 3, 3), 1, 1),           # stride 1, 8x8 outputs: BLAS, in groups
     ((3, 2, 21, 17), (10, 2, 4, 3), (3, 2), (0, 1)),
     ((40, 4, 7, 9), (11, 4, 2, 3), 1, 0),          # groups of small images: BLAS
 ]
@@ -100,6 +101,13 @@ def test_float32_passes_give_the_same_bits_for_any_thread_count(x_shape, w_shape
     for one, two, three in zip(results[1], results[2], results[3]):
         np.testing.assert_array_equal(one, two)
         np.testing.assert_array_equal(one, three)
+
+
+def test_images_per_gemm():
+    assert kernels._plan(100, 64, 2)[1] == 4                  # 8x8 outputs: grouped
+    assert kernels._plan(100, 64, 2, strided=True)[1] == 1    # ... but one at a time at strides
+    assert kernels._plan(100, 36, 2, strided=True)[1] == 8    # 6x6: grouped at any stride
+    assert kernels._plan(3, 16, 1)[1] == 1                    # at least MIN_GROUPS groups
 
 
 def test_relu_in_the_tiles_store_keeps_nan_and_clears_negative_zero():
