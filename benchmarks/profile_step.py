@@ -59,7 +59,8 @@ def phase_label(layer, direction):
     kind = type(layer).__name__
     if isinstance(layer, layers.Conv2D):
         what = (f"conv ({CONV_PARTS[layer.algo]})" if direction == "forward"
-                else f"conv grads (filter+input, {layer.algo})")
+                else f"conv grads (filter+input, {layer.algo})" if layer.filter_algo == layer.algo
+                else f"conv grads (filter {layer.filter_algo}, input {layer.algo})")
     elif isinstance(layer, layers.ReLU):
         what = "ReLU" if direction == "forward" else "ReLU backward"
     elif isinstance(layer, layers.Dense):

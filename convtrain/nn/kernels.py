@@ -53,6 +53,7 @@ __all__ = [
     "CONV_ALGOS",
     "winograd_applies",
     "choose_conv_algo",
+    "choose_conv_algos",
     "relu_",
     "relu_backward_",
     "dense_forward",
@@ -345,7 +346,7 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
 
 
 def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
-                    algo="im2col"):
+                    algo="im2col", filter_algo=None):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -355,6 +356,9 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     skips dx (the first layer's input is the data) and returns None for it.
     algo "winograd" (3x3 stride-1 filters only): dout masked in place (relu_backward_), then
     the filter and input gradients by Winograd F(2x2, 3x3), one pass each.
+    filter_algo (default: algo): the filter gradient's algorithm, where it differs from the
+    input gradient's (conv_algo "auto", choose_conv_algos): dout masked in place, then
+    conv2d_backward_filter and conv2d_backward_input, each with its algorithm's bits.
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -381,7 +385,14 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+    filter_algo = _checked_algo(algo if filter_algo is None else filter_algo, (kh, kw), stride)
+    if _checked_algo(algo, (kh, kw), stride) != filter_algo:
+        if relu_out is not None:
+            relu_backward_(dout, relu_out)
+        dw, db = conv2d_backward_filter(x, dout, (kh, kw), stride, padding, algo=filter_algo)
+        dx = conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo) if input_grad else None
+        return dx, dw, db
+    if algo == "winograd":
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = _winograd_backward_filter(x, dout, padding)
@@ -429,20 +440,44 @@ WINOGRAD_MIN_COLUMNS = 128
 # 1.4x); DIGITS conv2's 4x4 output is where it lost.
 AUTO_WINOGRAD_MIN_CHANNELS = 16
 AUTO_WINOGRAD_MIN_OUTPUT = 64
+# ... and per pass: a Winograd layer under "auto" computes its filter gradient by im2col where
+# a channel count is below AUTO_WINOGRAD_FILTER_MIN_CHANNELS and the output has at least
+# AUTO_IM2COL_FILTER_MIN_OUTPUT pixels (from there the own tiles take it, see direct_applies in
+# ext/_conv.pyx). Measured (1 thread, float32, batch 100, ms im2col against Winograd): ResNet-8's
+# res1 convs 16->16 at 32x32 7.5 against 8.3-9.5, 16->32 at 32x32 14.0 against 16.7, 16->32 at
+# 16x16 4.5 against 4.9, 16->16 at 16x16 2.5 against 2.9; Winograd kept it at 16->16 8x8 (1.4
+# against 1.2, BLAS there), 32->32 16x16 (8.2 against 7.5), 32->32 32x32 (25.3 against 20.3)
+# and CIFAR conv2 (32.8 against 28.7). Its forward and input gradient stay Winograd (the input
+# gradient won every one of these shapes, 16->16 at 32x32 12.1 against 6.3).
+AUTO_WINOGRAD_FILTER_MIN_CHANNELS = 32
+AUTO_IM2COL_FILTER_MIN_OUTPUT = 128
 
 
 def choose_conv_algo(algo, in_channels, filters, kernel_size, stride, output_hw):
-    """The algorithm a conv layer runs for conv_algo `algo`: "im2col"; "winograd" where it
-    applies (3x3 stride 1), im2col elsewhere; "auto" by the measured rule above."""
+    """The algorithm a conv layer runs its forward with for conv_algo `algo`: "im2col";
+    "winograd" where it applies (3x3 stride 1), im2col elsewhere; "auto" by the measured rule
+    above. choose_conv_algos gives every pass's."""
+    return choose_conv_algos(algo, in_channels, filters, kernel_size, stride, output_hw)[0]
+
+
+def choose_conv_algos(algo, in_channels, filters, kernel_size, stride, output_hw):
+    """(forward, filter gradient, input gradient) algorithms of a conv layer for conv_algo
+    `algo`, from the shapes alone (never from timings, so every run and thread count gets the
+    same bits). An explicit "im2col" or "winograd" is one algorithm for all three passes
+    (Winograd where it applies); "auto" may take the filter gradient by im2col under a
+    Winograd forward (the rule above)."""
     if algo not in ("auto", *CONV_ALGOS):
         raise ValueError(f"conv_algo must be one of auto, {', '.join(CONV_ALGOS)}, got {algo!r}")
     if algo == "im2col" or not winograd_applies(kernel_size, stride):
-        return "im2col"
+        return ("im2col",) * 3
     if algo == "winograd":
-        return "winograd"
-    big_enough = (min(in_channels, filters) >= AUTO_WINOGRAD_MIN_CHANNELS
-                  and output_hw[0] * output_hw[1] >= AUTO_WINOGRAD_MIN_OUTPUT)
-    return "winograd" if big_enough else "im2col"
+        return ("winograd",) * 3
+    pixels = output_hw[0] * output_hw[1]
+    if min(in_channels, filters) < AUTO_WINOGRAD_MIN_CHANNELS or pixels < AUTO_WINOGRAD_MIN_OUTPUT:
+        return ("im2col",) * 3
+    thin = (min(in_channels, filters) < AUTO_WINOGRAD_FILTER_MIN_CHANNELS
+            and pixels >= AUTO_IM2COL_FILTER_MIN_OUTPUT)
+    return ("winograd", "im2col" if thin else "winograd", "winograd")
 
 
 def winograd_applies(kernel_size, stride):

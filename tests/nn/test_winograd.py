@@ -284,7 +284,8 @@ def test_auto_picks_winograd_only_where_it_was_measured_to_pay():
     # the rule's edges: both channel counts >= 16 and >= 64 output pixels
     edges = Network.build(input_shape=(16, 16, 16), num_classes=2, filters=[32, 8, 16],
                           padding=[1, 1, 0], seed=None)
-    assert edges.set_conv_algo("auto") == {"conv1": "winograd", "conv2": "im2col", "conv3": "im2col"}
+    assert edges.set_conv_algo("auto") == {"conv1": "winograd, im2col filter gradient",   # 16 channels
+                                           "conv2": "im2col", "conv3": "im2col"}
     small = Network.build(input_shape=(16, 8, 8), num_classes=2, filters=[16, 16], padding=[1, 0],
                           seed=None)   # 8x8 = 64 output pixels, then 6x6 = 36
     assert small.set_conv_algo("auto") == {"conv1": "winograd", "conv2": "im2col"}
