@@ -25,7 +25,7 @@ import numpy as np
 
 import convtrain
 from convtrain.nn import kernels, layers
-from convtrain.training import trainer as train_module
+from convtrain.training import step as train_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import BATCH, LR, NETS, batches, build_network, trainer_for  # noqa: E402
@@ -59,7 +59,8 @@ def phase_label(layer, direction):
     kind = type(layer).__name__
     if isinstance(layer, layers.Conv2D):
         what = (f"conv ({CONV_PARTS[layer.algo]})" if direction == "forward"
-                else f"conv grads (filter+input, {layer.algo})")
+                else f"conv grads (filter+input, {layer.algo})" if layer.filter_algo == layer.algo
+                else f"conv grads (filter {layer.filter_algo}, input {layer.algo})")
     elif isinstance(layer, layers.ReLU):
         what = "ReLU" if direction == "forward" else "ReLU backward"
     elif isinstance(layer, layers.Dense):

@@ -549,6 +549,26 @@ def relu_forward(floating[::1] a):
             relu_inplace(&a[block * RELU_BLOCK], min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+cdef inline void add_relu_inplace(floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
+    """a = max(a + b, 0): np.add then relu_inplace in one pass, the same bits."""
+    cdef Py_ssize_t k
+    cdef floating t
+    for k in range(n):
+        t = a[k] + b[k]
+        a[k] = t if (t > 0 or t != t) else 0
+
+
+def add_relu_forward(floating[::1] a, const floating[::1] b):
+    """a = max(a + b, 0) in place (a residual block's sum and ReLU), OpenMP over blocks."""
+    cdef Py_ssize_t n = a.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
+    if n == 0:
+        return
+    with nogil:
+        for block in prange(blocks, schedule="static", num_threads=team_size(min_threads(blocks))):
+            add_relu_inplace(&a[block * RELU_BLOCK], &b[block * RELU_BLOCK],
+                             min_size(RELU_BLOCK, n - block * RELU_BLOCK))
+
+
 def relu_backward(floating[::1] d, const floating[::1] out):
     """d = where(out > 0, d, 0) in place, OpenMP over blocks."""
     cdef Py_ssize_t n = d.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
@@ -562,9 +582,9 @@ def relu_backward(floating[::1] d, const floating[::1] out):
 
 # ----------------------------------------------------------------------------- own GEMM tiles
 #
-# In the builds with tiles (CONVTRAIN_HAVE_TILES), float32 convolutions with stride 1 whose
-# images are not grouped (G == 1) take the *direct* path: the rows of the lecture's M_X^im^T
-# (one per tap (c, i, j)) are read straight from the image, never copied out. Tap (c, i, j)'s
+# In the builds with tiles (CONVTRAIN_HAVE_TILES), float32 convolutions whose images are not
+# grouped (G == 1) take the *direct* path: the rows of the lecture's M_X^im^T (one per tap
+# (c, i, j)) are read straight from the image, never copied out. Stride 1: tap (c, i, j)'s
 # row is the image plane c from row i, column j on, read as one long row of width Wp (the
 # padded image's width): entry oh*Wp + ow is x[c, oh + i, ow + j]. So the GEMMs run over
 # Pd = (Ho-1)*Wp + Wo columns instead of P = Ho*Wo: the columns with ow >= Wo are computed
@@ -573,22 +593,40 @@ def relu_backward(floating[::1] d, const floating[::1] out):
 # 20%) and saves writing and re-reading the whole im2col matrix. Padding: the image is first
 # copied into a zero-bordered (C, Hp, Wp) buffer. With a non-finite x the dropped columns'
 # products 0 * inf are NaN and reach dw (finite inputs are unaffected).
-# The input gradient takes the tiles only where no column is dropped (see
-# direct_input_gradient_pays); everything else (strides, grouped small images, fewer than 64
-# taps or more than 15% dropped columns, float64, the portable build) keeps im2col + BLAS.
+# Stride (sh, sw): the padded image is copied as sh*sw phase planes per channel, plane
+# (c, a, b) of size (Hq, Wq) = (ceil(Hp/sh), ceil(Wp/sw)) holding xpad[c, u*sh + a, v*sw + b]
+# at (u, v). Output (oh, ow)'s tap (c, i, j) reads xpad[c, oh*sh + i, ow*sw + j], which is
+# plane (c, i % sh, j % sw) at (oh + i // sh, ow + j // sw): again one long row, of width Wq,
+# from (i // sh, j // sw) on; Pd = (Ho-1)*Wq + Wo, Wq - Wo columns dropped per row. At
+# stride 1 the one plane is the padded image itself.
+# The input gradient takes the tiles only where no column is dropped, at stride 1 (see
+# direct_input_gradient_pays); everything else (grouped small images, fewer than 64 taps or
+# more than 15% dropped columns, float64, the portable build) keeps im2col + BLAS.
 
 cdef struct Direct:
     Py_ssize_t Hp, Wp, Pd      # padded image (Hp, Wp); columns computed per image
-    bint padded
+    Py_ssize_t Hq, Wq          # one phase plane (the padded image itself at stride 1)
+    Py_ssize_t image_floats    # C * sh * sw * Hq * Wq: the copied image
+    bint padded                # the image is copied (padding or a stride), not read in place
 
 
 cdef Direct make_direct(const Geometry *g) noexcept nogil:
     cdef Direct d
     d.Hp = g.H + 2 * g.ph
     d.Wp = g.W + 2 * g.pw
-    d.Pd = (g.Ho - 1) * d.Wp + g.Wo
-    d.padded = g.ph > 0 or g.pw > 0
+    d.Hq = (d.Hp + g.sh - 1) // g.sh
+    d.Wq = (d.Wp + g.sw - 1) // g.sw
+    d.image_floats = g.C * g.sh * g.sw * d.Hq * d.Wq
+    d.Pd = (g.Ho - 1) * d.Wq + g.Wo
+    d.padded = g.ph > 0 or g.pw > 0 or g.sh > 1 or g.sw > 1
     return d
+
+
+# Smaller outputs keep BLAS even one image per GEMM: ResNet-8's res3.conv1 (stride 2, 8x8 out,
+# 71 columns: one 48-column tile and a short one) ran its forward 4.0 -> 5.7 ms and its filter
+# gradient 4.2 -> 9 ms slower on the tiles.
+cdef enum:
+    DIRECT_MIN_OUTPUT = 128
 
 
 cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
@@ -597,41 +635,65 @@ cdef inline bint direct_applies(const Geometry *g, Py_ssize_t G) noexcept nogil:
     they beat OpenBLAS: with fewer taps a tile has too little work per load, with more dropped
     columns the wasted multiply-adds cost more than im2col saves, and grouped small images are
     BLAS's best case (the GFLOP/s of each reference layer: docs/performance.md)."""
-    cdef Py_ssize_t dropped = g.W + 2 * g.pw - g.Wo
-    return (CONVTRAIN_HAVE_TILES and G == 1 and g.sh == 1 and g.sw == 1 and g.Ho > 0 and g.Wo > 0
-            and g.C * g.kh * g.kw >= 64 and dropped * 20 <= g.Wo * 3)
+    cdef Py_ssize_t dropped = (g.W + 2 * g.pw + g.sw - 1) // g.sw - g.Wo   # Wq - Wo
+    return (CONVTRAIN_HAVE_TILES and G == 1 and g.Ho > 0 and g.Wo > 0
+            and g.C * g.kh * g.kw >= 64 and dropped * 20 <= g.Wo * 3
+            and g.Ho * g.Wo >= DIRECT_MIN_OUTPUT)
 
 
 cdef inline bint direct_input_gradient_pays(const Geometry *g, const Direct *d) noexcept nogil:
     """The input gradient's tile computes the dropped columns (Wp/Wo - 1 more) where BLAS +
     col2im computes none, and was measured slower than them even with few dropped (CIFAR and
     MNIST conv2: docs/performance.md). So it runs only where no column is dropped (kw == 1
-    without padding), and the input gradient of the reference nets stays on BLAS."""
-    return d.Wp == g.Wo
+    without padding, stride 1), and the input gradient of the reference nets stays on BLAS."""
+    return d.Wp == g.Wo and g.sh == 1 and g.sw == 1
 
 
 cdef const float *padded_image(const float *x, float *xpad, const Geometry *g,
                                const Direct *d) noexcept nogil:
-    """x itself without padding, else x copied into xpad (C, Hp, Wp) inside zero borders."""
-    cdef Py_ssize_t c, h
+    """x itself without padding at stride 1, else x copied into xpad inside zero borders:
+    (C, Hp, Wp) at stride 1, else as its phase planes (C, sh, sw, Hq, Wq) (see above)."""
+    cdef Py_ssize_t c, h, hp, b, w0, v, n
+    cdef float *dst
+    cdef const float *src
     if not d.padded:
         return x
-    memset(xpad, 0, g.C * d.Hp * d.Wp * sizeof(float))
+    memset(xpad, 0, d.image_floats * sizeof(float))
+    if g.sh == 1 and g.sw == 1:
+        for c in range(g.C):
+            for h in range(g.H):
+                memcpy(xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw, x + (c * g.H + h) * g.W,
+                       g.W * sizeof(float))
+        return xpad
     for c in range(g.C):
         for h in range(g.H):
-            memcpy(xpad + (c * d.Hp + h + g.ph) * d.Wp + g.pw, x + (c * g.H + h) * g.W,
-                   g.W * sizeof(float))
+            hp = h + g.ph
+            src = x + (c * g.H + h) * g.W
+            for b in range(g.sw):
+                # the columns w of x with (w + pw) % sw == b: from w0 on, every sw-th, to
+                # column (w0 + pw) // sw of plane (c, hp % sh, b) on
+                w0 = ((b - g.pw) % g.sw + g.sw) % g.sw
+                if w0 >= g.W:
+                    continue
+                dst = (xpad + (((c * g.sh + hp % g.sh) * g.sw + b) * d.Hq + hp // g.sh) * d.Wq
+                       + (w0 + g.pw) // g.sw)
+                n = (g.W - w0 + g.sw - 1) // g.sw
+                for v in range(n):
+                    dst[v] = src[w0 + v * g.sw]
     return xpad
 
 
 cdef void tap_rows(const float *image, const float **rows, const Geometry *g,
                    const Direct *d) noexcept nogil:
-    """rows[(c*kh + i)*kw + j] = where tap (c, i, j)'s row of M_X^im^T starts in the image."""
+    """rows[(c*kh + i)*kw + j] = where tap (c, i, j)'s row of M_X^im^T starts in the image:
+    plane (c, i % sh, j % sw) at row i // sh, column j // sw (stride 1: plane c at (i, j))."""
     cdef Py_ssize_t c, i, j
     for c in range(g.C):
         for i in range(g.kh):
             for j in range(g.kw):
-                rows[(c * g.kh + i) * g.kw + j] = image + (c * d.Hp + i) * d.Wp + j
+                rows[(c * g.kh + i) * g.kw + j] = (
+                    image + (((c * g.sh + i % g.sh) * g.sw + j % g.sw) * d.Hq + i // g.sh) * d.Wq
+                    + j // g.sw)
 
 
 # The input gradient's tile adds each of its rows (taps) into the image as it stores them. Taps
@@ -671,10 +733,10 @@ cdef void spread_gradient(const float *dout, float *dpad, Py_ssize_t F, const Ge
     cdef float *row
     for f in range(F):
         for oh in range(g.Ho):
-            row = dpad + f * d.Pd + oh * d.Wp
+            row = dpad + f * d.Pd + oh * d.Wq
             memcpy(row, dout + (f * g.Ho + oh) * g.Wo, g.Wo * sizeof(float))
             if oh < g.Ho - 1:
-                memset(row + g.Wo, 0, (d.Wp - g.Wo) * sizeof(float))
+                memset(row + g.Wo, 0, (d.Wq - g.Wo) * sizeof(float))
 
 
 cdef void unpad_image(const float *xpad, float *x, const Geometry *g, const Direct *d) noexcept nogil:
@@ -733,7 +795,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cdef floating *group_out = NULL
     cdef float *tiles_w = NULL     # the filters packed for convtrain's own GEMM tiles
     cdef bint direct = floating is float and direct_applies(&g, G)
-    cdef Py_ssize_t thread_floats = F * d.Pd + g.C * d.Hp * d.Wp + d.Pd
+    cdef Py_ssize_t thread_floats = F * d.Pd + d.image_floats + d.Pd
     cdef const float **all_rows = NULL   # per thread: where each row of B starts
     cdef float *buffers = NULL           # per thread: output, padded image, ones
     cdef const float **rows = NULL
@@ -764,8 +826,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                     rows = all_rows + threadid() * k_ext
                     stage = buffers + threadid() * thread_floats
                     xpad = stage + F * d.Pd
-                    fill(xpad + g.C * d.Hp * d.Wp, d.Pd, 1)
-                    rows[k_ext - 1] = xpad + g.C * d.Hp * d.Wp   # the ones (bias) row
+                    fill(xpad + d.image_floats, d.Pd, 1)
+                    rows[k_ext - 1] = xpad + d.image_floats   # the ones (bias) row
             for group in prange(groups, schedule="dynamic"):
                 n0 = group * G
                 count = group_count(N, G, group)
@@ -777,7 +839,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                         ct_gemm_nn(F, d.Pd, k_ext, tiles_w, rows, stage, d.Pd, NULL, relu)
                         for f in range(F):
                             for oh in range(g.Ho):
-                                memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wp,
+                                memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wq,
                                        g.Wo * sizeof(float))
                         done = True
                 if done:
@@ -847,7 +909,7 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
     cdef bint mask = relu_out is not None, input_grad = dx is not None
     cdef bint direct = floating is float and direct_applies(&g, G)
     cdef bint direct_dx = direct and input_grad and direct_input_gradient_pays(&g, &d)
-    cdef Py_ssize_t thread_rows = 2 * K + 1 + F, thread_floats = F * d.Pd + 2 * g.C * d.Hp * d.Wp + d.Pd
+    cdef Py_ssize_t thread_rows = 2 * K + 1 + F, thread_floats = F * d.Pd + 2 * d.image_floats + d.Pd
     cdef const float **all_rows = NULL   # per thread: rows of B (K+1), of dout (F), of dx (K)
     cdef float *buffers = NULL           # per thread (direct): dout padded, padded x, dx, ones
     cdef Py_ssize_t *order = NULL        # the input gradient's tap order (direct)
@@ -886,9 +948,9 @@ def conv2d_backward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] dout,
                     dxrows = <float **> (drows + F)
                     dpad = buffers + threadid() * thread_floats
                     xpad = dpad + F * d.Pd
-                    dxpad = xpad + g.C * d.Hp * d.Wp
-                    fill(dxpad + g.C * d.Hp * d.Wp, d.Pd, 1)
-                    rows[K] = dxpad + g.C * d.Hp * d.Wp     # the ones (db) row
+                    dxpad = xpad + d.image_floats
+                    fill(dxpad + d.image_floats, d.Pd, 1)
+                    rows[K] = dxpad + d.image_floats     # the ones (db) row
             for chunk in prange(chunks, schedule="dynamic"):
                 for group in range(chunk * groups // chunks, (chunk + 1) * groups // chunks):
                     n0 = group * G
@@ -965,7 +1027,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :
     cdef float *tiles_wt = NULL    # W^T packed for the tiles
     cdef bint direct = (floating is float and direct_applies(&g, G)
                         and direct_input_gradient_pays(&g, &d))
-    cdef Py_ssize_t thread_rows = F + K, thread_floats = F * d.Pd + g.C * d.Hp * d.Wp
+    cdef Py_ssize_t thread_rows = F + K, thread_floats = F * d.Pd + d.image_floats
     cdef const float **all_rows = NULL
     cdef float *buffers = NULL
     cdef Py_ssize_t *order = NULL

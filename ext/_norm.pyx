@@ -66,6 +66,11 @@ cdef extern from "norm_rows.h":
                                  float k, float a, float b) noexcept nogil
     void ct_row_input_grad_double(const double *x, double *g, Py_ssize_t n, double mu,
                                   double istd, double k, double a, double b) noexcept nogil
+    void ct_row_input_grad_to_float(const float *x, const float *g, float *dx, Py_ssize_t n,
+                                    float mu, float istd, float k, float a, float b) noexcept nogil
+    void ct_row_input_grad_to_double(const double *x, const double *g, double *dx, Py_ssize_t n,
+                                     double mu, double istd, double k, double a,
+                                     double b) noexcept nogil
     void ct_features_stats_float(const float *x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,
                                  Py_ssize_t c1, double *mean, double *var) noexcept nogil
     void ct_features_stats_double(const double *x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,
@@ -148,12 +153,19 @@ cdef inline void row_grad_sums(const floating *x, const floating *g, Py_ssize_t 
         ct_row_grad_sums_double(x, g, n, mean, acc_g, acc_gx)
 
 
-cdef inline void row_input_grad(const floating *x, floating *g, Py_ssize_t n, floating mu,
-                                floating istd, floating k, floating a, floating b) noexcept nogil:
-    if floating is float:
-        ct_row_input_grad_float(x, g, n, mu, istd, k, a, b)
+cdef inline void row_input_grad(const floating *x, floating *g, floating *dx, Py_ssize_t n,
+                                floating mu, floating istd, floating k, floating a,
+                                floating b) noexcept nogil:
+    """dx = k * (g - a - (x - mu) * istd * b): in place of g where dx is g, else into dx."""
+    if dx == g:
+        if floating is float:
+            ct_row_input_grad_float(x, g, n, mu, istd, k, a, b)
+        else:
+            ct_row_input_grad_double(x, g, n, mu, istd, k, a, b)
+    elif floating is float:
+        ct_row_input_grad_to_float(x, g, dx, n, mu, istd, k, a, b)
     else:
-        ct_row_input_grad_double(x, g, n, mu, istd, k, a, b)
+        ct_row_input_grad_to_double(x, g, dx, n, mu, istd, k, a, b)
 
 
 # ---- statistics and normalization -------------------------------------------------------------
@@ -291,9 +303,11 @@ def bn_affine_forward(const floating[:, :, ::1] x, const floating[::1] scale,
 cdef void channel_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
                            const floating[:, :, ::1] out, bint relu, const double *mean,
                            const double *inv_std, const floating[::1] gamma,
-                           floating[::1] dgamma, floating[::1] dbeta, Py_ssize_t c) noexcept nogil:
-    """The channel layout: channel c whole, mask, sums, then dx in place of g."""
-    cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
+                           floating[::1] dgamma, floating[::1] dbeta, floating *dx,
+                           Py_ssize_t c) noexcept nogil:
+    """The channel layout: channel c whole, mask, sums, then dx in place of g (dx is g's
+    start) or into dx (N, C, P)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], n
     cdef double acc_g[CT_NORM_LANES]
     cdef double acc_gx[CT_NORM_LANES]
     cdef double sum_g, sum_gx, m = <double> (N * P)
@@ -308,7 +322,7 @@ cdef void channel_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
     dbeta[c] = <floating> sum_g
     dgamma[c] = <floating> sum_gx
     for n in range(N):
-        row_input_grad(&x[n, c, 0], &g[n, c, 0], P,
+        row_input_grad(&x[n, c, 0], &g[n, c, 0], dx + (n * C + c) * P, P,
                        <floating> mean[c], <floating> inv_std[c], <floating> (gamma[c] * inv_std[c]),
                        <floating> (sum_g / m), <floating> (sum_gx / m))
 
@@ -367,9 +381,11 @@ cdef void features_backward(const floating[:, :, ::1] x, floating[:, :, ::1] g,
 def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
                  const floating[:, :, ::1] out, bint relu,
                  const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
-                 floating[::1] dgamma, floating[::1] dbeta, bint by_images, int num_threads):
+                 floating[::1] dgamma, floating[::1] dbeta, bint by_images, int num_threads,
+                 floating[:, :, ::1] dx=None):
     """Gradients of batch norm in train mode (batch statistics), per channel c; dout becomes
-    dx in place:
+    dx in place, or (with dx, rows of more than one value) dout is kept (masked by out > 0 in
+    place if relu) and dx is written there, with the same bits:
 
         xhat = (x - mean) * inv_std,  g = dout (masked by out > 0 if relu)
         dbeta = sum g,  dgamma = sum g * xhat
@@ -379,15 +395,20 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
     cdef double sum_g, sum_gx, m = <double> (N * P)
     cdef double[:, :, ::1] part
     cdef double[:, ::1] coef
+    cdef floating *dst
     if N == 0 or P == 0:
         return
     if P == 1:
+        if dx is not None:
+            raise ValueError("bn_backward_: dx apart from dout takes rows of more than one value")
         features_backward(x, dout, out, relu, mean, inv_std, gamma, dgamma, dbeta, num_threads)
         return
+    dst = &dout[0, 0, 0] if dx is None else &dx[0, 0, 0]
     if not by_images:
         with nogil:
             for c in prange(C, schedule="static", num_threads=num_threads):
-                channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta, c)
+                channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta,
+                                 dst, c)
         return
     part = np.empty((N, C, 2))
     coef = np.empty((C, 3))  # per channel: gamma * inv_std, dbeta / M, dgamma / M
@@ -408,7 +429,7 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
             coef[c, 2] = sum_gx / m
         for n in prange(N, schedule="dynamic", num_threads=num_threads):
             for c in range(C):
-                row_input_grad(&x[n, c, 0], &dout[n, c, 0], P, <floating> mean[c],
+                row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P, <floating> mean[c],
                                <floating> inv_std[c], <floating> coef[c, 0], <floating> coef[c, 1],
                                <floating> coef[c, 2])
 

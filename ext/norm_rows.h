@@ -165,6 +165,13 @@ static inline void ct_row_input_grad_##T(const T *CT_RESTRICT x, T *CT_RESTRICT 
                                          T mu, T istd, T kk, T a, T b) {                          \
     Py_ssize_t p;                                                                                 \
     for (p = 0; p < n; p++) g[p] = kk * (g[p] - a - ((x[p] - mu) * istd) * b);                    \
+}                                                                                                 \
+/* the same dx into its own row (g kept): the same arithmetic, the same bits */                   \
+static inline void ct_row_input_grad_to_##T(const T *CT_RESTRICT x, const T *CT_RESTRICT g,       \
+                                            T *CT_RESTRICT dx, Py_ssize_t n,                      \
+                                            T mu, T istd, T kk, T a, T b) {                       \
+    Py_ssize_t p;                                                                                 \
+    for (p = 0; p < n; p++) dx[p] = kk * (g[p] - a - ((x[p] - mu) * istd) * b);                   \
 }
 
 /* Rows of one value (a dense layer's (N, F) output): features c0 <= c < c1 of all N images at

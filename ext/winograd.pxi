@@ -26,8 +26,12 @@
 #
 # Per image, tiles are taken a block of tile rows at a time (the block size depends on the
 # shapes only: kernels.WINOGRAD_BLOCK_BYTES, the whole image on the reference nets), so the
-# scratch per thread stays bounded on large images. Each image belongs to one thread and its
-# sums run in a fixed order: the same bits for any thread count.
+# scratch per thread stays bounded on large images. Small images are taken `images` at a time
+# (whole images, one block each): their tiles sit side by side in V and M, image g from column
+# g * (tiles of one image) on, so the 16 GEMMs get columns enough to run at speed (an 8x8
+# output has 20); the forward and the input gradient only (see winograd_backward_filter). Each
+# group of images belongs to one thread and its sums run in a fixed order (groups depend on the
+# shapes and N only): the same bits for any thread count.
 
 
 cdef void winograd_filters(const floating *w, Py_ssize_t F, Py_ssize_t C, floating *U,
@@ -74,12 +78,13 @@ cdef struct WinogradShape:
     Py_ssize_t th, tw             # tiles: ceil(Ho / 2) x ceil(Wo / 2)
     Py_ssize_t rw                 # 2*tw + 2: the input columns a tile row reads
     Py_ssize_t block_rows         # tile rows per block
-    Py_ssize_t ld                 # block_rows * (tw + 1): the columns of V and M
+    Py_ssize_t images             # images per group (1 unless block_rows == th)
+    Py_ssize_t ld                 # images * block_rows * (tw + 1): the columns of V and M
 
 
 cdef WinogradShape make_winograd_shape(Py_ssize_t Cin, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Cout,
                                        Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t ph, Py_ssize_t pw,
-                                       Py_ssize_t block_rows) noexcept nogil:
+                                       Py_ssize_t block_rows, Py_ssize_t images) noexcept nogil:
     cdef WinogradShape s
     s.Cin = Cin; s.H = H; s.W = W
     s.Cout = Cout; s.Ho = Ho; s.Wo = Wo
@@ -88,7 +93,8 @@ cdef WinogradShape make_winograd_shape(Py_ssize_t Cin, Py_ssize_t H, Py_ssize_t 
     s.tw = (Wo + 1) // 2
     s.rw = 2 * s.tw + 2
     s.block_rows = block_rows if block_rows < s.th else s.th
-    s.ld = s.block_rows * (s.tw + 1)
+    s.images = images if images > 1 and s.block_rows == s.th else 1
+    s.ld = s.images * s.block_rows * (s.tw + 1)
     return s
 
 
@@ -213,10 +219,13 @@ cdef void winograd_output_tiles(const floating *M, floating *out, const floating
 
 
 cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
-                         floating *out, floating *scratch, const WinogradShape *s) noexcept nogil:
+                         floating *out, Py_ssize_t count, floating *scratch,
+                         const WinogradShape *s) noexcept nogil:
     """out (Cout, Ho, Wo) = the 3x3 stride-1 correlation of x (Cin, H, W) with the filters
-    whose transforms are U (16, Cout, Cin), input row/column 0 of the output at -ph/-pw."""
-    cdef Py_ssize_t block, ty0, ty1, p, nb
+    whose transforms are U (16, Cout, Cin), input row/column 0 of the output at -ph/-pw; for
+    `count` consecutive images (at most s.images) at once."""
+    cdef Py_ssize_t block, ty0, ty1, p, nb, i
+    cdef Py_ssize_t in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
     cdef floating *V = scratch
     cdef floating *M = V + 16 * s.Cin * s.ld
     cdef floating *bt = M + 16 * s.Cout * s.ld
@@ -226,49 +235,55 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
         ty0 = block * s.block_rows
         ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
         nb = (ty1 - ty0) * (s.tw + 1)
-        winograd_input_tiles(x, V, bt, padded, ty0, ty1, s)
+        for i in range(count):
+            winograd_input_tiles(x + i * in_size, V + i * nb, bt, padded, ty0, ty1, s)
         for p in range(16):
-            gemm_rowmajor(c"N", c"N", <int> s.Cout, <int> nb, <int> s.Cin, <floating> 1,
+            gemm_rowmajor(c"N", c"N", <int> s.Cout, <int> (count * nb), <int> s.Cin, <floating> 1,
                           U + p * s.Cout * s.Cin, <int> s.Cin, V + p * s.Cin * s.ld, <int> s.ld,
                           <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
-        winograd_output_tiles(M, out, bias, relu, y, ty0, ty1, s)
+        for i in range(count):
+            winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s)
 
 
 cdef void winograd_batch(const floating *x, const floating *U, const floating *bias, bint relu,
                          floating *out, Py_ssize_t N, floating *scratch,
                          const WinogradShape *s, int num_threads) noexcept nogil:
-    """winograd_image for each of the N images, OpenMP over images (dynamic: the machine may be
-    shared), each thread with its own scratch and a single-threaded BLAS."""
-    cdef Py_ssize_t n, in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
-    cdef Py_ssize_t per_thread = winograd_scratch_size(s)
+    """winograd_image for each group of s.images images, OpenMP over the groups (dynamic: the
+    machine may be shared), each thread with its own scratch and a single-threaded BLAS."""
+    cdef Py_ssize_t group, n, in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
+    cdef Py_ssize_t per_thread = winograd_scratch_size(s), groups = (N + s.images - 1) // s.images
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
     pin_blas(saved_blas_threads)
     with parallel(num_threads=team_size(num_threads)):
-        for n in prange(N, schedule="dynamic"):
+        for group in prange(groups, schedule="dynamic"):
+            n = group * s.images
             winograd_image(x + n * in_size, U, bias, relu, out + n * out_size,
+                           s.images if n + s.images <= N else N - n,
                            scratch + threadid() * per_thread, s)
     unpin_blas(saved_blas_threads)
 
 
 def winograd_scratch_elements(Py_ssize_t Cin, Py_ssize_t Cout, Py_ssize_t Ho, Py_ssize_t Wo,
-                              Py_ssize_t block_rows):
+                              Py_ssize_t block_rows, Py_ssize_t images=1):
     """Elements of one thread's scratch for winograd_forward, winograd_backward_input and
-    winograd_backward_filter with these channels (in, out), output size and tile rows per block
-    (the filter gradient: the forward's channels and output)."""
-    cdef WinogradShape s = make_winograd_shape(Cin, 0, 0, Cout, Ho, Wo, 0, 0, block_rows)
+    winograd_backward_filter with these channels (in, out), output size, tile rows per block
+    and images per group (the filter gradient: the forward's channels and output)."""
+    cdef WinogradShape s = make_winograd_shape(Cin, 0, 0, Cout, Ho, Wo, 0, 0, block_rows, images)
     return winograd_scratch_size(&s)
 
 
 def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
                      const floating[::1] b, floating[:, :, :, ::1] out, Py_ssize_t ph,
                      Py_ssize_t pw, Py_ssize_t block_rows, floating[::1] transformed_filters,
-                     floating[:, ::1] scratch, int num_threads, bint relu=False):
+                     floating[:, ::1] scratch, int num_threads, bint relu=False,
+                     Py_ssize_t images=1):
     """out (N, F, Ho, Wo) = x * w + b (3x3, stride 1, padding (ph, pw)) by Winograd F(2x2, 3x3);
     max(., 0) with relu. b may be None. transformed_filters: 16*F*C elements; scratch (threads,
-    winograd_scratch_elements(C, F, Ho, Wo, block_rows))."""
+    winograd_scratch_elements(C, F, Ho, Wo, block_rows, images)); `images` per group (whole
+    images only: 1 where block_rows does not cover the image)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = w.shape[0]
     cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, out.shape[2],
-                                               out.shape[3], ph, pw, block_rows)
+                                               out.shape[3], ph, pw, block_rows, images)
     cdef const floating *bias = &b[0] if b is not None else NULL
     if N == 0:
         return
@@ -281,14 +296,14 @@ def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1
 def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
                             floating[:, :, :, ::1] dx, Py_ssize_t ph, Py_ssize_t pw,
                             Py_ssize_t block_rows, floating[::1] transformed_filters,
-                            floating[:, ::1] scratch, int num_threads):
+                            floating[:, ::1] scratch, int num_threads, Py_ssize_t images=1):
     """dx (N, C, H, W) = the full convolution of dout (N, F, Ho, Wo) with the rotated filters of
     w (F, C, 3, 3) (the gradient of a 3x3 stride-1 layer with padding (ph, pw)): the correlation
     of dout, padded by 2 - ph, 2 - pw, with rot180(w) channels swapped, by Winograd F(2x2, 3x3).
-    scratch (threads, winograd_scratch_elements(F, C, H, W, block_rows))."""
+    scratch (threads, winograd_scratch_elements(F, C, H, W, block_rows, images))."""
     cdef Py_ssize_t N = dout.shape[0], F = w.shape[0], C = w.shape[1]
     cdef WinogradShape s = make_winograd_shape(F, dout.shape[2], dout.shape[3], C, dx.shape[2],
-                                               dx.shape[3], 2 - ph, 2 - pw, block_rows)
+                                               dx.shape[3], 2 - ph, 2 - pw, block_rows, images)
     if N == 0:
         return
     with nogil:
@@ -388,11 +403,13 @@ def winograd_backward_filter(const floating[:, :, :, ::1] x, const floating[:, :
     """dw (F, C, 3, 3) = sum_n x[n] * dout[n] (the lecture's X * G) and db (F,) = the sums of
     dout over images and pixels, for a 3x3 stride-1 layer with padding (ph, pw), by Winograd
     F(2x2, 3x3). dU_per_chunk (chunks, 16*F*C + F) must be zero on entry; scratch (threads,
-    winograd_scratch_elements(C, F, Ho, Wo, block_rows))."""
+    winograd_scratch_elements(C, F, Ho, Wo, block_rows)), one image at a time: in groups, as
+    the forward takes them, OpenBLAS's (F x C) += (F x k) . (C x k)^T ran up to 2.4x slower at
+    some k (ResNet-8's res3.conv2 in groups of 4: 4.9 -> 12 ms)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = dout.shape[1]
     cdef Py_ssize_t chunks = dU_per_chunk.shape[0], chunk, n, k, size = 16 * F * C + F
     cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, dout.shape[2],
-                                               dout.shape[3], ph, pw, block_rows)
+                                               dout.shape[3], ph, pw, block_rows, 1)
     cdef Py_ssize_t per_thread = winograd_scratch_size(&s)
     cdef Py_ssize_t in_size = C * s.H * s.W, out_size = F * s.Ho * s.Wo
     cdef int saved_blas_threads[MAX_PINNED_BLAS]

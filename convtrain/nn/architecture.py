@@ -104,18 +104,26 @@ def network_architecture(architecture, *, input_shape=None, num_classes=None, dt
 
 
 def assign_conv_algos(layers: list[Layer], input_shape: tuple, algo: str) -> dict[str, str]:
-    """Set each conv layer's algorithm for `algo` (kernels.choose_conv_algo decides per layer,
-    from its shapes) and return {layer name: algorithm}."""
+    """Set each conv layer's algorithms for `algo` (kernels.choose_conv_algos decides per layer
+    and pass, from its shapes) and return {layer name: conv_algo_name(layer)}."""
     from convtrain.nn import kernels
 
-    chosen = {}
     for layer, shape in leaf_layers_with_input(layers, input_shape):
         if isinstance(layer, Conv2D):
             out = layer.output_shape(shape)
-            layer.algo = kernels.choose_conv_algo(algo, layer.in_channels, layer.filters,
-                                                  layer.kernel_size, layer.stride, out[1:])
-            chosen[layer.name] = layer.algo
-    return chosen
+            forward, layer.filter_algo, layer.algo = kernels.choose_conv_algos(
+                algo, layer.in_channels, layer.filters, layer.kernel_size, layer.stride, out[1:])
+            assert forward == layer.algo   # one algorithm for the forward and the input gradient
+    return {layer.name: conv_algo_name(layer)
+            for layer, _ in leaf_layers_with_input(layers, input_shape) if isinstance(layer, Conv2D)}
+
+
+def conv_algo_name(conv: Conv2D) -> str:
+    """The algorithm a conv layer computes with: "im2col" or "winograd" when one runs all its
+    passes, "winograd, im2col filter gradient" when conv_algo "auto" took that pass apart."""
+    if conv.filter_algo == conv.algo:
+        return conv.algo
+    return f"{conv.algo}, {conv.filter_algo} filter gradient"
 
 
 def layer_architecture(arch: dict) -> Architecture:

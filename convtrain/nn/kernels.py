@@ -53,6 +53,7 @@ __all__ = [
     "CONV_ALGOS",
     "winograd_applies",
     "choose_conv_algo",
+    "choose_conv_algos",
     "relu_",
     "relu_backward_",
     "dense_forward",
@@ -177,9 +178,19 @@ MIN_GROUPS = 8
 FILTER_GRAD_CHUNKS = 16
 
 
-def _plan(N, P, threads):
+# Strided convolutions take one image per GEMM from this many output pixels up: in groups of 4,
+# ResNet-8's res3.conv1 (stride 2, 8x8 out) ran both its gradients in 10.2 ms against 8.0 one
+# image at a time (its forward 3.8 against 4.0; its 1x1 stride-2 shortcut faster both ways),
+# where MNIST conv2 (stride 1, 8x8 out) ran faster in groups (6.9 against 7.4).
+STRIDED_MIN_COLUMNS = 64
+
+
+def _plan(N, P, threads, strided=False):
     """(threads, G, groups): OpenMP threads, images per group, number of groups."""
-    G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P), -(-N // MIN_GROUPS)))
+    if strided and P >= STRIDED_MIN_COLUMNS:
+        G = 1
+    else:
+        G = max(1, min(N, -(-GEMM_MIN_COLUMNS // P), -(-N // MIN_GROUPS)))
     groups = -(-N // G)
     return max(1, min(threads, groups)), G, groups
 
@@ -234,7 +245,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     if N == 0:
         return out
     P = Ho * Wo
-    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    threads, G, _ = _plan(N, P, _conv.get_num_threads(), stride != (1, 1))
     _check_blas_dims(F, K + 1, G * P)
     cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
     with blas_pinned_to_one_thread():
@@ -276,7 +287,7 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0, algo="im2c
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
         return np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
-    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    threads, G, groups = _plan(N, P, _conv.get_num_threads(), stride != (1, 1))
     _check_blas_dims(F, K + 1, G * P)
     chunks = min(groups, FILTER_GRAD_CHUNKS)
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
@@ -326,7 +337,7 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
     if N == 0:
         return dx
     K, P = C * kh * kw, Ho * Wo
-    threads, G, _ = _plan(N, P, _conv.get_num_threads())
+    threads, G, _ = _plan(N, P, _conv.get_num_threads(), stride != (1, 1))
     _check_blas_dims(F, K, G * P)
     cols, staging = _group_scratch(threads, G, K, P, F, dout.dtype)
     with blas_pinned_to_one_thread():
@@ -335,7 +346,7 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
 
 
 def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
-                    algo="im2col"):
+                    algo="im2col", filter_algo=None):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -345,6 +356,9 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     skips dx (the first layer's input is the data) and returns None for it.
     algo "winograd" (3x3 stride-1 filters only): dout masked in place (relu_backward_), then
     the filter and input gradients by Winograd F(2x2, 3x3), one pass each.
+    filter_algo (default: algo): the filter gradient's algorithm, where it differs from the
+    input gradient's (conv_algo "auto", choose_conv_algos): dout masked in place, then
+    conv2d_backward_filter and conv2d_backward_input, each with its algorithm's bits.
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -371,7 +385,14 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         relu_out = _array("relu_out", relu_out, 4, x.dtype)
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
-    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+    filter_algo = _checked_algo(algo if filter_algo is None else filter_algo, (kh, kw), stride)
+    if _checked_algo(algo, (kh, kw), stride) != filter_algo:
+        if relu_out is not None:
+            relu_backward_(dout, relu_out)
+        dw, db = conv2d_backward_filter(x, dout, (kh, kw), stride, padding, algo=filter_algo)
+        dx = conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo) if input_grad else None
+        return dx, dw, db
+    if algo == "winograd":
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = _winograd_backward_filter(x, dout, padding)
@@ -380,7 +401,7 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
         return dx, np.zeros((F, C, kh, kw), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
-    threads, G, groups = _plan(N, P, _conv.get_num_threads())
+    threads, G, groups = _plan(N, P, _conv.get_num_threads(), stride != (1, 1))
     _check_blas_dims(F, K + 1, G * P)
     chunks = min(groups, FILTER_GRAD_CHUNKS)
     dw_ext = np.zeros((chunks, F * (K + 1)), dtype=x.dtype)
@@ -400,6 +421,13 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
 # the block in L2 (CIFAR conv2's timings per block size: docs/performance.md). The bound only
 # splits large images, to bound the scratch per thread.
 WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
+# Small images are taken several at a time (whole images, their tiles side by side), so that
+# the forward's and the input gradient's 16 GEMMs get at least this many columns where the
+# batch allows (an 8x8 output has 20): no more images than make it, and no fewer than
+# MIN_GROUPS groups (as im2col's). Measured on ResNet-8 (1 thread): 128 took res3.conv2's
+# forward and input gradient 4.1 -> 3.5 ms each (res2.conv2's, in pairs, ~3%); 256 made both
+# forwards slower than one image at a time (res3.conv2 4.5 -> 5.6 ms).
+WINOGRAD_MIN_COLUMNS = 128
 
 
 # conv_algo "auto": Winograd where it applies and both channel counts are at least
@@ -407,23 +435,49 @@ WINOGRAD_BLOCK_BYTES = 4 * 1024 * 1024
 # im2col: the shapes where Winograd was measured to pay (the timings, per shape and pass:
 # docs/performance.md, "The measurements behind the kernels' rules"). With few channels the
 # 16 GEMMs per image are too thin for BLAS to run fast, and with few tiles the per-image
-# overhead dominates; the transforms then cost more than the multiplies they save.
+# overhead dominates; the transforms then cost more than the multiplies they save. From 8x8
+# outputs up Winograd won every shape with >= 16 channels (ResNet-8's 64-channel 8x8 layer
+# 1.4x); DIGITS conv2's 4x4 output is where it lost.
 AUTO_WINOGRAD_MIN_CHANNELS = 16
-AUTO_WINOGRAD_MIN_OUTPUT = 256
+AUTO_WINOGRAD_MIN_OUTPUT = 64
+# ... and per pass: a Winograd layer under "auto" computes its filter gradient by im2col where
+# a channel count is below AUTO_WINOGRAD_FILTER_MIN_CHANNELS and the output has at least
+# AUTO_IM2COL_FILTER_MIN_OUTPUT pixels (from there the own tiles take it, see direct_applies in
+# ext/_conv.pyx). Measured (1 thread, float32, batch 100, ms im2col against Winograd): ResNet-8's
+# res1 convs 16->16 at 32x32 7.5 against 8.3-9.5, 16->32 at 32x32 14.0 against 16.7, 16->32 at
+# 16x16 4.5 against 4.9, 16->16 at 16x16 2.5 against 2.9; Winograd kept it at 16->16 8x8 (1.4
+# against 1.2, BLAS there), 32->32 16x16 (8.2 against 7.5), 32->32 32x32 (25.3 against 20.3)
+# and CIFAR conv2 (32.8 against 28.7). Its forward and input gradient stay Winograd (the input
+# gradient won every one of these shapes, 16->16 at 32x32 12.1 against 6.3).
+AUTO_WINOGRAD_FILTER_MIN_CHANNELS = 32
+AUTO_IM2COL_FILTER_MIN_OUTPUT = 128
 
 
 def choose_conv_algo(algo, in_channels, filters, kernel_size, stride, output_hw):
-    """The algorithm a conv layer runs for conv_algo `algo`: "im2col"; "winograd" where it
-    applies (3x3 stride 1), im2col elsewhere; "auto" by the measured rule above."""
+    """The algorithm a conv layer runs its forward with for conv_algo `algo`: "im2col";
+    "winograd" where it applies (3x3 stride 1), im2col elsewhere; "auto" by the measured rule
+    above. choose_conv_algos gives every pass's."""
+    return choose_conv_algos(algo, in_channels, filters, kernel_size, stride, output_hw)[0]
+
+
+def choose_conv_algos(algo, in_channels, filters, kernel_size, stride, output_hw):
+    """(forward, filter gradient, input gradient) algorithms of a conv layer for conv_algo
+    `algo`, from the shapes alone (never from timings, so every run and thread count gets the
+    same bits). An explicit "im2col" or "winograd" is one algorithm for all three passes
+    (Winograd where it applies); "auto" may take the filter gradient by im2col under a
+    Winograd forward (the rule above)."""
     if algo not in ("auto", *CONV_ALGOS):
         raise ValueError(f"conv_algo must be one of auto, {', '.join(CONV_ALGOS)}, got {algo!r}")
     if algo == "im2col" or not winograd_applies(kernel_size, stride):
-        return "im2col"
+        return ("im2col",) * 3
     if algo == "winograd":
-        return "winograd"
-    big_enough = (min(in_channels, filters) >= AUTO_WINOGRAD_MIN_CHANNELS
-                  and output_hw[0] * output_hw[1] >= AUTO_WINOGRAD_MIN_OUTPUT)
-    return "winograd" if big_enough else "im2col"
+        return ("winograd",) * 3
+    pixels = output_hw[0] * output_hw[1]
+    if min(in_channels, filters) < AUTO_WINOGRAD_MIN_CHANNELS or pixels < AUTO_WINOGRAD_MIN_OUTPUT:
+        return ("im2col",) * 3
+    thin = (min(in_channels, filters) < AUTO_WINOGRAD_FILTER_MIN_CHANNELS
+            and pixels >= AUTO_IM2COL_FILTER_MIN_OUTPUT)
+    return ("winograd", "im2col" if thin else "winograd", "winograd")
 
 
 def winograd_applies(kernel_size, stride):
@@ -442,14 +496,22 @@ def _checked_algo(algo, kernel, stride):
     return algo
 
 
-def _winograd_scratch(cin, cout, Ho, Wo, N, dtype):
-    """(tile rows per block, per-thread scratch, threads) for one Winograd call."""
+def _winograd_scratch(cin, cout, Ho, Wo, N, dtype, group=True):
+    """(tile rows per block, images per group, per-thread scratch, threads) for one Winograd
+    call: all depend on the shapes and N only, never on the threads. group=False: one image at
+    a time (the filter gradient)."""
     row_bytes = 16 * (cin + cout) * ((Wo + 1) // 2) * np.dtype(dtype).itemsize
+    tile_rows, image_tiles = (Ho + 1) // 2, ((Ho + 1) // 2) * ((Wo + 1) // 2 + 1)
     block_rows = max(1, WINOGRAD_BLOCK_BYTES // row_bytes)
-    threads = max(1, min(_conv.get_num_threads(), N))
-    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows)
+    images = 1
+    if group and block_rows >= tile_rows:   # whole images fit a block: group the small ones
+        images = max(1, min(-(-WINOGRAD_MIN_COLUMNS // image_tiles), -(-N // MIN_GROUPS),
+                            WINOGRAD_BLOCK_BYTES // (row_bytes * tile_rows)))
+    groups = -(-N // images)
+    threads = max(1, min(_conv.get_num_threads(), groups))
+    size = _conv.winograd_scratch_elements(cin, cout, Ho, Wo, block_rows, images)
     _check_blas_dims(cin, cout, size)
-    return block_rows, np.empty((threads, size), dtype=dtype), threads
+    return block_rows, images, np.empty((threads, size), dtype=dtype), threads
 
 
 def _winograd_forward(x, w, b, padding, relu):
@@ -460,11 +522,11 @@ def _winograd_forward(x, w, b, padding, relu):
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
-    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    block_rows, images, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
     filters = np.empty(16 * F * C, dtype=x.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
-                               bool(relu))
+                               bool(relu), images)
     return out
 
 
@@ -475,10 +537,11 @@ def _winograd_backward_input(dout, w, hw, padding):
     dx = np.empty((N, C, *hw), dtype=dout.dtype)
     if N == 0:
         return dx
-    block_rows, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
+    block_rows, images, scratch, threads = _winograd_scratch(F, C, *hw, N, dout.dtype)
     filters = np.empty(16 * F * C, dtype=dout.dtype)
     with blas_pinned_to_one_thread():
-        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads)
+        _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads,
+                                      images)
     return dx
 
 
@@ -555,6 +618,17 @@ def relu_(a):
     return a
 
 
+def add_relu_(a, b):
+    """a = max(a + b, 0) in place, one threaded pass (np.add then relu_, the same bits): a
+    residual block's sum and ReLU; returns a."""
+    flat = _writeable_flat("a", a)
+    b = _array("b", b, b.ndim if isinstance(b, np.ndarray) else 1, a.dtype)
+    if b.shape != a.shape:
+        raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
+    _conv.add_relu_forward(flat, np.ascontiguousarray(b).reshape(-1))
+    return a
+
+
 def relu_backward_(dout, out):
     """dout = where(out > 0, dout, 0) in place; returns dout. The same values as
     dout * (out > 0) except that a masked NaN or -0.0 becomes +0.0 (as in PyTorch)."""
@@ -628,7 +702,7 @@ def _winograd_backward_filter(x, dout, padding):
     F, Ho, Wo = dout.shape[1:]
     if N == 0:
         return np.zeros((F, C, 3, 3), dtype=x.dtype), np.zeros(F, dtype=x.dtype)
-    block_rows, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype)
+    block_rows, _, scratch, threads = _winograd_scratch(C, F, Ho, Wo, N, x.dtype, group=False)
     chunks = min(N, FILTER_GRAD_CHUNKS)
     sums = np.zeros((chunks, 16 * F * C + F), dtype=x.dtype)   # dL/dU and db per chunk
     dw, db = np.empty((F, C, 3, 3), dtype=x.dtype), np.empty(F, dtype=x.dtype)

@@ -83,8 +83,11 @@ class Conv2D(Layer):
         self.fused_relu = False
         self._out = None
         # "im2col" or "winograd" (3x3 stride 1 only): a run setting (Network.set_conv_algo),
-        # not part of the architecture; both compute the same layer
+        # not part of the architecture; both compute the same layer. algo runs the forward and
+        # the input gradient; filter_algo the filter gradient (conv_algo "auto" may take it by
+        # another algorithm: kernels.choose_conv_algos)
         self.algo = "im2col"
+        self.filter_algo = "im2col"
 
     @property
     def fan_in(self) -> int:
@@ -119,7 +122,7 @@ class Conv2D(Layer):
         dx, dw, db = kernels.conv2d_backward(self._x, dout, self.params["weight"],
                                              stride=self.stride, padding=self.padding,
                                              relu_out=self._out, input_grad=self.needs_input_grad,
-                                             algo=self.algo)
+                                             algo=self.algo, filter_algo=self.filter_algo)
         self.grads = {"weight": dw, "bias": db} if self.has_bias else {"weight": dw}
         self._x = self._out = None
         return dx

@@ -27,7 +27,7 @@ import numpy as np
 from convtrain.errors import ArchitectureError, CheckpointError, DataError
 from convtrain.nn import model_file, torch_compat
 from convtrain.nn.architecture import (
-    assign_conv_algos, build_layers, config_build_options, describe_architecture, network_architecture)
+    assign_conv_algos, build_layers, conv_algo_name, config_build_options, describe_architecture, network_architecture)
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layers import Conv2D, Layer
 from convtrain.nn.losses import softmax, softmax_cross_entropy
@@ -183,14 +183,16 @@ class Network:
 
     def set_conv_algo(self, algo: str) -> dict[str, str]:
         """Let the conv layers compute with `algo` ("auto", "im2col" or "winograd"; see
-        kernels.choose_conv_algo: "winograd" runs on the 3x3 stride-1 layers, the others keep
-        im2col) and return {layer name: algorithm}. A run setting, not saved with the model:
-        every algorithm computes the same layer, so a model trained with one runs with any."""
+        kernels.choose_conv_algos: "winograd" runs on the 3x3 stride-1 layers, the others keep
+        im2col; "auto" may take a Winograd layer's filter gradient by im2col) and return
+        {layer name: algorithm} (architecture.conv_algo_name). A run setting, not saved with the
+        model: every algorithm computes the same layer, so a model trained with one runs with any."""
         return assign_conv_algos(self.layers, self.input_shape, algo)
 
     def conv_algos(self) -> dict[str, str]:
-        """{conv layer name: the algorithm it computes with}."""
-        return {layer.name: layer.algo for layer in self.leaf_layers() if isinstance(layer, Conv2D)}
+        """{conv layer name: the algorithm it computes with} (architecture.conv_algo_name)."""
+        return {layer.name: conv_algo_name(layer) for layer in self.leaf_layers()
+                if isinstance(layer, Conv2D)}
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """Scores (N, num_classes) for a normalized batch x (N, C, H, W) of this network's dtype."""

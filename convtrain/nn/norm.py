@@ -121,19 +121,31 @@ class _BatchNorm(Layer):
         running_var[...] = (1 - m) * running_var + m * unbiased
         self.buffers["num_batches_tracked"] += 1
 
-    def backward(self, dout):
+    def backward(self, dout, keep_dout=False):
+        """dx. dout becomes dx in place: ours to overwrite, as a conv's backward takes it (a copy
+        only when it is not writable, contiguous and of our dtype). keep_dout: dx is a new
+        array and dout keeps its values (a residual block's gradient, which its shortcut reads
+        too); not with a fused ReLU, whose mask changes dout."""
         x3, out, mean, inv_std, shape = self._cache
         self._cache = None
-        # dout becomes dx in place: ours to overwrite, as a conv's backward takes it (a copy
-        # only when it is not writable, contiguous and of our dtype)
-        g = np.require(dout, dtype=self.dtype, requirements=["C", "W"]).reshape(x3.shape)
+        if keep_dout and out is not None:
+            raise ValueError(f"{self.name}: keep_dout with a fused ReLU (its mask is applied to dout)")
+        dx = None
+        if keep_dout:
+            g = np.ascontiguousarray(dout, dtype=self.dtype).reshape(x3.shape)
+            if x3.shape[2] > 1:
+                dx = np.empty_like(x3)
+            else:   # rows of one value: the kernel works in place, on a copy
+                g = g.copy()
+        else:
+            g = np.require(dout, dtype=self.dtype, requirements=["C", "W"]).reshape(x3.shape)
         dgamma = np.empty(self.num_features, dtype=self.dtype)
         dbeta = np.empty(self.num_features, dtype=self.dtype)
         _kernels().bn_backward_(x3, g, out if out is not None else x3, out is not None,
                                 mean, inv_std, self.params["weight"], dgamma, dbeta, _by_images(x3),
-                                _threads())
+                                _threads(), dx)
         self.grads = {"weight": dgamma, "bias": dbeta}
-        return g.reshape(shape)
+        return (g if dx is None else dx).reshape(shape)
 
     def describe(self) -> dict:
         return {"type": type(self).__name__.lower(), "name": self.name, "features": self.num_features,

@@ -4,12 +4,13 @@
 whoever walks a network (parameters, init order, export) reads a block as its inner layers
 then its shortcut's; `leaf_layers` does that walk. The block owns no parameters itself.
 
-Memory: the add and the ReLU run in place on the inner output (one add, one threaded ReLU
-pass, as PyTorch's `out += identity; relu_(out)`), and the backward masks the gradient once,
-in place. Both branches' backward passes overwrite the gradient they are given (batch norm's
-and a fused conv's do), so the inner branch gets a copy of the masked gradient and the
-shortcut the original: the one copy stands where PyTorch allocates batch norm's input
-gradient.
+Memory: the add and the ReLU run in place on the inner output, in one threaded pass
+(kernels.add_relu_; PyTorch's `out += identity; relu_(out)` takes two), and the backward masks
+the gradient once, in place. Both branches' backward passes would overwrite the gradient they
+are given (batch norm's and a fused conv's do); where the inner branch ends in a batch norm
+(ResNet's basic block) that one writes its input gradient into a new array and leaves the
+masked gradient to the shortcut, as PyTorch's batch norm allocates its input gradient; else the
+inner branch gets a copy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from convtrain.errors import ArchitectureError
 from convtrain.nn import kernels
 from convtrain.nn.layers import Layer, ReLU
+from convtrain.nn.norm import _BatchNorm
 
 
 def _shape_text(shape) -> str:
@@ -69,8 +71,11 @@ class Residual(Layer):
         if (isinstance(self.inner[-1], (ReLU, Residual)) or not h.flags.c_contiguous or not h.flags.writeable
                 or np.may_share_memory(h, x)):
             h = np.array(h, order="C")
-        np.add(h, s, out=h)
-        out = kernels.relu_(h)
+        if s.dtype == h.dtype and s.shape == h.shape:
+            out = kernels.add_relu_(h, s)   # h = max(h + s, 0), one pass
+        else:
+            np.add(h, s, out=h)
+            out = kernels.relu_(h)
         if train:
             self._out = out
         return out
@@ -81,8 +86,14 @@ class Residual(Layer):
             grad = kernels.relu_backward_(dout, out)  # the ReLU's mask, once, in place
         else:
             grad = np.multiply(dout, out > 0)
-        dx = np.array(grad)  # the inner branch's own copy (see the module docstring)
-        for layer in reversed(self.inner):
+        last = self.inner[-1]
+        if isinstance(last, _BatchNorm) and not last.fused_relu:
+            dx = last.backward(grad, keep_dout=True)   # a new array; grad kept for the shortcut
+            rest = self.inner[:-1]
+        else:
+            dx = np.array(grad)  # the inner branch's own copy (see the module docstring)
+            rest = self.inner
+        for layer in reversed(rest):
             dx = layer.backward(dx)
         shortcut_dx = grad
         for layer in reversed(self.shortcut):

@@ -97,6 +97,26 @@ def test_relu_kernels_have_numpys_bits(dtype):
     assert np.isnan(got_dx[4]) == (expected[4] > 0) and got_dx[5] == (-1.0 if expected[5] > 0 else 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_relu_has_the_bits_of_add_then_relu(dtype):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(100_003).astype(dtype)
+    b = rng.standard_normal(a.shape).astype(dtype)
+    a[:6] = [-0.0, 0.0, np.nan, 1.0, np.inf, -np.inf]
+    b[:6] = [0.0, -0.0, 1.0, np.nan, -np.inf, 1.0]    # -0.0 + 0.0, NaN either side, inf - inf
+    with np.errstate(invalid="ignore"):
+        expected = kernels.relu_(np.add(a, b))
+    got = kernels.add_relu_(a.copy(), b)
+    np.testing.assert_array_equal(got, expected)
+    assert np.array_equal(np.signbit(got), np.signbit(expected))
+    strided = np.stack([b, b], axis=1)[:, 0]      # a non-contiguous b is read as it is
+    np.testing.assert_array_equal(kernels.add_relu_(a.copy(), strided), expected)
+    with pytest.raises(ValueError, match="b has shape"):
+        kernels.add_relu_(a.copy(), b[:-1])
+    with pytest.raises(TypeError, match="writeable C-contiguous"):
+        kernels.add_relu_(np.stack([a, a], axis=1)[:, 0], b)
+
+
 def test_fused_kernels_refuse_read_only_or_strided_gradients():
     x, w, b, dout = problem((2, 1, 5, 5), (2, 1, 3, 3), 1, 0, np.float64)
     with pytest.raises(TypeError, match="writeable C-contiguous"):

@@ -3,13 +3,14 @@
 Every path is run against the lecture's float64 formulas (convtrain.nn.reference) at the kernel
 tests' float32 bound, and at 1, 2 and 3 threads for the same bits:
 
-* direct (stride 1, one image per GEMM, >= 64 taps, <= 15% dropped columns): the image's
+* direct (one image per GEMM, >= 64 taps, <= 15% dropped columns): the image's
   own rows as M_X^im^T, with
-  and without padding; the input gradient's col2im in the tile's store where no column is
-  dropped (1x1 kernels);
+  and without padding; at strides the rows of its phase planes (odd and even sizes, uneven
+  strides and padding, non-square kernels); the input gradient's col2im in the tile's store
+  where no column is dropped (1x1 kernels, stride 1);
 * sizes that are not multiples of the tiles: filters (8 rows AVX-512, 6 AVX2), columns
   (48 / 16), taps (6 / 4), N = 1;
-* beside them the shapes that keep BLAS in every build (few taps, strides, grouped images).
+* beside them the shapes that keep BLAS in every build (few taps, grouped images).
 
 In the portable build (BLAS) the same assertions hold; the tests run on every build
 (CONVTRAIN_KERNEL_ISA=baseline | x86-64-v3 | x86-64-v4).
@@ -35,7 +36,14 @@ SHAPES = [
     ((2, 33, 12, 16), (50, 33, 3, 3), 1, 0),       # many channels, 50 filters
     ((2, 33, 12, 12), (50, 33, 3, 3), 1, 0),       # 20% of the columns dropped: BLAS
     ((2, 1, 30, 30), (20, 1, 5, 5), 1, 0),         # 25 taps: BLAS (MNIST conv1-like)
-    ((4, 3, 19, 18), (6, 3, 3, 3), 2, 1),          # stride 2: BLAS
+    ((4, 3, 19, 18), (6, 3, 3, 3), 2, 1),          # stride 2, 27 taps: BLAS
+    ((3, 16, 32, 32), (32, 16, 3, 3), 2, 1),       # stride 2 direct (ResNet-8 res2.conv1)
+    ((2, 9, 17, 35), (13, 9, 3, 3), 2, 1),         # stride 2 direct, odd sizes
+    ((2, 8, 20, 33), (9, 8, 4, 3), 2, (1, 0)),     # even kernel height, uneven padding
+    ((2, 5, 19, 40), (7, 5, 3, 5), (3, 2), (2, 1)),  # strides 3x2, 5 wide
+    ((2, 70, 9, 17), (5, 70, 1, 1), 2, 0),         # 1x1 stride 2, 70 taps: direct
+    ((32, 8, 16, 15), (4, 8, 3, 3), 2, 1),         # stride 2, 8x8 outputs: BLAS, one image a GEMM
+    ((32, 8, 8, 8), (4, 8, 3, 3), 1, 1),           # stride 1, 8x8 outputs: BLAS, in groups
     ((3, 2, 21, 17), (10, 2, 4, 3), (3, 2), (0, 1)),
     ((40, 4, 7, 9), (11, 4, 2, 3), 1, 0),          # groups of small images: BLAS
 ]
@@ -93,6 +101,13 @@ def test_float32_passes_give_the_same_bits_for_any_thread_count(x_shape, w_shape
     for one, two, three in zip(results[1], results[2], results[3]):
         np.testing.assert_array_equal(one, two)
         np.testing.assert_array_equal(one, three)
+
+
+def test_images_per_gemm():
+    assert kernels._plan(100, 64, 2)[1] == 4                  # 8x8 outputs: grouped
+    assert kernels._plan(100, 64, 2, strided=True)[1] == 1    # ... but one at a time at strides
+    assert kernels._plan(100, 36, 2, strided=True)[1] == 8    # 6x6: grouped at any stride
+    assert kernels._plan(3, 16, 1)[1] == 1                    # at least MIN_GROUPS groups
 
 
 def test_relu_in_the_tiles_store_keeps_nan_and_clears_negative_zero():

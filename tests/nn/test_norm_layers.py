@@ -152,6 +152,33 @@ def test_batch_norm_gives_the_same_bits_for_1_and_2_threads(kind):
 
 # ---- pooling and dropout -------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_norm_backward_keeping_dout_gives_the_same_bits_into_a_new_array(kind, dtype):
+    x = bn_input(kind, dtype)
+    dout = bn_input(kind, dtype, seed=3)
+    results = []
+    for keep in (False, True):
+        layer = make_bn(kind, x.shape[1], dtype)
+        layer.forward(x, train=True)
+        given = dout.copy()
+        dx = layer.backward(given, keep_dout=keep)
+        results.append((dx, layer.grads))
+        if keep:
+            np.testing.assert_array_equal(given, dout)       # dout kept
+            assert not np.may_share_memory(dx, given)
+        else:
+            assert np.shares_memory(dx, given)               # in place
+    (dx0, g0), (dx1, g1) = results
+    np.testing.assert_array_equal(dx1, dx0)
+    np.testing.assert_array_equal(g1["weight"], g0["weight"])
+    np.testing.assert_array_equal(g1["bias"], g0["bias"])
+    fused = make_bn(kind, x.shape[1], dtype, relu=True)
+    fused.forward(x, train=True)
+    with pytest.raises(ValueError, match="keep_dout with a fused ReLU"):
+        fused.backward(dout.copy(), keep_dout=True)
+
+
 def literal_avgpool(x, size, stride):
     n, c, h, w = x.shape
     out_h, out_w = (h - size) // stride + 1, (w - size) // stride + 1

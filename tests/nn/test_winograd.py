@@ -119,6 +119,41 @@ def test_images_split_into_blocks_of_tile_rows_give_the_same_layer(monkeypatch, 
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
 
+# Small images go several to a GEMM (WINOGRAD_MIN_COLUMNS, at least MIN_GROUPS groups): 21
+# images of 16 to 25 tiles each in groups of 3 in the forward and the input gradient (the filter
+# gradient stays one image at a time); odd sizes, non-square, padding 0 to 2.
+@pytest.mark.parametrize("x_shape, filters, padding", [((21, 3, 9, 7), 4, 1), ((21, 5, 9, 7), 3, 0),
+                                                       ((21, 2, 7, 5), 6, 2)],
+                         ids=["p1", "p0", "p2"])
+def test_small_images_taken_several_per_gemm_give_the_same_layer(threads, x_shape, filters, padding):
+    C = x_shape[1]
+    Ho, Wo = x_shape[2] + 2 * padding - 2, x_shape[3] + 2 * padding - 2
+    assert kernels._winograd_scratch(C, filters, Ho, Wo, 21, np.float32)[1] == 3
+    assert kernels._winograd_scratch(C, filters, Ho, Wo, 8, np.float32)[1] == 1   # 8 groups at least
+    for dtype in (np.float64, np.float32):
+        _all_three_passes_match_the_formulas(x_shape, filters, padding, dtype, seed=9)
+    x, w, b, rng = problem(x_shape, filters, np.float64, seed=10)
+    out = kernels.conv2d_forward(x, w, b, padding=padding, algo="winograd")
+    dout = rng.standard_normal(out.shape)
+
+    def passes():
+        return (kernels.conv2d_forward(x, w, b, padding=padding, relu=True, algo="winograd"),
+                kernels.conv2d_backward_input(dout, w, x.shape, padding=padding, algo="winograd"),
+                *kernels.conv2d_backward_filter(x, dout, 3, padding=padding, algo="winograd"))
+    grouped = {}
+    for n in (1, 2):
+        convtrain.set_num_threads(n)
+        grouped[n] = passes()
+    for one, two in zip(grouped[1], grouped[2]):
+        np.testing.assert_array_equal(one, two)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "WINOGRAD_MIN_COLUMNS", 1)    # one image per GEMM
+        assert kernels._winograd_scratch(C, filters, Ho, Wo, 21, np.float32)[1] == 1
+        single = passes()
+    for got, want in zip(grouped[1], single):
+        assert rel_err(got, want) <= 1e-14
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_fused_relu_is_np_maximum_of_the_output_nan_included(dtype):
     x, w, b, _ = problem((2, 3, 8, 7), 4, dtype, seed=3)
@@ -246,10 +281,14 @@ def test_auto_picks_winograd_only_where_it_was_measured_to_pay():
     digits = Network.build(input_shape=(1, 8, 8), num_classes=10, filters=[16, 32], seed=None)
     assert digits.set_conv_algo("auto") == {"conv1": "im2col", "conv2": "im2col"}
     assert digits.set_conv_algo("winograd") == {"conv1": "winograd", "conv2": "winograd"}
-    # the rule's edges: both channel counts >= 16 and >= 256 output pixels
+    # the rule's edges: both channel counts >= 16 and >= 64 output pixels
     edges = Network.build(input_shape=(16, 16, 16), num_classes=2, filters=[32, 8, 16],
                           padding=[1, 1, 0], seed=None)
-    assert edges.set_conv_algo("auto") == {"conv1": "winograd", "conv2": "im2col", "conv3": "im2col"}
+    assert edges.set_conv_algo("auto") == {"conv1": "winograd, im2col filter gradient",   # 16 channels
+                                           "conv2": "im2col", "conv3": "im2col"}
+    small = Network.build(input_shape=(16, 8, 8), num_classes=2, filters=[16, 16], padding=[1, 0],
+                          seed=None)   # 8x8 = 64 output pixels, then 6x6 = 36
+    assert small.set_conv_algo("auto") == {"conv1": "winograd", "conv2": "im2col"}
     with pytest.raises(ValueError, match="conv_algo must be one of auto, im2col, winograd"):
         digits.set_conv_algo("fast")
 
