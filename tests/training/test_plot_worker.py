@@ -127,13 +127,13 @@ def test_a_worker_dies_with_its_fit(tmp_path):
         pytest.fail("the worker outlived its killed fit")
 
 
-def test_with_matplotlib_imported_the_workers_are_forked_when_the_figures_are_handed_out(tmp_path):
+def test_with_matplotlib_imported_the_figures_are_drawn_in_the_process(tmp_path):
     from convtrain.training.plot_worker import preload
 
     preload()
     workers = PlotWorkers(1)
-    assert workers.processes == []  # nothing forked while the fit would train
+    assert workers.processes == []  # nothing forked: a sweep worker draws its own figures
     paths, problems = draw(workers, tmp_path)
-    assert problems == []
+    assert workers.processes == [] and problems == []
     assert [p.name for p in paths] == ["curves.png", "filters.png", "cm.png"]
     assert all(p.is_file() for p in paths)
