@@ -13,9 +13,9 @@ from convtrain.nn.layers import Conv2D as ConvLayer
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD
 from tests.support.numerics import centered_difference, conv_problem, rel_err, rel_norm_err
+from tests.support.torch_steps import assert_torch_step_matches
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
-TORCH_TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 MIXED = ("winograd", "im2col", "winograd")
 
 
@@ -136,15 +136,7 @@ def test_split_passes_match_pytorch_step_for_step(dtype):
     for step in range(3):
         loss, _ = net.loss_and_grads(x, y)
         optimizer.step(net.gradients(), 0.05)
-        reference.zero_grad()
-        torch_loss = criterion(model(torch.from_numpy(x.copy())), torch.from_numpy(y))
-        torch_loss.backward()
-        reference.step()
-        assert abs(loss - float(torch_loss.detach())) <= TORCH_TOLERANCE[dtype] * max(1.0, abs(loss))
-        state = model.state_dict()
-        for name, value in net.state_dict_torch().items():
-            assert rel_err(value.astype(np.float64), state[name].numpy().astype(np.float64)) \
-                < TORCH_TOLERANCE[dtype], (step, name)
+        assert_torch_step_matches(torch, net, loss, model, reference, criterion, x, y, dtype, step)
 
 
 def test_split_passes_give_the_same_bits_for_1_and_2_threads(threads):

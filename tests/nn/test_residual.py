@@ -9,8 +9,8 @@ from convtrain.nn.layer_specs import (BatchNorm, Conv2D, Dense, Dropout, GlobalA
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD
 from convtrain.nn.residual import Residual as ResidualLayer
+from tests.support.torch_steps import TORCH_TOLERANCE, assert_torch_step_matches
 
-TORCH_TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
 
 def small_resnet():
@@ -114,15 +114,7 @@ def test_a_resnet_with_dropout_matches_pytorch_step_for_step(dtype):
         optimizer.step(net.gradients(), 0.05)
         torch_masks[:] = [m.copy() for m in masks]
         masks.clear()
-        reference.zero_grad()
-        torch_loss = criterion(model(torch.from_numpy(x.copy())), torch.from_numpy(y))
-        torch_loss.backward()
-        reference.step()
-        assert abs(loss - float(torch_loss.detach())) <= TORCH_TOLERANCE[dtype] * max(1.0, abs(loss))
-        state = model.state_dict()
-        for name, value in net.state_dict_torch().items():
-            assert rel_err(value.astype(np.float64), state[name].numpy().astype(np.float64)) \
-                < TORCH_TOLERANCE[dtype], (step, name)
+        assert_torch_step_matches(torch, net, loss, model, reference, criterion, x, y, dtype, step)
     model.eval()
     with torch.no_grad():
         assert rel_err(net.forward(x), model(torch.from_numpy(x.copy())).numpy()) < TORCH_TOLERANCE[dtype]
