@@ -107,14 +107,14 @@ def _say(progress_callback, line: str) -> None:
 def _final_evaluation(trainer, network, splits) -> Evaluation:
     """Test metrics of the final model (validation if the data set has no test split). Without
     a test split only the confusion matrix is wanted: the validation predictions the trainer made
-    with this very model (Trainer.validation_predictions) are used when it has them."""
+    with this very model (Trainer.scored_validation) are used when it has them."""
     if splits.x_test is not None and len(splits.x_test):
         split, x, y = "test", splits.x_test, splits.y_test
     elif splits.x_val is not None and len(splits.x_val):
         split, x, y = "val", splits.x_val, splits.y_val
     else:
         split, x, y = "train", splits.x_train, splits.y_train
-    predictions = trainer.validation_predictions() if split == "val" else None
+    predictions = trainer.scored_validation.predictions_for(network) if split == "val" else None
     if predictions is not None:  # the saved model scored these already, bit for bit this model
         metrics = {}
     else:

@@ -45,6 +45,7 @@ from convtrain.training.inputs import checked_inputs
 from convtrain.training.metrics import RunningMetrics, evaluate_network
 from convtrain.training.run_folder import RunFolder
 from convtrain.training.sampling import epoch_order, epoch_size, train_eval_rows
+from convtrain.training.scored_validation import ScoredValidation
 from convtrain.training.step import train_step
 from convtrain.training.stopping import check_finite_parameters, diverged, interrupted
 
@@ -100,9 +101,7 @@ class Trainer:
         self.batches_done = 0                        # batches of that epoch already applied
         self.running: RunningMetrics | None = None   # its training metrics so far ("running")
         self.evaluation_seconds = 0.0  # spent scoring after epochs, in this process
-        # {epoch: (model digest, predicted labels)} of the validation scoring of the last epoch
-        # and of the best one so far, in this process: what validation_predictions hands back
-        self.scored_validation: dict[int, tuple[str, np.ndarray]] = {}
+        self.scored_validation = ScoredValidation()  # for the final evaluation, in this process
         self._stop_requested = False
         self.checkpoint_epoch: int | str | None = None  # the last good checkpoint's, for messages
 
@@ -198,7 +197,7 @@ class Trainer:
         if x_val is not None:
             values, predictions = self.evaluate(x_val, y_val, return_predictions=True)
             logs.update({f"val_{k}": v for k, v in values.items()})
-            self._keep_validation_predictions(epoch, predictions)
+            self.scored_validation.keep(epoch, self.history.best_epoch, self.network, predictions)
         self.evaluation_seconds += time.perf_counter() - evaluation_started
         logs["learning_rate"] = float(self.schedule.lr(max(self.step - 1, 0), epoch))
         logs["epoch_seconds"] = time.perf_counter() - started
@@ -228,25 +227,6 @@ class Trainer:
         metrics.evaluate_network."""
         return evaluate_network(self.network, x, y, l2=self.l2, batch_size=self.eval_batch_size,
                                 normalize=normalize, return_predictions=return_predictions)
-
-    def _keep_validation_predictions(self, epoch: int, predictions: np.ndarray) -> None:
-        """Keep this epoch's validation predictions with the digest of the model that made them,
-        and those of the best epoch before it (History.best_epoch, not yet updated for this one):
-        the final model is one of the two unless a resume came between."""
-        best = self.history.best_epoch
-        self.scored_validation = {e: kept for e, kept in self.scored_validation.items() if e == best}
-        self.scored_validation[epoch] = (model_digest(self.network), predictions)
-
-    def validation_predictions(self) -> np.ndarray | None:
-        """The validation set's predicted labels, scored during training by a model bit for bit
-        equal to the network as it is now (weights and batch norm's statistics), else None: the
-        final evaluation of a data set without a test split need not score it again."""
-        if not self.scored_validation:
-            return None
-        digest = model_digest(self.network)
-        return next((p for d, p in self.scored_validation.values() if d == digest), None)
-
-    # ---- failure paths --------------------------------------------------------------
 
     # ---- state ----------------------------------------------------------------------
 
@@ -322,20 +302,6 @@ class Trainer:
         checkpoint.restore(self)
         self.checkpoint_path = self.resumed_from = checkpoint.path
         self.checkpoint_epoch = self.epoch
-
-
-def model_digest(network) -> str:
-    """SHA-256 of everything an eval-mode forward pass reads from the network: each parameter's
-    and buffer's name, dtype, shape and bytes. Equal digests: bit-identical models."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for group in (network.parameters(), network.buffers()):
-        for key, value in sorted(group.items()):
-            value = np.ascontiguousarray(value)
-            digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-            digest.update(memoryview(value).cast("B"))
-    return digest.hexdigest()
 
 
 def _check_loop_options(label_smoothing: float, clip_norm: float | None, train_metrics: str) -> None:

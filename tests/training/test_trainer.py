@@ -370,18 +370,18 @@ def test_validation_predictions_are_handed_back_only_for_the_very_model_that_mad
     x_train, y_train, x_val, y_val = small
     trainer = make_trainer(FitConfig(epochs=2))
     trainer.fit(x_train, y_train, x_val, y_val)
-    kept = trainer.validation_predictions()
+    kept = trainer.scored_validation.predictions_for(trainer.network)
     assert kept is not None
     assert np.array_equal(kept, trainer.evaluate(x_val, y_val, return_predictions=True)[1])
     # one bit of one weight changed: not the model that was scored
     weight = next(iter(trainer.network.parameters().values()))
     original = weight.flat[0]
     weight.flat[0] = np.nextafter(original, np.inf, dtype=weight.dtype)
-    assert trainer.validation_predictions() is None
+    assert trainer.scored_validation.predictions_for(trainer.network) is None
     weight.flat[0] = original
-    assert trainer.validation_predictions() is not None
+    assert trainer.scored_validation.predictions_for(trainer.network) is not None
     # nothing scored, nothing handed back
-    assert make_trainer(FitConfig(epochs=1)).validation_predictions() is None
+    assert (lambda t: t.scored_validation.predictions_for(t.network))(make_trainer(FitConfig(epochs=1))) is None
 
 
 def test_restored_best_weights_reuse_the_best_epochs_validation_predictions(small):
@@ -390,7 +390,7 @@ def test_restored_best_weights_reuse_the_best_epochs_validation_predictions(smal
     history = trainer.fit(x_train, y_train, x_val, y_val)
     assert history.best_epoch != trainer.epoch  # the weights were put back
     assert len(trainer.scored_validation) <= 2
-    kept = trainer.validation_predictions()
+    kept = trainer.scored_validation.predictions_for(trainer.network)
     assert kept is not None
     assert np.array_equal(kept, trainer.evaluate(x_val, y_val, return_predictions=True)[1])
 
@@ -399,7 +399,7 @@ def test_batch_norm_statistics_are_part_of_the_scored_model(small):
     x_train, y_train, x_val, y_val = small
     trainer = make_trainer(FitConfig(epochs=1, batch_norm=True))
     trainer.fit(x_train, y_train, x_val, y_val)
-    assert trainer.validation_predictions() is not None
+    assert trainer.scored_validation.predictions_for(trainer.network) is not None
     statistics = next(iter(trainer.network.buffers().values()))
     statistics += 1.0
-    assert trainer.validation_predictions() is None
+    assert trainer.scored_validation.predictions_for(trainer.network) is None
