@@ -5,14 +5,14 @@ PyTorch step for step and thread counts; an explicit conv_algo keeps one algorit
 import numpy as np
 import pytest
 
-import convtrain
 from convtrain.nn import kernels
 from convtrain.nn import reference as ref
 from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
 from convtrain.nn.layers import Conv2D as ConvLayer
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD
-from tests.support.numerics import centered_difference, conv_problem, rel_err, rel_norm_err
+from tests.support.numerics import (assert_same_bits_at_1_and_2_threads, centered_difference, conv_problem,
+                                    rel_err, rel_norm_err)
 from tests.support.torch_steps import assert_torch_step_matches
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
@@ -142,14 +142,4 @@ def test_split_passes_match_pytorch_step_for_step(dtype):
 def test_split_passes_give_the_same_bits_for_1_and_2_threads(threads):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((16, 16, 12, 12), dtype=np.float32), rng.integers(0, 5, 16)
-    results = []
-    for count in (1, 2):
-        convtrain.set_num_threads(count)
-        net = split_net("float32")
-        optimizer = SGD(net.parameters(), lr=0.05, momentum=0.9)
-        for _ in range(2):
-            net.loss_and_grads(x, y)
-            optimizer.step(net.gradients(), 0.05)
-        results.append({name: value.copy() for name, value in net.parameters().items()})
-    for name in results[0]:
-        assert np.array_equal(results[0][name], results[1][name]), name
+    assert_same_bits_at_1_and_2_threads(lambda: split_net("float32"), x, y)

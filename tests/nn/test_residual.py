@@ -9,6 +9,7 @@ from convtrain.nn.layer_specs import (BatchNorm, Conv2D, Dense, Dropout, GlobalA
 from convtrain.nn.network import Network
 from convtrain.nn.optim import SGD
 from convtrain.nn.residual import Residual as ResidualLayer
+from tests.support.numerics import assert_same_bits_at_1_and_2_threads
 from tests.support.torch_steps import TORCH_TOLERANCE, assert_torch_step_matches
 
 
@@ -122,20 +123,15 @@ def test_a_resnet_with_dropout_matches_pytorch_step_for_step(dtype):
 
 @pytest.mark.parametrize("algo", ["im2col", "winograd"])
 def test_the_same_bits_for_1_and_2_threads(threads, algo):
-    results = []
     x, y = batch("float32", n=8)
-    for count in (1, 2):
-        convtrain.set_num_threads(count)
+
+    def fresh_net():
         net = make_net("float32")
         net.set_conv_algo(algo)
         net.set_dropout_generator(np.random.default_rng(2))
-        optimizer = SGD(net.parameters(), lr=0.05, momentum=0.9)
-        for _ in range(2):
-            net.loss_and_grads(x, y)
-            optimizer.step(net.gradients(), 0.05)
-        results.append({name: value.copy() for name, value in net.parameters().items()})
-    for name in results[0]:
-        assert np.array_equal(results[0][name], results[1][name]), name
+        return net
+
+    assert_same_bits_at_1_and_2_threads(fresh_net, x, y)
 
 
 def test_winograd_is_chosen_inside_residual_blocks():

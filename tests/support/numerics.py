@@ -48,3 +48,22 @@ def conv_problem(x_shape, w_shape, dtype, seed=0):
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
     return x, w, b, rng
+
+
+def assert_same_bits_at_1_and_2_threads(make_net, x, y, steps=2):
+    """Train a fresh `make_net()` for `steps` SGD updates on (x, y) at 1 and at 2 kernel threads:
+    every parameter must come out bit for bit the same."""
+    import convtrain
+    from convtrain.nn.optim import SGD
+
+    results = []
+    for count in (1, 2):
+        convtrain.set_num_threads(count)
+        net = make_net()
+        optimizer = SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(steps):
+            net.loss_and_grads(x, y)
+            optimizer.step(net.gradients(), 0.05)
+        results.append({name: value.copy() for name, value in net.parameters().items()})
+    for name in results[0]:
+        assert np.array_equal(results[0][name], results[1][name]), name
