@@ -1,7 +1,14 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so
+# would every process it starts: the Ctrl-C tests need Python's KeyboardInterrupt instead. A
+# handler (unlike "ignored") is reset to the default in a child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
