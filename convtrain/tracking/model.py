@@ -258,17 +258,23 @@ def _log_new_model(client, run_id, experiment_id, network, network_path, input_e
 def _requirements_taken_as_installed():
     """MLflow checks a model's pip requirements against the installed packages
     (warn_dependency_requirement_mismatches), mapping every installed distribution to its
-    modules first: a fifth of a second, a third of a model's logging. convtrain's requirements
-    are read from the installed versions (_requirements), so the check is skipped while this
-    model is saved."""
+    modules first, a fifth of a second each time: when it saves the model, and again when it
+    loads the saved model back to check that the input example serves (the check itself is
+    kept). convtrain's requirements are read from the installed versions (_requirements), so
+    the requirement check is skipped, in both modules that call it, while this model is logged."""
+    import mlflow.pyfunc
     from mlflow.utils import environment
 
-    check = environment.warn_dependency_requirement_mismatches
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    callers = [module for module in (environment, mlflow.pyfunc)
+               if hasattr(module, "warn_dependency_requirement_mismatches")]
+    checks = [module.warn_dependency_requirement_mismatches for module in callers]
+    for module in callers:
+        module.warn_dependency_requirement_mismatches = lambda requirements: None
     try:
         yield
     finally:
-        environment.warn_dependency_requirement_mismatches = check
+        for module, check in zip(callers, checks):
+            module.warn_dependency_requirement_mismatches = check
 
 
 def model_signature(network, example: np.ndarray):

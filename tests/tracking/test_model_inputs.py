@@ -70,3 +70,27 @@ def test_export_takes_a_run_id(fitted, tmp_path):
 
     model = onnx.load(tmp_path / "by-id.onnx")
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_logging_the_model_skips_the_requirement_check_and_puts_it_back(tmp_path, monkeypatch):
+    """MLflow maps every installed package to its modules to check a model's requirements, when it
+    saves the model and when it loads it back to try the input example: convtrain's requirements
+    are the installed versions, so the fit skips both; a later load checks again."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.utils import requirements_utils
+
+    checked = []
+    check = requirements_utils._check_requirement_satisfied
+    monkeypatch.setattr(requirements_utils, "_check_requirement_satisfied",
+                        lambda requirement: checked.append(requirement) or check(requirement))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = invoke("fit", "--epochs", "1", "--filters", "4", "--limit", "200", "--run-name", "m",
+                    "--out", tmp_path / "run", "--tracking-uri", uri, "-q")
+    assert result.exit_code == 0, result.output
+    assert checked == []
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("convtrain").experiment_id])
+    with _use_tracking_uri(uri):
+        mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/m")
+    assert checked, "loading the model outside the fit checks its requirements again"
