@@ -11,6 +11,7 @@ the traceback, with the same exit code.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import os
 import sys
@@ -423,7 +424,14 @@ _register_sweep(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Python's own teardown runs garbage collections over every object the command left
+        # behind (some 300,000 after a tracked fit: MLflow, SQLAlchemy, matplotlib), 0.6 s after
+        # the last line was printed. Frozen objects are left out of those collections; files,
+        # connections and atexit handlers are closed and run as before.
+        gc.freeze()
 
 
 if __name__ == "__main__":
