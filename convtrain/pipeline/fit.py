@@ -24,7 +24,7 @@ from convtrain.pipeline.finish import FitResult, finish
 from convtrain.pipeline.prepare import prepare
 from convtrain.pipeline.train import train
 from convtrain.training.callbacks import Callback
-from convtrain.training.plot_worker import PlotWorkers
+from convtrain.training import plot_worker
 from convtrain.training.run_folder import RunFolderLock
 from convtrain.training.signals import sigterm_as_keyboard_interrupt
 
@@ -47,8 +47,8 @@ def fit(config: FitConfig, *, callbacks: Iterable[Callback] = (), resume: str | 
     # Ctrl-C from the very start, so a signal while the data loads also ends with one line.
     # The plot workers are forked first, before the fit has a thread, a lock or a store open, to
     # import matplotlib while it loads, opens its store and trains; they end with the fit,
-    # whatever its outcome (training/plot_worker.py).
-    with PlotWorkers() as plot_workers, sigterm_as_keyboard_interrupt(), RunFolderLock() as lock:
+    # whatever its outcome (training/plot_worker.py); a sweep worker's trials share its workers.
+    with plot_worker.for_fit() as plot_workers, sigterm_as_keyboard_interrupt(), RunFolderLock() as lock:
         try:
             plan = prepare(config, lock, resume=resume, parent_run_id=parent_run_id or config.parent_run,
                            tags=tags, callbacks=callbacks, progress=progress)

@@ -26,6 +26,7 @@ from scratch only when there is no usable checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -151,11 +152,16 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
     console = SweepConsole()
     if plan.fit is None:
         from convtrain.pipeline.fit import fit
-        from convtrain.training.plot_worker import preload
+        from convtrain.training.plot_worker import shared_workers
 
-        preload()  # once for every trial's plot worker (training/plot_worker.py)
+        plot_workers = shared_workers()  # forked once, before any trial's thread: every trial's figures
     else:
-        fit = plan.fit
+        fit, plot_workers = plan.fit, contextlib.nullcontext()
+    with plot_workers:
+        return _run_trials(plan, spec, handle, reclaimed, fit, console, stop)
+
+
+def _run_trials(plan: WorkerPlan, spec: SweepSpec, handle, reclaimed: list, fit: Callable, console, stop) -> int:
     ran = errors_in_a_row = 0
     previous_failure = None
     while True:

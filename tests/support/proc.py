@@ -29,3 +29,9 @@ def children_of(pid: int) -> list[int]:
 def group_of(pgid: int) -> list[int]:
     """The members of process group `pgid` that are still running."""
     return [member for member, fields in _live_processes() if int(fields[2]) == pgid and fields[0] != "Z"]
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    fields = _stat_fields(Path(f"/proc/{pid}"))
+    return fields is not None and fields[0] != "Z"
