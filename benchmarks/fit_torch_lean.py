@@ -22,22 +22,7 @@ import torch
 from convtrain.data.split import split_indices
 from convtrain.data.standardize import Standardizer
 from convtrain.nn.standardization import standardize
-from fit_torch import add_fit_arguments  # run from benchmarks/ or as a script beside it
-
-
-def build_model(input_shape, num_classes, filters, kernel_sizes):
-    layers, (channels, height, width) = [], input_shape
-    for out_channels, size in zip(filters, kernel_sizes):
-        layers += [torch.nn.Conv2d(channels, out_channels, size), torch.nn.ReLU()]
-        channels, height, width = out_channels, height - size + 1, width - size + 1
-    layers += [torch.nn.Flatten(), torch.nn.Linear(channels * height * width, num_classes)]
-    model = torch.nn.Sequential(*layers)
-    with torch.no_grad():
-        for module in model:
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                module.bias.zero_()
-    return model
+from fit_torch import add_fit_arguments, build_model  # run from benchmarks/ or as a script beside it
 
 
 def main(argv=None) -> int:
