@@ -219,12 +219,14 @@ def _worker_main(plan: WorkerPlan, stop) -> None:
     """Entry point of a spawned worker: one-line errors, exit codes like the CLI's. SIGTERM (from
     the launcher, or sent when the launcher dies) stops a running fit at its next batch with a
     checkpoint, and a worker between fits at once."""
+    import gc
     import sys
     if plan.launcher_pid is not None:
         watch_launcher(plan.launcher_pid)
     try:
         with sigterm_as_keyboard_interrupt():
             run_worker(plan, stop)
+        gc.freeze()  # out of the teardown's collections, as the CLI's own process (convtrain/cli.py)
     except (KeyboardInterrupt, TrainingInterrupted):
         if plan.launcher_pid is not None and launcher_gone(plan.launcher_pid):
             print(f"{plan.label}error: the sweep launcher (pid {plan.launcher_pid}) is gone, so this worker stopped "
