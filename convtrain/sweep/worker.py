@@ -51,6 +51,7 @@ from convtrain.sweep import study as sweep_study
 from convtrain.sweep.console import SweepConsole
 from convtrain.sweep.runs import SWEEP_TAG, TRIAL_TAG
 from convtrain.sweep.spec import Choices, SweepSpec, load_sweep
+from convtrain.tracking.metric_buffer import epochs_sent_together
 from convtrain.training.callbacks import Callback
 
 
@@ -70,6 +71,10 @@ class WorkerPlan:
     label: str = ""  # prefix of this worker's lines when several share a terminal
     launcher_pid: int | None = None  # set for a spawned worker: it stops when that process is gone
     fit: Callable | None = field(default=None, repr=False)  # tests inject a fast stand-in
+
+
+# A trial's epoch metrics reach MLflow together, at most this late (tracking/metric_buffer.py).
+TRIAL_METRICS_SECONDS = 1.0
 
 
 class SweepFailed(ConvtrainError):
@@ -157,7 +162,7 @@ def run_worker(plan: WorkerPlan, stop=None) -> int:
         plot_workers = shared_workers()  # forked once, before any trial's thread: every trial's figures
     else:
         fit, plot_workers = plan.fit, contextlib.nullcontext()
-    with plot_workers:
+    with plot_workers, epochs_sent_together(TRIAL_METRICS_SECONDS):
         return _run_trials(plan, spec, handle, reclaimed, fit, console, stop)
 
 

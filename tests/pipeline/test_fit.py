@@ -243,6 +243,38 @@ def test_what_never_got_through_is_saved_and_reported(tmp_path):
     assert saved["metrics"] == [{"key": "train_loss", "value": 1.0, "step": 1, "timestamp": saved["metrics"][0]["timestamp"]}]
 
 
+def test_a_sweeps_short_epochs_are_sent_together_and_what_waits_is_in_the_checkpoint(monkeypatch):
+    from convtrain.tracking import metric_buffer
+    from convtrain.tracking.callback import UNSENT_KEY, MLflowCallback
+    from convtrain.tracking.tracked_run import TrackedRun
+
+    clock = [100.0]
+    monkeypatch.setattr(metric_buffer.time, "monotonic", lambda: clock[0])
+    fake, sends = FlakyClient(), []
+    fake.log_batch = lambda run_id, metrics=(), **_: sends.append([(m.key, m.step) for m in metrics])
+    run = TrackedRun(fake, "sqlite:///x.db", "run1", "1", notify=lambda _: None)
+    callback = MLflowCallback(run)
+    with metric_buffer.epochs_sent_together(1.0):
+        for epoch in (1, 2, 3):  # 0.3 s each: all within a second of the buffer's start
+            clock[0] += 0.3
+            callback.on_epoch_end(None, epoch, {"train_loss": 1.0 / epoch})
+        assert sends == []
+        unsent = callback.state_dict()[UNSENT_KEY]
+        assert [(row["key"], row["step"]) for row in unsent] == [("train_loss", e) for e in (1, 2, 3)]
+        clock[0] += 0.3  # a second since the buffer began: this epoch's end sends all four
+        callback.on_epoch_end(None, 4, {"train_loss": 0.25})
+        assert sends == [[("train_loss", e) for e in (1, 2, 3, 4)]]
+        assert UNSENT_KEY not in callback.state_dict()
+        clock[0] += 0.3
+        callback.on_epoch_end(None, 5, {"train_loss": 0.2})
+        assert len(sends) == 1  # waits again ...
+        run.finish("FINISHED")
+        assert sends[-1] == [("train_loss", 5)]  # ... and the end of the fit sends what waits
+    clock[0] += 0.01  # outside the block each epoch is sent at its end
+    callback.on_epoch_end(None, 6, {"train_loss": 0.1})
+    assert sends[-1] == [("train_loss", 6)]
+
+
 def test_resumed_callback_skips_what_the_run_already_holds():
     from convtrain.tracking.callback import MLflowCallback
     from convtrain.tracking.metric_buffer import MetricBuffer
