@@ -46,6 +46,26 @@ cdef extern from "conv_support.h":
     void add_short_rows_double(double *dst, Py_ssize_t step, const double *src, Py_ssize_t rows,
                                Py_ssize_t n) noexcept nogil
 
+cdef extern from "conv_row_stats.h":
+    # batch norm's per-row statistics (ext/norm_rows.h's, compiled without fused multiply-adds)
+    void ct_conv_row_stats_float(const float *x, Py_ssize_t rows, Py_ssize_t n,
+                                 double *stats) noexcept nogil
+    void ct_conv_row_stats_double(const double *x, Py_ssize_t rows, Py_ssize_t n,
+                                  double *stats) noexcept nogil
+
+
+cdef inline void row_stats(const floating *x, Py_ssize_t rows, Py_ssize_t n,
+                           double *stats) noexcept nogil:
+    """stats[r] = (sum, sum of squared deviations from the row's mean) of each of `rows` rows of
+    n values: what ext/_norm.pyx's batch norm computes for each (image, channel) row, the same
+    bits, taken here while a conv's output is in cache (the batch norm after the conv then
+    skips its own pass over the activations)."""
+    if floating is float:
+        ct_conv_row_stats_float(x, rows, n, stats)
+    else:
+        ct_conv_row_stats_double(x, rows, n, stats)
+
+
 cdef extern from "gemm_kernels.h":
     # convtrain's own float32 GEMM tiles (AVX-512 / AVX2 builds; CONVTRAIN_HAVE_TILES is 0 in
     # the portable build, which keeps BLAS): see the header for their layouts and sums
@@ -773,9 +793,11 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                    floating[:, :, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw,
                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                    Py_ssize_t G, floating[:, ::1] cols_scratch, floating[:, ::1] out_scratch,
-                   int num_threads, bint relu=False):
+                   int num_threads, bint relu=False, double[:, :, ::1] stats=None):
     """out[n] (F, P) = W_ext (F, K[+1]) . [cols[n]; 1] (K[+1], P) for every image n,
     then out[n] = max(out[n], 0) if relu (while the image's output is still in cache).
+    stats (N, F, 2), unless None: stats[n, f] = (sum, sum of squared deviations from its own
+    mean) of out[n, f], batch norm's statistics of each row (row_stats), also while in cache.
 
     w_ext is w.reshape(F, K), with the bias appended as column K if it has K+1 columns (then
     the im2col buffer gets a row of ones, and the GEMM adds the bias).
@@ -804,6 +826,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cdef const float *image = NULL
     cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    cdef double *stats_ptr = &stats[0, 0, 0] if stats is not None and N > 0 else NULL
     if N == 0:
         return
     with nogil:
@@ -843,6 +866,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                                        g.Wo * sizeof(float))
                         done = True
                 if done:
+                    if stats_ptr != NULL:
+                        row_stats(&out[n0, 0, 0, 0], F, P, stats_ptr + n0 * F * 2)
                     continue
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)
@@ -861,6 +886,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                                    P * sizeof(floating))
                 if relu:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
+                if stats_ptr != NULL:
+                    row_stats(&out[n0, 0, 0, 0], count * F, P, stats_ptr + n0 * F * 2)
         unpin_blas(saved_blas_threads)
         free(tiles_w)
         free(all_rows)

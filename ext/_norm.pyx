@@ -253,15 +253,34 @@ cdef void features_train_forward(const floating[:, :, ::1] x, const floating[::1
 def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                      const floating[::1] beta, floating[:, :, ::1] out,
                      double[::1] mean, double[::1] var, double[::1] inv_std,
-                     double eps, bint relu, bint by_images, int num_threads):
+                     double eps, bint relu, bint by_images, int num_threads,
+                     double[:, :, ::1] row_stats=None):
     """Per channel c: mean[c], biased var[c] and inv_std[c] = 1/sqrt(var + eps) of x[:, c, :],
-    then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu)."""
+    then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu).
+    row_stats (N, C, 2), unless None: each row's (sum, sum of squared deviations from its own
+    mean), as the image layout computes them (the conv before computed them on its output,
+    ext/conv_row_stats.h): the statistics are combined from them, with the image layout's bits
+    in either layout, and x is read once, to normalize it."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
     cdef double[:, :, ::1] part
     if N == 0 or P == 0:
         return
     if P == 1:
         features_train_forward(x, gamma, beta, out, mean, var, inv_std, eps, relu, num_threads)
+        return
+    if row_stats is not None:
+        with nogil:
+            combine_row_stats(row_stats, P, &mean[0], &var[0], &inv_std[0], eps)
+            if by_images:
+                for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                    for c in range(C):
+                        row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
+                                      <floating> inv_std[c], gamma[c], beta[c], relu)
+            else:
+                for c in prange(C, schedule="static", num_threads=num_threads):
+                    for n in range(N):
+                        row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
+                                      <floating> inv_std[c], gamma[c], beta[c], relu)
         return
     if not by_images:
         with nogil:

@@ -220,10 +220,11 @@ cdef void winograd_output_tiles(const floating *M, floating *out, const floating
 
 cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
                          floating *out, Py_ssize_t count, floating *scratch,
-                         const WinogradShape *s) noexcept nogil:
+                         const WinogradShape *s, double *stats) noexcept nogil:
     """out (Cout, Ho, Wo) = the 3x3 stride-1 correlation of x (Cin, H, W) with the filters
     whose transforms are U (16, Cout, Cin), input row/column 0 of the output at -ph/-pw; for
-    `count` consecutive images (at most s.images) at once."""
+    `count` consecutive images (at most s.images) at once. stats (count, Cout, 2), unless
+    NULL: each output row's batch-norm statistics (row_stats), while the images are in cache."""
     cdef Py_ssize_t block, ty0, ty1, p, nb, i
     cdef Py_ssize_t in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
     cdef floating *V = scratch
@@ -243,11 +244,14 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
                           <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
         for i in range(count):
             winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s)
+    if stats != NULL:
+        for i in range(count):
+            row_stats(out + i * out_size, s.Cout, s.Ho * s.Wo, stats + i * s.Cout * 2)
 
 
 cdef void winograd_batch(const floating *x, const floating *U, const floating *bias, bint relu,
                          floating *out, Py_ssize_t N, floating *scratch,
-                         const WinogradShape *s, int num_threads) noexcept nogil:
+                         const WinogradShape *s, int num_threads, double *stats) noexcept nogil:
     """winograd_image for each group of s.images images, OpenMP over the groups (dynamic: the
     machine may be shared), each thread with its own scratch and a single-threaded BLAS."""
     cdef Py_ssize_t group, n, in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
@@ -259,7 +263,8 @@ cdef void winograd_batch(const floating *x, const floating *U, const floating *b
             n = group * s.images
             winograd_image(x + n * in_size, U, bias, relu, out + n * out_size,
                            s.images if n + s.images <= N else N - n,
-                           scratch + threadid() * per_thread, s)
+                           scratch + threadid() * per_thread, s,
+                           stats + n * s.Cout * 2 if stats != NULL else NULL)
     unpin_blas(saved_blas_threads)
 
 
@@ -276,21 +281,23 @@ def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1
                      const floating[::1] b, floating[:, :, :, ::1] out, Py_ssize_t ph,
                      Py_ssize_t pw, Py_ssize_t block_rows, floating[::1] transformed_filters,
                      floating[:, ::1] scratch, int num_threads, bint relu=False,
-                     Py_ssize_t images=1):
+                     Py_ssize_t images=1, double[:, :, ::1] stats=None):
     """out (N, F, Ho, Wo) = x * w + b (3x3, stride 1, padding (ph, pw)) by Winograd F(2x2, 3x3);
     max(., 0) with relu. b may be None. transformed_filters: 16*F*C elements; scratch (threads,
     winograd_scratch_elements(C, F, Ho, Wo, block_rows, images)); `images` per group (whole
-    images only: 1 where block_rows does not cover the image)."""
+    images only: 1 where block_rows does not cover the image). stats (N, F, 2), unless None:
+    the output rows' batch-norm statistics (see conv2d_forward)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = w.shape[0]
     cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, out.shape[2],
                                                out.shape[3], ph, pw, block_rows, images)
     cdef const floating *bias = &b[0] if b is not None else NULL
+    cdef double *stats_ptr = &stats[0, 0, 0] if stats is not None and N > 0 else NULL
     if N == 0:
         return
     with nogil:
         winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], False)
         winograd_batch(&x[0, 0, 0, 0], &transformed_filters[0], bias, relu, &out[0, 0, 0, 0], N,
-                       &scratch[0, 0], &s, num_threads)
+                       &scratch[0, 0], &s, num_threads, stats_ptr)
 
 
 def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
@@ -309,7 +316,7 @@ def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:,
     with nogil:
         winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], True)
         winograd_batch(&dout[0, 0, 0, 0], &transformed_filters[0], NULL, False, &dx[0, 0, 0, 0],
-                       N, &scratch[0, 0], &s, num_threads)
+                       N, &scratch[0, 0], &s, num_threads, NULL)
 
 
 # ----------------------------------------------------------------------------- filter gradient

@@ -203,10 +203,13 @@ def _group_scratch(threads, G, rows, P, F, dtype):
     return cols, staging
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col", row_stats=None):
     """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
     with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
     is in cache instead of in a second pass over the batch.
+    row_stats: None, or a float64 (N, F, 2) array the kernels fill with each output row's
+    batch-norm statistics, (sum, sum of squared deviations from the row's own mean) of
+    out[n, f], also while it is in cache (for the batch norm after the conv: norm.py).
     algo: "im2col" (below) or "winograd" (3x3 stride-1 filters only: Winograd F(2x2, 3x3),
     see winograd_forward).
 
@@ -237,10 +240,16 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
         if bias.shape != (F,):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
     stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
-    if _checked_algo(algo, (kh, kw), stride) == "winograd":
-        return _winograd_forward(x, w, bias, padding, relu)
-    w_ext = w.reshape(F, K) if bias is None else np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
+    if row_stats is not None:
+        if (not isinstance(row_stats, np.ndarray) or row_stats.dtype != np.float64
+                or row_stats.shape != (N, F, 2) or not row_stats.flags.c_contiguous
+                or not row_stats.flags.writeable):
+            raise ValueError(f"row_stats must be a writeable C-contiguous float64 array of shape "
+                             f"{(N, F, 2)}, got {getattr(row_stats, 'shape', type(row_stats).__name__)}")
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_forward(x, w, bias, padding, relu, row_stats)
+    w_ext = w.reshape(F, K) if bias is None else np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
@@ -250,7 +259,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
     with blas_pinned_to_one_thread():
         _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads,
-                             bool(relu))
+                             bool(relu), row_stats)
     return out
 
 
@@ -514,7 +523,7 @@ def _winograd_scratch(cin, cout, Ho, Wo, N, dtype, group=True):
     return block_rows, images, np.empty((threads, size), dtype=dtype), threads
 
 
-def _winograd_forward(x, w, b, padding, relu):
+def _winograd_forward(x, w, b, padding, relu, row_stats=None):
     """conv2d_forward by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
     N, C, H, W = x.shape
     F = w.shape[0]
@@ -526,7 +535,7 @@ def _winograd_forward(x, w, b, padding, relu):
     filters = np.empty(16 * F * C, dtype=x.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
-                               bool(relu), images)
+                               bool(relu), images, row_stats)
     return out
 
 

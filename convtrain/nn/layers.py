@@ -88,6 +88,11 @@ class Conv2D(Layer):
         # another algorithm: kernels.choose_conv_algos)
         self.algo = "im2col"
         self.filter_algo = "im2col"
+        # Set by norm.fuse_conv_norm: a BatchNorm2D follows, and in training the kernels compute
+        # its per-row statistics on the output while it is in cache; row_stats = (out, stats)
+        # of the last training forward, until that batch norm takes it
+        self.norm_stats = False
+        self.row_stats = None
 
     @property
     def fan_in(self) -> int:
@@ -107,9 +112,12 @@ class Conv2D(Layer):
                 f"its {c}x{h}x{w} input: the output would be {'x'.join(map(str, error.output))}") from None
 
     def forward(self, x, train=False):
+        stats = (np.empty((x.shape[0], self.filters, 2)) if train and self.norm_stats
+                 and getattr(x, "ndim", 0) == 4 else None)
         out = kernels.conv2d_forward(x, self.params["weight"], self._bias,
                                      stride=self.stride, padding=self.padding, relu=self.fused_relu,
-                                     algo=self.algo)
+                                     algo=self.algo, row_stats=stats)
+        self.row_stats = (out, stats) if stats is not None else None
         if train:
             self._x = x
             self._out = out if self.fused_relu else None

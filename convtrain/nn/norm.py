@@ -18,7 +18,7 @@ import numpy as np
 
 from convtrain.errors import ArchitectureError
 from convtrain.nn import backend
-from convtrain.nn.layers import Layer, ReLU
+from convtrain.nn.layers import Conv2D, Layer, ReLU
 
 _norm = None
 
@@ -76,6 +76,7 @@ class _BatchNorm(Layer):
                         "running_var": np.ones(self.num_features, dtype=self.dtype),
                         "num_batches_tracked": np.zeros((), dtype=np.int64)}
         self.fused_relu = False  # set by fuse_norm_relu
+        self.stats_from = None  # set by fuse_conv_norm: the Conv2D before, which computes our row statistics
         self._cache = None
 
     def reset_parameters(self) -> None:
@@ -107,10 +108,19 @@ class _BatchNorm(Layer):
         c = self.num_features
         mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
         _kernels().bn_train_forward(x3, gamma, beta, out, mean, var, inv_std, self.eps,
-                                    self.fused_relu, _by_images(x3), _threads())
+                                    self.fused_relu, _by_images(x3), _threads(), self._conv_row_stats(x))
         self._update_running(mean, var, x3.shape[0] * x3.shape[2])
         self._cache = (x3, out if self.fused_relu else None, mean, inv_std, x.shape)
         return out.reshape(x.shape)
+
+    def _conv_row_stats(self, x):
+        """The (N, C, 2) row statistics the conv before computed on x, its output (None if x is
+        anything else); taken once."""
+        conv = self.stats_from
+        if conv is None or conv.row_stats is None:
+            return None
+        (out, stats), conv.row_stats = conv.row_stats, None
+        return stats if out is x else None
 
     def _update_running(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
         m = self.momentum
@@ -181,3 +191,15 @@ def fuse_norm_relu(layers: list[Layer]) -> None:
         if isinstance(norm, _BatchNorm) and isinstance(relu, ReLU) and relu.inplace:
             norm.fused_relu = True
             relu.fused = True
+
+
+def fuse_conv_norm(layers: list[Layer]) -> None:
+    """Let every Conv2D followed by a BatchNorm2D compute that batch norm's statistics: in
+    training the conv kernels take each output row's (sum, sum of squared deviations from its
+    mean) while the output is in cache (kernels.conv2d_forward's row_stats), and the batch norm
+    combines them instead of reading the activations once more; the same bits as its own pass
+    by images (ext/conv_row_stats.h)."""
+    for conv, norm in zip(layers, layers[1:]):
+        if isinstance(conv, Conv2D) and isinstance(norm, BatchNorm2D) and not conv.fused_relu:
+            conv.norm_stats = True
+            norm.stats_from = conv

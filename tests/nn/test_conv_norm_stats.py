@@ -1,0 +1,149 @@
+"""A batch norm after a conv takes its statistics from the conv's kernels (norm.fuse_conv_norm,
+kernels.conv2d_forward's row_stats): the row statistics must be the bits batch norm's own pass
+by images computes, in every build, for both conv algorithms, odd and non-square sizes and
+strides; the fused layers must train as the unfused ones do, at 1 and 2 threads."""
+
+import numpy as np
+import pytest
+
+from convtrain.nn import kernels, norm
+from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
+from convtrain.nn.layers import Conv2D as ConvLayer
+from convtrain.nn.network import Network
+from convtrain.nn.norm import BatchNorm2D
+from tests.support.numerics import assert_same_bits_at_1_and_2_threads
+
+# (N, C, H, W, F, stride, algo): Winograd with odd and non-square outputs and grouped small
+# images, im2col at stride 1 and 2 (BLAS, grouped images, the own tiles' direct path), 1x1
+CASES = [
+    (7, 16, 11, 13, 16, 1, 3, "winograd"),
+    (3, 16, 32, 32, 16, 1, 3, "winograd"),
+    (11, 32, 8, 8, 64, 1, 3, "winograd"),
+    (6, 8, 9, 7, 5, 2, 3, "im2col"),
+    (5, 16, 16, 16, 32, 2, 3, "im2col"),
+    (9, 16, 16, 16, 32, 1, 3, "im2col"),
+    (4, 3, 31, 33, 16, 1, 3, "im2col"),
+    (5, 16, 16, 15, 32, 2, 1, "im2col"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + c[7])
+def test_the_convs_row_statistics_are_batch_norms_own_bits(case, dtype):
+    N, C, H, W, F, stride, k, algo = case
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((N, C, H, W)) * 3 + 1).astype(dtype)
+    w = rng.standard_normal((F, C, k, k)).astype(dtype)
+    pad = k // 2
+    stats = np.full((N, F, 2), np.nan)
+    out = kernels.conv2d_forward(x, w, None, stride=stride, padding=pad, algo=algo, row_stats=stats)
+    assert np.array_equal(out, kernels.conv2d_forward(x, w, None, stride=stride, padding=pad, algo=algo))
+    rows = out.reshape(N, F, -1).astype(np.float64)
+    np.testing.assert_allclose(stats[..., 0], rows.sum(axis=2), rtol=1e-12, atol=1e-9)
+    m2 = ((rows - rows.mean(axis=2, keepdims=True)) ** 2).sum(axis=2)
+    np.testing.assert_allclose(stats[..., 1], m2, rtol=1e-10, atol=1e-9)
+    # batch norm from the conv's statistics, in either layout, against its own pass by images
+    x3 = out.reshape(N, F, -1)
+    gamma = rng.standard_normal(F).astype(dtype)
+    beta = rng.standard_normal(F).astype(dtype)
+    results = []
+    for row_stats, by_images in [(None, True), (stats, True), (stats, False)]:
+        y = np.empty_like(x3)
+        mean, var, inv_std = np.empty(F), np.empty(F), np.empty(F)
+        norm._kernels().bn_train_forward(x3, gamma, beta, y, mean, var, inv_std, 1e-5, True,
+                                         by_images, 1, row_stats)
+        results.append((y, mean, var, inv_std))
+    for result in results[1:]:
+        for got, expected in zip(result, results[0]):
+            assert np.array_equal(got, expected)
+
+
+def test_bad_row_stats_are_refused():
+    x = np.zeros((2, 3, 5, 5), np.float32)
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    for bad in (np.empty((2, 4, 2), np.float32), np.empty((2, 3, 2)), np.empty((2, 4, 3)),
+                np.empty((2, 2, 4)).transpose(0, 2, 1)):
+        with pytest.raises(ValueError, match="row_stats"):
+            kernels.conv2d_forward(x, w, None, padding=1, row_stats=bad)
+
+
+def resnet(dtype="float32"):
+    def block(filters, stride=1):
+        return Residual([Conv2D(filters, 3, stride, 1, bias=False), BatchNorm(), ReLU(),
+                         Conv2D(filters, 3, 1, 1, bias=False), BatchNorm()])
+    return [Conv2D(16, 3, 1, 1, bias=False), BatchNorm(), ReLU(), block(16), block(32, 2),
+            GlobalAvgPool()]
+
+
+def make_net(fused=True, dtype="float32", seed=0):
+    net = Network(resnet(), seed=seed, input_shape=(3, 13, 11), num_classes=4, dtype=dtype)
+    net.set_conv_algo("auto")
+    if not fused:
+        for layer in net.leaf_layers():
+            if isinstance(layer, ConvLayer):
+                layer.norm_stats = False
+    return net
+
+
+def test_every_conv_before_a_batch_norm_computes_its_statistics():
+    net = make_net()
+    pairs = [(layer.stats_from.name, layer.name) for layer in net.leaf_layers()
+             if isinstance(layer, BatchNorm2D) and layer.stats_from is not None]
+    assert len(pairs) == 6   # conv1, two per block, res2's shortcut
+    assert all(conv.endswith("conv") or "conv" in conv for conv, _ in pairs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_fused_statistics_train_as_the_batch_norms_own(dtype, monkeypatch):
+    """By images (the threshold lifted), the bits of the unfused net; by channels, the same
+    statistics summed in another order: to rounding."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3, 13, 11)).astype(dtype)
+    y = rng.integers(0, 4, 6)
+    for layout_bytes, exact in ((0, True), (2**40, False)):
+        monkeypatch.setattr(norm, "IMAGE_LAYOUT_MIN_BYTES", layout_bytes)
+        monkeypatch.setattr(norm, "IMAGE_LAYOUT_MIN_ROW", 0 if exact else 64)
+        runs = []
+        for fused in (True, False):
+            net = make_net(fused, dtype)
+            loss, _ = net.loss_and_grads(x, y)
+            runs.append((loss, net.gradients(), net.forward(x, train=False)))
+        (loss_a, grads_a, eval_a), (loss_b, grads_b, eval_b) = runs
+        for name in grads_a:
+            if exact:
+                assert np.array_equal(grads_a[name], grads_b[name]), name
+            else:
+                np.testing.assert_allclose(grads_a[name], grads_b[name],
+                                           rtol=1e-3 if dtype == "float32" else 1e-9,
+                                           atol=1e-5 if dtype == "float32" else 1e-12)
+        if exact:   # eval mode: the running statistics the batches left
+            assert loss_a == loss_b and np.array_equal(eval_a, eval_b)
+        else:
+            np.testing.assert_allclose(eval_a, eval_b, rtol=1e-4 if dtype == "float32" else 1e-10)
+
+
+def test_a_conv_output_that_is_not_the_batch_norms_input_leaves_its_statistics_unused():
+    net = make_net()
+    conv = next(layer for layer in net.leaf_layers() if isinstance(layer, ConvLayer))
+    bn = next(layer for layer in net.leaf_layers() if isinstance(layer, BatchNorm2D))
+    x = np.random.default_rng(2).standard_normal((4, 3, 13, 11)).astype(np.float32)
+    out = conv.forward(x, train=True)
+    other = out.copy() + 1   # the conv's statistics are of `out`, not of this
+    y = bn.forward(other, train=True)
+    bn_alone = BatchNorm2D(16, name="alone")
+    bn_alone.fused_relu = bn.fused_relu
+    assert np.array_equal(y, bn_alone.forward(other, train=True))
+    assert conv.row_stats is None   # taken (and dropped) once
+
+
+@pytest.mark.parametrize("algo", ["auto", "im2col", "winograd"])
+def test_the_same_bits_for_1_and_2_threads(threads, algo):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 3, 13, 11)).astype(np.float32)
+    y = rng.integers(0, 4, 9)
+
+    def fresh():
+        net = make_net()
+        net.set_conv_algo(algo)
+        return net
+    assert_same_bits_at_1_and_2_threads(fresh, x, y)
