@@ -864,10 +864,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                             for oh in range(g.Ho):
                                 memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wq,
                                        g.Wo * sizeof(float))
+                            if stats_ptr != NULL:   # the plane just copied, in L1
+                                row_stats(&out[n0, f, 0, 0], 1, P, stats_ptr + (n0 * F + f) * 2)
                         done = True
                 if done:
-                    if stats_ptr != NULL:
-                        row_stats(&out[n0, 0, 0, 0], F, P, stats_ptr + n0 * F * 2)
                     continue
                 for i in range(count):
                     im2col_image(&x[n0 + i, 0, 0, 0], cols + i * P, ld, &g)

@@ -188,10 +188,11 @@ cdef void winograd_input_tiles(const floating *x, floating *V, floating *bt, flo
 
 cdef void winograd_output_tiles(const floating *M, floating *out, const floating *bias,
                                 bint relu, floating *y, Py_ssize_t ty0, Py_ssize_t ty1,
-                                const WinogradShape *s) noexcept nogil:
+                                const WinogradShape *s, double *stats) noexcept nogil:
     """out[f, 2*ty + a, 2*tx + b] = (A^T m A)[a, b] (+ bias[f]; max(., 0) with relu) for the
     transformed products m = M[:, f, (ty - ty0)*(tw + 1) + tx], tile rows ty0 <= ty < ty1,
-    inside (Ho, Wo) only. y: (4, ld), the block's output tiles of one filter."""
+    inside (Ho, Wo) only. y: (4, ld), the block's output tiles of one filter. stats (Cout, 2),
+    unless NULL (the block is the whole image): each plane's row_stats, while it is in L1."""
     cdef Py_ssize_t f, ty, tx, a, oh, tw = s.tw, n = (ty1 - ty0) * (s.tw + 1), half = s.Wo // 2
     cdef const floating *y0
     cdef const floating *y1
@@ -216,6 +217,8 @@ cdef void winograd_output_tiles(const floating *M, floating *out, const floating
                     row[2 * tx + 1] = y1[tx]
                 if s.Wo % 2:
                     row[s.Wo - 1] = y0[tw - 1]
+        if stats != NULL:
+            row_stats(out + f * s.Ho * s.Wo, 1, s.Ho * s.Wo, stats + 2 * f)
 
 
 cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
@@ -232,6 +235,7 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
     cdef floating *bt = M + 16 * s.Cout * s.ld
     cdef floating *padded = bt + 4 * (s.block_rows * s.rw + 2)
     cdef floating *y = padded + (2 * s.block_rows + 2) * s.rw
+    cdef bint whole = s.block_rows >= s.th   # one block: each plane is whole when written
     for block in range((s.th + s.block_rows - 1) // s.block_rows):
         ty0 = block * s.block_rows
         ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
@@ -243,8 +247,9 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
                           U + p * s.Cout * s.Cin, <int> s.Cin, V + p * s.Cin * s.ld, <int> s.ld,
                           <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
         for i in range(count):
-            winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s)
-    if stats != NULL:
+            winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s,
+                                  stats + i * s.Cout * 2 if stats != NULL and whole else NULL)
+    if stats != NULL and not whole:
         for i in range(count):
             row_stats(out + i * out_size, s.Cout, s.Ho * s.Wo, stats + i * s.Cout * 2)
 

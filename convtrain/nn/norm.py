@@ -9,7 +9,10 @@ Both passes run in the compiled ext/_norm kernels (threaded over images for larg
 over channels for those the caches hold: `_by_images`), the same bits for any thread count and
 every build. A BatchNorm followed by an
 inplace ReLU computes that ReLU itself (fuse_norm_relu), as a conv does: no separate pass over
-the activations. The backward overwrites the gradient it is given with dx, as a conv's does.
+the activations. A BatchNorm2D after a conv takes its statistics from the conv's kernels, which
+compute them on their output while it is in cache (fuse_conv_norm): in training it then reads
+its input once, to normalize it. The backward overwrites the gradient it is given with dx, as a
+conv's does.
 """
 
 from __future__ import annotations

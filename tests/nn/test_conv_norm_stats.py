@@ -28,9 +28,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + c[7])
-def test_the_convs_row_statistics_are_batch_norms_own_bits(case, dtype):
+@pytest.mark.parametrize("case", CASES + [(3, 16, 11, 13, 16, 1, 3, "winograd-blocks")],
+                         ids=lambda c: "x".join(map(str, c[:6])) + "-" + c[7])
+def test_the_convs_row_statistics_are_batch_norms_own_bits(case, dtype, monkeypatch):
     N, C, H, W, F, stride, k, algo = case
+    if algo == "winograd-blocks":   # a tile row per block: the statistics after the whole image
+        monkeypatch.setattr(kernels, "WINOGRAD_BLOCK_BYTES", 1)
+        algo = "winograd"
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((N, C, H, W)) * 3 + 1).astype(dtype)
     w = rng.standard_normal((F, C, k, k)).astype(dtype)
