@@ -589,6 +589,24 @@ def add_relu_forward(floating[::1] a, const floating[::1] b):
                              min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+cdef inline void add_inplace(floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
+    """a = a + b: np.add's bits (one IEEE addition per element)."""
+    cdef Py_ssize_t k
+    for k in range(n):
+        a[k] = a[k] + b[k]
+
+
+def add_forward(floating[::1] a, const floating[::1] b):
+    """a = a + b in place (a residual block's two input gradients), OpenMP over blocks."""
+    cdef Py_ssize_t n = a.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
+    if n == 0:
+        return
+    with nogil:
+        for block in prange(blocks, schedule="static", num_threads=team_size(min_threads(blocks))):
+            add_inplace(&a[block * RELU_BLOCK], &b[block * RELU_BLOCK],
+                        min_size(RELU_BLOCK, n - block * RELU_BLOCK))
+
+
 def relu_backward(floating[::1] d, const floating[::1] out):
     """d = where(out > 0, d, 0) in place, OpenMP over blocks."""
     cdef Py_ssize_t n = d.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK

@@ -56,6 +56,7 @@ __all__ = [
     "choose_conv_algos",
     "relu_",
     "relu_backward_",
+    "add_",
     "dense_forward",
     "dense_backward",
     "conv2d_output_shape",
@@ -635,6 +636,18 @@ def add_relu_(a, b):
     if b.shape != a.shape:
         raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
     _conv.add_relu_forward(flat, np.ascontiguousarray(b).reshape(-1))
+    return a
+
+
+def add_(a, b):
+    """a = a + b in place, one threaded pass (np.add's bits); returns a."""
+    flat = _writeable_flat("a", a)
+    b = _array("b", b, b.ndim if isinstance(b, np.ndarray) else 1, a.dtype)
+    if b.shape != a.shape:
+        raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
+    if np.may_share_memory(a, b):   # numpy buffers overlapping operands; the threaded loop does not
+        return np.add(a, b, out=a)
+    _conv.add_forward(flat, np.ascontiguousarray(b).reshape(-1))
     return a
 
 

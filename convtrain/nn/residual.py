@@ -100,6 +100,9 @@ class Residual(Layer):
             shortcut_dx = layer.backward(shortcut_dx)
         if not self.needs_input_grad:
             return None
+        if (dx.flags.writeable and dx.flags.c_contiguous and isinstance(shortcut_dx, np.ndarray)
+                and shortcut_dx.shape == dx.shape and shortcut_dx.dtype == dx.dtype):
+            return kernels.add_(dx, shortcut_dx)   # one threaded pass, np.add's bits
         return np.add(dx, shortcut_dx, out=dx if dx.flags.writeable and dx.flags.c_contiguous else None)
 
 
