@@ -52,6 +52,10 @@ cdef extern from "conv_row_stats.h":
                                  double *stats) noexcept nogil
     void ct_conv_row_stats_double(const double *x, Py_ssize_t rows, Py_ssize_t n,
                                   double *stats) noexcept nogil
+    void ct_conv_row_grad_totals_float(const float *x, float *g, const float *out, Py_ssize_t n,
+                                       double mean, double *sums) noexcept nogil
+    void ct_conv_row_grad_totals_double(const double *x, double *g, const double *out,
+                                        Py_ssize_t n, double mean, double *sums) noexcept nogil
 
 
 cdef inline void row_stats(const floating *x, Py_ssize_t rows, Py_ssize_t n,
@@ -64,6 +68,17 @@ cdef inline void row_stats(const floating *x, Py_ssize_t rows, Py_ssize_t n,
         ct_conv_row_stats_float(x, rows, n, stats)
     else:
         ct_conv_row_stats_double(x, rows, n, stats)
+
+
+cdef inline void row_grad_totals(const floating *x, floating *g, const floating *out, Py_ssize_t n,
+                                 double mean, double *sums) noexcept nogil:
+    """g = where(out > 0, g, 0) in place, then sums = (sum g, sum g * (x - mean)): the first
+    pass of the backward of a batch norm with a fused ReLU over one (image, channel) row, the
+    same bits as ext/_norm.pyx's by images, taken while a conv's input gradient is in cache."""
+    if floating is float:
+        ct_conv_row_grad_totals_float(x, g, out, n, mean, sums)
+    else:
+        ct_conv_row_grad_totals_double(x, g, out, n, mean, sums)
 
 
 cdef extern from "gemm_kernels.h":

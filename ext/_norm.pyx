@@ -401,7 +401,7 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
                  const floating[:, :, ::1] out, bint relu,
                  const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
                  floating[::1] dgamma, floating[::1] dbeta, bint by_images, int num_threads,
-                 floating[:, :, ::1] dx=None):
+                 floating[:, :, ::1] dx=None, double[:, :, ::1] row_sums=None):
     """Gradients of batch norm in train mode (batch statistics), per channel c; dout becomes
     dx in place, or (with dx, rows of more than one value) dout is kept (masked by out > 0 in
     place if relu) and dx is written there, with the same bits:
@@ -409,31 +409,42 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
         xhat = (x - mean) * inv_std,  g = dout (masked by out > 0 if relu)
         dbeta = sum g,  dgamma = sum g * xhat
         dx = gamma * inv_std * (g - dbeta / M - xhat * dgamma / M),  M = N * P
-    """
+
+    row_sums (N, C, 2), unless None: each row's (sum g, sum g * (x - mean)), dout already
+    masked (the conv that computed dout took them while it was in cache, ext/conv_row_stats.h):
+    the first pass is skipped, the sums combined in image order (the bits of the image layout,
+    in either layout), then dx."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
     cdef double sum_g, sum_gx, m = <double> (N * P)
     cdef double[:, :, ::1] part
     cdef double[:, ::1] coef
     cdef floating *dst
+    cdef bint have_sums = row_sums is not None
     if N == 0 or P == 0:
         return
     if P == 1:
+        if have_sums:
+            raise ValueError("bn_backward_: row_sums take rows of more than one value")
         if dx is not None:
             raise ValueError("bn_backward_: dx apart from dout takes rows of more than one value")
         features_backward(x, dout, out, relu, mean, inv_std, gamma, dgamma, dbeta, num_threads)
         return
     dst = &dout[0, 0, 0] if dx is None else &dx[0, 0, 0]
-    if not by_images:
+    if have_sums:
+        part = row_sums
+    elif not by_images:
         with nogil:
             for c in prange(C, schedule="static", num_threads=num_threads):
                 channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta,
                                  dst, c)
         return
-    part = np.empty((N, C, 2))
+    else:
+        part = np.empty((N, C, 2))
     coef = np.empty((C, 3))  # per channel: gamma * inv_std, dbeta / M, dgamma / M
     with nogil:
-        for n in prange(N, schedule="dynamic", num_threads=num_threads):
-            image_grad_sums(x, dout, out, relu, &mean[0], part, n)
+        if not have_sums:
+            for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                image_grad_sums(x, dout, out, relu, &mean[0], part, n)
         for c in range(C):
             sum_g = 0.0
             sum_gx = 0.0
@@ -446,9 +457,16 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
             coef[c, 0] = gamma[c] * inv_std[c]
             coef[c, 1] = sum_g / m
             coef[c, 2] = sum_gx / m
-        for n in prange(N, schedule="dynamic", num_threads=num_threads):
-            for c in range(C):
-                row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P, <floating> mean[c],
-                               <floating> inv_std[c], <floating> coef[c, 0], <floating> coef[c, 1],
-                               <floating> coef[c, 2])
+        if by_images:
+            for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                for c in range(C):
+                    row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P,
+                                   <floating> mean[c], <floating> inv_std[c], <floating> coef[c, 0],
+                                   <floating> coef[c, 1], <floating> coef[c, 2])
+        else:   # (row sums given) channel by channel, as the caches hold these activations
+            for c in prange(C, schedule="static", num_threads=num_threads):
+                for n in range(N):
+                    row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P,
+                                   <floating> mean[c], <floating> inv_std[c], <floating> coef[c, 0],
+                                   <floating> coef[c, 1], <floating> coef[c, 2])
 

@@ -31,6 +31,17 @@ static void ct_conv_row_stats_double(const double *x, Py_ssize_t rows, Py_ssize_
     for (r = 0; r < rows; r++) ct_row_stats_double(x + r * n, n, stats + 2 * r, stats + 2 * r + 1);
 }
 
+/* g = where(out > 0, g, 0) in place, then sums[0] = sum g and sums[1] = sum g * (x - mean):
+   ct_row_grad_totals with the ReLU, the first pass of batch norm's backward by images */
+static void ct_conv_row_grad_totals_float(const float *x, float *g, const float *out, Py_ssize_t n,
+                                          double mean, double *sums) {
+    ct_row_grad_totals_float(x, g, out, 1, n, mean, sums, sums + 1);
+}
+static void ct_conv_row_grad_totals_double(const double *x, double *g, const double *out,
+                                           Py_ssize_t n, double mean, double *sums) {
+    ct_row_grad_totals_double(x, g, out, 1, n, mean, sums, sums + 1);
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #elif defined(__clang__)

@@ -311,7 +311,7 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0, algo="im2c
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
 
-def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col", norm_grad=None):
     """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
 
     dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
@@ -319,6 +319,12 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
     x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
     algo "winograd" (3x3 stride-1 filters only): the same full convolution by Winograd
     F(2x2, 3x3) (winograd_backward_input).
+    norm_grad (algo "winograd" only): None, or (bn_x, bn_out, mean, part) when dx is the
+    gradient w.r.t. the output of a batch norm with a fused ReLU: bn_x (N, C, H*W) its input,
+    bn_out (N, C, H*W) its output, mean (C,) float64 its batch mean, part a float64 (N, C, 2)
+    array to fill. Then each plane of dx is masked by bn_out > 0 in place and part[n, c] =
+    (sum dx[n, c], sum dx[n, c] * (bn_x[n, c] - mean[c])) taken while it is in cache: the
+    first pass of the batch norm's backward (norm.py), with its bits.
     Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
     per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
@@ -342,7 +348,10 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
             f"w of shape {w.shape}, stride {stride}, padding {padding}"
         )
     if _checked_algo(algo, (kh, kw), stride) == "winograd":
-        return _winograd_backward_input(dout, w, (H, W), padding)
+        return _winograd_backward_input(dout, w, (H, W), padding,
+                                        _checked_norm_grad(norm_grad, (N, C, H, W), dout.dtype))
+    if norm_grad is not None:
+        raise ValueError("norm_grad goes with the input gradient by Winograd")
     dx = np.empty((N, C, H, W), dtype=dout.dtype)
     if N == 0:
         return dx
@@ -356,7 +365,7 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
 
 
 def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
-                    algo="im2col", filter_algo=None):
+                    algo="im2col", filter_algo=None, norm_grad=None):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -369,6 +378,7 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     filter_algo (default: algo): the filter gradient's algorithm, where it differs from the
     input gradient's (conv_algo "auto", choose_conv_algos): dout masked in place, then
     conv2d_backward_filter and conv2d_backward_input, each with its algorithm's bits.
+    norm_grad: see conv2d_backward_input (algo "winograd" only).
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -396,17 +406,22 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
     filter_algo = _checked_algo(algo if filter_algo is None else filter_algo, (kh, kw), stride)
+    if norm_grad is not None and (not input_grad or _checked_algo(algo, (kh, kw), stride) != "winograd"):
+        raise ValueError("norm_grad goes with the input gradient by Winograd")
     if _checked_algo(algo, (kh, kw), stride) != filter_algo:
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = conv2d_backward_filter(x, dout, (kh, kw), stride, padding, algo=filter_algo)
-        dx = conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo) if input_grad else None
+        dx = (conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo, norm_grad=norm_grad)
+              if input_grad else None)
         return dx, dw, db
     if algo == "winograd":
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = _winograd_backward_filter(x, dout, padding)
-        return (_winograd_backward_input(dout, w, (H, W), padding) if input_grad else None), dw, db
+        dx = (_winograd_backward_input(dout, w, (H, W), padding, _checked_norm_grad(norm_grad, x.shape, x.dtype))
+              if input_grad else None)
+        return dx, dw, db
     dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
@@ -540,7 +555,22 @@ def _winograd_forward(x, w, b, padding, relu, row_stats=None):
     return out
 
 
-def _winograd_backward_input(dout, w, hw, padding):
+def _checked_norm_grad(norm_grad, x_shape, dtype):
+    if norm_grad is None:
+        return None
+    bn_x, bn_out, mean, part = norm_grad
+    N, C, H, W = x_shape
+    ok = (all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in (bn_x, bn_out, mean, part))
+          and bn_x.shape == bn_out.shape == (N, C, H * W) and bn_x.dtype == bn_out.dtype == dtype
+          and mean.shape == (C,) and mean.dtype == np.float64
+          and part.shape == (N, C, 2) and part.dtype == np.float64 and part.flags.writeable)
+    if not ok:
+        raise ValueError(f"norm_grad must be C-contiguous (bn_x, bn_out) of shape {(N, C, H * W)} and dtype {dtype}, "
+                         f"a float64 mean ({C},) and a writeable float64 part {(N, C, 2)}")
+    return norm_grad
+
+
+def _winograd_backward_input(dout, w, hw, padding, norm_grad=None):
     """conv2d_backward_input by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
     N, F = dout.shape[:2]
     C = w.shape[1]
@@ -551,7 +581,7 @@ def _winograd_backward_input(dout, w, hw, padding):
     filters = np.empty(16 * F * C, dtype=dout.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads,
-                                      images)
+                                      images, *(norm_grad if norm_grad is not None else ()))
     return dx
 
 

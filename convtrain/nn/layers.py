@@ -93,6 +93,9 @@ class Conv2D(Layer):
         # of the last training forward, until that batch norm takes it
         self.norm_stats = False
         self.row_stats = None
+        # Set by norm.fuse_conv_norm: the BatchNorm2D (with a fused ReLU) whose output is this
+        # layer's input; the input gradient by Winograd then takes the first pass of its backward
+        self.norm_before = None
 
     @property
     def fan_in(self) -> int:
@@ -127,10 +130,16 @@ class Conv2D(Layer):
         # One pass over the batch for both gradients (and the fused ReLU's mask, applied to
         # dout in place: dout must be ours to overwrite, as an inplace ReLU's would be).
         dout = np.require(dout, requirements=["C", "W"])
+        norm_grad = None
+        if self.norm_before is not None and self.needs_input_grad and self.algo == "winograd":
+            norm_grad = self.norm_before.grad_sums_request(self._x)
         dx, dw, db = kernels.conv2d_backward(self._x, dout, self.params["weight"],
                                              stride=self.stride, padding=self.padding,
                                              relu_out=self._out, input_grad=self.needs_input_grad,
-                                             algo=self.algo, filter_algo=self.filter_algo)
+                                             algo=self.algo, filter_algo=self.filter_algo,
+                                             norm_grad=norm_grad)
+        if norm_grad is not None:
+            self.norm_before.row_sums = (dx, norm_grad[3])
         self.grads = {"weight": dw, "bias": db} if self.has_bias else {"weight": dw}
         self._x = self._out = None
         return dx

@@ -80,6 +80,8 @@ class _BatchNorm(Layer):
                         "num_batches_tracked": np.zeros((), dtype=np.int64)}
         self.fused_relu = False  # set by fuse_norm_relu
         self.stats_from = None  # set by fuse_conv_norm: the Conv2D before, which computes our row statistics
+        # (gradient, (N, C, 2) row sums) from the conv after us (fuse_conv_norm), until backward
+        self.row_sums = None
         self._cache = None
 
     def reset_parameters(self) -> None:
@@ -125,6 +127,18 @@ class _BatchNorm(Layer):
         (out, stats), conv.row_stats = conv.row_stats, None
         return stats if out is x else None
 
+    def grad_sums_request(self, x):
+        """For the conv whose input x is our output (after our fused ReLU): (our input, our
+        output, the batch mean, an (N, C, 2) array for the row sums) for its input-gradient
+        kernel to take the first pass of our backward (kernels.conv2d_backward_input's
+        norm_grad); None where x is not our last training output."""
+        if self._cache is None or self.ndim != 4:
+            return None
+        x3, out, mean, inv_std, shape = self._cache
+        if out is None or x3.shape[2] < 2 or getattr(x, "base", None) is not out or x.shape != shape:
+            return None
+        return x3, out, mean, np.empty((x3.shape[0], x3.shape[1], 2))
+
     def _update_running(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
         m = self.momentum
         # The unbiased variance, as PyTorch keeps it (one value per channel: no correction).
@@ -141,6 +155,16 @@ class _BatchNorm(Layer):
         too); not with a fused ReLU, whose mask changes dout."""
         x3, out, mean, inv_std, shape = self._cache
         self._cache = None
+        row_sums, self.row_sums = self.row_sums, None
+        if row_sums is not None and row_sums[0] is dout and not keep_dout:
+            # the conv after us masked dout and took its sums (grad_sums_request): the second pass
+            g = dout.reshape(x3.shape)
+            dgamma = np.empty(self.num_features, dtype=self.dtype)
+            dbeta = np.empty(self.num_features, dtype=self.dtype)
+            _kernels().bn_backward_(x3, g, out, True, mean, inv_std, self.params["weight"], dgamma,
+                                    dbeta, _by_images(x3), _threads(), None, row_sums[1])
+            self.grads = {"weight": dgamma, "bias": dbeta}
+            return g.reshape(shape)
         if keep_dout and out is not None:
             raise ValueError(f"{self.name}: keep_dout with a fused ReLU (its mask is applied to dout)")
         dx = None
@@ -206,3 +230,10 @@ def fuse_conv_norm(layers: list[Layer]) -> None:
         if isinstance(conv, Conv2D) and isinstance(norm, BatchNorm2D) and not conv.fused_relu:
             conv.norm_stats = True
             norm.stats_from = conv
+    # and a BatchNorm2D with a fused ReLU before a Conv2D gets the first pass of its backward
+    # (the ReLU's mask, sum dy and sum dy * (x - mean)) from that conv's input gradient, where
+    # Winograd computes it, while each plane is in cache: the bits of its own pass by images
+    for norm, relu, conv in zip(layers, layers[1:], layers[2:]):
+        if (isinstance(norm, BatchNorm2D) and norm.fused_relu and isinstance(relu, ReLU) and relu.fused
+                and isinstance(conv, Conv2D)):
+            conv.norm_before = norm

@@ -6,6 +6,7 @@ strides; the fused layers must train as the unfused ones do, at 1 and 2 threads.
 import numpy as np
 import pytest
 
+import convtrain
 from convtrain.nn import kernels, norm
 from convtrain.nn.layer_specs import BatchNorm, Conv2D, GlobalAvgPool, ReLU, Residual
 from convtrain.nn.layers import Conv2D as ConvLayer
@@ -86,6 +87,7 @@ def make_net(fused=True, dtype="float32", seed=0):
         for layer in net.leaf_layers():
             if isinstance(layer, ConvLayer):
                 layer.norm_stats = False
+                layer.norm_before = None
     return net
 
 
@@ -151,3 +153,92 @@ def test_the_same_bits_for_1_and_2_threads(threads, algo):
         net.set_conv_algo(algo)
         return net
     assert_same_bits_at_1_and_2_threads(fresh, x, y)
+
+
+# (N, C, H, W, F): odd and non-square planes, grouped small images
+GRAD_CASES = [(5, 16, 11, 13, 16), (3, 16, 32, 32, 16), (11, 32, 8, 8, 64), (4, 8, 7, 9, 5)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_the_winograd_input_gradient_takes_batch_norms_first_backward_pass_with_its_bits(
+        case, blocks, dtype, monkeypatch, threads):
+    """The batch norm before a conv (fused ReLU): its input x, its output y = relu(bn(x)), the
+    conv's input gradient dy; with norm_grad, dy comes out masked by y > 0 and the row sums are
+    those of the batch norm's own first pass by images, bit for bit, at 1 and 2 threads."""
+    if blocks:   # a tile row per block: the sums after the whole image
+        monkeypatch.setattr(kernels, "WINOGRAD_BLOCK_BYTES", 1)
+    N, C, H, W, F = case
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((N, C, H, W)) * 2 + 0.3).astype(dtype)
+    bn = BatchNorm2D(C, dtype=dtype, name="bn")
+    bn.fused_relu = True
+    bn.params["weight"][...] = rng.standard_normal(C)
+    y = bn.forward(x, train=True)
+    x3, out, mean, inv_std, _ = bn._cache
+    w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+    dout = rng.standard_normal((N, F, H, W)).astype(dtype)
+    plain = kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd")
+    expected = np.where(y > 0, plain, 0)
+    # the batch norm's own first pass by images, on a copy of the plain gradient
+    gamma = bn.params["weight"]
+    reference = []
+    for row_sums in (None, "fused"):
+        for count in (1, 2):
+            convtrain.set_num_threads(count)
+            g = plain.copy().reshape(x3.shape)
+            sums = None
+            if row_sums == "fused":
+                part = np.full((N, C, 2), np.nan)
+                g = kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd",
+                                                  norm_grad=(x3, out, mean, part))
+                assert np.array_equal(g, expected)
+                g = g.reshape(x3.shape)
+                sums = part
+            dgamma, dbeta = np.empty(C, dtype), np.empty(C, dtype)
+            norm._kernels().bn_backward_(x3, g, out, True, mean, inv_std, gamma, dgamma, dbeta, True,
+                                         count, None, sums)
+            reference.append((g.copy(), dgamma, dbeta))
+    for result in reference[1:]:
+        for got, want in zip(result, reference[0]):
+            assert np.array_equal(got, want)
+    # and by channels, from the same sums: the same values to rounding
+    part = np.empty((N, C, 2))
+    g = kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd",
+                                      norm_grad=(x3, out, mean, part)).reshape(x3.shape)
+    dgamma, dbeta = np.empty(C, dtype), np.empty(C, dtype)
+    norm._kernels().bn_backward_(x3, g, out, True, mean, inv_std, gamma, dgamma, dbeta, False, 1,
+                                 None, part)
+    tolerance = 1e-4 if dtype == "float32" else 1e-10
+    for got, want in zip((g, dgamma, dbeta), reference[0]):
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_norm_grad_goes_with_winograd_input_gradients_only():
+    x = np.zeros((2, 4, 6, 6), np.float32)
+    w = np.zeros((3, 4, 3, 3), np.float32)
+    dout = np.zeros((2, 3, 6, 6), np.float32)
+    grad = (x.reshape(2, 4, 36), x.reshape(2, 4, 36).copy(), np.zeros(4), np.empty((2, 4, 2)))
+    with pytest.raises(ValueError, match="norm_grad"):
+        kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="im2col", norm_grad=grad)
+    with pytest.raises(ValueError, match="norm_grad"):
+        kernels.conv2d_backward(x, dout.copy(), w, padding=1, algo="im2col", norm_grad=grad)
+    with pytest.raises(ValueError, match="norm_grad"):
+        kernels.conv2d_backward_input(dout, w, x.shape, padding=1, algo="winograd",
+                                      norm_grad=grad[:3] + (np.empty((2, 4, 2), np.float32),))
+
+
+def test_the_fused_first_backward_pass_runs_in_the_reference_block(monkeypatch):
+    seen = []
+    original = kernels._winograd_backward_input
+
+    def spy(dout, w, hw, padding, norm_grad=None):
+        seen.append(norm_grad is not None)
+        return original(dout, w, hw, padding, norm_grad)
+    monkeypatch.setattr(kernels, "_winograd_backward_input", spy)
+    net = make_net()
+    rng = np.random.default_rng(7)
+    net.loss_and_grads(rng.standard_normal((4, 3, 13, 11)).astype(np.float32), rng.integers(0, 4, 4))
+    assert any(seen)
+    assert all(layer.row_sums is None for layer in net.leaf_layers() if isinstance(layer, BatchNorm2D))
