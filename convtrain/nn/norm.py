@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from convtrain.errors import ArchitectureError
-from convtrain.nn import backend
+from convtrain.nn import backend, kernels
 from convtrain.nn.layers import Conv2D, Layer, ReLU
 
 _norm = None
@@ -99,21 +99,33 @@ class _BatchNorm(Layer):
             raise ArchitectureError(f"{self.name}: expects {self.dtype} input, got {x.dtype}")
         return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
 
-    def forward(self, x, train=False):
+    def forward(self, x, train=False, add=None):
+        """add (with rows of more than one value, not with a fused ReLU): max(bn(x) + add, 0), a
+        residual block's sum and ReLU, in the pass that normalizes (add_relu_'s bits)."""
         x3 = self._view(x)
         out = np.empty_like(x3)
         gamma, beta = self.params["weight"], self.params["bias"]
+        add3 = None
+        if add is not None:
+            if self.fused_relu or x3.shape[2] < 2 or not isinstance(add, np.ndarray) \
+                    or add.shape != x.shape or add.dtype != self.dtype:
+                raise ValueError(f"{self.name}: add must be an array of the input's shape {x.shape} and "
+                                 f"dtype {self.dtype} (rows of more than one value, no fused ReLU)")
+            add3 = np.ascontiguousarray(add).reshape(x3.shape)
         if not train:
             inv_std = 1.0 / np.sqrt(self.buffers["running_var"].astype(np.float64) + self.eps)
             scale = gamma.astype(np.float64) * inv_std
             shift = beta - self.buffers["running_mean"].astype(np.float64) * scale
             _kernels().bn_affine_forward(x3, scale.astype(self.dtype), shift.astype(self.dtype), out,
                                          self.fused_relu, _by_images(x3), _threads())
+            if add3 is not None:
+                kernels.add_relu_(out, add3)
             return out.reshape(x.shape)
         c = self.num_features
         mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
         _kernels().bn_train_forward(x3, gamma, beta, out, mean, var, inv_std, self.eps,
-                                    self.fused_relu, _by_images(x3), _threads(), self._conv_row_stats(x))
+                                    self.fused_relu, _by_images(x3), _threads(), self._conv_row_stats(x),
+                                    add3)
         self._update_running(mean, var, x3.shape[0] * x3.shape[2])
         self._cache = (x3, out if self.fused_relu else None, mean, inv_std, x.shape)
         return out.reshape(x.shape)

@@ -242,3 +242,57 @@ def test_the_fused_first_backward_pass_runs_in_the_reference_block(monkeypatch):
     net.loss_and_grads(rng.standard_normal((4, 3, 13, 11)).astype(np.float32), rng.integers(0, 4, 4))
     assert any(seen)
     assert all(layer.row_sums is None for layer in net.leaf_layers() if isinstance(layer, BatchNorm2D))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("by_images", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_with_a_shortcut_added_has_the_bits_of_add_relu_after_it(dtype, by_images, train,
+                                                                            monkeypatch, threads):
+    monkeypatch.setattr(norm, "IMAGE_LAYOUT_MIN_BYTES", 0 if by_images else 2**40)
+    monkeypatch.setattr(norm, "IMAGE_LAYOUT_MIN_ROW", 0 if by_images else 64)
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((6, 5, 7, 9)) * 1.5 - 0.2).astype(dtype)
+    s = rng.standard_normal(x.shape).astype(dtype)
+    s[0, 0, 0, :3] = [-0.0, 0.0, np.inf]
+    results = []
+    for count in (1, 2):
+        convtrain.set_num_threads(count)
+        for fused in (True, False):
+            bn = BatchNorm2D(5, dtype=dtype, name="bn")
+            bn.params["weight"][...] = rng.standard_normal(5) if not results else results[0][2]
+            bn.params["bias"][...] = 0.25
+            if not train:
+                bn.buffers["running_mean"][...] = 0.1
+                bn.buffers["running_var"][...] = 2.0
+            if fused:
+                out = bn.forward(x, train, add=s)
+            else:
+                out = kernels.add_relu_(np.ascontiguousarray(bn.forward(x, train)), s)
+            results.append((out, bn.buffers["running_var"].copy(), bn.params["weight"].copy()))
+    for out, running_var, _ in results[1:]:
+        assert np.array_equal(out, results[0][0])
+        assert np.array_equal(np.signbit(out), np.signbit(results[0][0]))
+        assert np.array_equal(running_var, results[0][1])
+    with pytest.raises(ValueError, match="add must"):
+        BatchNorm2D(5, dtype=dtype).forward(x, train, add=s[:, :4])
+
+
+@pytest.mark.parametrize("algo", ["auto", "im2col"])
+def test_a_block_ending_in_batch_norm_gives_the_bits_of_the_separate_sum_and_relu(algo, monkeypatch):
+    from convtrain.nn import residual
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5, 3, 13, 11)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    runs = []
+    for fused in (True, False):
+        if not fused:   # Residual takes its other path: the batch norm, then add_relu_
+            monkeypatch.setattr(residual, "BatchNorm2D", type("NotABatchNorm", (), {}))
+        net = make_net()
+        net.set_conv_algo(algo)
+        loss, _ = net.loss_and_grads(x, y)
+        runs.append((loss, {k: v.copy() for k, v in net.gradients().items()}, net.forward(x, train=False)))
+    (loss_a, grads_a, eval_a), (loss_b, grads_b, eval_b) = runs
+    assert loss_a == loss_b and np.array_equal(eval_a, eval_b)
+    for name in grads_a:
+        assert np.array_equal(grads_a[name], grads_b[name]), name
