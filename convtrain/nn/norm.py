@@ -11,8 +11,9 @@ every build. A BatchNorm followed by an
 inplace ReLU computes that ReLU itself (fuse_norm_relu), as a conv does: no separate pass over
 the activations. A BatchNorm2D after a conv takes its statistics from the conv's kernels, which
 compute them on their output while it is in cache (fuse_conv_norm): in training it then reads
-its input once, to normalize it. The backward overwrites the gradient it is given with dx, as a
-conv's does.
+its input once, to normalize it; one with a fused ReLU before a conv whose input gradient runs
+by Winograd gets the first pass of its backward (the mask and the two sums) from that kernel
+(grad_sums_request). The backward overwrites the gradient it is given with dx, as a conv's does.
 """
 
 from __future__ import annotations
