@@ -46,6 +46,41 @@ cdef extern from "conv_support.h":
     void add_short_rows_double(double *dst, Py_ssize_t step, const double *src, Py_ssize_t rows,
                                Py_ssize_t n) noexcept nogil
 
+cdef extern from "conv_row_stats.h":
+    # batch norm's per-row statistics (ext/norm_rows.h's, compiled without fused multiply-adds)
+    void ct_conv_row_stats_float(const float *x, Py_ssize_t rows, Py_ssize_t n,
+                                 double *stats) noexcept nogil
+    void ct_conv_row_stats_double(const double *x, Py_ssize_t rows, Py_ssize_t n,
+                                  double *stats) noexcept nogil
+    void ct_conv_row_grad_totals_float(const float *x, float *g, const float *out, Py_ssize_t n,
+                                       double mean, double *sums) noexcept nogil
+    void ct_conv_row_grad_totals_double(const double *x, double *g, const double *out,
+                                        Py_ssize_t n, double mean, double *sums) noexcept nogil
+
+
+cdef inline void row_stats(const floating *x, Py_ssize_t rows, Py_ssize_t n,
+                           double *stats) noexcept nogil:
+    """stats[r] = (sum, sum of squared deviations from the row's mean) of each of `rows` rows of
+    n values: what ext/_norm.pyx's batch norm computes for each (image, channel) row, the same
+    bits, taken here while a conv's output is in cache (the batch norm after the conv then
+    skips its own pass over the activations)."""
+    if floating is float:
+        ct_conv_row_stats_float(x, rows, n, stats)
+    else:
+        ct_conv_row_stats_double(x, rows, n, stats)
+
+
+cdef inline void row_grad_totals(const floating *x, floating *g, const floating *out, Py_ssize_t n,
+                                 double mean, double *sums) noexcept nogil:
+    """g = where(out > 0, g, 0) in place, then sums = (sum g, sum g * (x - mean)): the first
+    pass of the backward of a batch norm with a fused ReLU over one (image, channel) row, the
+    same bits as ext/_norm.pyx's by images, taken while a conv's input gradient is in cache."""
+    if floating is float:
+        ct_conv_row_grad_totals_float(x, g, out, n, mean, sums)
+    else:
+        ct_conv_row_grad_totals_double(x, g, out, n, mean, sums)
+
+
 cdef extern from "gemm_kernels.h":
     # convtrain's own float32 GEMM tiles (AVX-512 / AVX2 builds; CONVTRAIN_HAVE_TILES is 0 in
     # the portable build, which keeps BLAS): see the header for their layouts and sums
@@ -569,6 +604,24 @@ def add_relu_forward(floating[::1] a, const floating[::1] b):
                              min_size(RELU_BLOCK, n - block * RELU_BLOCK))
 
 
+cdef inline void add_inplace(floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
+    """a = a + b: np.add's bits (one IEEE addition per element)."""
+    cdef Py_ssize_t k
+    for k in range(n):
+        a[k] = a[k] + b[k]
+
+
+def add_forward(floating[::1] a, const floating[::1] b):
+    """a = a + b in place (a residual block's two input gradients), OpenMP over blocks."""
+    cdef Py_ssize_t n = a.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
+    if n == 0:
+        return
+    with nogil:
+        for block in prange(blocks, schedule="static", num_threads=team_size(min_threads(blocks))):
+            add_inplace(&a[block * RELU_BLOCK], &b[block * RELU_BLOCK],
+                        min_size(RELU_BLOCK, n - block * RELU_BLOCK))
+
+
 def relu_backward(floating[::1] d, const floating[::1] out):
     """d = where(out > 0, d, 0) in place, OpenMP over blocks."""
     cdef Py_ssize_t n = d.shape[0], block, blocks = (n + RELU_BLOCK - 1) // RELU_BLOCK
@@ -773,9 +826,11 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                    floating[:, :, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw,
                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                    Py_ssize_t G, floating[:, ::1] cols_scratch, floating[:, ::1] out_scratch,
-                   int num_threads, bint relu=False):
+                   int num_threads, bint relu=False, double[:, :, ::1] stats=None):
     """out[n] (F, P) = W_ext (F, K[+1]) . [cols[n]; 1] (K[+1], P) for every image n,
     then out[n] = max(out[n], 0) if relu (while the image's output is still in cache).
+    stats (N, F, 2), unless None: stats[n, f] = (sum, sum of squared deviations from its own
+    mean) of out[n, f], batch norm's statistics of each row (row_stats), also while in cache.
 
     w_ext is w.reshape(F, K), with the bias appended as column K if it has K+1 columns (then
     the im2col buffer gets a row of ones, and the GEMM adds the bias).
@@ -804,6 +859,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
     cdef const float *image = NULL
     cdef bint done
     cdef int saved_blas_threads[MAX_PINNED_BLAS]
+    cdef double *stats_ptr = &stats[0, 0, 0] if stats is not None and N > 0 else NULL
     if N == 0:
         return
     with nogil:
@@ -841,6 +897,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                             for oh in range(g.Ho):
                                 memcpy(&out[n0, f, oh, 0], stage + f * d.Pd + oh * d.Wq,
                                        g.Wo * sizeof(float))
+                            if stats_ptr != NULL:   # the plane just copied, in L1
+                                row_stats(&out[n0, f, 0, 0], 1, P, stats_ptr + (n0 * F + f) * 2)
                         done = True
                 if done:
                     continue
@@ -861,6 +919,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w_ext,
                                    P * sizeof(floating))
                 if relu:
                     relu_inplace(&out[n0, 0, 0, 0], count * F * P)
+                if stats_ptr != NULL:
+                    row_stats(&out[n0, 0, 0, 0], count * F, P, stats_ptr + n0 * F * 2)
         unpin_blas(saved_blas_threads)
         free(tiles_w)
         free(all_rows)

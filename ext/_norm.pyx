@@ -52,6 +52,10 @@ cdef extern from "norm_rows.h":
                                 float g, float b, int relu) noexcept nogil
     void ct_row_normalize_double(const double *x, double *out, Py_ssize_t n, double mu,
                                  double istd, double g, double b, int relu) noexcept nogil
+    void ct_row_normalize_add_float(const float *x, const float *a, float *out, Py_ssize_t n,
+                                    float mu, float istd, float g, float b) noexcept nogil
+    void ct_row_normalize_add_double(const double *x, const double *a, double *out, Py_ssize_t n,
+                                     double mu, double istd, double g, double b) noexcept nogil
     void ct_row_affine_float(const float *x, float *out, Py_ssize_t n, float s, float t,
                              int relu) noexcept nogil
     void ct_row_affine_double(const double *x, double *out, Py_ssize_t n, double s, double t,
@@ -123,8 +127,16 @@ cdef inline void row_sq_dev(const floating *x, Py_ssize_t n, double mean, double
 
 
 cdef inline void row_normalize(const floating *x, floating *out, Py_ssize_t n, floating mu,
-                               floating istd, floating g, floating b, int relu) noexcept nogil:
-    if floating is float:
+                               floating istd, floating g, floating b, int relu,
+                               const floating *add=NULL) noexcept nogil:
+    """out = g * ((x - mu) * istd) + b, then max(0, .) if relu; with `add` (a row), max(. + add,
+    0) instead (a residual block's sum and ReLU, NaN kept as add_relu_ keeps it)."""
+    if add != NULL:
+        if floating is float:
+            ct_row_normalize_add_float(x, add, out, n, mu, istd, g, b)
+        else:
+            ct_row_normalize_add_double(x, add, out, n, mu, istd, g, b)
+    elif floating is float:
         ct_row_normalize_float(x, out, n, mu, istd, g, b, relu)
     else:
         ct_row_normalize_double(x, out, n, mu, istd, g, b, relu)
@@ -170,10 +182,15 @@ cdef inline void row_input_grad(const floating *x, floating *g, floating *dx, Py
 
 # ---- statistics and normalization -------------------------------------------------------------
 
+cdef inline const floating *add_row(const floating *add, Py_ssize_t row, Py_ssize_t P) noexcept nogil:
+    return add + row * P if add != NULL else NULL
+
+
 cdef void channel_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                                 const floating[::1] beta, floating[:, :, ::1] out,
                                 double *mean, double *var, double *inv_std,
-                                double eps, bint relu, Py_ssize_t c) noexcept nogil:
+                                double eps, bint relu, Py_ssize_t c,
+                                const floating *add) noexcept nogil:
     """The channel layout: channel c whole, mean, variance, then normalize."""
     cdef Py_ssize_t N = x.shape[0], P = x.shape[2], n
     cdef double acc[CT_NORM_LANES]
@@ -189,7 +206,7 @@ cdef void channel_train_forward(const floating[:, :, ::1] x, const floating[::1]
     inv_std[c] = 1.0 / sqrt(var[c] + eps)
     for n in range(N):
         row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c], <floating> inv_std[c],
-                      gamma[c], beta[c], relu)
+                      gamma[c], beta[c], relu, add_row(add, n * x.shape[1] + c, P))
 
 
 cdef void image_row_stats(const floating[:, :, ::1] x, double[:, :, ::1] part,
@@ -253,20 +270,49 @@ cdef void features_train_forward(const floating[:, :, ::1] x, const floating[::1
 def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
                      const floating[::1] beta, floating[:, :, ::1] out,
                      double[::1] mean, double[::1] var, double[::1] inv_std,
-                     double eps, bint relu, bint by_images, int num_threads):
+                     double eps, bint relu, bint by_images, int num_threads,
+                     double[:, :, ::1] row_stats=None, const floating[:, :, ::1] add=None):
     """Per channel c: mean[c], biased var[c] and inv_std[c] = 1/sqrt(var + eps) of x[:, c, :],
-    then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu)."""
+    then out[:, c, :] = gamma[c] * (x - mean) * inv_std + beta[c] (then max(0, .) if relu).
+    row_stats (N, C, 2), unless None: each row's (sum, sum of squared deviations from its own
+    mean), as the image layout computes them (the conv before computed them on its output,
+    ext/conv_row_stats.h): the statistics are combined from them, with the image layout's bits
+    in either layout, and x is read once, to normalize it.
+    add (N, C, P), unless None (rows of more than one value; not with relu): out = max(bn(x) +
+    add, 0), a residual block's sum and ReLU in the same pass, add_relu_'s bits."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
     cdef double[:, :, ::1] part
+    cdef const floating *add_ptr = NULL
     if N == 0 or P == 0:
         return
+    if add is not None:
+        if P == 1 or relu:
+            raise ValueError("bn_train_forward: add takes rows of more than one value, without relu")
+        add_ptr = &add[0, 0, 0]
     if P == 1:
         features_train_forward(x, gamma, beta, out, mean, var, inv_std, eps, relu, num_threads)
+        return
+    if row_stats is not None:
+        with nogil:
+            combine_row_stats(row_stats, P, &mean[0], &var[0], &inv_std[0], eps)
+            if by_images:
+                for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                    for c in range(C):
+                        row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
+                                      <floating> inv_std[c], gamma[c], beta[c], relu,
+                                      add_row(add_ptr, n * C + c, P))
+            else:
+                for c in prange(C, schedule="static", num_threads=num_threads):
+                    for n in range(N):
+                        row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
+                                      <floating> inv_std[c], gamma[c], beta[c], relu,
+                                      add_row(add_ptr, n * C + c, P))
         return
     if not by_images:
         with nogil:
             for c in prange(C, schedule="static", num_threads=num_threads):
-                channel_train_forward(x, gamma, beta, out, &mean[0], &var[0], &inv_std[0], eps, relu, c)
+                channel_train_forward(x, gamma, beta, out, &mean[0], &var[0], &inv_std[0], eps, relu, c,
+                                      add_ptr)
         return
     part = np.empty((N, C, 2))
     with nogil:
@@ -276,7 +322,8 @@ def bn_train_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
         for n in prange(N, schedule="dynamic", num_threads=num_threads):
             for c in range(C):
                 row_normalize(&x[n, c, 0], &out[n, c, 0], P, <floating> mean[c],
-                              <floating> inv_std[c], gamma[c], beta[c], relu)
+                              <floating> inv_std[c], gamma[c], beta[c], relu,
+                              add_row(add_ptr, n * C + c, P))
 
 
 def bn_affine_forward(const floating[:, :, ::1] x, const floating[::1] scale,
@@ -382,7 +429,7 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
                  const floating[:, :, ::1] out, bint relu,
                  const double[::1] mean, const double[::1] inv_std, const floating[::1] gamma,
                  floating[::1] dgamma, floating[::1] dbeta, bint by_images, int num_threads,
-                 floating[:, :, ::1] dx=None):
+                 floating[:, :, ::1] dx=None, double[:, :, ::1] row_sums=None):
     """Gradients of batch norm in train mode (batch statistics), per channel c; dout becomes
     dx in place, or (with dx, rows of more than one value) dout is kept (masked by out > 0 in
     place if relu) and dx is written there, with the same bits:
@@ -390,31 +437,42 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
         xhat = (x - mean) * inv_std,  g = dout (masked by out > 0 if relu)
         dbeta = sum g,  dgamma = sum g * xhat
         dx = gamma * inv_std * (g - dbeta / M - xhat * dgamma / M),  M = N * P
-    """
+
+    row_sums (N, C, 2), unless None: each row's (sum g, sum g * (x - mean)), dout already
+    masked (the conv that computed dout took them while it was in cache, ext/conv_row_stats.h):
+    the first pass is skipped, the sums combined in image order (the bits of the image layout,
+    in either layout), then dx."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n
     cdef double sum_g, sum_gx, m = <double> (N * P)
     cdef double[:, :, ::1] part
     cdef double[:, ::1] coef
     cdef floating *dst
+    cdef bint have_sums = row_sums is not None
     if N == 0 or P == 0:
         return
     if P == 1:
+        if have_sums:
+            raise ValueError("bn_backward_: row_sums take rows of more than one value")
         if dx is not None:
             raise ValueError("bn_backward_: dx apart from dout takes rows of more than one value")
         features_backward(x, dout, out, relu, mean, inv_std, gamma, dgamma, dbeta, num_threads)
         return
     dst = &dout[0, 0, 0] if dx is None else &dx[0, 0, 0]
-    if not by_images:
+    if have_sums:
+        part = row_sums
+    elif not by_images:
         with nogil:
             for c in prange(C, schedule="static", num_threads=num_threads):
                 channel_backward(x, dout, out, relu, &mean[0], &inv_std[0], gamma, dgamma, dbeta,
                                  dst, c)
         return
-    part = np.empty((N, C, 2))
+    else:
+        part = np.empty((N, C, 2))
     coef = np.empty((C, 3))  # per channel: gamma * inv_std, dbeta / M, dgamma / M
     with nogil:
-        for n in prange(N, schedule="dynamic", num_threads=num_threads):
-            image_grad_sums(x, dout, out, relu, &mean[0], part, n)
+        if not have_sums:
+            for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                image_grad_sums(x, dout, out, relu, &mean[0], part, n)
         for c in range(C):
             sum_g = 0.0
             sum_gx = 0.0
@@ -427,9 +485,16 @@ def bn_backward_(const floating[:, :, ::1] x, floating[:, :, ::1] dout,
             coef[c, 0] = gamma[c] * inv_std[c]
             coef[c, 1] = sum_g / m
             coef[c, 2] = sum_gx / m
-        for n in prange(N, schedule="dynamic", num_threads=num_threads):
-            for c in range(C):
-                row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P, <floating> mean[c],
-                               <floating> inv_std[c], <floating> coef[c, 0], <floating> coef[c, 1],
-                               <floating> coef[c, 2])
+        if by_images:
+            for n in prange(N, schedule="dynamic", num_threads=num_threads):
+                for c in range(C):
+                    row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P,
+                                   <floating> mean[c], <floating> inv_std[c], <floating> coef[c, 0],
+                                   <floating> coef[c, 1], <floating> coef[c, 2])
+        else:   # (row sums given) channel by channel, as the caches hold these activations
+            for c in prange(C, schedule="static", num_threads=num_threads):
+                for n in range(N):
+                    row_input_grad(&x[n, c, 0], &dout[n, c, 0], dst + (n * C + c) * P, P,
+                                   <floating> mean[c], <floating> inv_std[c], <floating> coef[c, 0],
+                                   <floating> coef[c, 1], <floating> coef[c, 2])
 

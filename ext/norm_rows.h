@@ -86,6 +86,20 @@ static inline void ct_row_normalize_##T(const T *CT_RESTRICT x, T *CT_RESTRICT o
         for (p = 0; p < n; p++) out[p] = g * ((x[p] - mu) * istd) + b;                            \
     }                                                                                             \
 }                                                                                                 \
+/* out = max(g * ((x - mu) * istd) + b + a, 0): the normalized row plus a residual block's   \
+   shortcut row a, then the block's ReLU, with the bits of the two passes it replaces (y      \
+   rounded, then y + a rounded, then NaN kept, -0.0 and negatives to +0.0 as add_relu_). */      \
+static inline void ct_row_normalize_add_##T(const T *CT_RESTRICT x, const T *CT_RESTRICT a,      \
+                                            T *CT_RESTRICT out, Py_ssize_t n, T mu, T istd, T g,  \
+                                            T b) {                                                \
+    Py_ssize_t p;                                                                                 \
+    T y, t;                                                                                       \
+    for (p = 0; p < n; p++) {                                                                     \
+        y = g * ((x[p] - mu) * istd) + b;                                                         \
+        t = y + a[p];                                                                             \
+        out[p] = (t > 0 || t != t) ? t : (T) 0;                                                   \
+    }                                                                                             \
+}                                                                                                 \
 /* eval mode: out = x * s + t, then max(0, .) if relu */                                         \
 static inline void ct_row_affine_##T(const T *CT_RESTRICT x, T *CT_RESTRICT out, Py_ssize_t n,    \
                                      T s, T t, int relu) {                                        \

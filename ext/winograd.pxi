@@ -186,12 +186,34 @@ cdef void winograd_input_tiles(const floating *x, floating *V, floating *bt, flo
                 ct_winograd_row_double(bt + i * bt_size, n, V + 4 * i * plane + c * s.ld, plane)
 
 
+cdef struct Epilogue:
+    # what the kernels also compute on each output plane (image n, channel f: row n*Cout + f)
+    # while it is in cache, for the batch norm next to the conv (NULL fields: nothing)
+    double *stats          # (N, Cout, 2): row_stats of the output (forward)
+    const void *bn_x       # (N, Cout, P): the batch norm's input, of the kernels' dtype; the
+    const void *bn_out     # output is the gradient w.r.t. its output bn_out (after its fused
+    const double *bn_mean  # ReLU): masked by bn_out > 0 in place, and bn_part[row] = (sum g,
+    double *bn_part        # sum g * (bn_x - bn_mean[f])) (input gradient: row_grad_totals)
+
+
+cdef inline void epilogue_plane(floating *plane, Py_ssize_t P, const Epilogue *ep, Py_ssize_t row,
+                                Py_ssize_t f) noexcept nogil:
+    if ep.stats != NULL:
+        row_stats(plane, 1, P, ep.stats + 2 * row)
+    if ep.bn_x != NULL:
+        row_grad_totals(<const floating *> ep.bn_x + row * P, plane,
+                        <const floating *> ep.bn_out + row * P, P, ep.bn_mean[f],
+                        ep.bn_part + 2 * row)
+
+
 cdef void winograd_output_tiles(const floating *M, floating *out, const floating *bias,
                                 bint relu, floating *y, Py_ssize_t ty0, Py_ssize_t ty1,
-                                const WinogradShape *s) noexcept nogil:
+                                const WinogradShape *s, const Epilogue *ep,
+                                Py_ssize_t image) noexcept nogil:
     """out[f, 2*ty + a, 2*tx + b] = (A^T m A)[a, b] (+ bias[f]; max(., 0) with relu) for the
     transformed products m = M[:, f, (ty - ty0)*(tw + 1) + tx], tile rows ty0 <= ty < ty1,
-    inside (Ho, Wo) only. y: (4, ld), the block's output tiles of one filter."""
+    inside (Ho, Wo) only. y: (4, ld), the block's output tiles of one filter. ep, unless NULL
+    (the block is the whole image): its epilogue on each plane of `image`, while it is in L1."""
     cdef Py_ssize_t f, ty, tx, a, oh, tw = s.tw, n = (ty1 - ty0) * (s.tw + 1), half = s.Wo // 2
     cdef const floating *y0
     cdef const floating *y1
@@ -216,14 +238,17 @@ cdef void winograd_output_tiles(const floating *M, floating *out, const floating
                     row[2 * tx + 1] = y1[tx]
                 if s.Wo % 2:
                     row[s.Wo - 1] = y0[tw - 1]
+        if ep != NULL:
+            epilogue_plane(out + f * s.Ho * s.Wo, s.Ho * s.Wo, ep, image * s.Cout + f, f)
 
 
 cdef void winograd_image(const floating *x, const floating *U, const floating *bias, bint relu,
                          floating *out, Py_ssize_t count, floating *scratch,
-                         const WinogradShape *s) noexcept nogil:
+                         const WinogradShape *s, const Epilogue *ep, Py_ssize_t n0) noexcept nogil:
     """out (Cout, Ho, Wo) = the 3x3 stride-1 correlation of x (Cin, H, W) with the filters
     whose transforms are U (16, Cout, Cin), input row/column 0 of the output at -ph/-pw; for
-    `count` consecutive images (at most s.images) at once."""
+    `count` consecutive images (at most s.images) at once, images n0, n0 + 1, ... of the batch.
+    ep, unless NULL: the epilogue on each output plane, while the images are in cache."""
     cdef Py_ssize_t block, ty0, ty1, p, nb, i
     cdef Py_ssize_t in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
     cdef floating *V = scratch
@@ -231,6 +256,7 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
     cdef floating *bt = M + 16 * s.Cout * s.ld
     cdef floating *padded = bt + 4 * (s.block_rows * s.rw + 2)
     cdef floating *y = padded + (2 * s.block_rows + 2) * s.rw
+    cdef bint whole = s.block_rows >= s.th   # one block: each plane is whole when written
     for block in range((s.th + s.block_rows - 1) // s.block_rows):
         ty0 = block * s.block_rows
         ty1 = ty0 + s.block_rows if ty0 + s.block_rows < s.th else s.th
@@ -242,12 +268,18 @@ cdef void winograd_image(const floating *x, const floating *U, const floating *b
                           U + p * s.Cout * s.Cin, <int> s.Cin, V + p * s.Cin * s.ld, <int> s.ld,
                           <floating> 0, M + p * s.Cout * s.ld, <int> s.ld)
         for i in range(count):
-            winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s)
+            winograd_output_tiles(M + i * nb, out + i * out_size, bias, relu, y, ty0, ty1, s,
+                                  ep if whole else NULL, n0 + i)
+    if ep != NULL and not whole:
+        for i in range(count):
+            for p in range(s.Cout):
+                epilogue_plane(out + i * out_size + p * s.Ho * s.Wo, s.Ho * s.Wo, ep,
+                               (n0 + i) * s.Cout + p, p)
 
 
 cdef void winograd_batch(const floating *x, const floating *U, const floating *bias, bint relu,
                          floating *out, Py_ssize_t N, floating *scratch,
-                         const WinogradShape *s, int num_threads) noexcept nogil:
+                         const WinogradShape *s, int num_threads, const Epilogue *ep) noexcept nogil:
     """winograd_image for each group of s.images images, OpenMP over the groups (dynamic: the
     machine may be shared), each thread with its own scratch and a single-threaded BLAS."""
     cdef Py_ssize_t group, n, in_size = s.Cin * s.H * s.W, out_size = s.Cout * s.Ho * s.Wo
@@ -259,7 +291,8 @@ cdef void winograd_batch(const floating *x, const floating *U, const floating *b
             n = group * s.images
             winograd_image(x + n * in_size, U, bias, relu, out + n * out_size,
                            s.images if n + s.images <= N else N - n,
-                           scratch + threadid() * per_thread, s)
+                           scratch + threadid() * per_thread, s,
+                           ep, n)
     unpin_blas(saved_blas_threads)
 
 
@@ -276,40 +309,59 @@ def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1
                      const floating[::1] b, floating[:, :, :, ::1] out, Py_ssize_t ph,
                      Py_ssize_t pw, Py_ssize_t block_rows, floating[::1] transformed_filters,
                      floating[:, ::1] scratch, int num_threads, bint relu=False,
-                     Py_ssize_t images=1):
+                     Py_ssize_t images=1, double[:, :, ::1] stats=None):
     """out (N, F, Ho, Wo) = x * w + b (3x3, stride 1, padding (ph, pw)) by Winograd F(2x2, 3x3);
     max(., 0) with relu. b may be None. transformed_filters: 16*F*C elements; scratch (threads,
     winograd_scratch_elements(C, F, Ho, Wo, block_rows, images)); `images` per group (whole
-    images only: 1 where block_rows does not cover the image)."""
+    images only: 1 where block_rows does not cover the image). stats (N, F, 2), unless None:
+    the output rows' batch-norm statistics (see conv2d_forward)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], F = w.shape[0]
     cdef WinogradShape s = make_winograd_shape(C, x.shape[2], x.shape[3], F, out.shape[2],
                                                out.shape[3], ph, pw, block_rows, images)
     cdef const floating *bias = &b[0] if b is not None else NULL
+    cdef Epilogue ep
+    memset(&ep, 0, sizeof(Epilogue))
+    if stats is not None and N > 0:
+        ep.stats = &stats[0, 0, 0]
     if N == 0:
         return
     with nogil:
         winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], False)
         winograd_batch(&x[0, 0, 0, 0], &transformed_filters[0], bias, relu, &out[0, 0, 0, 0], N,
-                       &scratch[0, 0], &s, num_threads)
+                       &scratch[0, 0], &s, num_threads, &ep if ep.stats != NULL else NULL)
 
 
 def winograd_backward_input(const floating[:, :, :, ::1] dout, const floating[:, :, :, ::1] w,
                             floating[:, :, :, ::1] dx, Py_ssize_t ph, Py_ssize_t pw,
                             Py_ssize_t block_rows, floating[::1] transformed_filters,
-                            floating[:, ::1] scratch, int num_threads, Py_ssize_t images=1):
+                            floating[:, ::1] scratch, int num_threads, Py_ssize_t images=1,
+                            const floating[:, :, ::1] bn_x=None,
+                            const floating[:, :, ::1] bn_out=None,
+                            const double[::1] bn_mean=None, double[:, :, ::1] bn_part=None):
     """dx (N, C, H, W) = the full convolution of dout (N, F, Ho, Wo) with the rotated filters of
     w (F, C, 3, 3) (the gradient of a 3x3 stride-1 layer with padding (ph, pw)): the correlation
     of dout, padded by 2 - ph, 2 - pw, with rot180(w) channels swapped, by Winograd F(2x2, 3x3).
-    scratch (threads, winograd_scratch_elements(F, C, H, W, block_rows, images))."""
+    scratch (threads, winograd_scratch_elements(F, C, H, W, block_rows, images)).
+    bn_x, bn_out (N, C, H*W), bn_mean (C,), bn_part (N, C, 2), unless None: dx is the gradient
+    of a batch norm's output after its fused ReLU (bn_x its input, bn_out its output): each
+    plane of dx is masked by bn_out > 0 in place and its sums taken for the batch norm's
+    backward while in cache (Epilogue)."""
     cdef Py_ssize_t N = dout.shape[0], F = w.shape[0], C = w.shape[1]
     cdef WinogradShape s = make_winograd_shape(F, dout.shape[2], dout.shape[3], C, dx.shape[2],
                                                dx.shape[3], 2 - ph, 2 - pw, block_rows, images)
+    cdef Epilogue ep
     if N == 0:
         return
+    memset(&ep, 0, sizeof(Epilogue))
+    if bn_x is not None:
+        ep.bn_x = &bn_x[0, 0, 0]
+        ep.bn_out = &bn_out[0, 0, 0]
+        ep.bn_mean = &bn_mean[0]
+        ep.bn_part = &bn_part[0, 0, 0]
     with nogil:
         winograd_filters(&w[0, 0, 0, 0], F, C, &transformed_filters[0], True)
         winograd_batch(&dout[0, 0, 0, 0], &transformed_filters[0], NULL, False, &dx[0, 0, 0, 0],
-                       N, &scratch[0, 0], &s, num_threads)
+                       N, &scratch[0, 0], &s, num_threads, &ep if ep.bn_x != NULL else NULL)
 
 
 # ----------------------------------------------------------------------------- filter gradient

@@ -22,7 +22,7 @@ from convtrain.nn.choices import GLOBAL_POOLS, POOL_TYPES
 from convtrain.nn.dropout import Dropout
 from convtrain.nn.layer_specs import CLASSIFIER, expand_template, layer_names, normalize_layers
 from convtrain.nn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, as_pair, fuse_conv_relu
-from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_norm_relu
+from convtrain.nn.norm import BatchNorm1D, BatchNorm2D, fuse_conv_norm, fuse_norm_relu
 from convtrain.nn.pooling import AvgPool2D, GlobalAvgPool
 from convtrain.nn.residual import Residual, branch_shape, leaf_layers, leaf_layers_with_input
 
@@ -173,6 +173,7 @@ def _build_list(specs: list[dict], shape: tuple, dtype, prefix: str) -> tuple[li
         layers.append(layer)
     fuse_conv_relu(layers)
     fuse_norm_relu(layers)
+    fuse_conv_norm(layers)
     return layers, shape
 
 
@@ -225,6 +226,7 @@ def _make_residual(spec: dict, name: str, shape: tuple, dtype) -> Residual:
                                bias=kind == "conv"))
         if kind == "conv_bn":
             shortcut.append(BatchNorm2D(out[0], dtype=dtype, name=f"{name}.shortcut.bn"))
+            fuse_conv_norm(shortcut)
         branch_shape(shortcut, shape)
     block = Residual(inner, shortcut, name=name)
     block.shortcut_kind = kind

@@ -56,6 +56,7 @@ __all__ = [
     "choose_conv_algos",
     "relu_",
     "relu_backward_",
+    "add_",
     "dense_forward",
     "dense_backward",
     "conv2d_output_shape",
@@ -203,10 +204,13 @@ def _group_scratch(threads, G, rows, P, F, dtype):
     return cols, staging
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
+def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col", row_stats=None):
     """out (N, F, Ho, Wo) = x * w + b (the lecture's S_f = X * F_f + b_f, for every image);
     with relu=True, max(x * w + b, 0) (np.maximum's bits), applied while each image's output
     is in cache instead of in a second pass over the batch.
+    row_stats: None, or a float64 (N, F, 2) array the kernels fill with each output row's
+    batch-norm statistics, (sum, sum of squared deviations from the row's own mean) of
+    out[n, f], also while it is in cache (for the batch norm after the conv: norm.py).
     algo: "im2col" (below) or "winograd" (3x3 stride-1 filters only: Winograd F(2x2, 3x3),
     see winograd_forward).
 
@@ -237,10 +241,16 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
         if bias.shape != (F,):
             raise ValueError(f"b must have shape ({F},) (one bias per filter), got {bias.shape}")
     stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
-    if _checked_algo(algo, (kh, kw), stride) == "winograd":
-        return _winograd_forward(x, w, bias, padding, relu)
-    w_ext = w.reshape(F, K) if bias is None else np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding)
+    if row_stats is not None:
+        if (not isinstance(row_stats, np.ndarray) or row_stats.dtype != np.float64
+                or row_stats.shape != (N, F, 2) or not row_stats.flags.c_contiguous
+                or not row_stats.flags.writeable):
+            raise ValueError(f"row_stats must be a writeable C-contiguous float64 array of shape "
+                             f"{(N, F, 2)}, got {getattr(row_stats, 'shape', type(row_stats).__name__)}")
+    if _checked_algo(algo, (kh, kw), stride) == "winograd":
+        return _winograd_forward(x, w, bias, padding, relu, row_stats)
+    w_ext = w.reshape(F, K) if bias is None else np.concatenate([w.reshape(F, K), bias[:, None]], axis=1)
     out = np.empty((N, F, Ho, Wo), dtype=x.dtype)
     if N == 0:
         return out
@@ -250,7 +260,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, relu=False, algo="im2col"):
     cols, staging = _group_scratch(threads, G, w_ext.shape[1], P, F, x.dtype)
     with blas_pinned_to_one_thread():
         _conv.conv2d_forward(x, w_ext, out, kh, kw, *stride, *padding, G, cols, staging, threads,
-                             bool(relu))
+                             bool(relu), row_stats)
     return out
 
 
@@ -301,7 +311,7 @@ def conv2d_backward_filter(x, dout, kernel_size, stride=1, padding=0, algo="im2c
     return np.ascontiguousarray(total[:, :K]).reshape(F, C, kh, kw), total[:, K].copy()
 
 
-def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
+def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col", norm_grad=None):
     """dx (N, C, H, W): the gradient of the loss w.r.t. the layer's input.
 
     dx[n] = col2im(w.reshape(F, -1).T @ dout[n]): the lecture's g^T M_F^filter, i.e. the full
@@ -309,6 +319,12 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
     x_shape = (N, C, H, W) of the forward input (it fixes H, W when stride > 1).
     algo "winograd" (3x3 stride-1 filters only): the same full convolution by Winograd
     F(2x2, 3x3) (winograd_backward_input).
+    norm_grad (algo "winograd" only): None, or (bn_x, bn_out, mean, part) when dx is the
+    gradient w.r.t. the output of a batch norm with a fused ReLU: bn_x (N, C, H*W) its input,
+    bn_out (N, C, H*W) its output, mean (C,) float64 its batch mean, part a float64 (N, C, 2)
+    array to fill. Then each plane of dx is masked by bn_out > 0 in place and part[n, c] =
+    (sum dx[n, c], sum dx[n, c] * (bn_x[n, c] - mean[c])) taken while it is in cache: the
+    first pass of the batch norm's backward (norm.py), with its bits.
     Scratch: threads * C*kh*kw * G*Ho*Wo elements of dout's dtype (one group's column gradients
     per thread), plus threads * F * G*Ho*Wo when G > 1; independent of N.
     """
@@ -332,7 +348,10 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
             f"w of shape {w.shape}, stride {stride}, padding {padding}"
         )
     if _checked_algo(algo, (kh, kw), stride) == "winograd":
-        return _winograd_backward_input(dout, w, (H, W), padding)
+        return _winograd_backward_input(dout, w, (H, W), padding,
+                                        _checked_norm_grad(norm_grad, (N, C, H, W), dout.dtype))
+    if norm_grad is not None:
+        raise ValueError("norm_grad goes with the input gradient by Winograd")
     dx = np.empty((N, C, H, W), dtype=dout.dtype)
     if N == 0:
         return dx
@@ -346,7 +365,7 @@ def conv2d_backward_input(dout, w, x_shape, stride=1, padding=0, algo="im2col"):
 
 
 def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=True,
-                    algo="im2col", filter_algo=None):
+                    algo="im2col", filter_algo=None, norm_grad=None):
     """(dx or None, dw, db): conv2d_backward_input and conv2d_backward_filter in one pass over
     the batch, with the same bits, each image's dout used by both GEMMs while in cache.
 
@@ -359,6 +378,7 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
     filter_algo (default: algo): the filter gradient's algorithm, where it differs from the
     input gradient's (conv_algo "auto", choose_conv_algos): dout masked in place, then
     conv2d_backward_filter and conv2d_backward_input, each with its algorithm's bits.
+    norm_grad: see conv2d_backward_input (algo "winograd" only).
     """
     x = _array("x", x, 4)
     w = _array("w", w, 4, x.dtype)
@@ -386,17 +406,22 @@ def conv2d_backward(x, dout, w, stride=1, padding=0, relu_out=None, input_grad=T
         if relu_out.shape != dout.shape:
             raise ValueError(f"relu_out has shape {relu_out.shape}, expected dout's shape {dout.shape}")
     filter_algo = _checked_algo(algo if filter_algo is None else filter_algo, (kh, kw), stride)
+    if norm_grad is not None and (not input_grad or _checked_algo(algo, (kh, kw), stride) != "winograd"):
+        raise ValueError("norm_grad goes with the input gradient by Winograd")
     if _checked_algo(algo, (kh, kw), stride) != filter_algo:
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = conv2d_backward_filter(x, dout, (kh, kw), stride, padding, algo=filter_algo)
-        dx = conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo) if input_grad else None
+        dx = (conv2d_backward_input(dout, w, x.shape, stride, padding, algo=algo, norm_grad=norm_grad)
+              if input_grad else None)
         return dx, dw, db
     if algo == "winograd":
         if relu_out is not None:
             relu_backward_(dout, relu_out)
         dw, db = _winograd_backward_filter(x, dout, padding)
-        return (_winograd_backward_input(dout, w, (H, W), padding) if input_grad else None), dw, db
+        dx = (_winograd_backward_input(dout, w, (H, W), padding, _checked_norm_grad(norm_grad, x.shape, x.dtype))
+              if input_grad else None)
+        return dx, dw, db
     dx = np.empty((N, C, H, W), dtype=x.dtype) if input_grad else None
     K, P = C * kh * kw, Ho * Wo
     if N == 0:
@@ -514,7 +539,7 @@ def _winograd_scratch(cin, cout, Ho, Wo, N, dtype, group=True):
     return block_rows, images, np.empty((threads, size), dtype=dtype), threads
 
 
-def _winograd_forward(x, w, b, padding, relu):
+def _winograd_forward(x, w, b, padding, relu, row_stats=None):
     """conv2d_forward by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
     N, C, H, W = x.shape
     F = w.shape[0]
@@ -526,11 +551,26 @@ def _winograd_forward(x, w, b, padding, relu):
     filters = np.empty(16 * F * C, dtype=x.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_forward(x, w, b, out, *padding, block_rows, filters, scratch, threads,
-                               bool(relu), images)
+                               bool(relu), images, row_stats)
     return out
 
 
-def _winograd_backward_input(dout, w, hw, padding):
+def _checked_norm_grad(norm_grad, x_shape, dtype):
+    if norm_grad is None:
+        return None
+    bn_x, bn_out, mean, part = norm_grad
+    N, C, H, W = x_shape
+    ok = (all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in (bn_x, bn_out, mean, part))
+          and bn_x.shape == bn_out.shape == (N, C, H * W) and bn_x.dtype == bn_out.dtype == dtype
+          and mean.shape == (C,) and mean.dtype == np.float64
+          and part.shape == (N, C, 2) and part.dtype == np.float64 and part.flags.writeable)
+    if not ok:
+        raise ValueError(f"norm_grad must be C-contiguous (bn_x, bn_out) of shape {(N, C, H * W)} and dtype {dtype}, "
+                         f"a float64 mean ({C},) and a writeable float64 part {(N, C, 2)}")
+    return norm_grad
+
+
+def _winograd_backward_input(dout, w, hw, padding, norm_grad=None):
     """conv2d_backward_input by Winograd F(2x2, 3x3) (arguments checked by the caller)."""
     N, F = dout.shape[:2]
     C = w.shape[1]
@@ -541,7 +581,7 @@ def _winograd_backward_input(dout, w, hw, padding):
     filters = np.empty(16 * F * C, dtype=dout.dtype)
     with blas_pinned_to_one_thread():
         _conv.winograd_backward_input(dout, w, dx, *padding, block_rows, filters, scratch, threads,
-                                      images)
+                                      images, *(norm_grad if norm_grad is not None else ()))
     return dx
 
 
@@ -626,6 +666,18 @@ def add_relu_(a, b):
     if b.shape != a.shape:
         raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
     _conv.add_relu_forward(flat, np.ascontiguousarray(b).reshape(-1))
+    return a
+
+
+def add_(a, b):
+    """a = a + b in place, one threaded pass (np.add's bits); returns a."""
+    flat = _writeable_flat("a", a)
+    b = _array("b", b, b.ndim if isinstance(b, np.ndarray) else 1, a.dtype)
+    if b.shape != a.shape:
+        raise ValueError(f"b has shape {b.shape}, expected a's shape {a.shape}")
+    if np.may_share_memory(a, b):   # numpy buffers overlapping operands; the threaded loop does not
+        return np.add(a, b, out=a)
+    _conv.add_forward(flat, np.ascontiguousarray(b).reshape(-1))
     return a
 
 

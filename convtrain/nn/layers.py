@@ -88,6 +88,14 @@ class Conv2D(Layer):
         # another algorithm: kernels.choose_conv_algos)
         self.algo = "im2col"
         self.filter_algo = "im2col"
+        # Set by norm.fuse_conv_norm: a BatchNorm2D follows, and in training the kernels compute
+        # its per-row statistics on the output while it is in cache; row_stats = (out, stats)
+        # of the last training forward, until that batch norm takes it
+        self.norm_stats = False
+        self.row_stats = None
+        # Set by norm.fuse_conv_norm: the BatchNorm2D (with a fused ReLU) whose output is this
+        # layer's input; the input gradient by Winograd then takes the first pass of its backward
+        self.norm_before = None
 
     @property
     def fan_in(self) -> int:
@@ -107,9 +115,12 @@ class Conv2D(Layer):
                 f"its {c}x{h}x{w} input: the output would be {'x'.join(map(str, error.output))}") from None
 
     def forward(self, x, train=False):
+        stats = (np.empty((x.shape[0], self.filters, 2)) if train and self.norm_stats
+                 and getattr(x, "ndim", 0) == 4 else None)
         out = kernels.conv2d_forward(x, self.params["weight"], self._bias,
                                      stride=self.stride, padding=self.padding, relu=self.fused_relu,
-                                     algo=self.algo)
+                                     algo=self.algo, row_stats=stats)
+        self.row_stats = (out, stats) if stats is not None else None
         if train:
             self._x = x
             self._out = out if self.fused_relu else None
@@ -119,10 +130,16 @@ class Conv2D(Layer):
         # One pass over the batch for both gradients (and the fused ReLU's mask, applied to
         # dout in place: dout must be ours to overwrite, as an inplace ReLU's would be).
         dout = np.require(dout, requirements=["C", "W"])
+        norm_grad = None
+        if self.norm_before is not None and self.needs_input_grad and self.algo == "winograd":
+            norm_grad = self.norm_before.grad_sums_request(self._x)
         dx, dw, db = kernels.conv2d_backward(self._x, dout, self.params["weight"],
                                              stride=self.stride, padding=self.padding,
                                              relu_out=self._out, input_grad=self.needs_input_grad,
-                                             algo=self.algo, filter_algo=self.filter_algo)
+                                             algo=self.algo, filter_algo=self.filter_algo,
+                                             norm_grad=norm_grad)
+        if norm_grad is not None:
+            self.norm_before.row_sums = (dx, norm_grad[3])
         self.grads = {"weight": dw, "bias": db} if self.has_bias else {"weight": dw}
         self._x = self._out = None
         return dx

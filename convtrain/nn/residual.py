@@ -5,7 +5,9 @@ whoever walks a network (parameters, init order, export) reads a block as its in
 then its shortcut's; `leaf_layers` does that walk. The block owns no parameters itself.
 
 Memory: the add and the ReLU run in place on the inner output, in one threaded pass
-(kernels.add_relu_; PyTorch's `out += identity; relu_(out)` takes two), and the backward masks
+(kernels.add_relu_; PyTorch's `out += identity; relu_(out)` takes two); where the inner branch
+ends in a batch norm (ResNet's basic block), the shortcut runs first and that batch norm adds it
+and applies the ReLU in the pass that normalizes (BatchNorm2D.forward's add, the same bits), and the backward masks
 the gradient once, in place. Both branches' backward passes would overwrite the gradient they
 are given (batch norm's and a fused conv's do); where the inner branch ends in a batch norm
 (ResNet's basic block) that one writes its input gradient into a new array and leaves the
@@ -22,7 +24,7 @@ import numpy as np
 from convtrain.errors import ArchitectureError
 from convtrain.nn import kernels
 from convtrain.nn.layers import Layer, ReLU
-from convtrain.nn.norm import _BatchNorm
+from convtrain.nn.norm import BatchNorm2D, _BatchNorm
 
 
 def _shape_text(shape) -> str:
@@ -60,25 +62,45 @@ class Residual(Layer):
         return inner
 
     def forward(self, x, train=False):
+        last = self.inner[-1]
+        if isinstance(last, BatchNorm2D) and not last.fused_relu:
+            # the shortcut first, then the last batch norm adds it and applies the ReLU in the
+            # pass that normalizes (the same bits as add_relu_ after it)
+            h = x
+            for layer in self.inner[:-1]:
+                h = layer.forward(h, train)
+            s = x
+            for layer in self.shortcut:
+                s = layer.forward(s, train)
+            if (isinstance(s, np.ndarray) and isinstance(h, np.ndarray) and s.shape == h.shape
+                    and s.dtype == last.dtype and h.ndim == 4 and h.shape[2] * h.shape[3] > 1):
+                out = last.forward(h, train, add=s)
+            else:
+                out = self._add_relu(last.forward(h, train), s, x)
+            if train:
+                self._out = out
+            return out
         h = x
         for layer in self.inner:
             h = layer.forward(h, train)
         s = x
         for layer in self.shortcut:
             s = layer.forward(s, train)
+        out = self._add_relu(h, s, x)
+        if train:
+            self._out = out
+        return out
+
+    def _add_relu(self, h, s, x):
         # h becomes the output in place; not where it is also x, a view, or kept by the layer
         # that made it (a ReLU's or a nested block's output, which their backward reads)
         if (isinstance(self.inner[-1], (ReLU, Residual)) or not h.flags.c_contiguous or not h.flags.writeable
                 or np.may_share_memory(h, x)):
             h = np.array(h, order="C")
         if s.dtype == h.dtype and s.shape == h.shape:
-            out = kernels.add_relu_(h, s)   # h = max(h + s, 0), one pass
-        else:
-            np.add(h, s, out=h)
-            out = kernels.relu_(h)
-        if train:
-            self._out = out
-        return out
+            return kernels.add_relu_(h, s)   # h = max(h + s, 0), one pass
+        np.add(h, s, out=h)
+        return kernels.relu_(h)
 
     def backward(self, dout):
         out, self._out = self._out, None
@@ -100,6 +122,9 @@ class Residual(Layer):
             shortcut_dx = layer.backward(shortcut_dx)
         if not self.needs_input_grad:
             return None
+        if (dx.flags.writeable and dx.flags.c_contiguous and isinstance(shortcut_dx, np.ndarray)
+                and shortcut_dx.shape == dx.shape and shortcut_dx.dtype == dx.dtype):
+            return kernels.add_(dx, shortcut_dx)   # one threaded pass, np.add's bits
         return np.add(dx, shortcut_dx, out=dx if dx.flags.writeable and dx.flags.c_contiguous else None)
 
 

@@ -117,6 +117,31 @@ def test_add_relu_has_the_bits_of_add_then_relu(dtype):
         kernels.add_relu_(np.stack([a, a], axis=1)[:, 0], b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_has_np_adds_bits_at_1_and_2_threads(dtype, threads):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(100_003).astype(dtype)
+    b = rng.standard_normal(a.shape).astype(dtype)
+    a[:6] = [-0.0, 0.0, np.nan, 1.0, np.inf, -np.inf]
+    b[:6] = [-0.0, -0.0, 1.0, np.nan, -np.inf, 1.0]
+    with np.errstate(invalid="ignore"):
+        expected = np.add(a, b)
+        for count in (1, 2):
+            convtrain.set_num_threads(count)
+            got = kernels.add_(a.copy(), b)
+            np.testing.assert_array_equal(got, expected)
+            assert np.array_equal(np.signbit(got), np.signbit(expected))
+        strided = np.stack([b, b], axis=1)[:, 0]
+        np.testing.assert_array_equal(kernels.add_(a.copy(), strided), expected)
+        both = np.concatenate([a, a[:1]])   # b a shifted view of a: numpy's buffered add
+        expected_overlap = np.add(both[:-1], both[1:])
+        np.testing.assert_array_equal(kernels.add_(both[:-1], both[1:]), expected_overlap)
+    with pytest.raises(ValueError, match="b has shape"):
+        kernels.add_(a.copy(), b[:-1])
+    with pytest.raises(TypeError, match="writeable C-contiguous"):
+        kernels.add_(np.stack([a, a], axis=1)[:, 0], b)
+
+
 def test_fused_kernels_refuse_read_only_or_strided_gradients():
     x, w, b, dout = problem((2, 1, 5, 5), (2, 1, 3, 3), 1, 0, np.float64)
     with pytest.raises(TypeError, match="writeable C-contiguous"):
