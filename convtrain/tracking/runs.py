@@ -4,6 +4,7 @@ closing of runs whose process died without closing them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -72,8 +73,6 @@ def close_orphaned_runs(client, experiment_id: str) -> list[str]:
 
 def context_tags(extra: dict | None = None) -> dict[str, str]:
     """Version, build, host and git tags for a new run."""
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
-
     import convtrain
     from convtrain.nn.backend import blas_summary
 
@@ -85,18 +84,28 @@ def context_tags(extra: dict | None = None) -> dict[str, str]:
             tags[f"convtrain.build.{key}"] = value if isinstance(value, str) else json.dumps(value)
     except Exception as exc:  # a missing or broken extension must not stop tracking
         tags["convtrain.build.error"] = one_line(exc)
-    commit = _git_commit(Path.cwd())
-    if commit:
-        tags[MLFLOW_GIT_COMMIT] = commit
-    tags.setdefault(MLFLOW_SOURCE_NAME, "convtrain")
-    tags.setdefault(MLFLOW_SOURCE_TYPE, "LOCAL")
-    user = os.environ.get("USER") or os.environ.get("USERNAME")
-    if user:
-        tags.setdefault(MLFLOW_USER, user)
+    tags.update(source_tags())
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return {k: str(v)[:5000] for k, v in tags.items()}
 
-def _git_commit(folder: Path) -> str | None:
+
+def source_tags() -> dict[str, str]:
+    """MLflow's tags for where a run's code is: convtrain, run locally, by this user, at the git
+    commit of the working folder (if it is in a repository)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    tags = {MLFLOW_SOURCE_NAME: "convtrain", MLFLOW_SOURCE_TYPE: "LOCAL"}
+    commit = _git_commit(str(Path.cwd()))
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    user = os.environ.get("USER") or os.environ.get("USERNAME")
+    if user:
+        tags[MLFLOW_USER] = user
+    return tags
+
+
+@functools.lru_cache(maxsize=8)  # asked for each new run and each run's data sets; one process, one answer
+def _git_commit(folder: str) -> str | None:
     import subprocess
 
     try:

@@ -8,6 +8,7 @@ port and stop it at the end; one of them kills it in the middle of a fit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -136,6 +137,9 @@ def check_logged_fit(uri: str, run_id: str, out_dir: Path, epochs: int, x_check:
 
     contexts = {i.dataset.name: [t.value for t in i.tags] for i in run.inputs.dataset_inputs}
     assert contexts == {"digits-training": ["training"], "digits-validation": ["validation"]}
+    for given in run.inputs.dataset_inputs:  # built-in data: the code is its source, named as the run's
+        assert given.dataset.source_type == "code"
+        assert json.loads(given.dataset.source)["tags"]["mlflow.source.name"] == "convtrain"
 
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.toml", "plots", "checkpoint"} <= top
