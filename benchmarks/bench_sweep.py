@@ -18,12 +18,13 @@ import csv
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spread import spread  # benchmarks/, beside this script
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = HERE.parent / "experiments"
@@ -78,10 +79,8 @@ def main(argv=None) -> int:
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         print("| | process wall s | trials per minute | trial s, median (min-max) | overhead beyond training s, "
               "median (min-max) |\n|---|---|---|---|---|")
-        sec, over = ours["seconds"], ours["overheads"]
         print(f"| convtrain sweep | {ours['wall']:.1f} | {60 * ours['trials'] / ours['wall']:.1f} | "
-              f"{statistics.median(sec):.2f} ({min(sec):.2f}-{max(sec):.2f}) | "
-              f"{statistics.median(over):.2f} ({min(over):.2f}-{max(over):.2f}) |")
+              f"{spread(ours['seconds'])} | {spread(ours['overheads'])} |")
         print(f"| Optuna + PyTorch | {torch_wall:.1f} | {60 * theirs['trials'] / torch_wall:.1f} | "
               f"{theirs['seconds'] / theirs['trials']:.2f} (mean) | |")
     finally:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spread import spread  # benchmarks/, beside this script
+
 PHASES = ("start-up", "data", "store", "training", "evaluation", "plots", "model logging", "other", "total")
 
 
@@ -59,8 +61,7 @@ def main(argv=None) -> int:
                   f"{statistics.median(r[phase] for r in again):.2f} |")
         for name, runs in (("first fit", first), ("existing store", again)):
             beyond = [r["process"] - r["training"] - r["evaluation"] for r in runs]
-            print(f"{name}: process wall beyond the training loop {statistics.median(beyond):.2f} s "
-                  f"({min(beyond):.2f}-{max(beyond):.2f})")
+            print(f"{name}: process wall beyond the training loop {spread(beyond, ' s')}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
